@@ -1,0 +1,392 @@
+"""The agent's configuration: one YAML file, checked once, every problem reported at once.
+
+Loading never opens a socket or touches the buffer. `load_config(path)` either returns a
+valid `Config` or raises `ConfigError` whose `problems` are lines of the form
+``configs/line4.yaml:17 devices[0].tags[3].type: Input should be 'bool', 'bit', ...``.
+
+YAML is read with a loader of our own (see `agent.yamlsafe`): safe constructors only,
+duplicate keys and anchors/aliases rejected, YAML 1.2 scalars (`no` stays a string,
+`010` is ten), and a line number kept for every node so errors can point at it.
+`${VAR}` and `${VAR:-default}` in plain scalars are replaced from the environment
+before the scalar's type is decided, so `port: ${MQTT_PORT:-1883}` is an int.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_core import ErrorDetails
+
+from agent.yamlsafe import YamlProblem, load_yaml
+from drivers.base import ConfigModel, DeviceCommon
+from drivers.modbus.config import ModbusDevice
+
+
+class AgentSection(ConfigModel):
+    """Who this agent is; the names appear in topics and payloads."""
+
+    id: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="Agent id, unique among the plant's gateways.",
+    )
+    site: str | None = Field(default=None, description="Site (plant) name for topics.")
+    area: str | None = Field(default=None, description="Area name for topics.")
+    line: str | None = Field(default=None, description="Production line name for topics.")
+
+
+class BufferConfig(ConfigModel):
+    """The store-and-forward buffer between the pollers and the broker."""
+
+    kind: Literal["sqlite", "memory"] = Field(
+        default="sqlite",
+        description="sqlite: durable on disk (default); memory: lost on restart, for tests.",
+    )
+    path: str = Field(
+        default="data/buffer.db",
+        description="SQLite file; relative paths are relative to the working directory.",
+    )
+    max_bytes: int = Field(
+        default=1 << 30, ge=1 << 20, description="Size limit of the buffered data in bytes."
+    )
+    when_full: Literal["drop_oldest", "drop_newest"] = Field(
+        default="drop_oldest", description="What to drop when max_bytes is reached."
+    )
+    durability: Literal["process_crash", "power_loss"] = Field(
+        default="process_crash",
+        description="process_crash: survives a crash of the agent (SQLite synchronous=NORMAL); "
+        "power_loss: also survives power loss (synchronous=FULL, slower).",
+    )
+
+
+class MqttConfig(ConfigModel):
+    """The broker the samples are published to."""
+
+    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5", description="MQTT version: '5' (default) or '3.1.1'."
+    )
+    client_id: str | None = Field(
+        default=None, description="MQTT client id; default 'edge-agent-<agent.id>'."
+    )
+    username: str | None = Field(default=None, description="User name, if the broker needs one.")
+    password: SecretStr | None = Field(
+        default=None, description="Password; use ${ENV_VAR} rather than writing it here."
+    )
+    password_file: str | None = Field(
+        default=None, description="File whose first line is the password (instead of password)."
+    )
+    keepalive_s: int = Field(default=30, ge=5, le=65535, description="MQTT keep-alive.")
+    layout: Literal["device", "tag"] = Field(
+        default="device",
+        description="device: one message per device per poll with all its samples; "
+        "tag: one message per sample on topic_tag.",
+    )
+    topic: str = Field(
+        default="edge/{agent}/{device}",
+        description="Topic of the device layout; fields {agent} {site} {area} {line} {device}.",
+    )
+    topic_tag: str = Field(
+        default="edge/{agent}/{device}/{tag}",
+        description="Topic of the tag layout; fields as topic, plus {tag}.",
+    )
+    max_inflight: int = Field(
+        default=100, ge=1, le=1000, description="Messages sent and not yet acknowledged."
+    )
+    publish_timeout_s: float = Field(
+        default=10.0, gt=0, description="A message not acknowledged by then counts as not delivered."
+    )
+    reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect delay.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, description="Largest reconnect delay.")
+
+    @model_validator(mode="after")
+    def _one_password(self) -> MqttConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+    def resolved_client_id(self, agent_id: str) -> str:
+        return self.client_id or f"edge-agent-{agent_id}"
+
+    def resolved_password(self) -> str | None:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            text = Path(self.password_file).read_text(encoding="utf-8")
+            return text.splitlines()[0] if text else ""
+        return None
+
+
+class LoggingConfig(ConfigModel):
+    """Where and how the agent logs (always to stderr)."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    format: Literal["auto", "console", "json"] = Field(
+        default="auto", description="auto: console on a terminal, JSON otherwise."
+    )
+
+
+Device = Annotated[ModbusDevice, Field(discriminator="protocol")]
+# protocol name → device model; the discriminated union above must list the same models.
+DEVICE_MODELS: dict[str, type[DeviceCommon]] = {"modbus": ModbusDevice}
+
+_TOPIC_FIELDS = {"agent", "site", "area", "line", "device"}
+
+
+class Config(ConfigModel):
+    """The whole configuration file."""
+
+    agent: AgentSection
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    devices: list[Device] = Field(min_length=1)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        problems: list[str] = []
+        for name, template, extra in (
+            ("mqtt.topic", self.mqtt.topic, set()),
+            ("mqtt.topic_tag", self.mqtt.topic_tag, {"tag"}),
+        ):
+            problems.extend(_check_template(name, template, _TOPIC_FIELDS | extra, self.agent))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _check_template(
+    name: str, template: str, allowed: set[str], agent: AgentSection
+) -> list[str]:
+    problems = []
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        return [f"{name} {template!r}: {exc}"]
+    for f in sorted(fields - allowed):
+        problems.append(
+            f"{name}: unknown field {{{f}}}; allowed: "
+            + ", ".join("{" + a + "}" for a in sorted(allowed))
+        )
+    for f in sorted(fields & {"site", "area", "line"}):
+        if getattr(agent, f) is None:
+            problems.append(f"{name} uses {{{f}}} but agent.{f} is not set")
+    return problems
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists every problem, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, interpolate and validate a config file. Raises ConfigError."""
+    path = Path(path)
+    shown = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{shown}: cannot read: {exc.strerror or exc}"]) from None
+    return parse_config(text, shown)
+
+
+def parse_config(text: str, shown: str = "<config>") -> Config:
+    """Validate config text; `shown` is the file name used in error messages."""
+    try:
+        data, lines, yaml_problems = load_yaml(text)
+    except YamlProblem as exc:
+        raise ConfigError([f"{shown}:{p.line} {p.message}" for p in exc.problems]) from None
+    problems = [
+        f"{shown}:{p.line} {_path(p.path) + ': ' if p.path else ''}{p.message}"
+        for p in yaml_problems
+    ]
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [*problems, f"{shown}:1 the file must be a mapping with agent, mqtt, devices, ..."]
+        )
+    bad_paths = {p.path for p in yaml_problems}
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            if tuple(err["loc"])[: len(err["loc"])] in bad_paths:
+                continue  # already reported (an unset variable, say)
+            problems.append(_format_error(err, lines, shown))
+    problems.extend(
+        f"{shown}:{_line_of(loc, lines)} {_path(loc)}: {msg}" for loc, msg in _cross_checks(data)
+    )
+    if problems or config is None:
+        prefix = len(shown) + 1
+        ordered = sorted(_dedupe(problems), key=lambda p: int(p[prefix:].split(" ", 1)[0]))
+        raise ConfigError(ordered)
+    return config
+
+
+def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """Checks across list items, done on the raw data so they are reported together with
+    every other problem: unique device and tag names, known poll groups."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    devices = data.get("devices")
+    if not isinstance(devices, list):
+        return out
+    names: dict[str, int] = {}
+    for i, dev in enumerate(devices):
+        if not isinstance(dev, dict):
+            continue
+        name = dev.get("name")
+        if isinstance(name, str):
+            if name in names:
+                out.append(
+                    (("devices", i, "name"),
+                     f"duplicate device name {name!r} (also devices[{names[name]}])")
+                )
+            else:
+                names[name] = i
+        groups = {"default"}
+        if isinstance(dev.get("poll_groups"), dict):
+            groups |= {str(g) for g in dev["poll_groups"]}
+        tags = dev.get("tags")
+        if not isinstance(tags, list):
+            continue
+        seen: dict[str, int] = {}
+        for j, tag in enumerate(tags):
+            if not isinstance(tag, dict):
+                continue
+            tname = tag.get("name")
+            if isinstance(tname, str):
+                if tname in seen:
+                    out.append(
+                        (("devices", i, "tags", j, "name"),
+                         f"duplicate tag name {tname!r} (also tags[{seen[tname]}])")
+                    )
+                else:
+                    seen[tname] = j
+            group = tag.get("group", "default")
+            if isinstance(group, str) and group not in groups:
+                out.append(
+                    (("devices", i, "tags", j, "group"),
+                     f"unknown poll group {group!r}; defined: {', '.join(sorted(groups))}")
+                )
+    return out
+
+
+def config_hash(text: str) -> str:
+    """Short stable hash of a config text (for status messages)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------ error formatting
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top)"
+
+
+def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
+    """Line of the deepest node of `loc` that exists in the file."""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return 1
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[ConfigModel] | None:
+    """The config model that the mapping at `loc` is validated against (for suggestions)."""
+    model: Any = Config
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, ConfigModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    args = getattr(annotation, "__args__", None)
+    if isinstance(annotation, type) and issubclass(annotation, ConfigModel):
+        return annotation
+    if args:
+        for a in args:
+            found = _inner_model(a)
+            if found is not None:
+                return found
+    meta = getattr(annotation, "__metadata__", None)
+    if meta is not None:
+        return _inner_model(annotation.__origin__)
+    return None
+
+
+def _format_error(err: ErrorDetails, lines: dict[tuple[Any, ...], int], shown: str) -> str:
+    loc = tuple(err["loc"])
+    # A discriminated union puts the protocol name into the path: devices.0.modbus.port.
+    protocol: str | None = None
+    if len(loc) >= 3 and loc[0] == "devices" and loc[2] in DEVICE_MODELS:
+        protocol = str(loc[2])
+        loc = loc[:2] + loc[3:]
+    kind = err["type"]
+    msg = err["msg"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        if protocol is not None:
+            model = _device_model(DEVICE_MODELS[protocol], loc[:-1])
+        else:
+            model = _model_at(loc[:-1])
+        hint = ""
+        if model is not None:
+            close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+            if close:
+                hint = f"; did you mean {close[0]!r}?"
+            allowed = ", ".join(sorted(model.model_fields))
+            hint += f" (allowed: {allowed})"
+        msg = f"unknown key {key!r}{hint}"
+    elif kind == "missing":
+        msg = "required key is missing"
+    elif kind == "union_tag_invalid":
+        ctx = err.get("ctx") or {}
+        msg = f"unknown protocol {ctx.get('tag')!r}; allowed: {', '.join(DEVICE_MODELS)}"
+        loc = (*loc, "protocol")
+    elif kind == "union_tag_not_found":
+        msg = f"missing 'protocol' (one of: {', '.join(DEVICE_MODELS)})"
+    elif kind.startswith("value_error"):
+        msg = msg.removeprefix("Value error, ")
+    return f"{shown}:{_line_of(loc, lines)} {_path(loc)}: {msg}"
+
+
+def _device_model(device: type[DeviceCommon], loc: tuple[Any, ...]) -> type[ConfigModel] | None:
+    """Model of a mapping inside devices[i] (devices are a union, resolved by protocol)."""
+    rest = loc[2:]
+    model: Any = device
+    for part in rest:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+        if model is None:
+            return None
+    return model if isinstance(model, type) and issubclass(model, ConfigModel) else None

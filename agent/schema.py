@@ -1,0 +1,93 @@
+"""The common Sample schema and the published payloads (versioned).
+
+These pydantic models *are* the schema: `edge-agent schema` writes their JSON Schema to
+`schema/`, consumers can validate against it, and the tests validate every message the
+agent publishes against these models.
+
+The hot path does not build a pydantic object per value (≈ 2 µs each, see
+FIELD-NOTES.md): `agent.normalize` builds plain dicts of exactly this shape, encoded once
+with orjson when they enter the buffer. The tests hold the two together.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from drivers.base import Value
+
+SCHEMA_VERSION = 1
+BATCH_SCHEMA = f"edge-agent/batch/{SCHEMA_VERSION}"
+SAMPLE_SCHEMA = f"edge-agent/sample/{SCHEMA_VERSION}"
+
+Quality = Literal["good", "uncertain", "bad"]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sample(_Wire):
+    """One value of one tag at one time, with its quality."""
+
+    device: str = Field(description="Device name from the config.")
+    tag: str = Field(description="Tag name from the config.")
+    value: Value | None = Field(
+        description="Typed value (bool, int, float, str, list, or object for structures) "
+        "after scale and offset; null when quality is bad and no value was read."
+    )
+    quality: Quality = Field(description="good, uncertain or bad.")
+    reason: str | None = Field(
+        default=None,
+        description="Why the quality is not good: OPC UA status name, Modbus exception, "
+        "timeout, unreachable, ... null when good.",
+    )
+    code: int | None = Field(
+        default=None, description="Raw numeric status (OPC UA StatusCode, Modbus exception)."
+    )
+    ts_source: datetime | None = Field(
+        default=None, description="Timestamp from the device, where the protocol has one."
+    )
+    ts_agent: datetime = Field(description="When the agent read the value (UTC).")
+    unit: str | None = Field(default=None, description="Unit of measure from the config.")
+    seq: int = Field(
+        ge=1,
+        description="Per-agent sequence number: strictly increasing, persisted across "
+        "restarts. A gap means samples were dropped; a repeat is a duplicate delivery.",
+    )
+
+
+class BatchPayload(_Wire):
+    """Default layout: one message per device per poll, carrying all its samples."""
+
+    schema_: str = Field(alias="schema", description=f"Always '{BATCH_SCHEMA}'.")
+    agent: str = Field(description="agent.id from the config.")
+    site: str | None = None
+    area: str | None = None
+    line: str | None = None
+    device: str
+    samples: list[Sample]
+
+
+class SamplePayload(Sample):
+    """Per-tag layout: one message per sample."""
+
+    schema_: str = Field(alias="schema", description=f"Always '{SAMPLE_SCHEMA}'.")
+    agent: str = Field(description="agent.id from the config.")
+
+
+class WireSample(TypedDict):
+    """A Sample as the hot path builds it: a plain dict of exactly the Sample fields."""
+
+    device: str
+    tag: str
+    value: Value | None
+    quality: Quality
+    reason: str | None
+    code: int | None
+    ts_source: datetime | None
+    ts_agent: datetime
+    unit: str | None
+    seq: int

@@ -1,0 +1,172 @@
+"""The contract every protocol driver follows, and the pieces of config all drivers share.
+
+A driver only connects, reads and closes (Benthos' input contract). Reconnects, backoff,
+schedules and quality on failure belong to the framework (`agent.poller`): a driver
+never retries on its own beyond the per-request retries its device config asks for,
+and never loops reconnecting.
+
+Drivers raise only the exceptions defined here; third-party exceptions are mapped at
+the boundary (inside `drivers/<proto>/driver.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# A tag value as it leaves a driver and as it is published.
+Scalar = bool | int | float | str
+Value = Scalar | list[Scalar] | dict[str, object]
+
+QualityName = Literal["good", "uncertain", "bad"]
+
+
+@dataclass(slots=True)
+class RawReading:
+    """One tag's value as read from the device, before scaling and normalisation.
+
+    `value` is None exactly when the quality is bad and the device gave no value.
+    `reason` names why a reading is not good (a protocol status name, a Modbus
+    exception, a timeout); `code` carries the raw numeric code where there is one.
+    """
+
+    tag: str
+    value: Value | None
+    quality: QualityName = "good"
+    reason: str | None = None
+    code: int | None = None
+    ts_source: datetime | None = None
+
+
+class DriverError(Exception):
+    """Base of every exception a driver raises."""
+
+    def __init__(self, reason: str, detail: str = "", code: int | None = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.code = code
+
+
+class DriverUnavailable(DriverError):
+    """The device cannot be reached or the connection was lost (refused, reset,
+    timed out, session dead). The poller marks every tag of the device bad with
+    `reason`, closes the driver and reconnects with backoff."""
+
+
+class DriverConfigError(DriverError):
+    """The device answered, but the configuration cannot work against it (for example a
+    node id that does not exist). Reported once; the poller retries later as for
+    DriverUnavailable, since a PLC download may fix it."""
+
+
+SampleSink = Callable[[Sequence[RawReading]], Awaitable[None]]
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """One device. Created from its config; owns at most one connection."""
+
+    async def connect(self) -> None:
+        """Open the connection. Raises DriverUnavailable (or DriverConfigError)."""
+
+    async def read(self, group: str) -> list[RawReading]:
+        """One poll of poll group `group`: every tag of the group, in config order.
+
+        A failure that concerns only some tags (a Modbus exception for one block, a bad
+        OPC UA status for one node) is returned as bad readings for those tags. A failure
+        of the connection raises DriverUnavailable.
+        """
+
+    async def close(self) -> None:
+        """Close the connection; never raises."""
+
+
+@runtime_checkable
+class SubscribingDriver(Driver, Protocol):
+    """A driver that can also push values (OPC UA monitored items)."""
+
+    async def subscribe(self, group: str, sink: SampleSink) -> None:
+        """Start delivering the group's readings to `sink` as they change. Returns once
+        the subscription exists; readings keep arriving until close(). A lost
+        connection is reported by raising DriverUnavailable from `wait_closed`."""
+
+    async def wait_closed(self) -> None:
+        """Return (by raising DriverUnavailable) when the connection is lost."""
+
+
+# ---------------------------------------------------------------- shared config models
+
+
+class ConfigModel(BaseModel):
+    """Base of every config model: unknown keys are errors, no lax coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SimulateSpec(ConfigModel):
+    """How the simulator drives a tag's value (simulator mode only)."""
+
+    generator: Literal["constant", "ramp", "sine", "random_walk", "counter", "toggle"] = Field(
+        description="Shape of the simulated value over time."
+    )
+    value: float | int | bool | str | None = Field(
+        default=None, description="constant: the value; others: the starting value."
+    )
+    min: float | None = Field(default=None, description="Lower bound (ramp, sine, random_walk).")
+    max: float | None = Field(default=None, description="Upper bound (ramp, sine, random_walk).")
+    period_s: float = Field(
+        default=60.0, gt=0, description="ramp/sine: seconds per cycle; toggle: seconds per state."
+    )
+    step: float = Field(
+        default=1.0, description="counter: increment per period_s; random_walk: max step."
+    )
+
+
+class TagCommon(ConfigModel):
+    """Fields every tag has, whatever the protocol."""
+
+    name: str = Field(min_length=1, description="Tag name, unique within its device.")
+    description: str | None = Field(default=None, description="Free text for people.")
+    unit: str | None = Field(default=None, description="Unit of measure, e.g. kW, degC, 1/min.")
+    scale: float = Field(default=1.0, description="Published value = raw * scale + offset.")
+    offset: float = Field(default=0.0, description="Published value = raw * scale + offset.")
+    group: str = Field(default="default", description="Poll group this tag is read in.")
+    simulate: SimulateSpec | None = Field(
+        default=None, description="Simulated value in simulator mode (a default is chosen)."
+    )
+
+
+class PollGroup(ConfigModel):
+    """A set of tags of one device read together at one interval."""
+
+    interval_s: float = Field(gt=0, description="Seconds between polls of this group.")
+
+
+class DeviceCommon(ConfigModel):
+    """Fields every device has, whatever the protocol."""
+
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="Device name: letters, digits, '_', '-', '.'; used in topics.",
+    )
+    enabled: bool = Field(default=True, description="A disabled device is not polled.")
+    interval_s: float = Field(default=1.0, gt=0, description="Interval of the default group.")
+    poll_groups: dict[str, PollGroup] = Field(
+        default_factory=dict, description="Extra poll groups by name, each with its interval."
+    )
+    timeout_s: float = Field(default=1.0, gt=0, description="Timeout of one request.")
+    retries: int = Field(default=1, ge=0, le=10, description="Retries of one request.")
+    backoff_min_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
+    backoff_max_s: float = Field(default=30.0, gt=0, description="Largest reconnect delay.")
+
+    def group_intervals(self) -> dict[str, float]:
+        """Interval of every poll group, the implicit `default` one included."""
+        groups = {"default": self.interval_s}
+        groups.update({name: g.interval_s for name, g in self.poll_groups.items()})
+        return groups

@@ -1,0 +1,174 @@
+"""Configuration of a Modbus device and its tags (the `protocol: modbus` entries).
+
+Addressing convention: `address` is the 0-based protocol address, exactly what goes on
+the wire. The classic notation is accepted as a string and converted:
+"40001" / "400001" → holding register 0, "30001" → input register 0,
+"10001" → discrete input 0, "00001" → coil 0. When the classic form is used the table
+is implied and must agree with `table` if that is given too.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from drivers.base import ConfigModel, DeviceCommon, TagCommon
+
+Table = Literal["coil", "discrete_input", "holding", "input"]
+DataType = Literal[
+    "bool",
+    "bit",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float32",
+    "float64",
+    "string",
+]
+# Byte order of a value, in the industry's letters: A is the most significant byte as
+# it would be written big-endian. 32-bit orders apply to 64-bit values word-pair-wise
+# (ABCD → ABCDEFGH, CDAB → GHEFCDAB, BADC → BADCFEHG, DCBA → HGFEDCBA).
+ByteOrder = Literal["ABCD", "BADC", "CDAB", "DCBA"]
+
+REGISTER_COUNT: dict[str, int] = {
+    "bool": 1,
+    "bit": 1,
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "float32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float64": 4,
+}
+
+_CLASSIC_PREFIX: dict[str, Table] = {
+    "0": "coil",
+    "1": "discrete_input",
+    "3": "input",
+    "4": "holding",
+}
+
+
+def parse_classic_address(text: str) -> tuple[Table, int]:
+    """'40001' → ('holding', 0); '400001' (6-digit form) → ('holding', 0)."""
+    if not text.isdigit() or len(text) not in (5, 6) or text[0] not in _CLASSIC_PREFIX:
+        raise ValueError(
+            f"address {text!r}: use a 0-based number, or the classic 5/6-digit form "
+            "0xxxx (coil), 1xxxx (discrete input), 3xxxx (input), 4xxxx (holding)"
+        )
+    number = int(text[1:])
+    if number < 1:
+        raise ValueError(f"address {text!r}: classic addresses start at 1 (e.g. 40001)")
+    return _CLASSIC_PREFIX[text[0]], number - 1
+
+
+class ModbusTag(TagCommon):
+    """One value read from a Modbus device."""
+
+    table: Table | None = Field(
+        default=None,
+        description="coil, discrete_input, holding or input. Defaults to holding for "
+        "register types and coil for bool, or follows a classic address.",
+    )
+    address: int | str = Field(
+        description="0-based protocol address, or classic notation as a string ('40001')."
+    )
+    type: DataType = Field(default="uint16", description="Data type of the value.")
+    byte_order: ByteOrder | None = Field(
+        default=None, description="Overrides the device's byte_order for this tag."
+    )
+    bit: int | None = Field(
+        default=None, ge=0, le=15, description="type bit: bit number in the register, 0 = LSB."
+    )
+    length: int | None = Field(
+        default=None, ge=1, le=125, description="type string: number of registers (2 chars each)."
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 <= v <= 65535:
+            raise ValueError("address must be between 0 and 65535")
+        if isinstance(v, str):
+            parse_classic_address(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModbusTag:
+        table = self.resolved_table()
+        if self.type == "bool" and table not in ("coil", "discrete_input"):
+            raise ValueError(
+                "type bool reads a coil or discrete_input; use type bit with 'bit' for a "
+                "bit inside a register"
+            )
+        if self.type != "bool" and table in ("coil", "discrete_input"):
+            raise ValueError(f"table {table} holds single bits: use type bool")
+        if self.type == "bit" and self.bit is None:
+            raise ValueError("type bit needs 'bit' (0-15)")
+        if self.type != "bit" and self.bit is not None:
+            raise ValueError("'bit' is only for type bit")
+        if self.type == "string" and self.length is None:
+            raise ValueError("type string needs 'length' (number of registers)")
+        if self.type != "string" and self.length is not None:
+            raise ValueError("'length' is only for type string")
+        if self.resolved_address() + self.register_count() > 65536:
+            raise ValueError("value runs past address 65535")
+        return self
+
+    def resolved_table(self) -> Table:
+        if isinstance(self.address, str):
+            implied, _ = parse_classic_address(self.address)
+            if self.table is not None and self.table != implied:
+                raise ValueError(
+                    f"address {self.address!r} is in table {implied}, but table is {self.table}"
+                )
+            return implied
+        if self.table is not None:
+            return self.table
+        return "coil" if self.type == "bool" else "holding"
+
+    def resolved_address(self) -> int:
+        if isinstance(self.address, str):
+            return parse_classic_address(self.address)[1]
+        return self.address
+
+    def register_count(self) -> int:
+        """Registers (or bits, for coils and discrete inputs) the value occupies."""
+        if self.type == "string":
+            return self.length or 1
+        return REGISTER_COUNT[self.type]
+
+
+class ModbusDevice(DeviceCommon):
+    """A Modbus server (slave) reached over TCP."""
+
+    protocol: Literal["modbus"]
+    transport: Literal["tcp"] = Field(
+        default="tcp", description="tcp (rtu and rtu_over_tcp are planned)."
+    )
+    host: str = Field(description="Host name or IP address of the device.")
+    port: int = Field(default=502, ge=0, le=65535, description="TCP port (0 in simulator mode: any free port).")
+    unit_id: int = Field(default=1, ge=0, le=255, description="Modbus unit (slave) id.")
+    byte_order: ByteOrder = Field(default="ABCD", description="Default byte order of multi-register values.")
+    max_registers_per_request: int = Field(
+        default=125, ge=1, le=125, description="Largest register block read in one request."
+    )
+    max_bits_per_request: int = Field(
+        default=2000, ge=1, le=2000, description="Largest coil/discrete block read in one request."
+    )
+    max_gap: int = Field(
+        default=0,
+        ge=0,
+        le=124,
+        description="Unused registers/bits allowed between two tags merged into one request.",
+    )
+    request_pause_s: float = Field(
+        default=0.0, ge=0, description="Pause between requests, for devices that need one."
+    )
+    tags: list[ModbusTag] = Field(min_length=1, description="The values to read.")
