@@ -100,7 +100,9 @@ class MqttConfig(ConfigModel):
         default=100, ge=1, le=1000, description="Messages sent and not yet acknowledged."
     )
     publish_timeout_s: float = Field(
-        default=10.0, gt=0, description="A message not acknowledged by then counts as not delivered."
+        default=10.0,
+        gt=0,
+        description="A message not acknowledged by then counts as not delivered.",
     )
     reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect delay.")
     reconnect_max_s: float = Field(default=30.0, gt=0, description="Largest reconnect delay.")
@@ -148,35 +150,21 @@ class Config(ConfigModel):
     devices: list[Device] = Field(min_length=1)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> Config:
-        problems: list[str] = []
-        for name, template, extra in (
-            ("mqtt.topic", self.mqtt.topic, set()),
-            ("mqtt.topic_tag", self.mqtt.topic_tag, {"tag"}),
-        ):
-            problems.extend(_check_template(name, template, _TOPIC_FIELDS | extra, self.agent))
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
 
-
-def _check_template(
-    name: str, template: str, allowed: set[str], agent: AgentSection
-) -> list[str]:
+def _check_template(template: str, allowed: set[str], agent: dict[str, Any]) -> list[str]:
+    """Problems of a topic template: unknown {fields}, or fields whose value is unset."""
     problems = []
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as exc:
-        return [f"{name} {template!r}: {exc}"]
+        return [f"{template!r}: {exc}"]
     for f in sorted(fields - allowed):
         problems.append(
-            f"{name}: unknown field {{{f}}}; allowed: "
-            + ", ".join("{" + a + "}" for a in sorted(allowed))
+            f"unknown field {{{f}}}; allowed: " + ", ".join("{" + a + "}" for a in sorted(allowed))
         )
     for f in sorted(fields & {"site", "area", "line"}):
-        if getattr(agent, f) is None:
-            problems.append(f"{name} uses {{{f}}} but agent.{f} is not set")
+        if agent.get(f) is None:
+            problems.append(f"uses {{{f}}} but agent.{f} is not set")
     return problems
 
 
@@ -218,10 +206,17 @@ def parse_config(text: str, shown: str = "<config>") -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
+        by_loc: dict[tuple[Any, ...], list[str]] = {}
         for err in exc.errors():
-            if tuple(err["loc"])[: len(err["loc"])] in bad_paths:
+            loc, message = _describe_error(err)
+            loc = _in_file(loc, lines, err["type"])
+            if loc in bad_paths:
                 continue  # already reported (an unset variable, say)
-            problems.append(_format_error(err, lines, shown))
+            by_loc.setdefault(loc, []).append(message)
+        for loc, messages in by_loc.items():
+            # A union (int | str, say) reports one error per member: say them together.
+            text = "; or ".join(dict.fromkeys(messages))
+            problems.append(f"{shown}:{_line_of(loc, lines)} {_path(loc)}: {text}")
     problems.extend(
         f"{shown}:{_line_of(loc, lines)} {_path(loc)}: {msg}" for loc, msg in _cross_checks(data)
     )
@@ -236,6 +231,16 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
     """Checks across list items, done on the raw data so they are reported together with
     every other problem: unique device and tag names, known poll groups."""
     out: list[tuple[tuple[Any, ...], str]] = []
+    mqtt = data.get("mqtt")
+    agent_raw = data.get("agent")
+    agent: dict[str, Any] = agent_raw if isinstance(agent_raw, dict) else {}
+    if isinstance(mqtt, dict):
+        for key, extra in (("topic", set()), ("topic_tag", {"tag"})):
+            if isinstance(mqtt.get(key), str):
+                out.extend(
+                    (("mqtt", key), msg)
+                    for msg in _check_template(mqtt[key], _TOPIC_FIELDS | extra, agent)
+                )
     devices = data.get("devices")
     if not isinstance(devices, list):
         return out
@@ -247,8 +252,10 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         if isinstance(name, str):
             if name in names:
                 out.append(
-                    (("devices", i, "name"),
-                     f"duplicate device name {name!r} (also devices[{names[name]}])")
+                    (
+                        ("devices", i, "name"),
+                        f"duplicate device name {name!r} (also devices[{names[name]}])",
+                    )
                 )
             else:
                 names[name] = i
@@ -266,16 +273,20 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
             if isinstance(tname, str):
                 if tname in seen:
                     out.append(
-                        (("devices", i, "tags", j, "name"),
-                         f"duplicate tag name {tname!r} (also tags[{seen[tname]}])")
+                        (
+                            ("devices", i, "tags", j, "name"),
+                            f"duplicate tag name {tname!r} (also tags[{seen[tname]}])",
+                        )
                     )
                 else:
                     seen[tname] = j
             group = tag.get("group", "default")
             if isinstance(group, str) and group not in groups:
                 out.append(
-                    (("devices", i, "tags", j, "group"),
-                     f"unknown poll group {group!r}; defined: {', '.join(sorted(groups))}")
+                    (
+                        ("devices", i, "tags", j, "group"),
+                        f"unknown poll group {group!r}; defined: {', '.join(sorted(groups))}",
+                    )
                 )
     return out
 
@@ -300,6 +311,18 @@ def _path(loc: tuple[Any, ...]) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out or "(top)"
+
+
+def _in_file(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int], kind: str) -> tuple[Any, ...]:
+    """Cut pydantic's location down to a path that exists in the file: union members
+    ('int', 'str', 'function-after[...]') are not keys of the user's YAML. A missing or
+    unknown key keeps its own name."""
+    n = 0
+    while n < len(loc) and loc[: n + 1] in lines:
+        n += 1
+    if n < len(loc) and kind in ("missing", "extra_forbidden") and n == len(loc) - 1:
+        return loc
+    return loc[:n] if n else loc
 
 
 def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
@@ -340,7 +363,8 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
-def _format_error(err: ErrorDetails, lines: dict[tuple[Any, ...], int], shown: str) -> str:
+def _describe_error(err: ErrorDetails) -> tuple[tuple[Any, ...], str]:
+    """(path in the file, message a person can act on) of one pydantic error."""
     loc = tuple(err["loc"])
     # A discriminated union puts the protocol name into the path: devices.0.modbus.port.
     protocol: str | None = None
@@ -373,7 +397,7 @@ def _format_error(err: ErrorDetails, lines: dict[tuple[Any, ...], int], shown: s
         msg = f"missing 'protocol' (one of: {', '.join(DEVICE_MODELS)})"
     elif kind.startswith("value_error"):
         msg = msg.removeprefix("Value error, ")
-    return f"{shown}:{_line_of(loc, lines)} {_path(loc)}: {msg}"
+    return loc, msg
 
 
 def _device_model(device: type[DeviceCommon], loc: tuple[Any, ...]) -> type[ConfigModel] | None:

@@ -73,14 +73,14 @@ class _Loader(yaml.SafeLoader):
             return _PLAIN
         if kind is ScalarNode and implicit is not None and implicit[1]:
             return _STR
-        return str(super().resolve(kind, value, implicit))
+        return str(super().resolve(kind, value, implicit))  # type: ignore[no-untyped-call]
 
     def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             line = event.start_mark.line + 1 if event.start_mark else 0
             raise YamlProblem([Problem(line, "anchors and aliases (&name, *name) are not allowed")])
-        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        return super().compose_node(parent, index)
 
 
 def load_yaml(
@@ -131,7 +131,7 @@ class _Builder:
         if isinstance(node, MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
-                key = self.build(key_node, path + ("<key>",))
+                key = self.build(key_node, (*path, "<key>"))
                 if not isinstance(key, str):
                     self.problems.append(
                         Problem(key_node.start_mark.line + 1, f"key {key!r} must be a string", path)
@@ -139,20 +139,20 @@ class _Builder:
                     continue
                 key_line = key_node.start_mark.line + 1
                 if key in out:
-                    first = self.lines.get(path + (key,), key_line)
+                    first = self.lines.get((*path, key), key_line)
                     self.problems.append(
                         Problem(key_line, f"duplicate key {key!r} (first at line {first})", path)
                     )
                     continue
-                self.lines[path + (key,)] = key_line
-                out[key] = self.build(value_node, path + (key,))
-            self.lines.pop(path + ("<key>",), None)
+                self.lines[(*path, key)] = key_line
+                out[key] = self.build(value_node, (*path, key))
+            self.lines.pop((*path, "<key>"), None)
             return out
         if isinstance(node, SequenceNode):
             items = []
             for i, item in enumerate(node.value):
-                self.lines[path + (i,)] = item.start_mark.line + 1
-                items.append(self.build(item, path + (i,)))
+                self.lines[(*path, i)] = item.start_mark.line + 1
+                items.append(self.build(item, (*path, i)))
             return items
         assert isinstance(node, ScalarNode)
         text = self._interpolate(str(node.value), line, path)

@@ -165,6 +165,11 @@ class DeviceCommon(ConfigModel):
     backoff_min_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
     backoff_max_s: float = Field(default=30.0, gt=0, description="Largest reconnect delay.")
 
+    def subscribe_groups(self) -> frozenset[str]:
+        """Poll groups whose values the driver pushes (subscriptions) instead of being
+        polled. None for most protocols; OPC UA devices override this."""
+        return frozenset()
+
     def group_intervals(self) -> dict[str, float]:
         """Interval of every poll group, the implicit `default` one included."""
         groups = {"default": self.interval_s}

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import ConfigModel, DeviceCommon, TagCommon
+from drivers.base import DeviceCommon, TagCommon
 
 Table = Literal["coil", "discrete_input", "holding", "input"]
 DataType = Literal[
@@ -153,9 +153,13 @@ class ModbusDevice(DeviceCommon):
         default="tcp", description="tcp (rtu and rtu_over_tcp are planned)."
     )
     host: str = Field(description="Host name or IP address of the device.")
-    port: int = Field(default=502, ge=0, le=65535, description="TCP port (0 in simulator mode: any free port).")
+    port: int = Field(
+        default=502, ge=0, le=65535, description="TCP port (0 in simulator mode: any free port)."
+    )
     unit_id: int = Field(default=1, ge=0, le=255, description="Modbus unit (slave) id.")
-    byte_order: ByteOrder = Field(default="ABCD", description="Default byte order of multi-register values.")
+    byte_order: ByteOrder = Field(
+        default="ABCD", description="Default byte order of multi-register values."
+    )
     max_registers_per_request: int = Field(
         default=125, ge=1, le=125, description="Largest register block read in one request."
     )

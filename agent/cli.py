@@ -1,0 +1,231 @@
+"""`edge-agent` command line.
+
+Exit codes: 0 ok, 2 configuration error (nothing was started), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.config import Config, ConfigError, load_config
+from agent.logs import setup_logging
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+log = structlog.get_logger()
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        n = len(exc.problems)
+        print(f"{path}: {n} problem{'s' if n != 1 else ''} found:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    tags = sum(len(getattr(d, "tags", [])) for d in config.devices)
+    print(f"{args.config}: OK ({len(config.devices)} devices, {tags} tags)")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    setup_logging(config.logging.level, config.logging.format)
+    return _run_async(_run(config, simulate=args.simulate, grace_s=args.grace_s))
+
+
+async def _run(config: Config, *, simulate: bool, grace_s: float) -> None:
+    from agent.runtime import Agent, run_until_signal, simulators
+
+    if simulate:
+        async with simulators(config) as simulated:
+            await run_until_signal(Agent(simulated, grace_s=grace_s))
+    else:
+        await run_until_signal(Agent(config, grace_s=grace_s))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    setup_logging(config.logging.level, config.logging.format)
+    return _run_async(_simulate(config))
+
+
+async def _simulate(config: Config) -> None:
+    from agent.runtime import simulators, wait_for_signal
+
+    async with simulators(config) as simulated:
+        for device in simulated.devices:
+            endpoint = getattr(device, "endpoint", None) or (
+                f"{getattr(device, 'host', '?')}:{getattr(device, 'port', '?')}"
+            )
+            print(f"{device.name}\t{getattr(device, 'protocol', '?')}\t{endpoint}", flush=True)
+        await wait_for_signal()
+
+
+def _run_async(coro: Any) -> int:
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except asyncio.CancelledError:
+        return EXIT_OK
+    except Exception as exc:  # the last line of defence: a clear message, exit 1
+        log.error("agent.failed", error=f"{type(exc).__name__}: {exc}")
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from agent.schemas import write_schemas
+
+    out = Path(args.out)
+    for path in write_schemas(out):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from drivers.modbus.config import ModbusDevice
+    from drivers.modbus.plan import format_plan
+
+    for device in config.devices:
+        if isinstance(device, ModbusDevice):
+            try:
+                print(format_plan(device))
+            except ValueError as exc:
+                print(f"{device.name}: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+        else:
+            print(f"{device.name}: {getattr(device, 'protocol', '?')} (no request plan)")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from agent.publish.watch import watch
+
+    topic = args.topic or f"{config.mqtt.topic.split('{', 1)[0]}#"
+    try:
+        return watch(config.mqtt, topic, count=args.count, seconds=args.seconds, raw=args.raw)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Reads PLCs over Modbus and OPC UA, buffers on disk, publishes over MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run", help="run the agent", description="Run the agent until SIGINT/SIGTERM."
+    )
+    p.add_argument("config", help="YAML config file")
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="also start simulated PLCs serving the configured tags, and poll those",
+    )
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=10.0,
+        help="on stop, seconds to keep publishing what is buffered (default 10)",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "validate",
+        help="check a config file",
+        description="Check a config file; print every problem; exit 0 if valid, 2 if not.",
+    )
+    p.add_argument("config", help="YAML config file")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "simulate",
+        help="serve only the simulated PLCs of a config",
+        description="Start the simulated PLCs of a config (for use with other clients) "
+        "and print their endpoints; stop with Ctrl-C.",
+    )
+    p.add_argument("config", help="YAML config file")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "schema",
+        help="write the JSON Schemas of the config and the payload",
+        description="Write config.schema.json, batch.schema.json and sample.schema.json.",
+    )
+    p.add_argument("--out", default="schema", help="output folder (default ./schema)")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser(
+        "plan",
+        help="print the requests each device makes per poll",
+        description="Print each Modbus device's request plan: the block reads made per poll.",
+    )
+    p.add_argument("config", help="YAML config file")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "watch",
+        help="print what is published to the config's broker",
+        description="Subscribe to the config's broker and print arriving messages, one "
+        "line per sample.",
+    )
+    p.add_argument("config", help="YAML config file (its mqtt section is used)")
+    p.add_argument("--topic", help="topic filter (default: the agent's topic root + '#')")
+    p.add_argument("--count", type=int, default=0, help="stop after N messages")
+    p.add_argument("--seconds", type=float, default=0, help="stop after S seconds")
+    p.add_argument("--raw", action="store_true", help="print the JSON payloads as they are")
+    p.set_defaults(func=cmd_watch)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: Any) -> None:
+    try:
+        from drivers.opcua.cli import add_opcua_commands
+    except ImportError:
+        return
+    add_opcua_commands(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""One device's polling loop: schedule, reconnect with backoff, quality on failure.
+
+The same for every driver (the framework owns retries, STYLE.md rule 4):
+
+- each poll group runs at its own fixed rate; a poll that overruns makes the group skip
+  the slots it missed (counted) instead of queueing them (Telegraf's rule);
+- while the device is unreachable every due poll still produces samples, all bad, with
+  the reason, so consumers see the outage in the data itself;
+- reconnects use exponential backoff with jitter between the device's backoff_min_s
+  and backoff_max_s; a failed read closes the driver before the next connect, so a
+  half-open connection (out-of-step Modbus transaction ids, a dead OPC UA session) is
+  never reused;
+- the device going down is logged once (WARNING) and its recovery once (INFO);
+- groups in subscribe mode are not polled: the driver pushes their readings, and
+  `wait_closed()` tells the poller when the connection is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+
+from agent.normalize import bad_readings
+from drivers.base import DeviceCommon, Driver, DriverError, RawReading, SubscribingDriver
+
+log = structlog.get_logger()
+
+ReadingSink = Callable[[Sequence[RawReading]], Awaitable[None]]
+DeviceState = Literal["starting", "up", "down"]
+
+
+@dataclass
+class DeviceStatus:
+    """What the operator sees about one device."""
+
+    name: str
+    protocol: str
+    state: DeviceState = "starting"
+    reason: str | None = None
+    since: float = field(default_factory=time.time)
+    polls: int = 0
+    failed_polls: int = 0
+    skipped_polls: int = 0
+    connects: int = 0
+    last_poll_duration_s: float = 0.0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class Backoff:
+    """Exponential backoff with jitter (between half and all of the nominal delay)."""
+
+    def __init__(self, min_s: float, max_s: float, rng: Callable[[], float] = random.random):
+        self.min_s = min_s
+        self.max_s = max(max_s, min_s)
+        self._rng = rng
+        self._n = 0
+
+    def next(self) -> float:
+        nominal = min(self.max_s, self.min_s * (2**self._n))
+        self._n = min(self._n + 1, 32)
+        return float(nominal * (0.5 + 0.5 * self._rng()))
+
+    def reset(self) -> None:
+        self._n = 0
+
+
+class DevicePoller:
+    """Runs one device until cancelled."""
+
+    def __init__(
+        self,
+        device: DeviceCommon,
+        protocol: str,
+        driver: Driver,
+        tags_by_group: dict[str, list[str]],
+        sink: ReadingSink,
+        *,
+        subscribe_groups: frozenset[str] = frozenset(),
+    ) -> None:
+        self.device = device
+        self.driver = driver
+        self.sink = sink
+        self.status = DeviceStatus(name=device.name, protocol=protocol)
+        intervals = device.group_intervals()
+        self._groups = {g: intervals[g] for g in tags_by_group if tags_by_group[g]}
+        self._tags = tags_by_group
+        self._subscribe = subscribe_groups & set(self._groups)
+        self._backoff = Backoff(device.backoff_min_s, device.backoff_max_s)
+        self._connected = False
+        self._next_connect = 0.0
+        self._watch: asyncio.Task[None] | None = None
+        self._log = log.bind(device=device.name)
+        per_request = device.timeout_s * (device.retries + 1)
+        # A guard against a driver that hangs despite its own timeouts, not the timeout
+        # users tune (that is timeout_s × (retries + 1) per request, inside the driver).
+        self._read_guard_s = per_request * 3 + 5
+        self._connect_guard_s = per_request + 5
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = {g: now for g in self._groups if g not in self._subscribe}
+        try:
+            if not due:  # subscribe-only device: keep the connection, nothing to poll
+                while True:
+                    await self._ensure_connected()
+                    await asyncio.sleep(self._retry_delay())
+            while True:
+                group = min(due, key=due.__getitem__)
+                delay = due[group] - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                started = loop.time()
+                await self._poll(group)
+                interval = self._groups[group]
+                nxt = due[group] + interval
+                now = loop.time()
+                self.status.last_poll_duration_s = now - started
+                if nxt <= now:
+                    missed = int((now - nxt) // interval) + 1
+                    self.status.skipped_polls += missed
+                    nxt += missed * interval
+                due[group] = nxt
+        finally:
+            await self._disconnect()
+
+    def _retry_delay(self) -> float:
+        loop = asyncio.get_running_loop()
+        if self._connected:
+            return 1.0
+        return max(0.05, self._next_connect - loop.time())
+
+    async def _poll(self, group: str) -> None:
+        self.status.polls += 1
+        await self._ensure_connected()
+        if self._connected:
+            try:
+                async with asyncio.timeout(self._read_guard_s):
+                    readings = await self.driver.read(group)
+            except Exception as exc:  # a driver bug must not stop the other devices
+                reason, detail = _describe(exc, "read")
+                await self._lost(reason, detail)
+                readings = bad_readings(self._tags[group], reason)
+        else:
+            readings = bad_readings(self._tags[group], self.status.reason or "unreachable")
+        if any(r.quality == "bad" for r in readings):
+            self.status.failed_polls += 1
+            for r in readings:
+                if r.quality == "bad" and r.reason:
+                    n = self.status.errors_by_reason.get(r.reason, 0)
+                    self.status.errors_by_reason[r.reason] = n + 1
+        await self.sink(readings)
+
+    async def _ensure_connected(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._connected or loop.time() < self._next_connect:
+            return
+        try:
+            async with asyncio.timeout(self._connect_guard_s):
+                await self.driver.connect()
+                for group in sorted(self._subscribe):
+                    assert isinstance(self.driver, SubscribingDriver)
+                    await self.driver.subscribe(group, self.sink)
+        except Exception as exc:
+            reason, detail = _describe(exc, "connect")
+            await self._lost(reason, detail)
+            return
+        self._connected = True
+        self.status.connects += 1
+        self._backoff.reset()
+        if self._subscribe:
+            assert isinstance(self.driver, SubscribingDriver)
+            self._watch = asyncio.create_task(
+                self._watch_connection(self.driver), name=f"watch:{self.device.name}"
+            )
+        if self.status.state == "down":
+            self._log.info("device.recovered", down_s=round(time.time() - self.status.since, 1))
+        else:
+            self._log.info("device.connected")
+        self.status.state = "up"
+        self.status.reason = None
+        self.status.since = time.time()
+
+    async def _watch_connection(self, driver: SubscribingDriver) -> None:
+        try:
+            await driver.wait_closed()
+        except DriverError as exc:
+            self._watch = None  # _lost must not cancel the task running it
+            await self._lost(exc.reason, str(exc))
+            if self._subscribe:
+                readings = bad_readings(
+                    [t for g in self._subscribe for t in self._tags[g]], exc.reason
+                )
+                await self.sink(readings)
+
+    async def _lost(self, reason: str, detail: str) -> None:
+        """The device is unreachable: close the driver, schedule a reconnect, log once."""
+        loop = asyncio.get_running_loop()
+        await self._disconnect()
+        self._next_connect = loop.time() + self._backoff.next()
+        if self.status.state != "down":
+            self._log.warning("device.down", reason=reason, detail=detail)
+            self.status.state = "down"
+            self.status.since = time.time()
+        self.status.reason = reason
+
+    async def _disconnect(self) -> None:
+        self._connected = False
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+            await asyncio.wait({watch})  # unlike `await watch`, keeps our own cancellation
+        with contextlib.suppress(Exception):
+            await self.driver.close()
+
+
+def _describe(exc: Exception, action: str) -> tuple[str, str]:
+    """(reason, detail) of a failed connect or read."""
+    if isinstance(exc, DriverError):
+        return exc.reason, str(exc)
+    if isinstance(exc, TimeoutError):
+        return "timeout", f"{action} did not finish"
+    log.error(f"driver.{action}.bug", exc_info=exc)
+    return "driver error", f"{type(exc).__name__}: {exc}"
