@@ -100,7 +100,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
     from agent.schemas import write_schemas
 
     out = Path(args.out)
-    for path in write_schemas(out):
+    reference = Path(args.reference) if args.reference else None
+    for path in write_schemas(out, reference):
         print(path)
     return EXIT_OK
 
@@ -130,11 +131,25 @@ def cmd_watch(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from agent.publish.watch import watch
 
-    topic = args.topic or f"{config.mqtt.topic.split('{', 1)[0]}#"
+    topic = args.topic or _topic_filter(config)
     try:
         return watch(config.mqtt, topic, count=args.count, seconds=args.seconds, raw=args.raw)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):
         return EXIT_OK
+
+
+def _topic_filter(config: Config) -> str:
+    """The filter matching everything this agent publishes (device '+', tag '+')."""
+    fields = {
+        "agent": config.agent.id,
+        "site": config.agent.site,
+        "area": config.agent.area,
+        "line": config.agent.line,
+        "device": "+",
+    }
+    if config.mqtt.layout == "tag":
+        return config.mqtt.topic_tag.format(**fields, tag="+")
+    return config.mqtt.topic.format(**fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write config.schema.json, batch.schema.json and sample.schema.json.",
     )
     p.add_argument("--out", default="schema", help="output folder (default ./schema)")
+    p.add_argument("--reference", help="also write the config reference (Markdown) to this file")
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser(

@@ -71,6 +71,9 @@ def make_generator(
             return lambda t: str(const)
         if isinstance(const, str):
             raise ValueError(f"constant {const!r} does not fit a {kind} tag")
+        if kind == "int" and isinstance(const, int) and not isinstance(const, bool):
+            exact = const  # 64-bit integers do not survive a trip through float
+            return lambda t: exact
         return lambda t: cast(float(const))
     if g == "toggle":
         first = bool(start) if start is not None else False

@@ -1,0 +1,105 @@
+"""Run the real agent (`python -m agent.cli ...`) as a child process, for tests."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+
+import orjson
+
+from tests.support.subscriber import Received
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(
+    *args: str, timeout_s: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run one `edge-agent` command to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+class AgentProcess:
+    """`edge-agent <command> <config> [args]` in the background, stderr to a log file."""
+
+    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.log_path = log_path
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", *self.args],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=self.env,
+            )
+        return self
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def read_line(self, timeout_s: float = 30.0) -> str:
+        """Next stdout line (for `edge-agent simulate`, which prints its endpoints)."""
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        if not ready:
+            raise TimeoutError(f"no output within {timeout_s} s; log:\n{self.log()}")
+        return self.proc.stdout.readline().decode().rstrip("\n")
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def samples_of(messages: list[Received]) -> list[dict[str, object]]:
+    """Every sample in the received batch messages, in arrival order."""
+    out: list[dict[str, object]] = []
+    for m in messages:
+        body = orjson.loads(m.payload)
+        if isinstance(body, dict) and "samples" in body:
+            out.extend(body["samples"])
+    return out
+
+
+def seqs(messages: list[Received]) -> list[int]:
+    return [int(s["seq"]) for s in samples_of(messages)]  # type: ignore[call-overload]
