@@ -77,7 +77,7 @@ async def run_until(poller: DevicePoller, cond: object, timeout_s: float = 10.0)
     task = asyncio.create_task(poller.run())
     try:
         async with asyncio.timeout(timeout_s):
-            while not cond():  # type: ignore[operator]  # noqa: ASYNC110 - polling a fake
+            while not cond():  # type: ignore[operator]
                 await asyncio.sleep(0.005)
     finally:
         task.cancel()
