@@ -25,6 +25,7 @@ from pydantic_core import ErrorDetails
 from agent.yamlsafe import YamlProblem, load_yaml
 from drivers.base import ConfigModel, DeviceCommon
 from drivers.modbus.config import ModbusDevice
+from drivers.opcua.config import OpcUaDevice
 
 
 class AgentSection(ConfigModel):
@@ -134,9 +135,9 @@ class LoggingConfig(ConfigModel):
     )
 
 
-Device = Annotated[ModbusDevice, Field(discriminator="protocol")]
+Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
 # protocol name → device model; the discriminated union above must list the same models.
-DEVICE_MODELS: dict[str, type[DeviceCommon]] = {"modbus": ModbusDevice}
+DEVICE_MODELS: dict[str, type[DeviceCommon]] = {"modbus": ModbusDevice, "opcua": OpcUaDevice}
 
 _TOPIC_FIELDS = {"agent", "site", "area", "line", "device"}
 

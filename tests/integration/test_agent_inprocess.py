@@ -12,6 +12,7 @@ import pytest
 from agent.config import Config, parse_config
 from agent.runtime import Agent, simulators
 from agent.schema import BatchPayload
+from drivers.modbus.config import ModbusDevice
 from drivers.modbus.simulator import ModbusSimulator
 from tests.support.agent_proc import cli, samples_of
 from tests.support.broker import MosquittoBroker
@@ -45,6 +46,7 @@ async def test_200_registers_take_two_requests_per_poll(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
     config = wide_config(tmp_path, broker.port)
+    assert isinstance(config.devices[0], ModbusDevice)
     async with ModbusSimulator([config.devices[0]]) as sim:
         _, port = sim.endpoints["wide"]
         device = config.devices[0].model_copy(update={"port": port})

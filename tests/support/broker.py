@@ -105,6 +105,7 @@ class MosquittoBroker:
     users: name → password; when given, anonymous clients are refused.
     acl: the text of an ACL file (mosquitto `acl_file` syntax).
     extra_config: more mosquitto.conf lines, e.g. ``["max_inflight_messages 1000"]``.
+    persistent: keep sessions and queued messages across stop/start (saved on SIGTERM).
     log_types: mosquitto `log_type` values; "all" (default) logs every packet, which tests
         read back with `log_text()`; benchmarks pass ("error", "warning").
     """
@@ -118,8 +119,10 @@ class MosquittoBroker:
         log_types: Sequence[str] = ("all",),
         binary: str | None = None,
         start_timeout_s: float = 10.0,
+        persistent: bool = False,
     ) -> None:
         self.host = "127.0.0.1"
+        self._persistent = persistent
         self._binary = binary
         self._users = dict(users) if users else None
         self._acl = acl
@@ -248,7 +251,11 @@ class MosquittoBroker:
         self._port = free_port(self.host)
         lines = [
             f"listener {self._port} {self.host}",
-            "persistence false",
+            *(
+                ["persistence true", f"persistence_location {self._dir}/"]
+                if self._persistent
+                else ["persistence false"]
+            ),
             f"log_dest file {self._dir / 'mosquitto.log'}",
             *(f"log_type {t}" for t in self._log_types),
             "connection_messages true",

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -44,11 +45,16 @@ class Subscriber:
         protocol: Literal["5", "3.1.1"] = "5",
         client_id: str = "",
         timeout_s: float = 10.0,
+        session_expiry_s: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.topic_filter = topic_filter
         self._timeout_s = timeout_s
+        # A persistent session (MQTT 5, needs a client_id): the broker queues QoS 1
+        # messages for us while we are disconnected, across a broker restart too when the
+        # broker has persistence on.
+        self._session_expiry_s = session_expiry_s
         self._cond = threading.Condition()
         self._messages: list[Received] = []
         self._subscribed = threading.Event()
@@ -108,7 +114,14 @@ class Subscriber:
 
     def start(self) -> Subscriber:
         """Connect and subscribe; raises TimeoutError if not subscribed in time."""
-        self._client.connect(self.host, self.port, keepalive=30)
+        if self._session_expiry_s is None:
+            self._client.connect(self.host, self.port, keepalive=30)
+        else:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self._session_expiry_s
+            self._client.connect(
+                self.host, self.port, keepalive=30, clean_start=False, properties=props
+            )
         self._client.loop_start()
         self._started = True
         if not self._subscribed.wait(self._timeout_s):

@@ -1,0 +1,784 @@
+"""The OPC UA driver: connect, read (poll groups), subscribe (monitored items), close.
+
+Ownership of reconnection: the agent's poller. asyncua's `auto_reconnect` stays off and
+its stale-subscription watchdog never sees our subscription (we create it ourselves, not
+through `Client.create_subscription`), so nothing inside asyncua reconnects or recreates
+anything behind the poller's back. asyncua's connection supervisor still runs: with
+auto_reconnect off it only probes the server state every `watchdog_interval_s` and, on a
+failed probe or a dropped socket, calls our `connection_lost_callback` once, which makes
+`wait_closed()` raise DriverUnavailable.
+
+Every connect starts from nothing: a new asyncua Client, a fresh endpoint and trust
+check, fresh OperationLimits, namespace indexes, browse-path translation and data type
+definitions (a PLC download may have changed any of them). `close()` closes the session
+with DeleteSubscriptions so that sessions and subscriptions do not pile up on the server;
+a session whose connection died is freed by the server after `session_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import enum
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.subscription import Subscription
+from asyncua.crypto import security_policies
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+
+from drivers.base import (
+    DriverConfigError,
+    DriverError,
+    DriverUnavailable,
+    RawReading,
+    SampleSink,
+    Value,
+)
+from drivers.opcua import certs
+from drivers.opcua.config import (
+    OpcUaDevice,
+    OpcUaTag,
+    SecurityModeName,
+    SecurityPolicyName,
+    TimestampChoice,
+    parse_browse_path,
+    parse_node_id,
+)
+
+log = structlog.get_logger(__name__)
+
+POLICIES: dict[SecurityPolicyName, type[security_policies.SecurityPolicy]] = {
+    "None": security_policies.SecurityPolicyNone,
+    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
+    "Aes128_Sha256_RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
+    "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
+}
+MODES: dict[SecurityModeName, ua.MessageSecurityMode] = {
+    "None": ua.MessageSecurityMode.None_,
+    "Sign": ua.MessageSecurityMode.Sign,
+    "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt,
+}
+
+# Status codes that mean "the configuration (credentials, certificates, security
+# settings) is wrong", as opposed to "the server cannot be reached right now".
+_CONFIG_CODES = {
+    "BadUserAccessDenied",
+    "BadIdentityTokenInvalid",
+    "BadIdentityTokenRejected",
+    "BadSecurityChecksFailed",
+    "BadSecurityPolicyRejected",
+    "BadSecurityModeRejected",
+    "BadApplicationSignatureInvalid",
+    "BadCertificateInvalid",
+    "BadCertificateUntrusted",
+    "BadCertificateUriInvalid",
+    "BadCertificateTimeInvalid",
+    "BadCertificateHostNameInvalid",
+    "BadCertificateUseNotAllowed",
+    "BadCertificateRevoked",
+    "BadCertificateIssuerRevoked",
+    "BadCertificateRevocationUnknown",
+    "BadNoValidCertificates",
+}
+_HINTS = {
+    "BadUserAccessDenied": "the server refused the user name or password",
+    "BadIdentityTokenRejected": "the server does not accept this kind of login",
+    "BadIdentityTokenInvalid": "the server could not read the login token",
+    "BadSecurityChecksFailed": "the server does not trust our client certificate; trust "
+    "<cert_dir>/own/cert.der on the server (see drivers/opcua/README.md)",
+    "BadCertificateUntrusted": "the server does not trust our client certificate",
+    "BadCertificateUriInvalid": "the certificate's SubjectAltName URI differs from the "
+    "ApplicationUri (check application_uri)",
+    "BadTooManySessions": "the server has no free session; sessions of dead connections "
+    "are freed after their session timeout",
+}
+
+_T = TypeVar("_T")
+
+
+def status_name(code: int) -> str:
+    """The symbolic name of a status code, ignoring its info bits (`BadNodeIdUnknown`)."""
+    return str(ua.StatusCode(code & 0xFFFF0000).name)  # type: ignore[arg-type]
+
+
+def quality_of(code: int) -> tuple[str, str | None, int | None]:
+    """(quality, reason, code) for a status code: severity bits 00 good, 01 uncertain,
+    10/11 bad. Plain Good (0) carries neither reason nor code."""
+    if code == 0:
+        return "good", None, None
+    severity = code >> 30
+    if severity == 0:
+        return "good", None, code
+    if severity == 1:
+        return "uncertain", status_name(code), code
+    return "bad", status_name(code), code
+
+
+def convert_value(value: Any) -> Value | None:
+    """A Variant's Python value as a published value: scalars stay, lists stay lists,
+    structures (decoded ExtensionObjects) become dicts, other built-ins become strings."""
+    if value is None:
+        return None
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, enum.Enum):
+        inner = value.value
+        return inner if isinstance(inner, int | str) else str(inner)
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, list):
+        items: list[Any] = [_scalar_or_structure(v) for v in value]
+        return items
+    converted: Value = _scalar_or_structure(value)
+    return converted
+
+
+def _scalar_or_structure(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_scalar_or_structure(v) for v in value]
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, ua.LocalizedText):
+        return value.Text
+    if isinstance(value, ua.QualifiedName):
+        return f"{value.NamespaceIndex}:{value.Name}"
+    if isinstance(value, ua.NodeId):
+        return str(value.to_string())
+    if isinstance(value, ua.StatusCode):
+        return int(value.value)
+    if isinstance(value, ua.ExtensionObject):
+        raise _UndecodedStructure(value.TypeId.to_string())
+    if isinstance(value, ua.Variant):
+        return _scalar_or_structure(value.Value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _scalar_or_structure(getattr(value, f.name)) for f in dataclasses.fields(value)
+        }
+    return str(value)
+
+
+class _UndecodedStructure(Exception):
+    """An ExtensionObject whose type definition the server did not provide."""
+
+
+def reading_from_datavalue(
+    tag: str, dv: ua.DataValue, timestamp: TimestampChoice = "source"
+) -> RawReading:
+    """One tag's RawReading from a DataValue; never puts an error text into the value."""
+    code = int(dv.StatusCode.value) if dv.StatusCode is not None else 0
+    quality, reason, raw_code = quality_of(code)
+    ts: datetime | None = None
+    if timestamp == "source":
+        ts = dv.SourceTimestamp
+    elif timestamp == "server":
+        ts = dv.ServerTimestamp
+    value: Value | None = None
+    if quality != "bad" and dv.Value is not None:
+        try:
+            value = convert_value(dv.Value.Value)
+        except _UndecodedStructure:
+            # The server gave no definition of this structure type: no value we could
+            # publish honestly.
+            return RawReading(tag, None, "bad", "StructureTypeUnknown", None, ts)
+    return RawReading(
+        tag=tag,
+        value=value,
+        quality=quality,  # type: ignore[arg-type]
+        reason=reason,
+        code=raw_code,
+        ts_source=ts,
+    )
+
+
+def map_error(exc: BaseException, endpoint: str) -> DriverError:
+    """Any exception from asyncua or the network as one of our driver exceptions."""
+    if isinstance(exc, DriverError):
+        return exc
+    if isinstance(exc, UaStatusCodeError):
+        code = int(exc.code)
+        name = status_name(code)
+        hint = _HINTS.get(name, "")
+        detail = f"{endpoint}: {hint}" if hint else endpoint
+        if name in _CONFIG_CODES:
+            return DriverConfigError(name, detail, code)
+        return DriverUnavailable(name, detail, code)
+    if isinstance(exc, TimeoutError):
+        return DriverUnavailable("timeout", f"{endpoint}: no answer in time")
+    if isinstance(exc, ConnectionRefusedError):
+        return DriverUnavailable("connection refused", endpoint)
+    if isinstance(exc, OSError):
+        return DriverUnavailable("connection lost", f"{endpoint}: {exc}")
+    if isinstance(exc, UaError):
+        return DriverConfigError("protocol error", f"{endpoint}: {exc}")
+    return DriverUnavailable(type(exc).__name__, f"{endpoint}: {exc}")
+
+
+def _ns0(identifier: int) -> ua.NodeId:
+    # asyncua annotates identifiers with its own Int32 class; a plain int is what it uses.
+    return ua.NodeId(identifier)  # type: ignore[arg-type]
+
+
+def _chunks(items: Sequence[_T], size: int) -> list[Sequence[_T]]:
+    size = size if size > 0 else max(len(items), 1)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@dataclasses.dataclass(slots=True)
+class _Resolved:
+    tag: OpcUaTag
+    node: ua.NodeId | None
+    reason: str | None = None  # why `node` is None
+    code: int | None = None
+
+
+class _BatchSubscription(Subscription):
+    """A subscription that hands every Publish response to one callback as a whole,
+    instead of asyncua's task per notification."""
+
+    def __init__(
+        self,
+        session: Any,
+        params: ua.CreateSubscriptionParameters,
+        on_publish: Callable[[ua.PublishResult], None],
+    ) -> None:
+        super().__init__(session, params, None, queue_maxsize=1)
+        self._on_publish = on_publish
+
+    async def publish_callback(self, publish_result: ua.PublishResult) -> None:
+        self.last_publish_at = time.monotonic()
+        self._on_publish(publish_result)
+
+
+class OpcUaDriver:
+    """One OPC UA server, read by polling (Read service) or subscription.
+
+    Implements drivers.base.Driver and SubscribingDriver.
+    """
+
+    def __init__(self, device: OpcUaDevice) -> None:
+        self.device = device
+        self._client: Client | None = None
+        self._resolved: dict[str, list[_Resolved]] = {}
+        self._max_nodes_per_read = 0
+        self._max_items_per_call = 0
+        self._lost = asyncio.Event()
+        self._lost_reason: DriverUnavailable = DriverUnavailable("not connected")
+        self._subscription: _BatchSubscription | None = None
+        self._handles: dict[int, tuple[str, SampleSink]] = {}
+        self._next_handle = 1
+        self._outbox: asyncio.Queue[tuple[SampleSink, list[RawReading]]] = asyncio.Queue()
+        self._deliver_task: asyncio.Task[None] | None = None
+        self.read_calls = 0
+        """Read service calls made so far (tests and metrics)."""
+        self.loaded_type_definitions = False
+        """Whether the last connect loaded the server's structure type definitions."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def max_nodes_per_read(self) -> int:
+        """Nodes per Read call in use (0: no limit), from the server's OperationLimits."""
+        return self._max_nodes_per_read
+
+    @property
+    def max_monitored_items_per_call(self) -> int:
+        """Monitored items per CreateMonitoredItems call in use (0: no limit)."""
+        return self._max_items_per_call
+
+    async def connect(self) -> None:
+        """Open a session (security, trust and login checked first), then read the
+        server's limits and namespaces and resolve every tag's node."""
+        await self.close()
+        dev = self.device
+        client = Client(
+            dev.endpoint, timeout=dev.timeout_s, watchdog_intervall=dev.watchdog_interval_s
+        )
+        client.application_uri = dev.application_uri
+        client.name = client.description = f"edge-agent {dev.name}"
+        client.session_timeout = int(dev.session_timeout_s * 1000)
+        self._lost = asyncio.Event()
+        client.connection_lost_callback = self._on_connection_lost
+        try:
+            async with asyncio.timeout(dev.timeout_s * 5 + 1):
+                await self._prepare_security(client)
+                await client.connect()
+        except BaseException as exc:
+            await self._discard(client)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise map_error(exc, dev.endpoint) from exc
+        self._client = client
+        try:
+            async with asyncio.timeout(dev.timeout_s * 10 + 1):
+                await self._after_connect(client)
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise map_error(exc, dev.endpoint) from exc
+        log.info("driver.connect.ok", device=dev.name, endpoint=dev.endpoint)
+
+    async def close(self) -> None:
+        """Close the session (deleting its subscription) and the connection; never raises."""
+        client, self._client = self._client, None
+        task, self._deliver_task = self._deliver_task, None
+        self._subscription = None
+        self._handles = {}
+        if task is not None:
+            task.cancel()
+            # wait() neither raises the task's CancelledError nor swallows our own.
+            await asyncio.wait([task])
+        self._outbox = asyncio.Queue()
+        if client is not None:
+            client.connection_lost_callback = None
+            await self._discard(client)
+        if not self._lost.is_set():
+            self._lost_reason = DriverUnavailable("closed")
+            self._lost.set()
+
+    async def _discard(self, client: Client) -> None:
+        try:
+            async with asyncio.timeout(self.device.timeout_s * 2 + 1):
+                await client.disconnect()
+        except Exception:
+            # A dead server cannot confirm CloseSession; the socket still has to go.
+            client.disconnect_socket()
+
+    async def wait_closed(self) -> None:
+        """Return only by raising DriverUnavailable, once the connection is lost."""
+        await self._lost.wait()
+        raise self._lost_reason
+
+    async def _on_connection_lost(self, exc: Exception) -> None:
+        self._lost_reason = _as_unavailable(map_error(exc, self.device.endpoint))
+        log.warning(
+            "driver.connection.lost",
+            device=self.device.name,
+            endpoint=self.device.endpoint,
+            reason=self._lost_reason.reason,
+        )
+        self._lost.set()
+
+    # ------------------------------------------------------------------- security
+
+    async def _prepare_security(self, client: Client) -> None:
+        dev = self.device
+        mode_name = dev.resolved_security_mode()
+        if dev.security_policy == "None" and dev.username is None:
+            return
+        policy = POLICIES[dev.security_policy]
+        mode = MODES[mode_name]
+        endpoints = await client.connect_and_get_server_endpoints()
+        chosen = [
+            ep for ep in endpoints if ep.SecurityPolicyUri == policy.URI and ep.SecurityMode == mode
+        ]
+        if not chosen:
+            offered = ", ".join(
+                sorted(
+                    {
+                        f"{ep.SecurityPolicyUri.rsplit('#', 1)[-1]}/{ep.SecurityMode.name}"
+                        for ep in endpoints
+                    }
+                )
+            )
+            raise DriverConfigError(
+                "security policy not offered",
+                f"{dev.endpoint} has no endpoint {dev.security_policy}/{mode_name}; it offers "
+                f"{offered}",
+            )
+        endpoint = chosen[0]
+        server_der: bytes | None = None
+        if endpoint.ServerCertificate:
+            server_der = certs.first_certificate(endpoint.ServerCertificate)
+        if dev.security_policy != "None" or dev.username is not None:
+            if server_der is None:
+                raise DriverConfigError(
+                    "no server certificate", f"{dev.endpoint} sent no certificate"
+                )
+            paths = certs.CertPaths(Path(dev.cert_dir))
+            if not certs.is_trusted(server_der, paths.trusted, dev.server_certificate_thumbprint):
+                raise certs.untrusted_error(server_der, dev.endpoint, paths.trusted)
+        if dev.username is not None and dev.password is not None:
+            self._check_password_protected(endpoint, policy, mode)
+            client.set_user(dev.username)
+            client.set_password(dev.password.get_secret_value())
+        if dev.security_policy != "None":
+            paths = certs.ensure_own_certificate(dev.cert_dir, dev.application_uri)
+            await client.set_security(
+                policy,
+                certificate=str(paths.cert),
+                private_key=str(paths.key),
+                server_certificate=server_der,
+                mode=mode,
+            )
+
+    def _check_password_protected(
+        self,
+        endpoint: ua.EndpointDescription,
+        policy: type[security_policies.SecurityPolicy],
+        mode: ua.MessageSecurityMode,
+    ) -> None:
+        tokens = [
+            t for t in endpoint.UserIdentityTokens or [] if t.TokenType == ua.UserTokenType.UserName
+        ]
+        if not tokens:
+            raise DriverConfigError(
+                "username login not offered",
+                f"{self.device.endpoint} offers no user name login on "
+                f"{self.device.security_policy}/{self.device.resolved_security_mode()}",
+            )
+        # asyncua uses the first UserName token policy; an empty URI means the channel's.
+        uri = tokens[0].SecurityPolicyUri or policy.URI
+        encrypted = mode == ua.MessageSecurityMode.SignAndEncrypt or (
+            uri != security_policies.SecurityPolicyNone.URI
+        )
+        if not encrypted:
+            raise DriverConfigError(
+                "password would be sent in clear text",
+                f"{self.device.endpoint}: neither the channel "
+                f"({self.device.security_policy}/{self.device.resolved_security_mode()}) nor "
+                "the server's user token policy encrypts it; use security_mode SignAndEncrypt",
+            )
+
+    # -------------------------------------------------------------- after connect
+
+    async def _after_connect(self, client: Client) -> None:
+        limits = await self._read_raw(
+            client,
+            [
+                _ns0(ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead),
+                _ns0(ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall),
+                _ns0(
+                    ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerTranslateBrowsePathsToNodeIds
+                ),
+                _ns0(ObjectIds.Server_NamespaceArray),
+            ],
+            AttributeIds.Value,
+            0,
+        )
+
+        def limit(dv: ua.DataValue, cap: int | None) -> int:
+            n = 0
+            if dv.StatusCode is None or dv.StatusCode.is_good():
+                raw = dv.Value.Value if dv.Value is not None else None
+                n = raw if isinstance(raw, int) and raw > 0 else 0
+            if cap is not None:
+                n = min(n, cap) if n else cap
+            return n
+
+        dev = self.device
+        self._max_nodes_per_read = limit(limits[0], dev.max_nodes_per_read)
+        self._max_items_per_call = limit(limits[1], dev.max_monitored_items_per_call)
+        max_translate = limit(limits[2], self._max_nodes_per_read or None)
+        ns_raw = limits[3].Value.Value if limits[3].Value is not None else None
+        namespaces: list[str] = list(ns_raw) if isinstance(ns_raw, list) else []
+        resolved = await self._resolve(client, namespaces, max_translate)
+        self._resolved = {}
+        for r in resolved:
+            self._resolved.setdefault(r.tag.group, []).append(r)
+        await self._load_types_if_needed(client, resolved)
+
+    async def _resolve(
+        self, client: Client, namespaces: list[str], max_translate: int
+    ) -> list[_Resolved]:
+        def ns_index(index: int | None, uri: str | None) -> int | None:
+            if index is not None:
+                return index
+            return namespaces.index(uri) if uri in namespaces else None
+
+        out: list[_Resolved] = []
+        paths: list[tuple[_Resolved, ua.BrowsePath]] = []
+        for tag in self.device.tags:
+            if tag.node_id is not None:
+                parsed = parse_node_id(tag.node_id)
+                idx = ns_index(parsed.ns_index, parsed.ns_uri)
+                if idx is None:
+                    out.append(_Resolved(tag, None, "BadNodeIdUnknown"))
+                    log.warning(
+                        "driver.resolve.namespace_unknown",
+                        device=self.device.name,
+                        tag=tag.name,
+                        namespace=parsed.ns_uri,
+                    )
+                    continue
+                out.append(_Resolved(tag, ua.NodeId.from_string(parsed.with_index(idx))))
+                continue
+            elements: list[ua.RelativePathElement] = []
+            unknown = None
+            assert tag.browse_path is not None
+            parts = parse_browse_path(tag.browse_path)
+            for el in parts[1:] if parts and parts[0].name == "Root" else parts:
+                idx = ns_index(el.ns_index, el.ns_uri)
+                if idx is None:
+                    unknown = el.ns_uri
+                    break
+                elements.append(
+                    ua.RelativePathElement(
+                        ReferenceTypeId=_ns0(ObjectIds.HierarchicalReferences),
+                        IsInverse=False,  # type: ignore[arg-type]
+                        IncludeSubtypes=True,  # type: ignore[arg-type]
+                        TargetName=ua.QualifiedName(el.name, idx),
+                    )
+                )
+            r = _Resolved(tag, None)
+            out.append(r)
+            if unknown is not None:
+                r.reason = "BadNoMatch"
+                log.warning(
+                    "driver.resolve.namespace_unknown",
+                    device=self.device.name,
+                    tag=tag.name,
+                    namespace=unknown,
+                )
+                continue
+            bp = ua.BrowsePath(
+                StartingNode=_ns0(ObjectIds.RootFolder),
+                RelativePath=ua.RelativePath(Elements=elements),
+            )
+            paths.append((r, bp))
+        for chunk in _chunks(paths, max_translate):
+            results = await client.uaclient.translate_browsepaths_to_nodeids(
+                [bp for _, bp in chunk]
+            )
+            for (r, _), res in zip(chunk, results, strict=True):
+                code = int(res.StatusCode.value)
+                if code >> 30 == 0 and res.Targets:
+                    target = res.Targets[0].TargetId
+                    r.node = ua.NodeId(target.Identifier, target.NamespaceIndex, target.NodeIdType)
+                else:
+                    r.reason = status_name(code) if code else "BadNoMatch"
+                    r.code = code or None
+                    log.warning(
+                        "driver.resolve.browse_path_failed",
+                        device=self.device.name,
+                        tag=r.tag.name,
+                        browse_path=r.tag.browse_path,
+                        reason=r.reason,
+                    )
+        return out
+
+    async def _load_types_if_needed(self, client: Client, resolved: list[_Resolved]) -> None:
+        nodes = [r.node for r in resolved if r.node is not None]
+        self.loaded_type_definitions = False
+        if not nodes:
+            return
+        dvs = await self._read_raw(client, nodes, AttributeIds.DataType, self._max_nodes_per_read)
+        for dv in dvs:
+            dt = dv.Value.Value if dv.Value is not None else None
+            if isinstance(dt, ua.NodeId) and (
+                dt.NamespaceIndex != 0 or dt == _ns0(ObjectIds.Structure)
+            ):
+                await client.load_data_type_definitions()
+                self.loaded_type_definitions = True
+                return
+
+    async def _read_raw(
+        self, client: Client, nodes: Sequence[ua.NodeId], attribute: int, per_call: int
+    ) -> list[ua.DataValue]:
+        out: list[ua.DataValue] = []
+        for chunk in _chunks(nodes, per_call):
+            params = ua.ReadParameters()
+            params.TimestampsToReturn = ua.TimestampsToReturn.Both
+            params.NodesToRead = [ua.ReadValueId(NodeId=n, AttributeId=attribute) for n in chunk]
+            self.read_calls += 1
+            out.extend(await client.uaclient.read(params))
+        return out
+
+    # ------------------------------------------------------------------------ read
+
+    def _require_client(self) -> Client:
+        if self._client is None:
+            raise DriverUnavailable("not connected", self.device.endpoint)
+        if self._lost.is_set():
+            raise self._lost_reason
+        return self._client
+
+    async def read(self, group: str) -> list[RawReading]:
+        """One poll of `group`: batched Read calls of DataValues, split to MaxNodesPerRead."""
+        client = self._require_client()
+        entries = self._resolved.get(group, [])
+        nodes = [r.node for r in entries if r.node is not None]
+        try:
+            dvs = await self._read_raw(client, nodes, AttributeIds.Value, self._max_nodes_per_read)
+        except Exception as exc:
+            raise _as_unavailable(map_error(exc, self.device.endpoint)) from exc
+        values = iter(dvs)
+        ts_choice = self.device.timestamp
+        out: list[RawReading] = []
+        for r in entries:
+            if r.node is None:
+                out.append(
+                    RawReading(r.tag.name, None, "bad", r.reason or "BadNodeIdUnknown", r.code)
+                )
+            else:
+                out.append(reading_from_datavalue(r.tag.name, next(values), ts_choice))
+        return out
+
+    # ------------------------------------------------------------------- subscribe
+
+    async def subscribe(self, group: str, sink: SampleSink) -> None:
+        """Monitor the group's nodes; readings go to `sink` one batch per Publish response.
+
+        All groups of a connection share one subscription (its publishing interval is
+        the smallest of the subscribed groups'), so a reconnect followed by subscribe()
+        never leaves a second subscription on the server.
+        """
+        client = self._require_client()
+        dev = self.device
+        opts = dev.group_subscription(group)
+        interval_ms = dev.group_intervals()[group] * 1000
+        try:
+            if self._subscription is None:
+                publishing = min(
+                    (
+                        dev.group_subscription(g).publishing_interval_ms or iv * 1000
+                        for g, iv in dev.group_intervals().items()
+                        if dev.group_mode(g) == "subscribe"
+                    ),
+                    default=opts.publishing_interval_ms or interval_ms,
+                )
+                params = ua.CreateSubscriptionParameters(
+                    RequestedPublishingInterval=publishing,
+                    RequestedLifetimeCount=10000,
+                    RequestedMaxKeepAliveCount=client.get_keepalive_count(publishing),
+                    MaxNotificationsPerPublish=10000,
+                    PublishingEnabled=True,
+                    Priority=0,
+                )
+                sub = _BatchSubscription(client.uaclient.session, params, self._on_publish)
+                await sub.init()
+                self._subscription = sub
+                self._deliver_task = asyncio.create_task(
+                    self._deliver(), name=f"opcua-deliver-{dev.name}"
+                )
+            sub = self._subscription
+            requests: list[ua.MonitoredItemCreateRequest] = []
+            failed: list[RawReading] = []
+            mfilter: ua.DataChangeFilter | None = None
+            if opts.deadband is not None:
+                mfilter = ua.DataChangeFilter(
+                    Trigger=ua.DataChangeTrigger.StatusValue,
+                    DeadbandType=ua.DeadbandType.Absolute
+                    if opts.deadband.type == "absolute"
+                    else ua.DeadbandType.Percent,
+                    DeadbandValue=opts.deadband.value,
+                )
+            for r in self._resolved.get(group, []):
+                if r.node is None:
+                    failed.append(
+                        RawReading(r.tag.name, None, "bad", r.reason or "BadNodeIdUnknown", r.code)
+                    )
+                    continue
+                handle = self._next_handle
+                self._next_handle += 1
+                self._handles[handle] = (r.tag.name, sink)
+                mparams = ua.MonitoringParameters(
+                    ClientHandle=handle,
+                    SamplingInterval=opts.sampling_interval_ms
+                    if opts.sampling_interval_ms is not None
+                    else interval_ms,
+                    QueueSize=opts.queue_size,
+                    DiscardOldest=True,
+                )
+                if mfilter is not None:
+                    mparams.Filter = mfilter
+                requests.append(
+                    ua.MonitoredItemCreateRequest(
+                        ItemToMonitor=ua.ReadValueId(NodeId=r.node, AttributeId=AttributeIds.Value),
+                        MonitoringMode=ua.MonitoringMode.Reporting,
+                        RequestedParameters=mparams,
+                    )
+                )
+            for chunk in _chunks(requests, self._max_items_per_call):
+                results = await sub.create_monitored_items(chunk)
+                for req, res in zip(chunk, results, strict=True):
+                    if isinstance(res, ua.StatusCode):
+                        tag, _ = self._handles.pop(req.RequestedParameters.ClientHandle)
+                        _, reason, code = quality_of(int(res.value))
+                        failed.append(RawReading(tag, None, "bad", reason, code))
+        except Exception as exc:
+            raise _as_unavailable(map_error(exc, dev.endpoint)) from exc
+        if failed:
+            await sink(failed)
+
+    def _on_publish(self, result: ua.PublishResult) -> None:
+        data = result.NotificationMessage.NotificationData
+        if not data:
+            return
+        batches: dict[int, tuple[SampleSink, list[RawReading]]] = {}
+        ts_choice = self.device.timestamp
+        for notif in data:
+            if isinstance(notif, ua.DataChangeNotification):
+                for item in notif.MonitoredItems:
+                    entry = self._handles.get(item.ClientHandle)
+                    if entry is None:
+                        continue
+                    tag, sink = entry
+                    batch = batches.setdefault(id(sink), (sink, []))[1]
+                    batch.append(reading_from_datavalue(tag, item.Value, ts_choice))
+            elif isinstance(notif, ua.StatusChangeNotification):
+                code = int(notif.Status.value)
+                if code >> 30:
+                    self._lost_reason = DriverUnavailable(
+                        status_name(code), f"{self.device.endpoint}: subscription ended", code
+                    )
+                    self._lost.set()
+        for sink, batch in batches.values():
+            self._outbox.put_nowait((sink, batch))
+
+    async def _deliver(self) -> None:
+        while True:
+            sink, batch = await self._outbox.get()
+            try:
+                await sink(batch)
+            except Exception as exc:
+                log.error(
+                    "driver.sink.failed", device=self.device.name, error=repr(exc), n=len(batch)
+                )
+
+
+def _as_unavailable(err: DriverError) -> DriverUnavailable:
+    """During read/subscribe a security or login code cannot be a config problem of ours
+    any more; only connect decides that. Everything else means the session is unusable."""
+    if isinstance(err, DriverUnavailable):
+        return err
+    return DriverUnavailable(err.reason, err.detail, err.code)
+
+
+async def read_once(device: OpcUaDevice, group: str = "default") -> list[RawReading]:
+    """Connect, read one group, close (for `edge-agent` probes and tests)."""
+    driver = OpcUaDriver(device)
+    try:
+        await driver.connect()
+        return await driver.read(group)
+    finally:
+        await driver.close()
+
+
+__all__ = [
+    "OpcUaDriver",
+    "convert_value",
+    "map_error",
+    "quality_of",
+    "read_once",
+    "reading_from_datavalue",
+]
