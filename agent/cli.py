@@ -50,17 +50,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     setup_logging(config.logging.level, config.logging.format)
-    return _run_async(_run(config, simulate=args.simulate, grace_s=args.grace_s))
+    return _run_async(_run(config, args.config, simulate=args.simulate, grace_s=args.grace_s))
 
 
-async def _run(config: Config, *, simulate: bool, grace_s: float) -> None:
+async def _run(config: Config, path: str, *, simulate: bool, grace_s: float) -> None:
     from agent.runtime import Agent, run_until_signal, simulators
 
     if simulate:
         async with simulators(config) as simulated:
-            await run_until_signal(Agent(simulated, grace_s=grace_s))
+            adapt = _keep_simulated_endpoints(config, simulated)
+            agent = Agent(simulated, grace_s=grace_s, config_path=path, adapt_config=adapt)
+            await run_until_signal(agent)
     else:
-        await run_until_signal(Agent(config, grace_s=grace_s))
+        await run_until_signal(Agent(config, grace_s=grace_s, config_path=path))
+
+
+def _keep_simulated_endpoints(original: Config, simulated: Config) -> Callable[[Config], Config]:
+    """For reloads in simulator mode: the fields simulator mode replaced (endpoints,
+    pinned certificates) are replaced the same way in a reloaded config, so a device
+    whose entry did not change in the file compares equal and keeps running."""
+    before = {d.name: d for d in original.devices}
+    replaced: dict[str, dict[str, Any]] = {}
+    for dev in simulated.devices:
+        old = before[dev.name]
+        replaced[dev.name] = {
+            k: getattr(dev, k) for k in type(dev).model_fields if getattr(dev, k) != getattr(old, k)
+        }
+
+    def adapt(config: Config) -> Config:
+        devices = [
+            d.model_copy(update=replaced[d.name])
+            if replaced.get(d.name) and type(d) is type(before[d.name])
+            else d
+            for d in config.devices
+        ]
+        return config.model_copy(update={"devices": devices})
+
+    return adapt
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -94,6 +120,117 @@ def _run_async(coro: Any) -> int:
         log.error("agent.failed", error=f"{type(exc).__name__}: {exc}")
         return EXIT_RUNTIME
     return EXIT_OK
+
+
+def _http_base(path: str) -> str | None:
+    """http://host:port of the agent running this config, from its `http:` section.
+    Read even from a config that is otherwise invalid (`reload` must reach the agent to
+    be told what is wrong with the file)."""
+    from agent.config import HttpConfig
+
+    http: HttpConfig | None
+    try:
+        http = load_config(path).http
+    except ConfigError:
+        from agent.yamlsafe import YamlProblem, load_yaml
+
+        try:
+            data, _, _ = load_yaml(Path(path).read_text(encoding="utf-8"))
+            raw = data.get("http") if isinstance(data, dict) else None
+            http = HttpConfig.model_validate(raw) if isinstance(raw, dict) else None
+        except (OSError, YamlProblem, ValueError):
+            http = None
+    if http is None:
+        print(
+            f"{path}: no usable http: section; add one (e.g. `http: {{port: 9108}}`) "
+            "so the running agent can be asked",
+            file=sys.stderr,
+        )
+        return None
+    if http.port == 0:
+        print(f"{path}: http.port is 0 (any free port); set a fixed port", file=sys.stderr)
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(http.host, http.host)
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{http.port}"
+
+
+def _http_call(url: str, *, post: bool, timeout_s: float) -> tuple[int, bytes] | None:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=b"" if post else None, method="POST" if post else "GET"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"cannot reach the agent at {url}: {reason} (is it running?)", file=sys.stderr)
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    base = _http_base(args.config)
+    if base is None:
+        return EXIT_CONFIG
+    answer = _http_call(f"{base}/api/status", post=False, timeout_s=args.timeout_s)
+    if answer is None:
+        return EXIT_RUNTIME
+    code, body = answer
+    if code != 200:
+        print(
+            f"{base}/api/status answered {code}: {body.decode(errors='replace')}", file=sys.stderr
+        )
+        return EXIT_RUNTIME
+    import orjson
+
+    status = orjson.loads(body)
+    sys.stdout.write(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK if status.get("agent", {}).get("ready") else EXIT_RUNTIME
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    if args.pid is not None:
+        import os
+        import signal
+
+        try:
+            os.kill(args.pid, signal.SIGHUP)
+        except OSError as exc:
+            print(f"cannot signal process {args.pid}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_RUNTIME
+        print(f"sent SIGHUP to {args.pid}; the agent logs config.reloaded or config.reload.failed")
+        return EXIT_OK
+    base = _http_base(args.config)
+    if base is None:
+        return EXIT_CONFIG
+    answer = _http_call(f"{base}/api/reload", post=True, timeout_s=args.timeout_s)
+    if answer is None:
+        return EXIT_RUNTIME
+    code, body = answer
+    import orjson
+
+    try:
+        result = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        print(
+            f"{base}/api/reload answered {code}: {body.decode(errors='replace')}", file=sys.stderr
+        )
+        return EXIT_RUNTIME
+    if result.get("ok"):
+        for key in ("started", "stopped", "restarted"):
+            if result.get(key):
+                print(f"{key}: {', '.join(result[key])}")
+        print(f"reloaded ({len(result.get('unchanged', []))} devices unchanged)")
+        return EXIT_OK
+    print("reload refused; the running config stays in effect:", file=sys.stderr)
+    for problem in result.get("problems", []):
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -224,6 +361,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="print the JSON payloads as they are")
     p.set_defaults(func=cmd_watch)
 
+    p = sub.add_parser(
+        "status",
+        help="print the running agent's status (JSON)",
+        description="Ask the running agent (through the config's http: endpoint) for its "
+        "status and print it as JSON; exit 0 if ready, 1 if not ready or unreachable.",
+    )
+    p.add_argument("config", help="YAML config file of the running agent")
+    p.add_argument("--timeout-s", type=float, default=5.0, help="HTTP timeout (default 5)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "reload",
+        help="make the running agent re-read its config",
+        description="Make the running agent re-read its config file: only changed devices "
+        "restart, the buffer is untouched; an invalid file changes nothing. Goes through "
+        "the config's http: endpoint, or sends SIGHUP with --pid.",
+    )
+    p.add_argument("config", help="YAML config file of the running agent")
+    p.add_argument("--pid", type=int, help="send SIGHUP to this process instead of using HTTP")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="HTTP timeout (default 30)")
+    p.set_defaults(func=cmd_reload)
+
     _add_optional_commands(sub)
     return parser
 
@@ -239,6 +398,9 @@ def _add_optional_commands(sub: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Logs always go to stderr, so a command's output (browse YAML, plan, status JSON)
+    # can be piped; `run` and `simulate` re-apply the config's logging section.
+    setup_logging()
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 

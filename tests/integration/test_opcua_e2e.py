@@ -156,3 +156,62 @@ def test_untrusted_then_trusted_and_server_restart_recovers(
         assert log.count('"device.recovered"') >= 1
     finally:
         sim.close()
+
+
+def test_browse_yaml_pastes_into_a_config_that_runs(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    served = oven_config(tmp_path, broker, "opc.tcp://127.0.0.1:0/oven")
+    pki = str(tmp_path / "pki")
+    env = {"OVEN_PASSWORD": "s3cret"}
+    with AgentProcess(tmp_path / "sim.log", "simulate", str(served)) as sim:
+        endpoint = sim.read_line(60).split("\t")[2]
+        assert cli("opcua", "trust", endpoint, "--cert-dir", pki).returncode == 0
+        security = [
+            "--cert-dir", pki, "--security-policy", "Basic256Sha256",
+            "--security-mode", "SignAndEncrypt", "--username", "operator",
+            "--password-env", "OVEN_PASSWORD", "--application-uri", "urn:edge-agent:test",
+        ]  # fmt: skip
+        table = cli("opcua", "browse", endpoint, *security, env=env)
+        assert table.returncode == 0, table.stderr
+        assert "ns=2;s=Oven.Temperature" in table.stdout
+        browsed = cli("opcua", "browse", endpoint, "--format", "yaml", *security, env=env)
+        assert browsed.returncode == 0, browsed.stderr
+        assert browsed.stdout.lstrip().startswith("tags:")
+        # Paste the tags: section under a device, as an integrator would.
+        tags = browsed.stdout.split("tags:", 1)[1]
+        config = tmp_path / "browsed.yaml"
+        config.write_text(
+            f"""\
+agent: {{id: gw-browse}}
+mqtt: {{port: {broker.port}}}
+buffer: {{path: {tmp_path / "b2.db"}}}
+devices:
+  - name: oven
+    protocol: opcua
+    endpoint: {endpoint}
+    security_policy: Basic256Sha256
+    username: operator
+    password: ${{OVEN_PASSWORD}}
+    cert_dir: {pki}
+    application_uri: urn:edge-agent:test
+    interval_s: 0.5
+    tags:{_indent(tags, 4)}
+"""
+        )
+        valid = cli("validate", str(config), env=env)
+        assert valid.returncode == 0, valid.stderr + config.read_text()
+        with (
+            Subscriber("127.0.0.1", broker.port, "edge/#") as sub,
+            AgentProcess(tmp_path / "agent.log", "run", str(config), env=env) as agent,
+        ):
+            wait_until(lambda: len(latest(sub.messages())) >= 5, 60, "browsed tags", agent)
+            assert agent.terminate() == 0
+    values = latest(sub.messages())
+    assert values["oven_temperature"]["quality"] == "good"
+    assert {s["quality"] for s in values.values()} == {"good"}
+
+
+def _indent(text: str, n: int) -> str:
+    pad = " " * n
+    return "\n".join(pad + line if line.strip() else line for line in text.splitlines())
