@@ -63,6 +63,64 @@ class BufferConfig(ConfigModel):
         description="process_crash: survives a crash of the agent (SQLite synchronous=NORMAL); "
         "power_loss: also survives power loss (synchronous=FULL, slower).",
     )
+    max_age_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Drop records older than this many seconds (reported as gaps with "
+        "reason max_age); default: keep until delivered or pushed out by max_bytes.",
+    )
+    memory_fallback_bytes: int = Field(
+        default=64 << 20,
+        ge=1 << 20,
+        description="When the buffer's disk fails (full, read-only, I/O error), keep up to "
+        "this many bytes of the newest data in memory until the disk works again.",
+    )
+
+
+class MqttTls(ConfigModel):
+    """TLS to the broker. Present means on: the agent never falls back to plaintext."""
+
+    ca_file: str | None = Field(
+        default=None,
+        description="PEM file of the CA(s) that signed the broker's certificate; "
+        "default: the system's trusted CAs.",
+    )
+    cert_file: str | None = Field(
+        default=None, description="PEM client certificate (mutual TLS); needs key_file."
+    )
+    key_file: str | None = Field(
+        default=None,
+        description="PEM private key of cert_file; must not be readable by group or others.",
+    )
+    key_password: SecretStr | None = Field(
+        default=None, description="Passphrase of key_file; use ${ENV_VAR} rather than writing it."
+    )
+    key_password_file: str | None = Field(
+        default=None, description="File whose first line is the key passphrase."
+    )
+    min_version: Literal["1.2", "1.3"] = Field(
+        default="1.2", description="Lowest TLS version accepted."
+    )
+    alpn: list[str] = Field(
+        default_factory=list,
+        description="ALPN protocols to offer, e.g. ['mqtt'] (AWS IoT on port 443 wants it).",
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> MqttTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give cert_file and key_file together (mutual TLS)")
+        if self.key_password is not None and self.key_password_file is not None:
+            raise ValueError("give key_password or key_password_file, not both")
+        return self
+
+    def resolved_key_password(self) -> str | None:
+        if self.key_password is not None:
+            return self.key_password.get_secret_value()
+        if self.key_password_file is not None:
+            text = Path(self.key_password_file).read_text(encoding="utf-8")
+            return text.splitlines()[0] if text else ""
+        return None
 
 
 class MqttConfig(ConfigModel):
@@ -107,12 +165,43 @@ class MqttConfig(ConfigModel):
     )
     reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect delay.")
     reconnect_max_s: float = Field(default=30.0, gt=0, description="Largest reconnect delay.")
+    tls: MqttTls | None = Field(
+        default=None, description="TLS settings; when present the port defaults to 8883."
+    )
+    status_topic: str = Field(
+        default="edge-status/{agent}",
+        description="Retained agent status (online on connect, offline as the will); "
+        "fields {agent} {site} {area} {line}.",
+    )
+    device_status_topic: str = Field(
+        default="edge-status/{agent}/{device}",
+        description="Retained device status (up/down, reason, since); fields as topic.",
+    )
+    retain_last: bool = Field(
+        default=False,
+        description="Tag layout: publish live (not historical) values retained, so a new "
+        "subscriber gets each tag's last value at once.",
+    )
+    max_refusals: int = Field(
+        default=5,
+        ge=1,
+        description="A record the broker refuses (PUBACK reason >= 0x80) this many times is "
+        "moved to the dead-letter store instead of being retried forever.",
+    )
 
     @model_validator(mode="after")
     def _one_password(self) -> MqttConfig:
         if self.password is not None and self.password_file is not None:
             raise ValueError("give password or password_file, not both")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_port(cls, data: Any) -> Any:
+        # 8883 is the registered MQTT-over-TLS port; an explicit port always wins.
+        if isinstance(data, dict) and data.get("tls") is not None and "port" not in data:
+            return {**data, "port": 8883}
+        return data
 
     def resolved_client_id(self, agent_id: str) -> str:
         return self.client_id or f"edge-agent-{agent_id}"
@@ -135,6 +224,24 @@ class LoggingConfig(ConfigModel):
     )
 
 
+class HttpConfig(ConfigModel):
+    """The local HTTP endpoint: /metrics (Prometheus), /healthz, /readyz, /api/status and
+    the status page at /. Present only when this section is in the file."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on. 127.0.0.1 keeps it on this machine; 0.0.0.0 "
+        "exposes it to the network (the endpoint has no authentication).",
+    )
+    port: int = Field(
+        default=9108,
+        ge=0,
+        le=65535,
+        description="TCP port (0: any free port, logged as http.listening; "
+        "`edge-agent status` and `reload` need a fixed port).",
+    )
+
+
 Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
 # protocol name → device model; the discriminated union above must list the same models.
 DEVICE_MODELS: dict[str, type[DeviceCommon]] = {"modbus": ModbusDevice, "opcua": OpcUaDevice}
@@ -150,6 +257,9 @@ class Config(ConfigModel):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     devices: list[Device] = Field(min_length=1)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    http: HttpConfig | None = Field(
+        default=None, description="The metrics/health/status endpoint; off when absent."
+    )
 
 
 def _check_template(template: str, allowed: set[str], agent: dict[str, Any]) -> list[str]:
@@ -236,11 +346,15 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
     agent_raw = data.get("agent")
     agent: dict[str, Any] = agent_raw if isinstance(agent_raw, dict) else {}
     if isinstance(mqtt, dict):
-        for key, extra in (("topic", set()), ("topic_tag", {"tag"})):
+        for key, allowed in (
+            ("topic", _TOPIC_FIELDS),
+            ("topic_tag", _TOPIC_FIELDS | {"tag"}),
+            ("status_topic", _TOPIC_FIELDS - {"device"}),
+            ("device_status_topic", _TOPIC_FIELDS),
+        ):
             if isinstance(mqtt.get(key), str):
                 out.extend(
-                    (("mqtt", key), msg)
-                    for msg in _check_template(mqtt[key], _TOPIC_FIELDS | extra, agent)
+                    (("mqtt", key), msg) for msg in _check_template(mqtt[key], allowed, agent)
                 )
     devices = data.get("devices")
     if not isinstance(devices, list):

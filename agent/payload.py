@@ -1,20 +1,38 @@
 """Buffered records → MQTT messages, in the configured layout. Pure code.
 
 Device layout: the record's stored bytes already are the JSON array of samples, so the
-message is a small per-device prefix, those bytes, and a closing brace: nothing is
+message is a small per-device prefix, those bytes, and a closing part: nothing is
 decoded or re-encoded on the way out.
+
+Two optional members mark what a consumer must know about a message (see docs/mqtt.md):
+
+- ``"historical": true`` — the record is backlog, not live data: it was appended before
+  the current broker connection came up, or an earlier attempt to publish it failed.
+  Absent (false) for live data. Consumers that drive dashboards or alarms from the latest
+  value should ignore historical messages for that purpose; historians store both.
+- ``"gaps": [{"first_seq", "last_seq", "count", "reason"}]`` — seq ranges the agent
+  dropped (buffer full, too large, corrupt file, ...). Carried by the next message
+  published after the drop, until one carrying it was acknowledged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
-from agent.buffer import Record
+from agent.buffer import Gap, Record
 from agent.config import AgentSection, MqttConfig
 from agent.publish import Message
 from agent.schema import BATCH_SCHEMA, SAMPLE_SCHEMA
+
+
+def _gap_list(gaps: Sequence[Gap]) -> list[dict[str, Any]]:
+    return [
+        {"first_seq": g.first_seq, "last_seq": g.last_seq, "count": g.count, "reason": g.reason}
+        for g in gaps
+    ]
 
 
 class PayloadEncoder:
@@ -34,13 +52,15 @@ class PayloadEncoder:
             return self._mqtt.topic.format(**self._fields, device=device)
         return self._mqtt.topic_tag.format(**self._fields, device=device, tag=tag)
 
-    def encode(self, record: Record) -> list[Message]:
-        """The messages that carry one record."""
+    def encode(
+        self, record: Record, *, historical: bool = False, gaps: Sequence[Gap] = ()
+    ) -> list[Message]:
+        """The messages that carry one record. `gaps` go into the first message."""
         if self._mqtt.layout == "device":
-            return [self._device_message(record)]
-        return self._tag_messages(record)
+            return [self._device_message(record, historical, gaps)]
+        return self._tag_messages(record, historical, gaps)
 
-    def _device_message(self, record: Record) -> Message:
+    def _device_message(self, record: Record, historical: bool, gaps: Sequence[Gap]) -> Message:
         cached = self._prefix.get(record.device)
         if cached is None:
             head: dict[str, Any] = {"schema": BATCH_SCHEMA, **self._fields, "device": record.device}
@@ -48,14 +68,32 @@ class PayloadEncoder:
             cached = (self.topic(record.device), prefix)
             self._prefix[record.device] = cached
         topic, prefix = cached
-        return Message(topic=topic, payload=prefix + record.data + b"}")
+        tail = b"}"
+        if historical or gaps:
+            extra: dict[str, Any] = {}
+            if historical:
+                extra["historical"] = True
+            if gaps:
+                extra["gaps"] = _gap_list(gaps)
+            tail = b"," + orjson.dumps(extra)[1:]
+        return Message(topic=topic, payload=prefix + record.data + tail)
 
-    def _tag_messages(self, record: Record) -> list[Message]:
+    def _tag_messages(self, record: Record, historical: bool, gaps: Sequence[Gap]) -> list[Message]:
         samples: list[dict[str, Any]] = orjson.loads(record.data)
-        return [
-            Message(
-                topic=self.topic(record.device, s["tag"]),
-                payload=orjson.dumps({"schema": SAMPLE_SCHEMA, "agent": self._agent.id, **s}),
+        # A retained historical value would replace a newer retained one.
+        retain = self._mqtt.retain_last and not historical
+        out = []
+        for i, s in enumerate(samples):
+            body: dict[str, Any] = {"schema": SAMPLE_SCHEMA, "agent": self._agent.id, **s}
+            if historical:
+                body["historical"] = True
+            if gaps and i == 0:
+                body["gaps"] = _gap_list(gaps)
+            out.append(
+                Message(
+                    topic=self.topic(record.device, s["tag"]),
+                    payload=orjson.dumps(body),
+                    retain=retain,
+                )
             )
-            for s in samples
-        ]
+        return out

@@ -83,8 +83,12 @@ class DevicePoller:
         sink: ReadingSink,
         *,
         subscribe_groups: frozenset[str] = frozenset(),
+        on_state_change: Callable[[DeviceStatus], None] | None = None,
     ) -> None:
+        """on_state_change: called (synchronously, must not raise) after every transition
+        to up or down, e.g. to publish a retained device status."""
         self.device = device
+        self._on_state_change = on_state_change
         self.driver = driver
         self.sink = sink
         self.status = DeviceStatus(name=device.name, protocol=protocol)
@@ -187,6 +191,14 @@ class DevicePoller:
         self.status.state = "up"
         self.status.reason = None
         self.status.since = time.time()
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._on_state_change is not None:
+            try:
+                self._on_state_change(self.status)
+            except Exception:
+                self._log.exception("device.state_hook.failed")
 
     async def _watch_connection(self, driver: SubscribingDriver) -> None:
         try:
@@ -209,6 +221,8 @@ class DevicePoller:
             self._log.warning("device.down", reason=reason, detail=detail)
             self.status.state = "down"
             self.status.since = time.time()
+            self.status.reason = reason
+            self._notify()
         self.status.reason = reason
 
     async def _disconnect(self) -> None:

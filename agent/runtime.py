@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,12 +27,15 @@ import structlog
 from agent import __version__
 from agent.buffer import Buffer
 from agent.buffer.common import open_buffer
-from agent.config import Config
+from agent.config import Config, ConfigError, load_config
 from agent.forwarder import Forwarder
 from agent.normalize import Normalizer, SeqCounter
 from agent.payload import PayloadEncoder
-from agent.poller import DevicePoller
+from agent.poller import DevicePoller, DeviceStatus
 from agent.publish import Publisher
+from agent.publish.deadletter import DeadLetters
+from agent.publish.status import StatusMessages
+from agent.schema import WireSample
 from drivers.base import DeviceCommon, Driver, RawReading, TagCommon
 
 log = structlog.get_logger()
@@ -116,14 +121,65 @@ async def _start_opcua(stack: AsyncExitStack, devices: list[Any]) -> dict[str, D
 
 @dataclass
 class AgentStatus:
+    """Agent-wide counters and state (the per-device ones are in each DeviceStatus)."""
+
     started: float = field(default_factory=time.time)
     samples_produced: int = 0
     samples_dropped_on_error: int = 0
+    ready: bool = False  # inputs running (set after start, cleared when stopping)
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    last_reload: float | None = None
+    last_reload_error: list[str] = field(default_factory=list)
+    buffer_error: str | None = None  # the last append failure, None once one succeeds
+
+
+@dataclass
+class DeviceRun:
+    """One running device: its poller and the task running it."""
+
+    poller: DevicePoller
+    task: asyncio.Task[None]
+
+
+@dataclass
+class ReloadResult:
+    """What a reload did. `ok` False means nothing changed; `problems` says why."""
+
+    ok: bool
+    started: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "started": self.started,
+            "stopped": self.stopped,
+            "restarted": self.restarted,
+            "unchanged": self.unchanged,
+            "problems": self.problems,
+        }
+
+
+# Sections a reload cannot change on the fly: they shape the buffer, the broker session,
+# the topics, the log setup and the listening socket. A reload that changes one of them
+# is refused as a whole, so the running config is always one whole version of the file.
+RESTART_SECTIONS = ("agent", "buffer", "mqtt", "logging", "http")
+
+ConfigAdapter = Callable[[Config], Config]
 
 
 class Agent:
     """The running pipeline. `run()` returns when stopped; it never raises for device or
-    broker trouble (those are states, logged and counted)."""
+    broker trouble (those are states, logged and counted).
+
+    Devices are held per name (`devices`), each with its poller and task, so a reload
+    stops and starts only the devices whose config changed; the buffer, the publisher
+    and the forwarder are untouched by a reload.
+    """
 
     def __init__(
         self,
@@ -133,16 +189,34 @@ class Agent:
         buffer: Buffer | None = None,
         grace_s: float = 10.0,
         status_interval_s: float = 60.0,
+        config_path: str | Path | None = None,
+        adapt_config: ConfigAdapter | None = None,
+        progress_interval_s: float = 10.0,
+        rate_interval_s: float = 5.0,
     ) -> None:
         self.config = config
         self.buffer = buffer or open_buffer(config.buffer)
         self._publisher = publisher
         self.grace_s = grace_s
         self.status_interval_s = status_interval_s
+        self.config_path = Path(config_path) if config_path is not None else None
+        # In simulator mode the file's endpoints are replaced by the simulators'; a
+        # reloaded file goes through the same replacement before it is compared.
+        self._adapt = adapt_config or (lambda c: c)
+        self.progress_interval_s = progress_interval_s
         self.status = AgentStatus()
-        self.pollers: list[DevicePoller] = []
+        self.devices: dict[str, DeviceRun] = {}
+        # device → tag → the newest sample (the wire dict itself: one dict write per sample)
+        self.latest: dict[str, dict[str, WireSample]] = {}
+        self.rates = RateHistory(rate_interval_s)
         self.forwarder: Forwarder | None = None
+        self.http_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._seq: SeqCounter | None = None
+        self._reload_lock = asyncio.Lock()
+        self._status_msgs: StatusMessages | None = None
+        self._status_tasks: set[asyncio.Task[Any]] = set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -152,40 +226,69 @@ class Agent:
         assert self._publisher is not None
         return self._publisher
 
+    @property
+    def current_publisher(self) -> Publisher | None:
+        """The publisher, or None before run() made one."""
+        return self._publisher
+
+    @property
+    def pollers(self) -> list[DevicePoller]:
+        """The running pollers, in config order."""
+        return [run.poller for run in self.devices.values()]
+
     async def run(self) -> None:
         config = self.config
         await self.buffer.open()
-        seq = SeqCounter(self.buffer.last_seq())
+        seq = self._seq = SeqCounter(self.buffer.last_seq())
+        backlog = self.buffer.stats().records
         log.info(
             "agent.starting",
             version=__version__,
             agent=config.agent.id,
             devices=len(config.devices),
-            buffered_records=self.buffer.stats().records,
+            buffered_records=backlog,
             last_seq=seq.last,
         )
         if self._publisher is None:
             from agent.publish.mqtt import MqttPublisher
 
+            self._status_msgs = _status_messages(config, self.status.started)
             self._publisher = MqttPublisher(
-                config.mqtt, config.mqtt.resolved_client_id(config.agent.id)
+                config.mqtt,
+                config.mqtt.resolved_client_id(config.agent.id),
+                will=self._status_msgs.will(),
+                on_connect_messages=self._status_msgs.birth,
             )
         publisher = self.publisher
         forwarder = self.forwarder = Forwarder(
-            self.buffer, publisher, PayloadEncoder(config.agent, config.mqtt)
+            self.buffer,
+            publisher,
+            PayloadEncoder(config.agent, config.mqtt),
+            dead_letters=_dead_letters(config),
+            max_refusals=config.mqtt.max_refusals,
         )
         try:
-            await publisher.start()
-            forward_task = asyncio.create_task(forwarder.run(), name="forwarder")
-            try:
-                await self._run_inputs(seq)
-            finally:
-                forward_task.cancel()
-                await asyncio.wait({forward_task})
-                left = await forwarder.drain(self.grace_s)
-                if left:
-                    log.info("agent.stopping.buffer_kept", records=left)
+            async with AsyncExitStack() as stack:
+                if config.http is not None:
+                    from agent.http.server import HttpServer
+
+                    server = HttpServer(self, config.http.host, config.http.port)
+                    self.http_address = await stack.enter_async_context(server)
+                await publisher.start()
+                forward_task = asyncio.create_task(forwarder.run(), name="forwarder")
+                try:
+                    await self._run_inputs(seq, backlog)
+                finally:
+                    forward_task.cancel()
+                    await asyncio.wait({forward_task})
+                    left = await forwarder.drain(self.grace_s)
+                    if left:
+                        log.info("agent.stopping.buffer_kept", records=left)
         finally:
+            if self._status_msgs is not None and publisher.connected:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await publisher.publish([self._status_msgs.offline()])
             await publisher.close()
             await self.buffer.close()
             log.info(
@@ -195,52 +298,162 @@ class Agent:
                 delivered=forwarder.stats.samples_delivered,
             )
 
-    async def _run_inputs(self, seq: SeqCounter) -> None:
-        config = self.config
-        devices = [d for d in config.devices if d.enabled]
-        for device in devices:
-            tags = device_tags(device)
-            groups: dict[str, list[str]] = {}
-            for tag in tags:
-                groups.setdefault(tag.group, []).append(tag.name)
-            normalizer = Normalizer(device.name, tags)
-            poller = DevicePoller(
-                device,
-                str(getattr(device, "protocol", "?")),
-                make_driver(device),
-                groups,
-                self._sink(device.name, normalizer, seq),
-                subscribe_groups=device.subscribe_groups(),
-            )
-            self.pollers.append(poller)
+    async def _run_inputs(self, seq: SeqCounter, backlog: int) -> None:
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(p.run(), name=f"poll:{p.device.name}") for p in self.pollers]
-            reporter = tg.create_task(self._report(), name="status")
-            log.info("agent.started", devices=[d.name for d in devices])
-            await self._stop.wait()
-            log.info("agent.stopping")
-            for t in [*tasks, reporter]:
-                t.cancel()
+            self._tg = tg
+            for device in self.config.devices:
+                if device.enabled:
+                    self._start_device(device)
+            helpers = [
+                tg.create_task(self._report(), name="status"),
+                tg.create_task(self.rates.run(self), name="rates"),
+            ]
+            if backlog:
+                helpers.append(tg.create_task(self._drain_progress(), name="drain-progress"))
+            self.status.ready = True
+            log.info("agent.started", devices=list(self.devices))
+            try:
+                await self._stop.wait()
+            finally:
+                self.status.ready = False
+                self._tg = None
+                log.info("agent.stopping")
+                for t in [*(r.task for r in self.devices.values()), *helpers]:
+                    t.cancel()
+
+    def _start_device(self, device: DeviceCommon) -> None:
+        assert self._tg is not None
+        assert self._seq is not None
+        tags = device_tags(device)
+        groups: dict[str, list[str]] = {}
+        for tag in tags:
+            groups.setdefault(tag.group, []).append(tag.name)
+        normalizer = Normalizer(device.name, tags)
+        poller = DevicePoller(
+            device,
+            str(getattr(device, "protocol", "?")),
+            make_driver(device),
+            groups,
+            self._sink(device.name, normalizer, self._seq),
+            subscribe_groups=device.subscribe_groups(),
+            on_state_change=self._device_state_changed,
+        )
+        task = self._tg.create_task(poller.run(), name=f"poll:{device.name}")
+        self.devices[device.name] = DeviceRun(poller, task)
+
+    def _device_state_changed(self, status: DeviceStatus) -> None:
+        """Publish the retained device status (also re-sent with every MQTT birth)."""
+        if self._status_msgs is None or status.state == "starting":
+            return
+        msg = self._status_msgs.device(status.name, status.state, status.reason, status.since)
+        if self.publisher.connected:
+            task = asyncio.create_task(self.publisher.publish([msg]), name="device-status")
+            self._status_tasks.add(task)
+            task.add_done_callback(self._status_tasks.discard)
+
+    async def _stop_device(self, name: str) -> None:
+        run = self.devices.pop(name)
+        run.task.cancel()
+        await asyncio.wait({run.task})  # the poller closes its driver on the way out
+        self.latest.pop(name, None)
 
     def _sink(self, device: str, normalizer: Normalizer, seq: SeqCounter) -> Any:
         buffer = self.buffer
         status = self.status
+        latest = self.latest[device] = {}
 
         async def sink(readings: Sequence[RawReading]) -> None:
             if not readings:
                 return
             samples = normalizer.samples(readings, datetime.now(UTC), seq)
+            for sample in samples:
+                latest[sample["tag"]] = sample
             try:
                 await buffer.append(device, samples)
             except Exception as exc:
                 status.samples_dropped_on_error += len(samples)
+                status.buffer_error = str(exc) or type(exc).__name__
                 log.error(
                     "buffer.append.failed", device=device, error=str(exc), samples=len(samples)
                 )
                 return
             status.samples_produced += len(samples)
+            status.buffer_error = None
 
         return sink
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self, new: Config | None = None) -> ReloadResult:
+        """Apply a new config (default: re-read `config_path`). Only devices whose
+        config changed are restarted; the buffer and the broker session are untouched.
+        An invalid file, or a change outside `devices`, changes nothing."""
+        async with self._reload_lock:
+            result = await self._reload(new)
+        self.status.last_reload = time.time()
+        if result.ok:
+            self.status.reloads_ok += 1
+            self.status.last_reload_error = []
+            log.info(
+                "config.reloaded",
+                started=result.started,
+                stopped=result.stopped,
+                restarted=result.restarted,
+                unchanged=len(result.unchanged),
+            )
+        else:
+            self.status.reloads_failed += 1
+            self.status.last_reload_error = result.problems
+            log.error(
+                "config.reload.failed",
+                problems=result.problems,
+                note="the running config stays in effect",
+            )
+        return result
+
+    async def _reload(self, new: Config | None) -> ReloadResult:
+        if self._tg is None or self._stop.is_set():
+            return ReloadResult(ok=False, problems=["the agent is not running"])
+        if new is None:
+            if self.config_path is None:
+                return ReloadResult(ok=False, problems=["no config file to reload from"])
+            try:
+                new = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as exc:
+                return ReloadResult(ok=False, problems=exc.problems)
+        new = self._adapt(new)
+        old = self.config
+        sections = [s for s in RESTART_SECTIONS if getattr(old, s) != getattr(new, s)]
+        if sections:
+            return ReloadResult(
+                ok=False,
+                problems=[
+                    f"section {s!r} changed: this needs a restart of the agent "
+                    "(a reload only applies changes to devices)"
+                    for s in sections
+                ],
+            )
+        wanted = {d.name: d for d in new.devices if d.enabled}
+        running = {d.name: d for d in old.devices if d.name in self.devices}
+        result = ReloadResult(ok=True)
+        for name, device in running.items():
+            if name not in wanted:
+                result.stopped.append(name)
+            elif wanted[name] != device:
+                result.restarted.append(name)
+            else:
+                result.unchanged.append(name)
+        result.started = [n for n in wanted if n not in running]
+        for name in [*result.stopped, *result.restarted]:
+            await self._stop_device(name)
+        self.config = new
+        for name in [*result.restarted, *result.started]:
+            self._start_device(wanted[name])
+        # Keep the config's order (the status page and metrics list devices that way).
+        self.devices = {n: self.devices[n] for n in wanted if n in self.devices}
+        return result
+
+    # ------------------------------------------------------------------ progress
 
     async def _report(self) -> None:
         """A periodic status line, so an operator sees progress without metrics."""
@@ -259,12 +472,116 @@ class Agent:
                 devices_down=[p.device.name for p in self.pollers if p.status.state == "down"],
             )
 
+    async def _drain_progress(self) -> None:
+        """Started with a backlog: log how the drain goes (left, rate, estimated time)
+        until the buffer is down to what one forwarder round takes."""
+        assert self.forwarder is not None
+        forwarder = self.forwarder
+        done_below = forwarder.max_records
+        start = time.monotonic()
+        first = self.buffer.stats()
+        log.info("buffer.drain.started", records=first.records, samples=first.samples)
+        last_t, last_sent = start, forwarder.stats.records_sent
+        while True:
+            await asyncio.sleep(self.progress_interval_s)
+            b = self.buffer.stats()
+            now, sent = time.monotonic(), forwarder.stats.records_sent
+            if b.records <= done_below:
+                log.info(
+                    "buffer.drain.done",
+                    records_sent=sent,
+                    took_s=round(now - start, 1),
+                )
+                return
+            rate = (sent - last_sent) / (now - last_t) if now > last_t else 0.0
+            eta = drain_eta(b.records, rate)
+            log.info(
+                "buffer.drain.progress",
+                records_left=b.records,
+                samples_left=b.samples,
+                records_per_s=round(rate, 1),
+                eta_s=None if eta is None else round(eta),
+                mqtt="connected" if self.publisher.connected else "disconnected",
+            )
+            last_t, last_sent = now, sent
+
+
+def drain_eta(records_left: int, sent_per_s: float) -> float | None:
+    """Seconds until `records_left` are sent at `sent_per_s` (None when nothing moves)."""
+    if sent_per_s <= 0:
+        return None
+    return records_left / sent_per_s
+
+
+class RateHistory:
+    """Samples produced and delivered, sampled every `interval_s` for the last
+    `points` intervals: the status page's message-rate chart."""
+
+    def __init__(self, interval_s: float = 5.0, points: int = 72) -> None:
+        self.interval_s = interval_s
+        self.points: deque[tuple[float, int, int, int]] = deque(maxlen=points)
+
+    def sample(self, agent: Agent) -> None:
+        f = agent.forwarder.stats if agent.forwarder else None
+        self.points.append(
+            (
+                time.time(),
+                agent.status.samples_produced,
+                f.samples_delivered if f else 0,
+                f.records_sent if f else 0,
+            )
+        )
+
+    async def run(self, agent: Agent) -> None:
+        while True:
+            self.sample(agent)
+            await asyncio.sleep(self.interval_s)
+
+    def rates(self) -> list[dict[str, float]]:
+        """Per interval: end time, samples produced/s, samples delivered/s, messages/s
+        (records delivered per second; one record is one poll's batch)."""
+        out = []
+        for (t0, p0, d0, r0), (t1, p1, d1, r1) in itertools.pairwise(self.points):
+            dt = t1 - t0
+            if dt <= 0:
+                continue
+            out.append(
+                {
+                    "t": round(t1, 3),
+                    "produced_per_s": round((p1 - p0) / dt, 2),
+                    "delivered_per_s": round((d1 - d0) / dt, 2),
+                    "records_per_s": round((r1 - r0) / dt, 2),
+                }
+            )
+        return out
+
+
+def _status_messages(config: Config, started: float) -> StatusMessages:
+    from agent.config import config_hash
+
+    return StatusMessages(
+        config.agent,
+        config.mqtt,
+        version=__version__,
+        config_hash=config_hash(config.model_dump_json()),
+        started=started,
+    )
+
+
+def _dead_letters(config: Config) -> DeadLetters:
+    """Next to the buffer file; in memory for a memory buffer."""
+    if config.buffer.kind == "sqlite":
+        return DeadLetters(f"{config.buffer.path}.deadletter.sqlite")
+    return DeadLetters(None)
+
 
 async def run_until_signal(agent: Agent) -> None:
-    """Run the agent; SIGINT/SIGTERM stop it (a second signal stops at once)."""
+    """Run the agent; SIGINT/SIGTERM stop it (a second signal stops at once); SIGHUP
+    reloads the config file (see `Agent.reload`)."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     signals = 0
+    reloads: set[asyncio.Task[ReloadResult]] = set()
 
     def on_signal(signum: int) -> None:
         nonlocal signals
@@ -275,14 +592,25 @@ async def run_until_signal(agent: Agent) -> None:
         elif main is not None:
             main.cancel()
 
+    def on_hangup() -> None:
+        log.info("agent.signal", signal="SIGHUP", action="reload")
+        task = asyncio.create_task(agent.reload(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    hangup = getattr(signal, "SIGHUP", None)  # none on Windows: reload over HTTP there
+    if hangup is not None:
+        loop.add_signal_handler(hangup, on_hangup)
     try:
         await agent.run()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, *([hangup] if hangup else [])):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        for task in list(reloads):
+            task.cancel()
 
 
 async def wait_for_signal() -> None:

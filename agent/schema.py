@@ -59,6 +59,29 @@ class Sample(_Wire):
     )
 
 
+class GapNotice(_Wire):
+    """Samples the agent dropped and will never deliver (see docs/mqtt.md)."""
+
+    first_seq: int = Field(description="First seq of the range.")
+    last_seq: int = Field(description="Last seq of the range.")
+    count: int = Field(description="Samples dropped in the range.")
+    reason: str = Field(
+        description="drop_oldest, drop_newest, too_large, max_age, memory_full, corrupt."
+    )
+
+
+_HISTORICAL = Field(
+    default=False,
+    description="True for backlog: appended before the current broker connection came up, "
+    "or sent before without an acknowledgement. Absent for live data.",
+)
+_GAPS = Field(
+    default=None,
+    description="Seq ranges dropped since the last acknowledged notice; carried by the "
+    "next message after a drop.",
+)
+
+
 class BatchPayload(_Wire):
     """Default layout: one message per device per poll, carrying all its samples."""
 
@@ -69,6 +92,8 @@ class BatchPayload(_Wire):
     line: str | None = None
     device: str
     samples: list[Sample]
+    historical: bool = _HISTORICAL
+    gaps: list[GapNotice] | None = _GAPS
 
 
 class SamplePayload(Sample):
@@ -76,6 +101,8 @@ class SamplePayload(Sample):
 
     schema_: str = Field(alias="schema", description=f"Always '{SAMPLE_SCHEMA}'.")
     agent: str = Field(description="agent.id from the config.")
+    historical: bool = _HISTORICAL
+    gaps: list[GapNotice] | None = _GAPS
 
 
 class WireSample(TypedDict):

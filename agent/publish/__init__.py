@@ -44,6 +44,11 @@ class Publisher(Protocol):
     def connected(self) -> bool:
         """True while a session with the broker is up."""
 
+    @property
+    def connected_since(self) -> float | None:
+        """Epoch seconds when the current session came up; None while disconnected.
+        Records appended before it are backlog (published as historical)."""
+
     async def wait_connected(self) -> None:
         """Return once connected (at once if connected)."""
 

@@ -18,6 +18,7 @@ message handed to publish() together with its result.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ class FakePublisher:
         self._connect_on_start = connect_on_start
         self._ack_delay_s = ack_delay_s
         self._connected = asyncio.Event()
+        self._connected_since: float | None = None
         self._fail_next: list[tuple[str, int | None]] = []
         self._closed = False
         self._inflight = 0
@@ -63,6 +65,8 @@ class FakePublisher:
         """Bring the fake connection up or down. Going down fails every message still
         waiting for its (delayed) ack with 'disconnected before ack'."""
         if connected and not self._closed:
+            if not self._connected.is_set():
+                self._connected_since = time.time()
             self._connected.set()
         elif not connected and self._connected.is_set():
             self._connected.clear()
@@ -92,6 +96,10 @@ class FakePublisher:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def connected_since(self) -> float | None:
+        return self._connected_since if self.connected else None
 
     async def wait_connected(self) -> None:
         await self._connected.wait()

@@ -49,7 +49,9 @@ import asyncio
 import contextlib
 import random
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +64,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
 from agent.publish import Message, PublishResult
+from agent.publish.tls import (
+    VAGUE_CLOSE,
+    TlsSetupError,
+    TrackingContext,
+    describe,
+    describe_text,
+    ssl_context,
+)
 
 log = structlog.get_logger()
 
@@ -116,6 +126,7 @@ class _Session:
     sock: Any = None
     writing: bool = False
     misc_task: asyncio.Task[None] | None = None
+    last_error: str | None = None  # paho's last MQTT_LOG_ERR line (e.g. a TLS alert)
 
     @property
     def open(self) -> bool:
@@ -197,6 +208,7 @@ class MqttPublisher:
         self._on_connect_messages = on_connect_messages
         self._session: _Session | None = None
         self._connected = asyncio.Event()
+        self._connected_since: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._rng = random.Random()
@@ -215,6 +227,11 @@ class MqttPublisher:
         """True while a session with the broker is up (CONNACK received, not yet lost)."""
         session = self._session
         return session is not None and session.open
+
+    @property
+    def connected_since(self) -> float | None:
+        """Epoch seconds when the current session came up; None while disconnected."""
+        return self._connected_since if self.connected else None
 
     async def wait_connected(self) -> None:
         """Return once connected (at once if connected)."""
@@ -385,6 +402,13 @@ class MqttPublisher:
         def on_socket_close(_c: mqtt.Client, _u: Any, _s: Any) -> None:
             session.release_socket()
 
+        def on_log(_c: mqtt.Client, _u: Any, level: int, buf: str) -> None:
+            # paho turns socket errors into "connection lost" and keeps the cause only in
+            # its log; a TLS alert (client certificate refused under TLS 1.3 arrives with
+            # the first read) is worth reporting. paho never logs credentials.
+            if level == mqtt.MQTT_LOG_ERR:
+                session.last_error = buf
+
         def on_register_write(_c: mqtt.Client, _u: Any, _s: Any) -> None:
             if session.fd is not None and not session.writing:
                 loop.add_writer(session.fd, self._guarded, session, client.loop_write)
@@ -399,12 +423,13 @@ class MqttPublisher:
         client.on_disconnect = on_disconnect
         client.on_publish = on_publish
         client.on_socket_close = on_socket_close
+        client.on_log = on_log
         client.on_socket_register_write = on_register_write
         client.on_socket_unregister_write = on_unregister_write
 
     # ------------------------------------------------------------------ connecting
 
-    def _new_client(self) -> mqtt.Client:
+    def _new_client(self) -> tuple[mqtt.Client, TrackingContext | None]:
         cfg = self._config
         v5 = cfg.protocol == "5"
         client = mqtt.Client(
@@ -425,29 +450,54 @@ class MqttPublisher:
                     f"cannot read password_file: {exc.strerror or type(exc).__name__}"
                 ) from None
             client.username_pw_set(cfg.username, password)
+        ctx: TrackingContext | None = None
+        if cfg.tls is not None:
+            try:
+                ctx = ssl_context(cfg.tls)
+            except TlsSetupError as exc:
+                raise _ConnectFailed(exc.reason) from None
+            client.tls_set_context(ctx)
         if self._will is not None:
             client.will_set(
                 self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain
             )
-        return client
+        return client, ctx
 
     async def _connect_once(self) -> _Session:
         """One attempt: TCP connect, CONNECT, wait for CONNACK. Raises _ConnectFailed."""
         cfg = self._config
         loop = asyncio.get_running_loop()
-        client = self._new_client()
+        client, ctx = self._new_client()
 
         def call() -> MQTTErrorCode:
             if cfg.protocol == "5":
                 return client.connect(cfg.host, cfg.port, cfg.keepalive_s, clean_start=True)
             return client.connect(cfg.host, cfg.port, cfg.keepalive_s)
 
+        errors: list[str] = []
+
+        def on_log(_c: mqtt.Client, _u: Any, level: int, buf: str) -> None:
+            # Runs in the connect thread. Under TLS 1.2 the broker's verdict on our
+            # certificate can arrive as an alert after our side of the handshake is done:
+            # paho then fails sending CONNECT and keeps the cause only in its log.
+            if level == mqtt.MQTT_LOG_ERR:
+                errors.append(buf)
+
+        client.on_log = on_log
         job = _ConnectJob(client, call)
         try:
-            rc = await loop.run_in_executor(None, job.run)
+            try:
+                rc = await loop.run_in_executor(None, job.run)
+            except BaseException:
+                # paho leaves the socket of a failed TLS handshake unclosed.
+                if ctx is not None:
+                    ctx.close_wrapped()
+                raise
         except asyncio.CancelledError:
             job.abandon()
             raise
+        except ssl.SSLError as exc:  # before OSError: SSLError is one
+            raise _ConnectFailed(describe(exc, cfg.host)) from None
         except socket.gaierror as exc:
             raise _ConnectFailed(f"cannot resolve {cfg.host!r}: {exc.strerror}") from None
         except ConnectionRefusedError:
@@ -459,6 +509,8 @@ class MqttPublisher:
         sock = client.socket()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None:
             job.abandon()
+            if cfg.tls is not None and errors:
+                raise _ConnectFailed(describe_text(errors[-1]))
             raise _ConnectFailed(f"connect: {mqtt.error_string(rc)}")
 
         fd = sock.fileno()
@@ -472,7 +524,7 @@ class MqttPublisher:
             sock=sock,
         )
         self._bind_callbacks(session)
-        loop.add_reader(fd, self._guarded, session, client.loop_read)
+        loop.add_reader(fd, self._guarded, session, _reader(session))
         if client.want_write():
             loop.add_writer(fd, self._guarded, session, client.loop_write)
             session.writing = True
@@ -498,6 +550,8 @@ class MqttPublisher:
                 if session.open:
                     return session
             if session.ended.done():
+                if cfg.tls is not None and session.last_error is not None:
+                    raise _ConnectFailed(describe_text(session.last_error))
                 raise _ConnectFailed(f"{session.ended.result()} before CONNACK")
             raise _ConnectFailed(f"no CONNACK within {_CONNECT_TIMEOUT_S} s")
         except BaseException:
@@ -532,11 +586,13 @@ class MqttPublisher:
             session.misc_task.cancel()
         if self._session is session:
             self._session = None
+            self._connected_since = None
             self._connected.clear()
 
     def _activate(self, session: _Session) -> None:
         """Connected: publish the birth messages first, then let publish() through."""
         self._session = session
+        self._connected_since = time.time()
         self._connects += 1
         births: Sequence[Message] = ()
         if self._on_connect_messages is not None:
@@ -567,7 +623,9 @@ class MqttPublisher:
             except _ConnectFailed as exc:
                 self._connect_failures += 1
                 wait = self._backoff(delay)
-                if exc.reason != last_failure:
+                if exc.reason != last_failure and not (
+                    exc.reason == VAGUE_CLOSE and last_failure is not None
+                ):
                     self._log.warning(
                         "mqtt.connect.failed", reason=exc.reason, retry_in_s=round(wait, 2)
                     )
@@ -591,6 +649,32 @@ class MqttPublisher:
             self._disconnects += 1
             self._log.warning("mqtt.disconnected", reason=reason)
             await asyncio.sleep(self._backoff(delay))
+
+
+def _reader(session: _Session) -> Callable[[], MQTTErrorCode]:
+    """The read step for the socket's reader callback.
+
+    With TLS, the SSL layer decrypts whole records: one readable event can leave complete
+    MQTT packets in the SSL buffer (``SSLSocket.pending()``) that the OS socket no longer
+    signals, and paho's ``loop_read`` stops after as many packets as it has messages
+    outstanding (at least one). Without draining here a PUBACK or CONNACK could sit in the
+    buffer until the next keep-alive. Each loop_read consumes pending bytes, so this ends.
+    """
+    client = session.client
+
+    def read() -> MQTTErrorCode:
+        rc = client.loop_read()
+        sock = session.sock
+        while (
+            rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+            and session.open
+            and isinstance(sock, ssl.SSLSocket)
+            and sock.pending() > 0
+        ):
+            rc = client.loop_read()
+        return rc
+
+    return read
 
 
 def _packet_size(msg: Message, *, v5: bool) -> int:

@@ -9,7 +9,7 @@ certificate, the same refusal to send a password in clear text.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -52,12 +52,15 @@ async def browse(
     endpoint: str,
     root: str = "i=85",
     depth: int = 3,
+    progress: Callable[[int, int], None] | None = None,
     **security: Any,
 ) -> list[BrowsedVariable]:
     """Every variable below `root` (a node id; default Objects) down to `depth` levels.
 
     `security` takes the OpcUaDevice fields security_policy, security_mode, username,
     password, cert_dir, server_certificate_thumbprint, application_uri, timeout_s.
+    `progress(nodes_seen, variables_found)` is called after each node (a large server
+    takes minutes; the CLI shows it on a terminal).
     Raises DriverUnavailable / DriverConfigError like the driver's connect().
     """
     driver = OpcUaDriver(_device(endpoint, security))
@@ -69,14 +72,19 @@ async def browse(
         path = await start.get_path(as_string=True)
         prefix = [str(p) for p in path if str(p) != "0:Root"]
         out: list[BrowsedVariable] = []
-        await _walk(start, prefix, depth, out, set())
+        await _walk(start, prefix, depth, out, set(), progress)
         return out
     finally:
         await driver.close()
 
 
 async def _walk(
-    node: Node, path: list[str], depth: int, out: list[BrowsedVariable], seen: set[str]
+    node: Node,
+    path: list[str],
+    depth: int,
+    out: list[BrowsedVariable],
+    seen: set[str],
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     if depth <= 0:
         return
@@ -85,13 +93,15 @@ async def _walk(
         if key in seen:
             continue
         seen.add(key)
+        if progress is not None:
+            progress(len(seen), len(out))
         name = await child.read_browse_name()
         child_path = [*path, f"{name.NamespaceIndex}:{name.Name}"]
         node_class = await child.read_node_class()
         if node_class == ua.NodeClass.Variable:
             out.append(await _variable(child, child_path))
         elif node_class == ua.NodeClass.Object:
-            await _walk(child, child_path, depth - 1, out, seen)
+            await _walk(child, child_path, depth - 1, out, seen, progress)
 
 
 async def _variable(node: Node, path: list[str]) -> BrowsedVariable:

@@ -81,13 +81,38 @@ def _browse(args: argparse.Namespace) -> int:
                 username=args.username,
                 password=password,
                 application_uri=args.application_uri,
+                progress=_TerminalProgress() if sys.stderr.isatty() else None,
             )
         )
     except DriverError as exc:
+        _clear_progress()
         print(f"opcua browse: {exc}", file=sys.stderr)
         return 1
+    _clear_progress()
     print(to_yaml(found) if args.format == "yaml" else to_table(found))
     return 0
+
+
+class _TerminalProgress:
+    """`browsing: N nodes, M variables` on one terminal line, at most 10 updates a second."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def __call__(self, nodes: int, variables: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self._last >= 0.1:
+            self._last = now
+            sys.stderr.write(f"\rbrowsing: {nodes} nodes, {variables} variables ")
+            sys.stderr.flush()
+
+
+def _clear_progress() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
 
 
 def _cert(args: argparse.Namespace) -> int:

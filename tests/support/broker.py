@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -95,6 +96,18 @@ def write_password_file(path: Path, users: Mapping[str, str]) -> None:
     )
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """A second listener with TLS: `cafile` verifies client certificates when
+    `require_certificate` is true; `tls_version` is mosquitto's (tlsv1.2 or tlsv1.3)."""
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path
+    require_certificate: bool = True
+    tls_version: str = "tlsv1.2"
+
+
 class BrokerError(RuntimeError):
     """The broker did not start (the message includes the tail of its log)."""
 
@@ -106,6 +119,7 @@ class MosquittoBroker:
     acl: the text of an ACL file (mosquitto `acl_file` syntax).
     extra_config: more mosquitto.conf lines, e.g. ``["max_inflight_messages 1000"]``.
     persistent: keep sessions and queued messages across stop/start (saved on SIGTERM).
+    tls: also listen with TLS on `tls_port` (another free port).
     log_types: mosquitto `log_type` values; "all" (default) logs every packet, which tests
         read back with `log_text()`; benchmarks pass ("error", "warning").
     """
@@ -120,8 +134,11 @@ class MosquittoBroker:
         binary: str | None = None,
         start_timeout_s: float = 10.0,
         persistent: bool = False,
+        tls: TlsListener | None = None,
     ) -> None:
         self.host = "127.0.0.1"
+        self._tls = tls
+        self._tls_port: int | None = None
         self._persistent = persistent
         self._binary = binary
         self._users = dict(users) if users else None
@@ -142,6 +159,13 @@ class MosquittoBroker:
         if self._port is None:
             raise RuntimeError("broker not started")
         return self._port
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS listener's port (needs `tls=`)."""
+        if self._tls_port is None:
+            raise RuntimeError("broker not started with a TLS listener")
+        return self._tls_port
 
     @property
     def running(self) -> bool:
@@ -274,6 +298,18 @@ class MosquittoBroker:
             acl.write_text(self._acl, encoding="utf-8")
             lines.append(f"acl_file {acl}")
         lines += self._extra
+        if self._tls is not None:
+            # Last: in mosquitto.conf the lines after `listener` configure that listener.
+            self._tls_port = free_port(self.host)
+            tls = self._tls
+            lines += [
+                f"listener {self._tls_port} {self.host}",
+                f"cafile {tls.cafile}",
+                f"certfile {tls.certfile}",
+                f"keyfile {tls.keyfile}",
+                f"require_certificate {'true' if tls.require_certificate else 'false'}",
+                f"tls_version {tls.tls_version}",
+            ]
         (self._dir / "mosquitto.conf").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def _spawn(self) -> None:
