@@ -123,6 +123,32 @@ class MqttTls(ConfigModel):
         return None
 
 
+class SparkplugConfig(ConfigModel):
+    """Sparkplug B edge node settings (``mqtt.layout: sparkplug``); see docs/sparkplug.md."""
+
+    group_id: str = Field(
+        min_length=1,
+        pattern=r"^[^/+#]+$",
+        description="Sparkplug group id: the second level of every spBv1.0/... topic.",
+    )
+    edge_node_id: str | None = Field(
+        default=None,
+        pattern=r"^[^/+#]+$",
+        description="Edge node id in the topics; default agent.id.",
+    )
+    qos: Literal[0, 1] = Field(
+        default=1,
+        description="QoS of NBIRTH, DBIRTH, NDATA, DDATA and DDEATH. 1 (default, a documented "
+        "deviation): data leaves the buffer only once the broker acknowledged it. 0: as the "
+        "specification says; a message lost on the way is not sent again.",
+    )
+    backlog: Literal["send", "drop"] = Field(
+        default="send",
+        description="send (default): buffered data goes out with is_historical=true after an "
+        "outage. drop: backlog is discarded, only live data is published (counted, logged).",
+    )
+
+
 class MqttConfig(ConfigModel):
     """The broker the samples are published to."""
 
@@ -142,10 +168,14 @@ class MqttConfig(ConfigModel):
         default=None, description="File whose first line is the password (instead of password)."
     )
     keepalive_s: int = Field(default=30, ge=5, le=65535, description="MQTT keep-alive.")
-    layout: Literal["device", "tag"] = Field(
+    layout: Literal["device", "tag", "sparkplug"] = Field(
         default="device",
         description="device: one message per device per poll with all its samples; "
-        "tag: one message per sample on topic_tag.",
+        "tag: one message per sample on topic_tag; sparkplug: Sparkplug B edge node "
+        "(needs the sparkplug section).",
+    )
+    sparkplug: SparkplugConfig | None = Field(
+        default=None, description="Sparkplug B settings; required with layout: sparkplug."
     )
     topic: str = Field(
         default="edge/{agent}/{device}",
@@ -193,6 +223,15 @@ class MqttConfig(ConfigModel):
     def _one_password(self) -> MqttConfig:
         if self.password is not None and self.password_file is not None:
             raise ValueError("give password or password_file, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _sparkplug_section(self) -> MqttConfig:
+        if self.layout == "sparkplug" and self.sparkplug is None:
+            raise ValueError(
+                "layout sparkplug needs a sparkplug section with at least group_id, "
+                "e.g. sparkplug: {group_id: plant1}"
+            )
         return self
 
     @model_validator(mode="before")

@@ -12,7 +12,10 @@ Invariants every implementation keeps:
 - `last_seq()` is at least the highest seq ever appended, across restarts, so a
   restarted agent never reuses a seq;
 - the stored size stays within `max_bytes` (plus a documented margin); when full the
-  `when_full` policy applies and every dropped sample is counted in `stats()`.
+  `when_full` policy applies and every dropped sample is counted in `stats()`, and its
+  seq range is kept as a `Gap` until the consumer of `take_gaps()` calls `clear_gaps()`.
+
+docs/delivery.md states what this promises to the operator and the data team.
 """
 
 from __future__ import annotations
@@ -38,6 +41,23 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
+class Gap:
+    """Seqs that will never be delivered: samples with seq in [first_seq, last_seq] were
+    dropped (`count` of them). The range can also hold seqs of samples delivered before
+    the drop, when records of other devices were interleaved.
+
+    `reason`: ``drop_oldest`` / ``drop_newest`` (the when_full policy), ``too_large`` (one
+    batch above max_bytes), ``max_age`` (older than max_age_s), ``memory_full`` (the disk
+    failed and the memory fallback overflowed), ``corrupt`` (unreadable in a damaged file
+    at start; `count` is then an upper bound: the range is where the lost samples were)."""
+
+    first_seq: int
+    last_seq: int
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class BufferStats:
     records: int  # records waiting
     samples: int  # samples waiting
@@ -49,6 +69,16 @@ class BufferStats:
     committed_samples: int  # delivered and deleted, since open
     dropped_samples: int  # dropped by the when_full policy, since open
     dropped_records: int
+    #: True while the disk fails and new records are held in memory (see sqlite.py).
+    degraded: bool = False
+    degraded_reason: str | None = None
+    memory_records: int = 0  # records held in memory while degraded (included above)
+    memory_bytes: int = 0
+
+    @property
+    def health(self) -> str:
+        """``ok``, or ``degraded`` while the buffer's disk fails."""
+        return "degraded" if self.degraded else "ok"
 
 
 class Buffer(Protocol):
@@ -73,6 +103,13 @@ class Buffer(Protocol):
 
     async def commit(self, ids: Sequence[int]) -> None:
         """Delete delivered records."""
+
+    async def take_gaps(self) -> list[Gap]:
+        """Seq ranges that were dropped (oldest first), kept (across restarts for the
+        durable buffer) until `clear_gaps`."""
+
+    async def clear_gaps(self, through_seq: int) -> None:
+        """Forget the gaps whose last_seq <= through_seq, once they were reported."""
 
     def stats(self) -> BufferStats:
         """Current figures (cheap; no I/O)."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import orjson
 import structlog
 
+from agent.buffer import Gap as Gap  # re-exported: it used to be defined here
 from agent.schema import WireSample
 
 if TYPE_CHECKING:
@@ -41,23 +42,11 @@ RECORD_OVERHEAD_BYTES = 128
 #: oldest ranges are forgotten and counted in `gaps_forgotten`.
 GAPS_MAX = 10_000
 
-DropReason = Literal["drop_oldest", "drop_newest", "too_large"]
+DropReason = Literal["drop_oldest", "drop_newest", "too_large", "max_age", "memory_full"]
 
 _ORJSON_OPTS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
 
 log = structlog.get_logger()
-
-
-@dataclass(frozen=True, slots=True)
-class Gap:
-    """Seqs lost by the when_full policy: samples with seq in [first_seq, last_seq] that
-    were dropped (`count` of them; the range can also hold seqs of samples that were
-    delivered before the drop, when records of other devices were interleaved)."""
-
-    first_seq: int
-    last_seq: int
-    count: int
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +119,8 @@ class DropEpisode:
     """Logs a run of drops once: WARNING when the first batch is dropped, INFO with the
     totals when an append fits again (STYLE.md: log transitions, not repetitions)."""
 
-    def __init__(self, policy: str, max_bytes: int, where: str) -> None:
+    def __init__(self, policy: str, max_bytes: int, where: str, event: str = "buffer.full") -> None:
+        self._event = event
         self._policy = policy
         self._max_bytes = max_bytes
         self._where = where
@@ -146,7 +136,7 @@ class DropEpisode:
             self._samples = 0
             self._records = 0
             log.warning(
-                "buffer.full.dropping",
+                f"{self._event}.dropping",
                 buffer=self._where,
                 policy=self._policy,
                 reason=reason,
@@ -160,7 +150,7 @@ class DropEpisode:
         if self.active:
             self.active = False
             log.info(
-                "buffer.full.recovered",
+                f"{self._event}.recovered",
                 buffer=self._where,
                 policy=self._policy,
                 dropped_samples=self._samples,

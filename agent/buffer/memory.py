@@ -44,6 +44,9 @@ class MemoryBuffer:
         self._dropped_records = 0
         self._gaps = GapList()
         self._episode = DropEpisode(config.when_full, config.max_bytes, "memory")
+        self._age_episode = DropEpisode(
+            "max_age", config.max_bytes, "memory", event="buffer.max_age"
+        )
         self._notifier = Notifier()
         self._open = False
 
@@ -67,6 +70,8 @@ class MemoryBuffer:
         if not samples:
             return
         batch = encode_batch(samples, self._last_seq)
+        now = time.time()
+        self._expire(now)
         size = batch.size
         limit = self._config.max_bytes
         self._last_seq = batch.last_seq
@@ -96,7 +101,7 @@ class MemoryBuffer:
         rid = self._next_id
         self._next_id += 1
         self._records[rid] = Record(
-            rid, device, batch.first_seq, batch.last_seq, batch.count, time.time(), batch.data
+            rid, device, batch.first_seq, batch.last_seq, batch.count, now, batch.data
         )
         self._ids.append(rid)
         self._bytes += size
@@ -105,6 +110,27 @@ class MemoryBuffer:
         if not evicted_records:
             self._episode.fitted(self._bytes)
         self._notifier.notify()
+
+    def _expire(self, now: float) -> None:
+        """Drop the records older than max_age_s (gaps with reason max_age)."""
+        max_age = self._config.max_age_s
+        if max_age is None:
+            return
+        records = samples = 0
+        while self._records:
+            old = self._records[self._oldest_id()]
+            if old.created >= now - max_age:
+                break
+            del self._records[old.id]
+            self._bytes -= record_size(len(old.data))
+            self._samples -= old.count
+            self._gaps.add(Gap(old.first_seq, old.last_seq, old.count, "max_age"))
+            records += 1
+            samples += old.count
+        if records:
+            self._dropped_samples += samples
+            self._dropped_records += records
+            self._age_episode.dropped("max_age", records, samples, self._bytes)
 
     def _oldest_id(self) -> int:
         for i, rid in enumerate(self._ids):
@@ -148,11 +174,12 @@ class MemoryBuffer:
                 self._bytes -= record_size(len(rec.data))
                 self._samples -= rec.count
                 self._committed += rec.count
+                self._age_episode.fitted(self._bytes)
         if len(self._ids) > 2 * len(self._records) + 64:
             self._ids = [rid for rid in self._ids if rid in self._records]
 
     async def take_gaps(self) -> list[Gap]:
-        """Seq ranges dropped by the when_full policy, oldest first."""
+        """Seq ranges dropped (when_full policy, max_age), oldest first."""
         return list(self._gaps.gaps)
 
     async def clear_gaps(self, through_seq: int) -> None:

@@ -61,12 +61,20 @@ Size accounting and the on-disk margin
 Recovery
     Opening an existing file is the recovery: SQLite replays or discards the WAL, records
     and the seq high-water stay, and the in-memory figures are recomputed from the tables
-    (``last_seq`` is the maximum of the meta value and any seq still stored). A file that
-    is not a SQLite database or fails ``PRAGMA quick_check`` (SQLITE_NOTADB /
-    SQLITE_CORRUPT) is renamed to ``<path>.corrupt-<UTC timestamp>`` (with its ``-wal``),
-    an ERROR says what was lost, and the buffer starts empty; the seq high-water is
-    salvaged from the old file when it can still be read. Other errors (file locked,
-    permissions, disk full) are raised: moving a healthy file aside would lose data.
+    (``last_seq`` is the maximum of the meta value, any seq still stored, and the
+    ``<path>.seq`` side file, see "Disk trouble").
+
+    A file that is not a SQLite database or fails ``PRAGMA quick_check`` (SQLITE_NOTADB /
+    SQLITE_CORRUPT) is renamed to ``<path>.corrupt-<UTC timestamp>`` (with its ``-wal``)
+    and *salvaged* into a fresh file: the records table is read in id ranges, a range that
+    fails is split in halves down to single ids, and every row that reads back whole (its
+    data decodes and holds exactly its seq range) is copied with its id. The seq high-water
+    and the gaps are copied when readable. The seqs between the intact records around an
+    unreadable stretch are recorded as a gap with reason ``corrupt`` (an upper bound: the
+    range can also hold seqs that had been delivered), and one ERROR
+    (``buffer.corrupt.moved_aside``) tells how many records and samples were recovered and
+    which seq ranges were lost. Other errors (file locked, permissions, disk full) are
+    raised: moving a healthy file aside would lose data.
 
 What each durability setting survives
     ``process_crash`` (``synchronous=NORMAL``): a crash or SIGKILL of the agent loses
@@ -78,9 +86,34 @@ What each durability setting survives
     also survive a power loss, given a disk that honours fsync. Costs about one fsync
     per append (FIELD-NOTES.md: ≈ 3.5k single-row appends/s).
 
+Maximum age
+    With ``max_age_s`` set, every append first deletes the records created more than
+    ``max_age_s`` ago (in the same transaction), recorded as gaps with reason ``max_age``
+    and logged once per episode (``buffer.max_age.dropping`` … ``.recovered`` at the next
+    delivery).
+
+Disk trouble
+    An append whose transaction fails with a disk error (SQLITE_FULL, SQLITE_IOERR*,
+    SQLITE_READONLY*, SQLITE_CANTOPEN) rolls back, and the buffer turns *degraded*: one
+    ERROR ``buffer.disk.failed``, ``stats().degraded`` true, and new records are kept in
+    memory (at most ``memory_fallback_bytes``, oldest dropped first, reason
+    ``memory_full``). Their ids continue the file's sequence, so `take` returns them after
+    the records on disk and ids stay strictly increasing. Deletions that fail are
+    remembered and hidden from `take`. Every ``PROBE_INTERVAL_S`` an append or commit tries
+    to move the memory records to the file in one transaction (also applying pending
+    deletions, the gaps, and the size limit); when that commits, INFO
+    ``buffer.disk.recovered`` and normal operation resumes.
+
+    While degraded the seq high-water cannot be written to the database, so it is written
+    in place into ``<path>.seq`` (a 32-byte file created at open, so overwriting it needs
+    no new disk blocks on ordinary file systems); open() takes it into account, so seqs
+    are not reused even after a crash while degraded. A crash while degraded loses the
+    records held in memory (they are reported as lost by nobody: the consumer sees a seq
+    gap without a gap notice).
+
 Errors at run time
-    A failing append (disk full, I/O error) rolls back, reloads the in-memory figures from
-    the file, and raises `sqlite3.Error` to the caller; nothing is half written.
+    Any other failing append rolls back and raises `sqlite3.Error` to the caller; nothing
+    is half written.
 """
 
 from __future__ import annotations
@@ -98,11 +131,11 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 
-from agent.buffer import BufferStats, Record
+from agent.buffer import BufferStats, Gap, Record
 from agent.buffer.common import (
     DropEpisode,
     DropReason,
-    Gap,
+    EncodedBatch,
     GapList,
     Notifier,
     encode_batch,
@@ -115,9 +148,14 @@ FORMAT_VERSION = 1
 JOURNAL_SIZE_LIMIT = 4 << 20
 #: How long open() waits for a lock held by another process before giving up.
 LOCK_TIMEOUT_S = 1.0
+#: While degraded, how often an append or commit tries the disk again.
+PROBE_INTERVAL_S = 5.0
 #: Check the free-page count every this many commits (a cheap pragma, but not free).
 _VACUUM_CHECK_EVERY = 256
 _VACUUM_MIN_BYTES = 4 << 20
+#: Salvage reads the records of a damaged file this many ids at a time.
+_SALVAGE_CHUNK = 1024
+_SEQ_FILE_BYTES = 32
 
 _SCHEMA = f"""
 BEGIN EXCLUSIVE;
@@ -144,7 +182,17 @@ PRAGMA user_version = {FORMAT_VERSION};
 COMMIT;
 """
 
+_INSERT_RECORD = (
+    "INSERT INTO records (id, device, first_seq, last_seq, count, created, data) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_GAP = (
+    "INSERT INTO gaps (first_seq, last_seq, count, reason, created) VALUES (?, ?, ?, ?, ?)"
+)
+
 _T = TypeVar("_T")
+#: (id, first_seq, last_seq, count, data length) of a deleted record.
+_Row = tuple[int, int, int, int, int]
 
 log = structlog.get_logger()
 
@@ -160,21 +208,39 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
     return name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT"))
 
 
+def is_disk_error(exc: BaseException) -> bool:
+    """True for the errors of a disk that is full, read-only or failing: the ones the
+    buffer rides out in memory. Anything else (a bug, a locked file) is not."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN"))
+
+
+def _seq_ranges(pairs: Sequence[tuple[int, int]]) -> list[str]:
+    return [f"{a}-{b}" if a != b else str(a) for a, b in pairs]
+
+
 class SqliteBuffer:
     """The Buffer protocol on a SQLite file (see the module docstring for the design)."""
 
     def __init__(self, config: BufferConfig) -> None:
         self._config = config
         self._path = Path(config.path)
+        self._seq_path = Path(f"{config.path}.seq")
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notifier = Notifier()
         self._episode = DropEpisode(config.when_full, config.max_bytes, str(self._path))
+        self._age_episode = DropEpisode(
+            "max_age", config.max_bytes, str(self._path), event="buffer.max_age"
+        )
         # Written only by the worker thread; the event loop reads _last_seq, _max_id and
         # the _stats snapshot (single attribute reads are atomic).
         self._con: sqlite3.Connection | None = None
         self._last_seq = 0
         self._max_id = 0  # highest id present, 0 when empty
+        self._id_hw = 0  # highest id ever given out (the file's AUTOINCREMENT sequence)
         self._records = 0
         self._samples = 0
         self._bytes = 0
@@ -185,6 +251,15 @@ class SqliteBuffer:
         self._dropped_records = 0
         self._commits_since_check = 0
         self._gaps = GapList()
+        # Disk trouble (see "Disk trouble" above).
+        self._degraded: str | None = None
+        self._degraded_since = 0.0
+        self._next_probe = 0.0
+        self._spill: dict[int, Record] = {}  # insertion order is id order
+        self._spill_bytes = 0
+        self._pending_deletes: set[int] = set()
+        self._gaps_dirty = False
+        self._seq_fd: int | None = None
         self._stats = self._snapshot()
 
     # ------------------------------------------------------------------ lifecycle
@@ -238,7 +313,8 @@ class SqliteBuffer:
     async def append(self, device: str, samples: Sequence[WireSample]) -> None:
         """Store one batch in one transaction, or drop per `when_full` (counted, logged,
         recorded as a gap). Raises ValueError when seqs are not strictly increasing and
-        above last_seq(). An empty batch is ignored.
+        above last_seq(). An empty batch is ignored. When the disk fails the batch is
+        kept in memory instead (see "Disk trouble"); this does not raise.
 
         Appends are applied in the order of the calls: the call hands the batch to the
         worker thread before its first suspension, so a caller that allocates seqs and
@@ -265,8 +341,8 @@ class SqliteBuffer:
             await self._run(self._commit_sync, sorted({int(i) for i in ids}))
 
     async def take_gaps(self) -> list[Gap]:
-        """Seq ranges dropped by the when_full policy (oldest first), kept across
-        restarts until `clear_gaps`."""
+        """Seq ranges that were dropped (oldest first), kept across restarts until
+        `clear_gaps`."""
         return await self._run(lambda: list(self._gaps.gaps))
 
     async def clear_gaps(self, through_seq: int) -> None:
@@ -277,17 +353,18 @@ class SqliteBuffer:
         """Current figures (an in-memory snapshot; no I/O)."""
         return self._stats
 
-    # ------------------------------------------------------------------ worker thread
+    # ------------------------------------------------------------------ open / recovery
 
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self._path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
+    def _connect(self, path: Path | None = None) -> sqlite3.Connection:
+        path = path or self._path
+        con = sqlite3.connect(path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
         try:
             con.execute("PRAGMA locking_mode=EXCLUSIVE")
             # Only takes effect on a new file (before the first table is created).
             con.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
-                raise RuntimeError(f"{self._path}: cannot switch to WAL mode (got {mode!r})")
+                raise RuntimeError(f"{path}: cannot switch to WAL mode (got {mode!r})")
             sync = "FULL" if self._config.durability == "power_loss" else "NORMAL"
             con.execute(f"PRAGMA synchronous={sync}")
             con.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
@@ -297,7 +374,7 @@ class SqliteBuffer:
             version = int(con.execute("PRAGMA user_version").fetchone()[0])
             if version > FORMAT_VERSION:
                 raise RuntimeError(
-                    f"{self._path}: buffer format {version} is newer than this agent's "
+                    f"{path}: buffer format {version} is newer than this agent's "
                     f"({FORMAT_VERSION}); use a newer agent or move the file away"
                 )
             # In one exclusive transaction, which also takes the lock that is then kept
@@ -307,7 +384,7 @@ class SqliteBuffer:
             con.close()
             if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
                 raise RuntimeError(
-                    f"{self._path}: buffer file is in use (locked by another process?)"
+                    f"{path}: buffer file is in use (locked by another process?)"
                 ) from exc
             raise
         except BaseException:
@@ -322,29 +399,15 @@ class SqliteBuffer:
         except sqlite3.DatabaseError as exc:
             if not _is_corruption(exc):
                 raise
-            salvaged = self._move_aside(exc)
+            aside, size = self._move_aside()
             self._con = self._connect()
-            if salvaged:
-                self._con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (salvaged,))
+            self._salvage(aside, size, exc)
         self._load_state()
+        self._open_seq_file()
 
-    def _move_aside(self, exc: sqlite3.DatabaseError) -> int:
-        """Rename a corrupt file out of the way; returns the seq high-water salvaged
-        from it (0 if unreadable)."""
-        lost: dict[str, Any] = {}
-        salvaged = 0
-        try:
-            con = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, timeout=0)
-            try:
-                salvaged = int(
-                    con.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()[0]
-                )
-                row = con.execute("SELECT count(*), sum(count) FROM records").fetchone()
-                lost = {"records": row[0], "samples": row[1] or 0}
-            finally:
-                con.close()
-        except Exception:  # best effort: the file is known to be damaged
-            pass
+    def _move_aside(self) -> tuple[Path, int]:
+        """Rename a corrupt file (and its WAL) out of the way; returns the new name and
+        the file's size."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         aside = Path(f"{self._path}.corrupt-{stamp}")
         n = 1
@@ -357,18 +420,134 @@ class SqliteBuffer:
             side = Path(f"{self._path}{suffix}")
             if side.exists():
                 os.replace(side, Path(f"{aside}{suffix}"))
+        return aside, size
+
+    def _salvage(self, aside: Path, size: int, exc: sqlite3.DatabaseError) -> None:
+        """Copy what is intact in the damaged file `aside` into the new, empty file; log
+        one ERROR with what was recovered and what was lost (see "Recovery")."""
+        con = self._require_con()
+        kept: list[tuple[int, int]] = []  # (first_seq, last_seq) of salvaged records
+        samples = 0
+        bad_after: list[int | None] = []  # for each unreadable stretch: seq before it
+        old_seq = 0
+        old_gaps: list[Gap] = []
+        note = ""
+        sides = [Path(f"{aside}{suffix}") for suffix in ("-wal", "-shm")]
+        made = [side for side in sides if not side.exists()]  # by opening it read-only
+        try:
+            old = sqlite3.connect(f"file:{aside}?mode=ro", uri=True, timeout=0)
+            # Lets SQLite read a file shorter than its header says (a truncated file)
+            # instead of refusing every query; the connection stays read-only.
+            old.execute("PRAGMA writable_schema=1")
+        except sqlite3.Error as err:
+            old = None
+            note = f"cannot open: {err}"
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            if old is not None:
+                old_seq = _try(
+                    lambda: int(
+                        old.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()[0]
+                    ),
+                    0,
+                )
+                old_gaps = _try(
+                    lambda: [
+                        Gap(int(a), int(b), int(c), str(d))
+                        for a, b, c, d in old.execute(
+                            "SELECT first_seq, last_seq, count, reason FROM gaps ORDER BY id"
+                        )
+                    ],
+                    [],
+                )
+                hi = _try(
+                    lambda: int(
+                        old.execute(
+                            "SELECT seq FROM sqlite_sequence WHERE name = 'records'"
+                        ).fetchone()[0]
+                    ),
+                    0,
+                )
+                hi = max(
+                    hi,
+                    _try(
+                        lambda: int(
+                            old.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0]
+                        ),
+                        0,
+                    ),
+                )
+                lo = _try(
+                    lambda: int(
+                        old.execute("SELECT coalesce(min(id), 1) FROM records").fetchone()[0]
+                    ),
+                    1,
+                )
+                in_bad = False
+                for start in range(max(lo, 1), hi + 1, _SALVAGE_CHUNK):
+                    end = min(start + _SALVAGE_CHUNK - 1, hi)
+                    for row in _read_range(old, start, end):
+                        if row is None:
+                            if not in_bad:
+                                bad_after.append(kept[-1][1] if kept else None)
+                                in_bad = True
+                            continue
+                        in_bad = False
+                        con.execute(_INSERT_RECORD, row)
+                        kept.append((int(row[2]), int(row[3])))
+                        samples += int(row[4])
+                if hi == 0 and not note:
+                    note = "no readable records table"
+                # Ids stay above every id the old file gave out, like AUTOINCREMENT.
+                cur = con.execute(
+                    "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'records'", (hi,)
+                )
+                if cur.rowcount == 0 and hi:
+                    con.execute(
+                        "INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (hi,)
+                    )
+            # The lost seqs of each unreadable stretch lie between the intact records
+            # around it (records are in seq order by id).
+            lost: list[tuple[int, int]] = []
+            high = max([old_seq, *(b for _, b in kept), *(g.last_seq for g in old_gaps)])
+            for before in bad_after:
+                first = (before or 0) + 1
+                nxt = next((a for a, _ in kept if a > first - 1), None)
+                last = nxt - 1 if nxt is not None else high
+                if last >= first:
+                    lost.append((first, last))
+            self._gaps = GapList(old_gaps)
+            for first, last in lost:
+                self._gaps.add(Gap(first, last, last - first + 1, "corrupt"))
+            for g in self._gaps.gaps:
+                con.execute(_INSERT_GAP, (g.first_seq, g.last_seq, g.count, g.reason, time.time()))
+            con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (high,))
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        finally:
+            if old is not None:
+                old.close()
+            for side in made:
+                side.unlink(missing_ok=True)
         log.error(
             "buffer.corrupt.moved_aside",
             path=str(self._path),
             moved_to=str(aside),
             file_bytes=size,
             error=str(exc),
-            lost_records=lost.get("records", "unknown"),
-            lost_samples=lost.get("samples", "unknown"),
-            salvaged_last_seq=salvaged or None,
-            detail="every record waiting in the old file is lost; starting empty",
+            recovered_records=len(kept),
+            recovered_samples=samples,
+            lost_seq_ranges=_seq_ranges(lost) if (kept or lost) else "unknown",
+            salvaged_last_seq=high or None,
+            detail=(
+                "intact records were copied into a new file and will be delivered; "
+                "lost seq ranges are reported to consumers as gaps (reason corrupt)"
+                + (f"; {note}" if note else "")
+            ),
         )
-        return salvaged
 
     def _load_state(self) -> None:
         con = self._require_con()
@@ -377,6 +556,7 @@ class SqliteBuffer:
             "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(length(data)), 0), "
             "coalesce(max(id), 0), coalesce(max(last_seq), 0) FROM records"
         ).fetchone()
+        id_seq = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
         gaps = [
             Gap(int(a), int(b), int(c), str(d))
             for a, b, c, d in con.execute(
@@ -384,16 +564,42 @@ class SqliteBuffer:
             )
         ]
         gap_seq = max((g.last_seq for g in gaps), default=0)
-        self._last_seq = max(meta_seq, int(max_seq), gap_seq)
+        self._last_seq = max(meta_seq, int(max_seq), gap_seq, self._read_seq_file())
         self._records = int(records)
         self._samples = int(samples)
         self._bytes = int(data_bytes) + self._records * record_size(0)
         self._max_id = int(max_id)
+        self._id_hw = max(self._max_id, int(id_seq[0]) if id_seq else 0)
         forgotten = self._gaps.forgotten
         self._gaps = GapList(gaps)
         self._gaps.forgotten = forgotten
         self._refresh_oldest()
         self._publish()
+
+    def _read_seq_file(self) -> int:
+        try:
+            text = self._seq_path.read_bytes().strip(b"\0 \n")
+            return int(text) if text else 0
+        except (OSError, ValueError):
+            return 0
+
+    def _open_seq_file(self) -> None:
+        """Create `<path>.seq` at its full size now, while the disk works, so that
+        writing it in place later needs no new blocks."""
+        try:
+            fd = os.open(self._seq_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.warning("buffer.seqfile.failed", path=str(self._seq_path), error=str(exc))
+            return
+        self._seq_fd = fd
+        self._write_seq_file()
+
+    def _write_seq_file(self) -> None:
+        if self._seq_fd is None:
+            return
+        text = str(self._last_seq).encode().ljust(_SEQ_FILE_BYTES - 1) + b"\n"
+        with contextlib.suppress(OSError):
+            os.pwrite(self._seq_fd, text, 0)
 
     def _require_con(self) -> sqlite3.Connection:
         if self._con is None:
@@ -401,33 +607,61 @@ class SqliteBuffer:
         return self._con
 
     def _refresh_oldest(self) -> None:
-        row = (
-            self._require_con()
-            .execute("SELECT created FROM records ORDER BY id LIMIT 1")
-            .fetchone()
-        )
-        self._oldest_created = None if row is None else float(row[0])
+        row = None
+        with contextlib.suppress(sqlite3.Error):
+            row = (
+                self._require_con()
+                .execute("SELECT created FROM records ORDER BY id LIMIT 1")
+                .fetchone()
+            )
+        if row is not None:
+            self._oldest_created = float(row[0])
+        elif self._spill:
+            self._oldest_created = next(iter(self._spill.values())).created
+        else:
+            self._oldest_created = None
+
+    # ------------------------------------------------------------------ append
 
     def _append_sync(self, device: str, samples: Sequence[WireSample]) -> None:
-        con = self._require_con()
         batch = encode_batch(samples, self._last_seq)
+        now = time.time()
+        if self._degraded is not None and time.monotonic() >= self._next_probe:
+            self._try_recover()
+        if self._degraded is None:
+            try:
+                self._append_disk(device, batch, now)
+                return
+            except sqlite3.Error as exc:
+                if not is_disk_error(exc):
+                    raise
+                self._enter_degraded(exc)
+        self._append_memory(device, batch, now)
+
+    def _append_disk(self, device: str, batch: EncodedBatch, now: float) -> None:
+        con = self._require_con()
         size = batch.size
         limit = self._config.max_bytes
-        now = time.time()
         refused: DropReason | None = None
         if size > limit:
             refused = "too_large"
         elif self._bytes + size > limit and self._config.when_full == "drop_newest":
             refused = "drop_newest"
-        evicted: list[tuple[int, int, int, int, int]] = []
+        expired: list[_Row] = []
+        evicted: list[_Row] = []
         new_id = 0
+        gaps_before = (list(self._gaps.gaps), self._gaps.forgotten)
         try:
             con.execute("BEGIN IMMEDIATE")
+            expired = self._expire(con, now)
+            expired_bytes = sum(record_size(e[4]) for e in expired)
             if refused is not None:
                 self._add_gap(con, Gap(batch.first_seq, batch.last_seq, batch.count, refused))
             else:
-                if self._bytes + size > limit:
-                    evicted = self._evict(con, self._bytes + size - limit)
+                if self._bytes - expired_bytes + size > limit:
+                    evicted = self._evict(
+                        con, self._bytes - expired_bytes + size - limit, "drop_oldest"
+                    )
                 cur = con.execute(
                     "INSERT INTO records (device, first_seq, last_seq, count, created, data) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -438,40 +672,70 @@ class SqliteBuffer:
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
-                con.execute("ROLLBACK")
-            self._load_state()  # the gap list may have been changed before the failure
+                with contextlib.suppress(sqlite3.Error):
+                    con.execute("ROLLBACK")
+            self._gaps.gaps, self._gaps.forgotten = gaps_before
             raise
         self._last_seq = batch.last_seq
+        if expired:
+            self._forget(expired, "max_age")
         if refused is not None:
             self._dropped_samples += batch.count
             self._dropped_records += 1
             self._episode.dropped(refused, 1, batch.count, self._bytes)
+            if expired:
+                self._refresh_oldest()
             self._publish()
             return
         if evicted:
-            ev_samples = sum(e[3] for e in evicted)
-            self._records -= len(evicted)
-            self._samples -= ev_samples
-            self._bytes -= sum(record_size(e[4]) for e in evicted)
-            self._dropped_samples += ev_samples
-            self._dropped_records += len(evicted)
-            self._episode.dropped("drop_oldest", len(evicted), ev_samples, self._bytes)
+            self._forget(evicted, "drop_oldest")
         self._records += 1
         self._samples += batch.count
         self._bytes += size
         self._appended += batch.count
         self._max_id = new_id
-        if evicted or self._oldest_created is None:
+        self._id_hw = max(self._id_hw, new_id)
+        if evicted or expired or self._oldest_created is None:
             self._refresh_oldest()
         if not evicted:
             self._episode.fitted(self._bytes)
         self._publish()
         self._wake()
 
-    def _evict(self, con: sqlite3.Connection, need: int) -> list[tuple[int, int, int, int, int]]:
+    def _forget(self, rows: list[_Row], reason: str) -> None:
+        """Account for records deleted by a drop rule (after its transaction committed)."""
+        samples = sum(e[3] for e in rows)
+        self._records -= len(rows)
+        self._samples -= samples
+        self._bytes -= sum(record_size(e[4]) for e in rows)
+        self._dropped_samples += samples
+        self._dropped_records += len(rows)
+        episode = self._age_episode if reason == "max_age" else self._episode
+        episode.dropped(reason, len(rows), samples, self._bytes)
+
+    def _expire(self, con: sqlite3.Connection, now: float) -> list[_Row]:
+        """Delete the records older than max_age_s (inside the caller's transaction)."""
+        max_age = self._config.max_age_s
+        oldest = self._oldest_created
+        if max_age is None or oldest is None or oldest >= now - max_age:
+            return []
+        rows = [
+            (int(a), int(b), int(c), int(d), int(e))
+            for a, b, c, d, e in con.execute(
+                "DELETE FROM records WHERE created < ? "
+                "RETURNING id, first_seq, last_seq, count, length(data)",
+                (now - max_age,),
+            ).fetchall()
+        ]
+        rows.sort()
+        for _, first, last, count, _ in rows:
+            self._add_gap(con, Gap(first, last, count, "max_age"))
+        return rows
+
+    def _evict(self, con: sqlite3.Connection, need: int, reason: str) -> list[_Row]:
         """Delete the oldest records until `need` bytes are freed (inside the caller's
         transaction); returns (id, first_seq, last_seq, count, data length) of each."""
-        evicted: list[tuple[int, int, int, int, int]] = []
+        evicted: list[_Row] = []
         freed = 0
         after = 0
         while freed < need:
@@ -492,11 +756,15 @@ class SqliteBuffer:
         if evicted:
             con.execute("DELETE FROM records WHERE id <= ?", (evicted[-1][0],))
             for _, first, last, count, _ in evicted:
-                self._add_gap(con, Gap(first, last, count, "drop_oldest"))
+                self._add_gap(con, Gap(first, last, count, reason))
         return evicted
 
-    def _add_gap(self, con: sqlite3.Connection, gap: Gap) -> None:
+    def _add_gap(self, con: sqlite3.Connection | None, gap: Gap) -> None:
+        """Record a gap in memory and, given a connection, in the gaps table."""
         merged, forgotten = self._gaps.add(gap)
+        if con is None:
+            self._gaps_dirty = True
+            return
         if merged:
             last = self._gaps.gaps[-1]
             con.execute(
@@ -505,9 +773,7 @@ class SqliteBuffer:
             )
         else:
             con.execute(
-                "INSERT INTO gaps (first_seq, last_seq, count, reason, created) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (gap.first_seq, gap.last_seq, gap.count, gap.reason, time.time()),
+                _INSERT_GAP, (gap.first_seq, gap.last_seq, gap.count, gap.reason, time.time())
             )
         if forgotten:
             con.execute(
@@ -516,53 +782,258 @@ class SqliteBuffer:
             )
 
     def _clear_gaps_sync(self, through_seq: int) -> None:
-        con = self._require_con()
-        con.execute("DELETE FROM gaps WHERE last_seq <= ?", (through_seq,))
         self._gaps.clear(through_seq)
+        if self._degraded is not None:
+            self._gaps_dirty = True
+            return
+        con = self._require_con()
+        try:
+            con.execute("DELETE FROM gaps WHERE last_seq <= ?", (through_seq,))
+        except sqlite3.Error as exc:
+            if not is_disk_error(exc):
+                raise
+            self._gaps_dirty = True
+
+    # ------------------------------------------------------------------ disk trouble
+
+    def _enter_degraded(self, exc: sqlite3.Error) -> None:
+        self._degraded = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        self._degraded_since = time.monotonic()
+        self._next_probe = self._degraded_since + PROBE_INTERVAL_S
+        log.error(
+            "buffer.disk.failed",
+            path=str(self._path),
+            reason=self._degraded,
+            error=str(exc),
+            memory_fallback_bytes=self._config.memory_fallback_bytes,
+            detail="new samples are kept in memory (oldest dropped first when it is full) "
+            "until the disk works again; a crash meanwhile loses them",
+        )
+        self._publish()
+
+    def _append_memory(self, device: str, batch: EncodedBatch, now: float) -> None:
+        size = batch.size
+        limit = self._config.memory_fallback_bytes
+        self._last_seq = batch.last_seq
+        self._write_seq_file()
+        if size > limit:
+            self._add_gap(None, Gap(batch.first_seq, batch.last_seq, batch.count, "too_large"))
+            self._dropped_samples += batch.count
+            self._dropped_records += 1
+            self._episode.dropped("too_large", 1, batch.count, self._bytes)
+            self._publish()
+            return
+        max_age = self._config.max_age_s
+        dropped: list[tuple[Record, str]] = []
+        while self._spill:
+            oldest = next(iter(self._spill.values()))
+            if self._spill_bytes + size > limit:
+                dropped.append((oldest, "memory_full"))
+            elif max_age is not None and oldest.created < now - max_age:
+                dropped.append((oldest, "max_age"))
+            else:
+                break
+            del self._spill[oldest.id]
+            self._spill_bytes -= record_size(len(oldest.data))
+        for rec, reason in dropped:
+            self._add_gap(None, Gap(rec.first_seq, rec.last_seq, rec.count, reason))
+            self._forget([(rec.id, rec.first_seq, rec.last_seq, rec.count, len(rec.data))], reason)
+        self._id_hw += 1
+        rid = self._id_hw
+        self._spill[rid] = Record(
+            rid, device, batch.first_seq, batch.last_seq, batch.count, now, batch.data
+        )
+        self._spill_bytes += size
+        self._records += 1
+        self._samples += batch.count
+        self._bytes += size
+        self._appended += batch.count
+        self._max_id = rid
+        if dropped or self._oldest_created is None:
+            self._refresh_oldest()
+        self._publish()
+        self._wake()
+
+    def _try_recover(self) -> None:
+        """Move the memory records, pending deletions and gaps to the file in one
+        transaction; on success the buffer is healthy again."""
+        self._next_probe = time.monotonic() + PROBE_INTERVAL_S
+        con = self._require_con()
+        gaps_before = (list(self._gaps.gaps), self._gaps.forgotten)
+        moved = len(self._spill)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            if self._pending_deletes:
+                con.execute(
+                    "DELETE FROM records WHERE id IN (SELECT value FROM json_each(?))",
+                    (orjson.dumps(sorted(self._pending_deletes)),),
+                )
+            con.executemany(
+                _INSERT_RECORD,
+                (
+                    (r.id, r.device, r.first_seq, r.last_seq, r.count, r.created, r.data)
+                    for r in self._spill.values()
+                ),
+            )
+            used = int(
+                con.execute(
+                    "SELECT coalesce(sum(length(data)), 0) + count(*) * ? FROM records",
+                    (record_size(0),),
+                ).fetchone()[0]
+            )
+            evicted: list[_Row] = []
+            if used > self._config.max_bytes:
+                # The memory records were accepted already: make room by the oldest.
+                evicted = self._evict(con, used - self._config.max_bytes, "drop_oldest")
+            if self._gaps_dirty or evicted:
+                con.execute("DELETE FROM gaps")
+                con.executemany(
+                    _INSERT_GAP,
+                    (
+                        (g.first_seq, g.last_seq, g.count, g.reason, time.time())
+                        for g in self._gaps.gaps
+                    ),
+                )
+            con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (self._last_seq,))
+            con.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if con.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    con.execute("ROLLBACK")
+            self._gaps.gaps, self._gaps.forgotten = gaps_before
+            if not is_disk_error(exc):
+                raise
+            return
+        if evicted:
+            samples = sum(e[3] for e in evicted)
+            self._dropped_samples += samples
+            self._dropped_records += len(evicted)
+            self._episode.dropped("drop_oldest", len(evicted), samples, used)
+        duration = time.monotonic() - self._degraded_since
+        self._degraded = None
+        self._spill.clear()
+        self._spill_bytes = 0
+        self._pending_deletes.clear()
+        self._gaps_dirty = False
+        self._load_state()
+        log.info(
+            "buffer.disk.recovered",
+            path=str(self._path),
+            moved_records=moved,
+            degraded_s=round(duration, 3),
+            bytes=self._bytes,
+        )
+        self._wake()
+
+    # ------------------------------------------------------------------ take / commit
 
     def _take_sync(self, max_records: int, after_id: int) -> list[Record]:
-        rows = (
-            self._require_con()
-            .execute(
-                "SELECT id, device, first_seq, last_seq, count, created, data FROM records "
-                "WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, max_records),
+        out: list[Record] = []
+        pending = self._pending_deletes
+        try:
+            rows = (
+                self._require_con()
+                .execute(
+                    "SELECT id, device, first_seq, last_seq, count, created, data FROM records "
+                    "WHERE id > ? ORDER BY id LIMIT ?",
+                    (after_id, max_records + len(pending)),
+                )
+                .fetchall()
             )
-            .fetchall()
-        )
-        return [Record(*row) for row in rows]
+        except sqlite3.Error as exc:
+            # A disk that cannot even be read: deliver what memory holds meanwhile.
+            if self._degraded is None or not is_disk_error(exc):
+                raise
+            rows = []
+        out = [Record(*row) for row in rows if row[0] not in pending][:max_records]
+        if len(out) < max_records and self._spill:
+            for rid, rec in self._spill.items():
+                if rid > after_id:
+                    out.append(rec)
+                    if len(out) >= max_records:
+                        break
+        return out
 
     def _commit_sync(self, ids: list[int]) -> None:
         con = self._require_con()
+        spilled = [self._spill.pop(i) for i in ids if i in self._spill]
+        spilled_ids = {r.id for r in spilled}
+        # Pending ones were counted as delivered already; recovery deletes them.
+        disk_ids = [i for i in ids if i not in spilled_ids and i not in self._pending_deletes]
+        for rec in spilled:
+            size = record_size(len(rec.data))
+            self._spill_bytes -= size
+            self._records -= 1
+            self._samples -= rec.count
+            self._bytes -= size
+            self._committed += rec.count
+        rows: list[Any] = []
+        if disk_ids:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                rows = con.execute(
+                    "DELETE FROM records WHERE id IN (SELECT value FROM json_each(?)) "
+                    "RETURNING count, length(data)",
+                    (orjson.dumps(disk_ids),),
+                ).fetchall()
+                con.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if con.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        con.execute("ROLLBACK")
+                if not is_disk_error(exc):
+                    raise
+                if self._degraded is None:
+                    self._enter_degraded(exc)
+                rows = self._hide_delivered(disk_ids)
+        if rows or spilled:
+            samples = sum(int(r[0]) for r in rows)
+            self._records -= len(rows)
+            self._samples -= samples
+            self._bytes -= sum(record_size(int(r[1])) for r in rows)
+            self._committed += samples
+            self._age_episode.fitted(self._bytes)
+            if self._records == 0:
+                self._max_id = 0
+                self._oldest_created = None
+            else:
+                self._refresh_max_id()
+                self._refresh_oldest()
+            self._publish()
+        if self._degraded is not None:
+            if time.monotonic() >= self._next_probe:
+                self._try_recover()
+        elif rows:
+            self._maintain(drained=self._records == 0)
+
+    def _hide_delivered(self, ids: list[int]) -> list[Any]:
+        """The disk refused a deletion: hide the records from take() until it works;
+        returns (count, length) of each, as far as the file can still be read."""
+        self._pending_deletes.update(ids)
         try:
-            con.execute("BEGIN IMMEDIATE")
-            rows = con.execute(
-                "DELETE FROM records WHERE id IN (SELECT value FROM json_each(?)) "
-                "RETURNING count, length(data)",
-                (orjson.dumps(ids),),
-            ).fetchall()
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        if not rows:
-            return
-        samples = sum(int(r[0]) for r in rows)
-        self._records -= len(rows)
-        self._samples -= samples
-        self._bytes -= sum(record_size(int(r[1])) for r in rows)
-        self._committed += samples
-        if self._records == 0:
-            self._max_id = 0
-            self._oldest_created = None
-        else:
-            self._max_id = int(
-                con.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0]
+            return (
+                self._require_con()
+                .execute(
+                    "SELECT count, length(data) FROM records WHERE id IN "
+                    "(SELECT value FROM json_each(?))",
+                    (orjson.dumps(ids),),
+                )
+                .fetchall()
             )
-            self._refresh_oldest()
-        self._publish()
-        self._maintain(drained=self._records == 0)
+        except sqlite3.Error:
+            return []  # the figures are recounted from the file on recovery
+
+    def _refresh_max_id(self) -> None:
+        if self._spill:
+            self._max_id = next(reversed(self._spill))
+            return
+        # On failure _max_id keeps its value: wait() may wake once more than needed.
+        with contextlib.suppress(sqlite3.Error):
+            self._max_id = int(
+                self._require_con()
+                .execute("SELECT coalesce(max(id), 0) FROM records")
+                .fetchone()[0]
+            )
 
     def _maintain(self, drained: bool) -> None:
         """Give free pages back to the file system (see the margin note above). Failures
@@ -589,6 +1060,16 @@ class SqliteBuffer:
         con = self._con
         if con is None:
             return
+        if self._degraded is not None:
+            self._try_recover()
+            if self._degraded is not None and self._spill:
+                log.error(
+                    "buffer.disk.lost_on_close",
+                    path=str(self._path),
+                    records=len(self._spill),
+                    samples=sum(r.count for r in self._spill.values()),
+                    detail="the disk still fails; the records held in memory are lost",
+                )
         try:
             con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:
@@ -599,6 +1080,9 @@ class SqliteBuffer:
         con, self._con = self._con, None
         if con is not None:
             con.close()
+        fd, self._seq_fd = self._seq_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _publish(self) -> None:
         self._stats = self._snapshot()
@@ -615,6 +1099,10 @@ class SqliteBuffer:
             committed_samples=self._committed,
             dropped_samples=self._dropped_samples,
             dropped_records=self._dropped_records,
+            degraded=self._degraded is not None,
+            degraded_reason=self._degraded,
+            memory_records=len(self._spill),
+            memory_bytes=self._spill_bytes,
         )
 
     def _wake(self) -> None:
@@ -623,3 +1111,49 @@ class SqliteBuffer:
             # RuntimeError: the loop is closed, so nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._notifier.notify)
+
+
+def _try(fn: Callable[[], _T], default: _T) -> _T:
+    """fn(), or `default` when the damaged file cannot answer."""
+    try:
+        return fn()
+    except (sqlite3.Error, TypeError, ValueError):
+        return default
+
+
+_RecordRow = tuple[int, str, int, int, int, float, bytes]
+
+
+def _read_range(old: sqlite3.Connection, lo: int, hi: int) -> list[_RecordRow | None]:
+    """The records with lo <= id <= hi of a damaged file, in id order: a row, or None
+    for a stretch that cannot be read (a range that fails is split in halves down to
+    single ids) or whose data does not hold what its columns say."""
+    try:
+        rows = old.execute(
+            "SELECT id, device, first_seq, last_seq, count, created, data FROM records "
+            "WHERE id BETWEEN ? AND ? ORDER BY id",
+            (lo, hi),
+        ).fetchall()
+    except sqlite3.Error:
+        if lo == hi:
+            return [None]
+        mid = (lo + hi) // 2
+        return _read_range(old, lo, mid) + _read_range(old, mid + 1, hi)
+    return [row if _intact(row) else None for row in rows]
+
+
+def _intact(row: Any) -> bool:
+    try:
+        rid, device, first, last, count, created, data = row
+        samples = orjson.loads(data)
+        return (
+            isinstance(samples, list)
+            and len(samples) == count > 0
+            and samples[0]["seq"] == first
+            and samples[-1]["seq"] == last
+            and all(s["device"] == device for s in samples)
+            and isinstance(rid, int)
+            and isinstance(created, float)
+        )
+    except (TypeError, ValueError, KeyError, orjson.JSONDecodeError):
+        return False
