@@ -7,23 +7,62 @@ reconnect task on a lost connection only when `reconnect_delay` is truthy
 which disables it (checked in pymodbus/transport/transport.py, no busy loop: the task is
 never created). pymodbus' `execute()` also silently reconnects when called without a
 transport, so `read()` checks the connection first and raises DriverUnavailable instead.
+
+Fault behaviour (the table is in README.md):
+
+- Every received frame is checked against the request it answers before pymodbus
+  decodes it (`check_frame`, hooked in as pymodbus' `trace_packet`). pymodbus skips a
+  frame with a wrong transaction or unit id and waits for its timeout, and decodes a
+  frame with the wrong function code or a byte count that does not match the request
+  into a response object: neither may become a value. A frame that does not fit fails
+  the request at once with `DriverUnavailable("protocol error: …")`; the poller closes
+  the connection and reconnects, so the stream is resynchronised and a late or stray
+  frame can never be taken for the answer to a later request.
+- A timeout also raises DriverUnavailable ("timeout"): the connection is closed, so a
+  late answer cannot be paired with the next request.
+- An exception response 2 (illegal data address) or 3 (illegal data value) to a merged
+  block read starts block isolation (`_isolate`): the block is split by tag boundaries
+  to find the tags the device refuses; the rest keeps reporting through the good
+  sub-requests, and the whole block is tried again every `isolation_retry_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
+import structlog
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
 from drivers.base import DriverUnavailable, RawReading, Value
 from drivers.modbus.codec import CodecError, DecodeFailure
 from drivers.modbus.config import ModbusDevice
-from drivers.modbus.plan import DevicePlan, GroupPlan, Request, plan_device
+from drivers.modbus.plan import (
+    DevicePlan,
+    GroupPlan,
+    Request,
+    TagSlot,
+    clusters,
+    plan_device,
+    sub_request,
+)
 
-__all__ = ["EXCEPTION_NAMES", "ModbusDriver"]
+__all__ = [
+    "EXCEPTION_NAMES",
+    "FRAME_INCOMPLETE",
+    "FRAME_OK",
+    "ISOLATE_CODES",
+    "ISOLATION_RETRY_S",
+    "ModbusDriver",
+    "check_frame",
+    "exception_reason",
+]
+
+log = structlog.get_logger(__name__)
 
 EXCEPTION_NAMES: Final[dict[int, str]] = {
     1: "illegal function",
@@ -38,21 +77,167 @@ EXCEPTION_NAMES: Final[dict[int, str]] = {
     11: "gateway target device failed to respond",
 }
 
+# Exception codes that concern the addresses or the size of a request: splitting the
+# request can tell the refused tags from the good ones. Others (busy, device failure,
+# gateway errors, illegal function) concern the device or the table as a whole.
+ISOLATE_CODES: Final = frozenset({2, 3})
+
+# How often an isolated block is read whole again to see whether the device accepts it
+# (a PLC program download may have added the missing registers). One request per block
+# per minute is negligible next to the polls; an operator who fixed the PLC sees the
+# values within a minute.
+ISOLATION_RETRY_S: Final = 60.0
+
+FRAME_OK: Final = ""
+FRAME_INCOMPLETE: Final = "incomplete"
+
+_MBAP = 7  # transaction id (2), protocol id (2), length (2), unit id (1)
+
+
+def exception_reason(code: int) -> str:
+    """`modbus exception 2 (illegal data address)`: the reason of a bad reading."""
+    return f"modbus exception {code} ({EXCEPTION_NAMES.get(code, 'unknown exception')})"
+
+
+def check_frame(data: bytes, request: bytes) -> str:
+    """Check received bytes `data` against the Modbus/TCP read `request` they answer.
+
+    Returns FRAME_OK when `data` is exactly one complete, consistent answer (values or
+    an exception response), FRAME_INCOMPLETE when more bytes are needed, or the reason
+    of the first inconsistency (`protocol error: wrong transaction id`, `… wrong
+    protocol id`, `… bad length`, `… wrong unit id`, `… wrong function code`,
+    `… wrong byte count`, `… wrong length`, `… unexpected data`). Checks run on
+    partial data too, so a wrong header is reported as soon as it arrives.
+    """
+    n = len(data)
+    if n >= 2 and data[0:2] != request[0:2]:
+        return "protocol error: wrong transaction id"
+    if n >= 4 and data[2:4] != b"\x00\x00":
+        return "protocol error: wrong protocol id"
+    if n < 6:
+        return FRAME_INCOMPLETE
+    length = int.from_bytes(data[4:6], "big")
+    if not 3 <= length <= 254:  # unit + function + at least one byte; a PDU is ≤ 253
+        return "protocol error: bad length"
+    # Unit 0 addresses "the device itself" on TCP; devices answer it with their own id.
+    if n >= 7 and request[6] != 0 and data[6] != request[6]:
+        return "protocol error: wrong unit id"
+    if n >= 8 and data[7] & 0x7F != request[7]:
+        return "protocol error: wrong function code"
+    total = 6 + length
+    if n < total:
+        return FRAME_INCOMPLETE
+    if n > total:
+        return "protocol error: unexpected data"
+    if data[7] & 0x80:
+        return FRAME_OK if length == 3 else "protocol error: wrong length"
+    count = int.from_bytes(request[10:12], "big")
+    expected = 2 * count if request[7] in (3, 4) else (count + 7) // 8
+    if data[8] != expected:
+        return "protocol error: wrong byte count"
+    if length != 3 + expected:
+        return "protocol error: wrong length"
+    return FRAME_OK
+
+
+class _FrameGuard:
+    """pymodbus' `trace_packet` hook: remembers the last request sent and checks what
+    comes back before pymodbus decodes it (see `check_frame`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.error: asyncio.Future[str] = loop.create_future()
+        self.request = b""
+        self.answered = True
+        self.partial = False
+
+    def __call__(self, sending: bool, data: bytes) -> bytes:
+        if sending:
+            self.request = bytes(data)
+            self.answered = False
+            return data
+        if self.error.done():
+            return b""
+        if self.answered:
+            # A duplicate answer to a request pymodbus retried is harmless: pymodbus
+            # ignores a PDU without a pending request. Anything else is not.
+            verdict = check_frame(data, self.request) if self.request else "unexpected"
+            if verdict in (FRAME_OK, FRAME_INCOMPLETE):
+                return data
+            self._fail("protocol error: unexpected data")
+            return b""
+        verdict = check_frame(data, self.request)
+        if verdict == FRAME_OK:
+            self.answered = True
+            self.partial = False
+            return data
+        if verdict == FRAME_INCOMPLETE:
+            self.partial = True
+            return data
+        self._fail(verdict)
+        return b""  # never let pymodbus decode it
+
+    def _fail(self, reason: str) -> None:
+        if not self.error.done():
+            self.error.set_result(reason)
+
+
+@dataclass(slots=True)
+class _Isolation:
+    """A static request that the device refused whole, split into what works."""
+
+    good: list[Request]
+    bad: list[tuple[tuple[TagSlot, ...], int]]  # (cluster of slots, exception code)
+    retry_at: float
+
+
+class _NotIsolable(Exception):
+    """An isolation probe got an exception that splitting cannot explain."""
+
+    def __init__(self, response: Any) -> None:
+        super().__init__()
+        self.response = response
+
+
+def _code(response: Any) -> int | None:
+    """The exception code of an exception response, None for a normal response."""
+    if response is None or response.isError():
+        return int(getattr(response, "exception_code", 0) or 0)
+    return None
+
+
+def _span(request: Request, cluster: Sequence[TagSlot]) -> str:
+    first = request.start + min(s.offset for s in cluster)
+    last = request.start + max(s.offset + s.spec.register_count for s in cluster) - 1
+    return f"{request.table} {first}" if first == last else f"{request.table} {first}..{last}"
+
 
 class ModbusDriver:
     """One Modbus/TCP device (implements drivers.base.Driver).
 
     The request plan is made in the constructor (a config error raises ValueError before
     any socket is opened). `endpoint` overrides the configured host and port, e.g. with
-    the address a ModbusSimulator actually listens on.
+    the address a ModbusSimulator actually listens on. `isolation_retry_s` is how often
+    an isolated block is read whole again (default ISOLATION_RETRY_S).
     """
 
-    def __init__(self, device: ModbusDevice, *, endpoint: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        device: ModbusDevice,
+        *,
+        endpoint: tuple[str, int] | None = None,
+        isolation_retry_s: float = ISOLATION_RETRY_S,
+    ) -> None:
         self.device = device
         self.host, self.port = endpoint if endpoint is not None else (device.host, device.port)
         self.plan: DevicePlan = plan_device(device)
+        self.isolation_retry_s = isolation_retry_s
         self._client: AsyncModbusTcpClient | None = None
         self._lost: asyncio.Future[None] | None = None
+        self._guard: _FrameGuard | None = None
+        # Kept across reconnects: a refused address stays refused until the retry.
+        self._isolated: dict[tuple[str, int], _Isolation] = {}
+        self._requests_in_poll = 0
+        self._log = log.bind(device=device.name)
 
     @property
     def endpoint(self) -> str:
@@ -60,7 +245,7 @@ class ModbusDriver:
         return f"{self.host}:{self.port}"
 
     def group_plan(self, group: str) -> GroupPlan:
-        """The plan of `group`; a group with no tags reads nothing."""
+        """The static plan of `group`; a group with no tags reads nothing."""
         plan = self.plan.groups.get(group)
         if plan is None:
             if group in self.device.group_intervals():
@@ -68,12 +253,23 @@ class ModbusDriver:
             raise ValueError(f"device {self.device.name!r} has no poll group {group!r}")
         return plan
 
+    def active_requests(self, group: str) -> list[Request]:
+        """The requests a poll of `group` makes now: the static plan, with every isolated
+        block replaced by its good sub-requests (refused tags are not read until the
+        retry)."""
+        out: list[Request] = []
+        for number, request in enumerate(self.group_plan(group).requests):
+            iso = self._isolated.get((group, number))
+            out.extend(iso.good if iso is not None else (request,))
+        return out
+
     async def connect(self) -> None:
         """Open the TCP connection. Raises DriverUnavailable ("connection refused" or
         "timeout")."""
         await self.close()
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[None] = loop.create_future()
+        guard = _FrameGuard(loop)
 
         def on_connect(connected: bool) -> None:
             if not connected and not lost.done():
@@ -88,6 +284,7 @@ class ModbusDriver:
             reconnect_delay=0,
             reconnect_delay_max=0,
             trace_connect=on_connect,
+            trace_packet=guard,
         )
         started = loop.time()
         try:
@@ -106,21 +303,20 @@ class ModbusDriver:
             raise DriverUnavailable("connection refused", self.endpoint)
         self._client = client
         self._lost = lost
+        self._guard = guard
 
     async def read(self, group: str) -> list[RawReading]:
         """One poll of `group`: one RawReading per tag of the group, in config order.
 
         Raw decoded values (not scaled), ts_source None. An exception response fails only
-        the tags of its request; a timeout or lost connection raises DriverUnavailable.
+        the tags it concerns (after isolation, see the module docstring); a timeout, a
+        lost connection or a malformed frame raises DriverUnavailable.
         """
         plan = self.group_plan(group)
         out: list[RawReading | None] = [None] * len(plan.tags)
-        pause = self.device.request_pause_s
+        self._requests_in_poll = 0
         for number, request in enumerate(plan.requests):
-            if number and pause > 0:
-                await asyncio.sleep(pause)
-            response = await self._execute(request)
-            self._fill(request, response, out)
+            await self._read_block((group, number), request, out)
         return [
             r if r is not None else RawReading(tag, None, "bad", "not read")
             for tag, r in zip(plan.tags, out, strict=True)
@@ -130,17 +326,138 @@ class ModbusDriver:
         """Close the connection; never raises."""
         client, self._client = self._client, None
         self._lost = None
+        self._guard = None
         if client is not None:
             # close() must never raise, whatever state pymodbus is in.
             with contextlib.suppress(Exception):
                 client.close()
 
+    # ------------------------------------------------------------------ isolation
+
+    async def _read_block(
+        self, key: tuple[str, int], request: Request, out: list[RawReading | None]
+    ) -> None:
+        """Read one static request, or its isolated parts until the next retry."""
+        now = asyncio.get_running_loop().time()
+        iso = self._isolated.get(key)
+        if iso is not None and now < iso.retry_at:
+            for sub in iso.good:
+                response = await self._request(sub)
+                if _code(response) in ISOLATE_CODES:
+                    iso.retry_at = now  # the device changed again: re-isolate next poll
+                self._fill(sub, response, out)
+            for cluster, bad_code in iso.bad:
+                _fill_bad(cluster, bad_code, out)
+            return
+        response = await self._request(request)
+        code = _code(response)
+        if code is None or code not in ISOLATE_CODES:
+            if iso is not None:
+                if code is None:
+                    del self._isolated[key]
+                    self._log.info("modbus.block.recovered", block=request.describe())
+                else:  # busy, device failure…: keep the isolation, try again later
+                    iso.retry_at = now + self.isolation_retry_s
+            self._fill(request, response, out)
+            return
+        try:
+            good, bad = await self._isolate(request, response, out)
+        except _NotIsolable as exc:
+            self._fill(request, exc.response, out)
+            return
+        if iso is None or _bad_spans(request, iso.bad) != _bad_spans(request, bad):
+            self._log.warning(
+                "modbus.block.isolated",
+                block=request.describe(),
+                bad=_bad_spans(request, bad),
+                bad_tags=[s.tag for cluster, _ in bad for s in cluster],
+                reason=exception_reason(bad[0][1] if bad else code),
+                requests=[r.describe() for r in good],
+                retry_s=self.isolation_retry_s,
+            )
+        self._isolated[key] = _Isolation(good, bad, now + self.isolation_retry_s)
+
+    async def _isolate(
+        self, request: Request, response: Any, out: list[RawReading | None]
+    ) -> tuple[list[Request], list[tuple[tuple[TagSlot, ...], int]]]:
+        """Split `request` (refused with `response`) to find the refused tags.
+
+        Bisects the request's clusters (tags that share registers stay together): a
+        half the device accepts is kept, a refused half is split again, a refused single
+        cluster is bad. Then every run of good parts between two bad clusters is tried
+        as one request and kept whole if the device accepts it, so a poll makes as few
+        requests as the refused addresses allow. Fills `out` for this poll.
+        """
+        parts = clusters(request)
+        # In address order: (request, response, 0) for a good part, (None, cluster, code)
+        # for a refused one.
+        found: list[tuple[Request | None, Any, int]] = []
+
+        async def split(group: list[tuple[TagSlot, ...]], code: int) -> None:
+            if len(group) == 1:
+                found.append((None, group[0], code))
+                return
+            mid = len(group) // 2
+            for half in (group[:mid], group[mid:]):
+                sub = sub_request(request, [s for c in half for s in c])
+                answer = await self._request(sub)
+                sub_code = _code(answer)
+                if sub_code is None:
+                    found.append((sub, answer, 0))
+                elif sub_code in ISOLATE_CODES:
+                    await split(half, sub_code)
+                else:
+                    raise _NotIsolable(answer)
+
+        first = _code(response)
+        assert first is not None
+        await split(parts, first)
+
+        good: list[Request] = []
+        bad: list[tuple[tuple[TagSlot, ...], int]] = []
+        run: list[tuple[Request, Any]] = []
+
+        async def close_run() -> None:
+            if len(run) > 1:
+                # Sub-request slots are relative to their own start: take the originals.
+                indexes = {s.index for r, _ in run for s in r.slots}
+                whole = sub_request(request, [s for s in request.slots if s.index in indexes])
+                answer = await self._request(whole)
+                if _code(answer) is None:
+                    run[:] = [(whole, answer)]
+            for sub, answer in run:
+                good.append(sub)
+                self._fill(sub, answer, out)
+            run.clear()
+
+        for sub, payload, code in found:
+            if sub is not None:
+                run.append((sub, payload))
+                continue
+            await close_run()
+            cluster: tuple[TagSlot, ...] = payload
+            bad.append((cluster, code))
+            _fill_bad(cluster, code, out)
+        await close_run()
+        return good, bad
+
     # ------------------------------------------------------------------ internals
 
+    async def _request(self, request: Request) -> Any:
+        """One request of this poll, with the device's pause between requests."""
+        pause = self.device.request_pause_s
+        if self._requests_in_poll and pause > 0:
+            await asyncio.sleep(pause)
+        self._requests_in_poll += 1
+        return await self._execute(request)
+
     async def _execute(self, request: Request) -> Any:
-        client, lost = self._client, self._lost
-        if client is None or lost is None or lost.done() or not client.connected:
+        client, lost, guard = self._client, self._lost, self._guard
+        if client is None or lost is None or guard is None or lost.done() or not client.connected:
             raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
+        if guard.error.done():
+            raise DriverUnavailable(guard.error.result(), f"{self.endpoint}: stray data")
+        guard.partial = False
         unit = self.device.unit_id
         start, count = request.start, request.count
         if request.table == "holding":
@@ -154,12 +471,17 @@ class ModbusDriver:
         task: asyncio.Future[Any] = asyncio.ensure_future(call)
         try:
             # pymodbus leaves a request pending until its timeout when the connection
-            # drops; racing the request against the disconnect reports it at once.
-            await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+            # drops or a frame is malformed; racing the request against both reports
+            # them at once.
+            await asyncio.wait((task, lost, guard.error), return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not task.done():
                 task.cancel()
                 await asyncio.wait((task,))
+        if guard.error.done():  # checked first: a malformed frame never becomes a value
+            raise DriverUnavailable(
+                guard.error.result(), f"{self.endpoint}: answer to {request.describe()}"
+            )
         if task.cancelled() or (lost.done() and not task.done()):
             raise DriverUnavailable("connection lost", f"{self.endpoint}: connection closed")
         exc = task.exception()
@@ -168,6 +490,11 @@ class ModbusDriver:
         if lost.done() or not client.connected:
             raise DriverUnavailable("connection lost", f"{self.endpoint}: {exc}") from None
         if isinstance(exc, ModbusIOException | asyncio.TimeoutError | TimeoutError):
+            if guard.partial:
+                raise DriverUnavailable(
+                    "protocol error: incomplete frame",
+                    f"{self.endpoint}: answer to {request.describe()} stopped short",
+                ) from None
             raise DriverUnavailable(
                 "timeout",
                 f"{self.endpoint}: no answer to {request.describe()} within "
@@ -180,14 +507,24 @@ class ModbusDriver:
         raise exc
 
     def _fill(self, request: Request, response: Any, out: list[RawReading | None]) -> None:
-        if response is None or response.isError():
-            code = int(getattr(response, "exception_code", 0) or 0)
-            name = EXCEPTION_NAMES.get(code, "unknown exception")
-            reason = f"modbus exception {code} ({name})"
-            for slot in request.slots:
-                out[slot.index] = RawReading(slot.tag, None, "bad", reason, code)
+        code = _code(response)
+        if code is not None:
+            _fill_bad(request.slots, code, out)
             return
+        if response.function_code != request.function_code:
+            # check_frame already refuses this; never decode another table's data.
+            raise DriverUnavailable(
+                "protocol error: wrong function code", f"{self.endpoint}: {request.describe()}"
+            )
         words = response.bits if request.is_bits else response.registers
+        size = len(words)
+        if (request.is_bits and not request.count <= size < request.count + 8) or (
+            not request.is_bits and size != request.count
+        ):
+            raise DriverUnavailable(
+                "protocol error: wrong byte count",
+                f"{self.endpoint}: {size} values for {request.describe()}",
+            )
         try:
             values = request.decoder.decode(words)
         except CodecError as exc:
@@ -201,3 +538,13 @@ class ModbusDriver:
             else:
                 v: Value = value
                 out[slot.index] = RawReading(slot.tag, v)
+
+
+def _fill_bad(slots: Sequence[TagSlot], code: int, out: list[RawReading | None]) -> None:
+    reason = exception_reason(code)
+    for slot in slots:
+        out[slot.index] = RawReading(slot.tag, None, "bad", reason, code)
+
+
+def _bad_spans(request: Request, bad: Sequence[tuple[tuple[TagSlot, ...], int]]) -> list[str]:
+    return [_span(request, cluster) for cluster, _ in bad]

@@ -28,9 +28,11 @@ __all__ = [
     "GroupPlan",
     "Request",
     "TagSlot",
+    "clusters",
     "format_plan",
     "plan_device",
     "plan_requests",
+    "sub_request",
 ]
 
 MAX_REGISTERS = 125
@@ -177,6 +179,48 @@ def _make_request(
     )
     decoder = BlockDecoder([(s.offset, s.spec) for s in slots])
     return Request(table=table, start=start, count=end - start, slots=slots, decoder=decoder)
+
+
+def clusters(request: Request) -> list[tuple[TagSlot, ...]]:
+    """The smallest pieces `request` can be split into, in address order.
+
+    Slots whose registers (bits) overlap stay together: a multi-register value is never
+    split, and several `bit` tags of one register are read by one request. Used by the
+    driver to isolate the tags that make a merged block fail.
+    """
+    ordered = sorted(request.slots, key=lambda s: (s.offset, -s.spec.register_count, s.index))
+    out: list[list[TagSlot]] = []
+    end = -1  # exclusive end of the current cluster
+    for slot in ordered:
+        slot_end = slot.offset + slot.spec.register_count
+        if out and slot.offset < end:
+            out[-1].append(slot)
+            end = max(end, slot_end)
+        else:
+            out.append([slot])
+            end = slot_end
+    return [tuple(c) for c in out]
+
+
+def sub_request(request: Request, slots: Sequence[TagSlot]) -> Request:
+    """A request reading only `slots` (a subset of `request.slots`), from the first
+    register (bit) of the first slot to the last of the last one."""
+    if not slots:
+        raise ValueError("a sub-request needs at least one slot")
+    first = min(s.offset for s in slots)
+    last = max(s.offset + s.spec.register_count for s in slots)
+    ordered = sorted(slots, key=lambda s: (s.offset, -s.spec.register_count, s.index))
+    moved = tuple(
+        TagSlot(index=s.index, tag=s.tag, offset=s.offset - first, spec=s.spec) for s in ordered
+    )
+    decoder = BlockDecoder([(s.offset, s.spec) for s in moved])
+    return Request(
+        table=request.table,
+        start=request.start + first,
+        count=last - first,
+        slots=moved,
+        decoder=decoder,
+    )
 
 
 def plan_device(device: ModbusDevice) -> DevicePlan:

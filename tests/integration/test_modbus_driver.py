@@ -197,8 +197,9 @@ async def test_unconfigured_address_is_bad_with_exception_code_and_others_stay_g
         assert readings[name].reason == "modbus exception 2 (illegal data address)"
 
 
-async def test_block_touching_an_unconfigured_register_fails_as_a_whole() -> None:
-    """A merged request spanning a hole gets exception 2 for all its tags."""
+async def test_block_touching_an_unconfigured_register_is_split_around_it() -> None:
+    """A merged request spanning a refused hole is split (block isolation): both tags
+    read fine on their own, so both stay good, each with its own request."""
     sim_device = make_device(
         "plc",
         [
@@ -214,7 +215,11 @@ async def test_block_touching_an_unconfigured_register_fails_as_a_whole() -> Non
             readings = await driver.read("default")
         finally:
             await driver.close()
-    assert [(r.tag, r.quality, r.code) for r in readings] == [("a", "bad", 2), ("b", "bad", 2)]
+    assert [(r.tag, r.quality, r.value) for r in readings] == [
+        ("a", "good", 1),
+        ("b", "good", 2),
+    ]
+    assert [(r.start, r.count) for r in driver.active_requests("default")] == [(0, 1), (2, 1)]
 
 
 async def test_addressing_is_zero_based_and_classic_40001_is_address_0() -> None:
