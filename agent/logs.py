@@ -38,7 +38,10 @@ def setup_logging(
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # Libraries log through the standard logging module; keep them quiet but visible.
+    # Libraries log through the standard logging module. Our drivers report every
+    # failure in their own words (one transition, an exact reason), so the libraries'
+    # per-request errors and frame dumps would only repeat them: keep those for debug.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    library_level = logging.ERROR if level == "debug" else logging.CRITICAL
     for noisy in ("asyncua", "pymodbus"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger(noisy).setLevel(library_level)

@@ -148,6 +148,7 @@ class DevicePoller:
             try:
                 async with asyncio.timeout(self._read_guard_s):
                     readings = await self.driver.read(group)
+                self._answered()
             except Exception as exc:  # a driver bug must not stop the other devices
                 reason, detail = _describe(exc, "read")
                 await self._lost(reason, detail)
@@ -178,12 +179,21 @@ class DevicePoller:
             return
         self._connected = True
         self.status.connects += 1
-        self._backoff.reset()
         if self._subscribe:
             assert isinstance(self.driver, SubscribingDriver)
             self._watch = asyncio.create_task(
                 self._watch_connection(self.driver), name=f"watch:{self.device.name}"
             )
+            if len(self._subscribe) == len(self._groups):
+                self._answered()  # subscribe-only: the subscription is the answer
+
+    def _answered(self) -> None:
+        """The device answered (a read returned, or its subscriptions exist). Only now is
+        it up: a device that accepts connections but never answers properly (a black hole,
+        garbled frames) stays down, logged once, and keeps its growing backoff."""
+        self._backoff.reset()
+        if self.status.state == "up":
+            return
         if self.status.state == "down":
             self._log.info("device.recovered", down_s=round(time.time() - self.status.since, 1))
         else:

@@ -172,6 +172,12 @@ class ModbusDevice(DeviceCommon):
         le=124,
         description="Unused registers/bits allowed between two tags merged into one request.",
     )
+    isolation_retry_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A block the device refused in part (exception 2/3) is split to isolate "
+        "the refused tags; this often the whole block is tried again.",
+    )
     request_pause_s: float = Field(
         default=0.0, ge=0, description="Pause between requests, for devices that need one."
     )

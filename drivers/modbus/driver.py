@@ -217,7 +217,7 @@ class ModbusDriver:
     The request plan is made in the constructor (a config error raises ValueError before
     any socket is opened). `endpoint` overrides the configured host and port, e.g. with
     the address a ModbusSimulator actually listens on. `isolation_retry_s` is how often
-    an isolated block is read whole again (default ISOLATION_RETRY_S).
+    an isolated block is read whole again (default: the device's isolation_retry_s).
     """
 
     def __init__(
@@ -225,12 +225,14 @@ class ModbusDriver:
         device: ModbusDevice,
         *,
         endpoint: tuple[str, int] | None = None,
-        isolation_retry_s: float = ISOLATION_RETRY_S,
+        isolation_retry_s: float | None = None,
     ) -> None:
         self.device = device
         self.host, self.port = endpoint if endpoint is not None else (device.host, device.port)
         self.plan: DevicePlan = plan_device(device)
-        self.isolation_retry_s = isolation_retry_s
+        self.isolation_retry_s = (
+            device.isolation_retry_s if isolation_retry_s is None else isolation_retry_s
+        )
         self._client: AsyncModbusTcpClient | None = None
         self._lost: asyncio.Future[None] | None = None
         self._guard: _FrameGuard | None = None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import select
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import TracebackType
 
@@ -40,6 +41,7 @@ class AgentProcess:
         self.log_path = log_path
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._lines: queue.Queue[str] | None = None
 
     def start(self) -> AgentProcess:
         with self.log_path.open("ab") as log:
@@ -70,10 +72,20 @@ class AgentProcess:
         """Next stdout line (for `edge-agent simulate`, which prints its endpoints)."""
         assert self.proc is not None
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        if not ready:
-            raise TimeoutError(f"no output within {timeout_s} s; log:\n{self.log()}")
-        return self.proc.stdout.readline().decode().rstrip("\n")
+        if self._lines is None:
+            self._lines = queue.Queue()
+            stdout = self.proc.stdout
+            lines = self._lines
+
+            def pump() -> None:  # readline() buffers: a thread, not select(), sees every line
+                for raw in iter(stdout.readline, b""):
+                    lines.put(raw.decode().rstrip("\n"))
+
+            threading.Thread(target=pump, daemon=True).start()
+        try:
+            return self._lines.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"no output within {timeout_s} s; log:\n{self.log()}") from None
 
     def __enter__(self) -> AgentProcess:
         return self.start()

@@ -150,3 +150,16 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
     assert [b.next() for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
     b.reset()
     assert b.next() == pytest.approx(0.5)
+
+
+async def test_connects_but_never_answers_stays_down_logged_once() -> None:
+    drv, sink = FakeDriver(), Sink()
+    drv.fail_reads = 10**6  # accepts connections, every read fails (a black hole)
+    poller = DevicePoller(device(backoff_max_s=0.05), "fake", drv, TAGS, sink)
+    with capture_logs() as logs:
+        await run_until(poller, lambda: drv.connects >= 5)
+    events = [e["event"] for e in logs]
+    assert events.count("device.down") == 1
+    assert "device.recovered" not in events
+    assert "device.connected" not in events
+    assert poller.status.state == "down"
