@@ -25,6 +25,7 @@ import orjson
 from agent.buffer import Gap, Record
 from agent.config import AgentSection, MqttConfig
 from agent.publish import Message
+from agent.publish.sparkplug import SparkplugNode
 from agent.schema import BATCH_SCHEMA, SAMPLE_SCHEMA
 
 
@@ -36,9 +37,17 @@ def _gap_list(gaps: Sequence[Gap]) -> list[dict[str, Any]]:
 
 
 class PayloadEncoder:
-    def __init__(self, agent: AgentSection, mqtt: MqttConfig) -> None:
+    """sparkplug: the edge node used by layout sparkplug (default: one whose bdSeq lives
+    in memory only; the runtime passes the one wired to the publisher)."""
+
+    def __init__(
+        self, agent: AgentSection, mqtt: MqttConfig, *, sparkplug: SparkplugNode | None = None
+    ) -> None:
         self._agent = agent
         self._mqtt = mqtt
+        if sparkplug is None and mqtt.layout == "sparkplug":
+            sparkplug = SparkplugNode(agent, mqtt)
+        self.sparkplug = sparkplug
         self._fields: dict[str, str | None] = {
             "agent": agent.id,
             "site": agent.site,
@@ -58,6 +67,9 @@ class PayloadEncoder:
         """The messages that carry one record. `gaps` go into the first message."""
         if self._mqtt.layout == "device":
             return [self._device_message(record, historical, gaps)]
+        if self.sparkplug is not None:
+            # Sparkplug has no place for gap notices; docs/sparkplug.md says so.
+            return self.sparkplug.encode(record, historical=historical)
         return self._tag_messages(record, historical, gaps)
 
     def _device_message(self, record: Record, historical: bool, gaps: Sequence[Gap]) -> Message:

@@ -34,6 +34,7 @@ from agent.payload import PayloadEncoder
 from agent.poller import DevicePoller, DeviceStatus
 from agent.publish import Publisher
 from agent.publish.deadletter import DeadLetters
+from agent.publish.sparkplug import SparkplugNode, sparkplug_node
 from agent.publish.status import StatusMessages
 from agent.schema import WireSample
 from drivers.base import DeviceCommon, Driver, RawReading, TagCommon
@@ -216,6 +217,8 @@ class Agent:
         self._seq: SeqCounter | None = None
         self._reload_lock = asyncio.Lock()
         self._status_msgs: StatusMessages | None = None
+        # layout sparkplug: the edge node (births, deaths, seq, bdSeq); see docs/sparkplug.md
+        self.sparkplug: SparkplugNode | None = None
         self._status_tasks: set[asyncio.Task[Any]] = set()
 
     def stop(self) -> None:
@@ -249,6 +252,25 @@ class Agent:
             buffered_records=backlog,
             last_seq=seq.last,
         )
+        self.sparkplug = sparkplug_node(
+            config.agent,
+            config.mqtt,
+            config.buffer.path if config.buffer.kind == "sqlite" else None,
+        )
+        if self._publisher is None and self.sparkplug is not None:
+            from agent.publish.mqtt import MqttPublisher
+
+            # Sparkplug replaces the JSON status topics: its will is the NDEATH.
+            node = self.sparkplug
+            mqtt_publisher = MqttPublisher(
+                config.mqtt,
+                config.mqtt.resolved_client_id(config.agent.id),
+                will_factory=node.next_will,
+                on_connect_messages=node.on_connect,
+                prepare=node.stamp,
+            )
+            mqtt_publisher.subscribe(node.ncmd_topic, node.on_command)
+            self._publisher = mqtt_publisher
         if self._publisher is None:
             from agent.publish.mqtt import MqttPublisher
 
@@ -263,7 +285,7 @@ class Agent:
         forwarder = self.forwarder = Forwarder(
             self.buffer,
             publisher,
-            PayloadEncoder(config.agent, config.mqtt),
+            PayloadEncoder(config.agent, config.mqtt, sparkplug=self.sparkplug),
             dead_letters=_dead_letters(config),
             max_refusals=config.mqtt.max_refusals,
         )
@@ -276,11 +298,18 @@ class Agent:
                     self.http_address = await stack.enter_async_context(server)
                 await publisher.start()
                 forward_task = asyncio.create_task(forwarder.run(), name="forwarder")
+                births_task = (
+                    asyncio.create_task(self.sparkplug.run(publisher), name="sparkplug")
+                    if self.sparkplug is not None
+                    else None
+                )
                 try:
                     await self._run_inputs(seq, backlog)
                 finally:
                     forward_task.cancel()
-                    await asyncio.wait({forward_task})
+                    if births_task is not None:
+                        births_task.cancel()
+                    await asyncio.wait({forward_task, *([births_task] if births_task else [])})
                     left = await forwarder.drain(self.grace_s)
                     if left:
                         log.info("agent.stopping.buffer_kept", records=left)
@@ -289,6 +318,10 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
                         await publisher.publish([self._status_msgs.offline()])
+            if self.sparkplug is not None and publisher.connected:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await publisher.publish([self.sparkplug.clean_death()])
             await publisher.close()
             await self.buffer.close()
             log.info(
@@ -343,6 +376,8 @@ class Agent:
 
     def _device_state_changed(self, status: DeviceStatus) -> None:
         """Publish the retained device status (also re-sent with every MQTT birth)."""
+        if self.sparkplug is not None and status.state in ("up", "down"):
+            self.sparkplug.device_state(status.name, status.state)
         if self._status_msgs is None or status.state == "starting":
             return
         msg = self._status_msgs.device(status.name, status.state, status.reason, status.since)

@@ -192,6 +192,10 @@ class MqttPublisher:
         DISCONNECT (its qos and retain are used as given; pass retain=True for a status).
     on_connect_messages: called after every successful connect; the messages it returns
         are published before anything else, fire-and-forget (e.g. a retained 'online').
+    will_factory: instead of `will`, called for every connection attempt (each has a
+        fresh paho client) to make its will, e.g. a Sparkplug NDEATH with a new bdSeq.
+    prepare: called on every message at the moment it is handed to paho, in wire order;
+        returns the message to send (e.g. a Sparkplug payload stamped with its seq).
     """
 
     def __init__(
@@ -201,10 +205,15 @@ class MqttPublisher:
         *,
         will: Message | None = None,
         on_connect_messages: Callable[[], Sequence[Message]] | None = None,
+        will_factory: Callable[[], Message] | None = None,
+        prepare: Callable[[Message], Message] | None = None,
     ) -> None:
         self._config = config
         self._client_id = client_id
         self._will = will
+        self._will_factory = will_factory
+        self._prepare = prepare
+        self._subscriptions: list[tuple[str, int, Callable[[str, bytes], None]]] = []
         self._on_connect_messages = on_connect_messages
         self._session: _Session | None = None
         self._connected = asyncio.Event()
@@ -271,6 +280,44 @@ class MqttPublisher:
                 except Exception:
                     self._log.exception("mqtt.task.failed")
 
+    def subscribe(
+        self, topic_filter: str, callback: Callable[[str, bytes], None], *, qos: int = 1
+    ) -> None:
+        """Subscribe `topic_filter` on every connection (now, if connected, and again after
+        each reconnect, before the on-connect messages go out). `callback(topic, payload)`
+        runs on the event loop for each message that matches; it must not block or raise
+        (an exception is logged and the message dropped)."""
+        self._subscriptions.append((topic_filter, qos, callback))
+        session = self._session
+        if session is not None and session.open:
+            self._subscribe(session, topic_filter, qos, callback)
+
+    def _subscribe(
+        self,
+        session: _Session,
+        topic_filter: str,
+        qos: int,
+        callback: Callable[[str, bytes], None],
+    ) -> None:
+        logger = self._log
+
+        def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            try:
+                callback(msg.topic, bytes(msg.payload))
+            except Exception:
+                logger.exception("mqtt.subscription.callback_failed", topic=msg.topic)
+
+        session.client.message_callback_add(topic_filter, on_message)
+        try:
+            rc, _mid = session.client.subscribe(topic_filter, qos=qos)
+        except ValueError as exc:
+            logger.error("mqtt.subscribe.invalid", topic_filter=topic_filter, error=str(exc))
+            return
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            logger.warning(
+                "mqtt.subscribe.failed", topic_filter=topic_filter, reason=mqtt.error_string(rc)
+            )
+
     def stats(self) -> PublisherStats:
         session = self._session
         return PublisherStats(
@@ -313,6 +360,8 @@ class MqttPublisher:
         """Give one message to paho (the window must have room); its future resolves on
         PUBACK, timeout or the end of the connection."""
         fut: asyncio.Future[PublishResult] = session.loop.create_future()
+        if self._prepare is not None:
+            msg = self._prepare(msg)
         if session.max_packet is not None and _packet_size(msg, v5=True) > session.max_packet:
             # The broker would drop the connection over it, and every retry would too.
             fut.set_result(self._fail("Packet too large", 0x95))
@@ -457,10 +506,9 @@ class MqttPublisher:
             except TlsSetupError as exc:
                 raise _ConnectFailed(exc.reason) from None
             client.tls_set_context(ctx)
-        if self._will is not None:
-            client.will_set(
-                self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain
-            )
+        will = self._will_factory() if self._will_factory is not None else self._will
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         return client, ctx
 
     async def _connect_once(self) -> _Session:
@@ -594,6 +642,8 @@ class MqttPublisher:
         self._session = session
         self._connected_since = time.time()
         self._connects += 1
+        for topic_filter, qos, callback in self._subscriptions:
+            self._subscribe(session, topic_filter, qos, callback)
         births: Sequence[Message] = ()
         if self._on_connect_messages is not None:
             try:
