@@ -286,6 +286,8 @@ def _topic_filter(config: Config) -> str:
     }
     if config.mqtt.layout == "tag":
         return config.mqtt.topic_tag.format(**fields, tag="+")
+    if config.mqtt.layout == "sparkplug" and config.mqtt.sparkplug is not None:
+        return f"spBv1.0/{config.mqtt.sparkplug.group_id}/#"
     return config.mqtt.topic.format(**fields)
 
 

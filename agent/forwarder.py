@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -80,13 +82,32 @@ class Forwarder:
         self._backoff = Backoff(0.5, 10.0)
         self._failing = False
         self._last_id = 0
+        self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        """Forward until cancelled."""
-        while True:
-            await self.publisher.wait_connected()
+        """Forward until `request_stop()` (returns after the round in progress, so
+        nothing acknowledged is left uncommitted and sent twice) or cancellation."""
+        while not self._stopping.is_set():
+            if not await self._unless_stopping(self.publisher.wait_connected()):
+                return
             if not await self.forward_once():
-                await self.buffer.wait(self._last_id)
+                await self._unless_stopping(self.buffer.wait(self._last_id))
+
+    def request_stop(self) -> None:
+        """Finish the round in progress, then return from run()."""
+        self._stopping.set()
+
+    async def _unless_stopping(self, waiting: Coroutine[Any, Any, None]) -> bool:
+        """Wait for `waiting`, or until a stop is requested (then False)."""
+        task = asyncio.ensure_future(waiting)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, stop):
+                t.cancel()
+            await asyncio.wait({task, stop})
+        return not self._stopping.is_set()
 
     async def forward_once(self) -> bool:
         """Send one round of records. Returns False when the buffer had nothing to send."""

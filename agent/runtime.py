@@ -306,11 +306,15 @@ class Agent:
                 try:
                     await self._run_inputs(seq, backlog)
                 finally:
+                    stop_started = time.monotonic()
+                    forwarder.request_stop()
+                    await asyncio.wait({forward_task}, timeout=self.grace_s)
                     forward_task.cancel()
                     if births_task is not None:
                         births_task.cancel()
                     await asyncio.wait({forward_task, *([births_task] if births_task else [])})
-                    left = await forwarder.drain(self.grace_s)
+                    grace_left = max(0.0, self.grace_s - (time.monotonic() - stop_started))
+                    left = await forwarder.drain(grace_left)
                     if left:
                         log.info("agent.stopping.buffer_kept", records=left)
         finally:

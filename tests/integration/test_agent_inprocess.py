@@ -59,7 +59,8 @@ async def test_200_registers_take_two_requests_per_poll(
         await task
         status = agent.pollers[0].status
         assert status.failed_polls == 0
-        assert sim.request_count("wide") == 2 * status.polls
+        # The poll running when the agent stopped may have been cut after 0, 1 or 2 requests.
+        assert 2 * (status.polls - 1) <= sim.request_count("wide") <= 2 * status.polls
     plan = tmp_path / "wide.yaml"
     plan.write_text(
         "agent: {id: gw}\ndevices:\n  - name: wide\n    protocol: modbus\n    host: h\n"
@@ -89,4 +90,6 @@ async def test_published_samples_validate_and_agent_stops_cleanly(
     for m in sub.messages():
         BatchPayload.model_validate(orjson.loads(m.payload))
     assert stats.records == 0  # everything produced was delivered within the grace period
-    assert len(samples_of(sub.messages())) == agent.status.samples_produced
+    # At least once: a publish cut by the stop is sent again by the drain (same seq).
+    received = {int(s["seq"]) for s in samples_of(sub.messages())}  # type: ignore[call-overload]
+    assert received == set(range(1, agent.status.samples_produced + 1))

@@ -38,7 +38,7 @@ PROTO = Path(__file__).resolve().parents[1] / "fixtures" / "sparkplug_b.proto"
 
 def generate_bindings(out_dir: Path) -> ModuleType:
     """Compile the published .proto with grpcio-tools' protoc and import the result."""
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    from grpc_tools import protoc
 
     rc = protoc.main(["protoc", f"-I{PROTO.parent}", f"--python_out={out_dir}", PROTO.name])
     assert rc == 0, "protoc failed"
