@@ -1,0 +1,78 @@
+"""Retained device status on the real agent: `down` with the reason while a PLC is
+unreachable, `up` again once it answers — seen by a subscriber that arrives later."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.integration.test_agent_e2e import wait_until
+from tests.support.agent_proc import AgentProcess
+from tests.support.broker import MosquittoBroker, free_port
+from tests.support.proxy import FaultProxy
+from tests.support.subscriber import Subscriber
+
+pytestmark = pytest.mark.integration
+
+
+def status_of(sub: Subscriber, device: str) -> dict[str, object] | None:
+    found = [m for m in sub.messages() if m.topic == f"edge-status/gw-st/{device}"]
+    return orjson.loads(found[-1].payload) if found else None  # type: ignore[no-any-return]
+
+
+def test_device_down_then_up_is_retained(tmp_path: Path, broker: MosquittoBroker) -> None:
+    served = tmp_path / "plc.yaml"
+    served.write_text(
+        f"agent: {{id: sim}}\nbuffer: {{path: {tmp_path / 's.db'}}}\ndevices:\n"
+        "  - {name: plc, protocol: modbus, host: 127.0.0.1, port: 0, "
+        "tags: [{name: t, address: 0}]}\n"
+    )
+    with AgentProcess(tmp_path / "sim.log", "simulate", str(served)) as sim:
+        sim_port = int(sim.read_line(60).split("\t")[2].rsplit(":", 1)[1])
+        with FaultProxy("127.0.0.1", sim_port) as proxy:
+            proxy.set_mode("cut")
+            config = tmp_path / "agent.yaml"
+            config.write_text(
+                f"""\
+agent: {{id: gw-st}}
+mqtt: {{port: {broker.port}, reconnect_min_s: 0.2, reconnect_max_s: 1}}
+buffer: {{path: {tmp_path / "b.db"}}}
+devices:
+  - name: plc
+    protocol: modbus
+    host: 127.0.0.1
+    port: {proxy.port}
+    interval_s: 0.2
+    backoff_min_s: 0.2
+    backoff_max_s: 0.5
+    tags: [{{name: t, address: 0}}]
+  - name: nobody
+    protocol: modbus
+    host: 127.0.0.1
+    port: {free_port()}
+    interval_s: 0.2
+    tags: [{{name: t, address: 0}}]
+"""
+            )
+            with AgentProcess(tmp_path / "agent.log", "run", str(config)) as agent:
+                wait_until(lambda: '"device.down"' in agent.log(), 30, "device down", agent)
+                time.sleep(1)
+                with Subscriber("127.0.0.1", broker.port, "edge-status/#") as late:
+                    wait_until(lambda: status_of(late, "plc") is not None, 20, "retained status")
+                    down = status_of(late, "plc")
+                    assert down is not None
+                    assert down["state"] == "down"
+                    assert down["reason"] == "connection lost"
+                    assert status_of(late, "nobody") is not None
+                    assert status_of(late, "nobody")["reason"] == "connection refused"  # type: ignore[index]
+                    proxy.set_mode("pass")
+                    wait_until(
+                        lambda: (status_of(late, "plc") or {}).get("state") == "up",
+                        30,
+                        "device up",
+                        agent,
+                    )
+                assert agent.terminate() == 0
