@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 def status_of(sub: Subscriber, device: str) -> dict[str, object] | None:
     found = [m for m in sub.messages() if m.topic == f"edge-status/gw-st/{device}"]
-    return orjson.loads(found[-1].payload) if found else None  # type: ignore[no-any-return]
+    return orjson.loads(found[-1].payload) if found else None
 
 
 def test_device_down_then_up_is_retained(tmp_path: Path, broker: MosquittoBroker) -> None:
