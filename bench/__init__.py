@@ -1,0 +1,3 @@
+"""Reproducible benchmarks of the real stack: mosquitto, simulators, the agent process and a
+measuring subscriber, each in its own process. Run `python -m bench run [SCENARIO ...]`;
+see bench/README.md."""
