@@ -13,17 +13,29 @@ cd "$(dirname "$0")/.."
 CONFIG=${1:-configs/demo-plant.yaml}
 PREFIX=/opt/edge-agent
 
-if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+# Debian's own Python: the service user must be able to run the venv's interpreter, which
+# is a link to it (a pyenv or conda Python under /root is not reachable by that user).
+PYTHON=${PYTHON:-/usr/bin/python3}
+if [ ! -x "$PYTHON" ] || ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv
+  PYTHON=/usr/bin/python3
 fi
 id -u edge-agent >/dev/null 2>&1 || \
   useradd --system --user-group --no-create-home --home-dir /var/lib/edge-agent \
     --shell /usr/sbin/nologin edge-agent
 
 mkdir -p "$PREFIX"
-[ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
+if [ -x "$PREFIX/venv/bin/python" ] && ! runuser -u edge-agent -- "$PREFIX/venv/bin/python" -c '' 2>/dev/null; then
+  echo "install.sh: $PREFIX/venv is not usable by the edge-agent user; recreating it" >&2
+  rm -rf "$PREFIX/venv"
+fi
+[ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/pip" install -q --upgrade pip
 "$PREFIX/venv/bin/pip" install -q .
+runuser -u edge-agent -- "$PREFIX/venv/bin/edge-agent" --version >/dev/null || {
+  echo "install.sh: the edge-agent user cannot run $PREFIX/venv/bin/edge-agent" >&2
+  exit 1
+}
 mkdir -p "$PREFIX/docs" && cp docs/operating.md "$PREFIX/docs/"
 
 install -d -m 0750 -o root -g edge-agent /etc/edge-agent
