@@ -10,7 +10,11 @@ import pytest
 from agent.config import parse_config
 
 ROOT = Path(__file__).parents[2]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "drivers").glob("*/README.md")),
+]
 BASE = {
     "agent": "agent: {id: gw-doc, site: s, area: a, line: l}\n",
     "devices": (
@@ -32,7 +36,7 @@ def examples() -> list[tuple[str, str]]:
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
         for i, block in enumerate(re.findall(r"```yaml\n(.*?)```", text, re.S)):
-            out.append((f"{doc.name}#{i}", block))
+            out.append((f"{doc.relative_to(ROOT)}#{i}", block))
     return out
 
 
