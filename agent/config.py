@@ -28,6 +28,16 @@ from drivers.modbus.config import ModbusDevice
 from drivers.opcua.config import OpcUaDevice
 
 
+def read_secret(value: SecretStr | None, file: str | None) -> str | None:
+    """A secret given inline (from ${ENV}) or as a file whose first line is the secret."""
+    if value is not None:
+        return value.get_secret_value()
+    if file is not None:
+        text = Path(file).read_text(encoding="utf-8")
+        return text.splitlines()[0] if text else ""
+    return None
+
+
 class AgentSection(ConfigModel):
     """Who this agent is; the names appear in topics and payloads."""
 
@@ -115,12 +125,7 @@ class MqttTls(ConfigModel):
         return self
 
     def resolved_key_password(self) -> str | None:
-        if self.key_password is not None:
-            return self.key_password.get_secret_value()
-        if self.key_password_file is not None:
-            text = Path(self.key_password_file).read_text(encoding="utf-8")
-            return text.splitlines()[0] if text else ""
-        return None
+        return read_secret(self.key_password, self.key_password_file)
 
 
 class SparkplugConfig(ConfigModel):
@@ -246,12 +251,7 @@ class MqttConfig(ConfigModel):
         return self.client_id or f"edge-agent-{agent_id}"
 
     def resolved_password(self) -> str | None:
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            text = Path(self.password_file).read_text(encoding="utf-8")
-            return text.splitlines()[0] if text else ""
-        return None
+        return read_secret(self.password, self.password_file)
 
 
 class LoggingConfig(ConfigModel):
