@@ -13,6 +13,7 @@ before the scalar's type is decided, so `port: ${MQTT_PORT:-1883}` is an int.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import string
@@ -339,6 +340,23 @@ def load_config(path: str | Path) -> Config:
 
 def parse_config(text: str, shown: str = "<config>") -> Config:
     """Validate config text; `shown` is the file name used in error messages."""
+    # A valid file needs no line numbers: read it without them first (a 10,000-tag file
+    # holds ~100,000 of them), and again with them only to report problems.
+    try:
+        data, _, yaml_problems = load_yaml(text, lines=False)
+    except YamlProblem:
+        pass
+    else:
+        if not yaml_problems and isinstance(data, dict):
+            with contextlib.suppress(ValidationError):
+                config = Config.model_validate(data)
+                if not _cross_checks(data):
+                    return config
+        del data
+    return _parse_reporting(text, shown)
+
+
+def _parse_reporting(text: str, shown: str) -> Config:
     try:
         data, lines, yaml_problems = load_yaml(text)
     except YamlProblem as exc:

@@ -6,9 +6,10 @@ at start, and a sample is a plain dict (`WireSample`) rather than a pydantic obj
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import overload
 
 from agent.schema import WireSample
 from drivers.base import RawReading, TagCommon, Value
@@ -32,6 +33,50 @@ class SeqCounter:
         return self._last
 
 
+class Columns(Sequence[RawReading]):
+    """One poll in columns (a driver's `read_columns`): `values[i]` is the raw value of
+    `tags[i]`, unless `i` is in `bad`, which holds that tag's bad reading.
+
+    A Sequence of RawReading for every consumer (items are built on access), while the
+    normaliser reads the columns directly: no object per value on the hot path."""
+
+    __slots__ = ("bad", "tags", "values")
+
+    def __init__(
+        self,
+        tags: Sequence[str],
+        values: Sequence[Value | None],
+        bad: Mapping[int, RawReading] | None = None,
+    ) -> None:
+        self.tags = tags
+        self.values = values
+        self.bad: Mapping[int, RawReading] = bad if bad is not None else {}
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    @overload
+    def __getitem__(self, index: int) -> RawReading: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[RawReading]: ...
+    def __getitem__(self, index: int | slice) -> RawReading | list[RawReading]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        bad = self.bad.get(index)
+        if bad is not None:
+            return bad
+        return RawReading(self.tags[index], self.values[index])
+
+    def readings(self) -> list[RawReading]:
+        """The RawReading view, as a list."""
+        return list(self)
+
+
+Readings = Sequence[RawReading]  # a list, or Columns
+
+
 @dataclass(frozen=True, slots=True)
 class _TagInfo:
     unit: str | None
@@ -50,10 +95,12 @@ class Normalizer:
             for t in tags
         }
 
-    def samples(
-        self, readings: Sequence[RawReading], ts_agent: datetime, seq: SeqCounter
-    ) -> list[WireSample]:
+    def samples(self, readings: Readings, ts_agent: datetime, seq: SeqCounter) -> list[WireSample]:
         """One sample per reading, seqs consecutive."""
+        if isinstance(readings, Columns):
+            if not readings.bad:
+                return self._good_samples(readings, ts_agent, seq)
+            readings = readings.readings()
         first = seq.take(len(readings))
         out: list[WireSample] = []
         device = self.device
@@ -72,6 +119,35 @@ class Normalizer:
                     "reason": r.reason,
                     "code": r.code,
                     "ts_source": r.ts_source,
+                    "ts_agent": ts_agent,
+                    "unit": info.unit,
+                    "seq": first + i,
+                }
+            )
+        return out
+
+    def _good_samples(
+        self, columns: Columns, ts_agent: datetime, seq: SeqCounter
+    ) -> list[WireSample]:
+        """`samples` of an all-good poll: no reading objects, one dict per value."""
+        first = seq.take(len(columns.tags))
+        device = self.device
+        tags = self._tags
+        out: list[WireSample] = []
+        append = out.append
+        for i, (tag, value) in enumerate(zip(columns.tags, columns.values, strict=True)):
+            info = tags[tag]
+            if not info.identity and value is not None:
+                value = scale_value(value, info.scale, info.offset)
+            append(
+                {
+                    "device": device,
+                    "tag": tag,
+                    "value": value,
+                    "quality": "good",
+                    "reason": None,
+                    "code": None,
+                    "ts_source": None,
                     "ts_agent": ts_agent,
                     "unit": info.unit,
                     "seq": first + i,

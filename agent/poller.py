@@ -4,6 +4,9 @@ The same for every driver (the framework owns retries, STYLE.md rule 4):
 
 - each poll group runs at its own fixed rate; a poll that overruns makes the group skip
   the slots it missed (counted) instead of queueing them (Telegraf's rule);
+- the first poll of a device is offset by a phase taken from its name (a fraction of
+  the interval, at most PHASE_MAX_S), so many devices on the same interval spread their
+  requests over the interval instead of all polling at the same instant;
 - while the device is unreachable every due poll still produces samples, all bad, with
   the reason, so consumers see the outage in the data itself;
 - reconnects use exponential backoff with jitter between the device's backoff_min_s
@@ -21,18 +24,33 @@ import asyncio
 import contextlib
 import random
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import structlog
 
-from agent.normalize import bad_readings
-from drivers.base import DeviceCommon, Driver, DriverError, RawReading, SubscribingDriver
+from agent.normalize import Columns, Readings, bad_readings
+from drivers.base import DeviceCommon, Driver, DriverError, RawReading, SubscribingDriver, Value
 
 log = structlog.get_logger()
 
-ReadingSink = Callable[[Sequence[RawReading]], Awaitable[None]]
+#: The largest start offset of a device's polls (see the module docstring).
+PHASE_MAX_S = 0.5
+
+ReadingSink = Callable[[Readings], Awaitable[None]]
+
+
+class ColumnReader(Protocol):
+    """A driver that can also hand a poll over in columns (see `agent.normalize.Columns`);
+    the poller uses `read_columns` instead of `read` when the driver has it."""
+
+    async def read_columns(
+        self, group: str
+    ) -> tuple[Sequence[str], list[Value | None], dict[int, RawReading]]: ...
+
+
 DeviceState = Literal["starting", "up", "down"]
 
 
@@ -101,6 +119,8 @@ class DevicePoller:
         self._next_connect = 0.0
         self._watch: asyncio.Task[None] | None = None
         self._log = log.bind(device=device.name)
+        columns = getattr(driver, "read_columns", None)
+        self._read_columns: ColumnReader | None = driver if callable(columns) else None  # type: ignore[assignment]
         per_request = device.timeout_s * (device.retries + 1)
         # A guard against a driver that hangs despite its own timeouts, not the timeout
         # users tune (that is timeout_s × (retries + 1) per request, inside the driver).
@@ -110,7 +130,13 @@ class DevicePoller:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        due = {g: now for g in self._groups if g not in self._subscribe}
+        # Stable per device (not random): restarts and reloads keep the same spread.
+        phase = zlib.crc32(self.device.name.encode()) / 2**32
+        due = {
+            g: now + phase * min(interval, PHASE_MAX_S)
+            for g, interval in self._groups.items()
+            if g not in self._subscribe
+        }
         try:
             if not due:  # subscribe-only device: keep the connection, nothing to poll
                 while True:
@@ -146,8 +172,12 @@ class DevicePoller:
         await self._ensure_connected()
         if self._connected:
             try:
+                readings: Readings
                 async with asyncio.timeout(self._read_guard_s):
-                    readings = await self.driver.read(group)
+                    if self._read_columns is not None:
+                        readings = Columns(*await self._read_columns.read_columns(group))
+                    else:
+                        readings = await self.driver.read(group)
                 self._answered()
             except Exception as exc:  # a driver bug must not stop the other devices
                 reason, detail = _describe(exc, "read")
@@ -155,10 +185,15 @@ class DevicePoller:
                 readings = bad_readings(self._tags[group], reason)
         else:
             readings = bad_readings(self._tags[group], self.status.reason or "unreachable")
-        if any(r.quality == "bad" for r in readings):
+        failed = (
+            readings.bad.values()
+            if isinstance(readings, Columns)
+            else [r for r in readings if r.quality == "bad"]
+        )
+        if failed:
             self.status.failed_polls += 1
-            for r in readings:
-                if r.quality == "bad" and r.reason:
+            for r in failed:
+                if r.reason:
                     n = self.status.errors_by_reason.get(r.reason, 0)
                     self.status.errors_by_reason[r.reason] = n + 1
         await self.sink(readings)

@@ -1,10 +1,17 @@
 """The supervisor: builds the pipeline from a valid Config and runs it until a signal.
 
-Start order (outputs first, Telegraf's rule): buffer, publisher, forwarder, then the
-simulators (simulator mode) and one poller per device. Stop order (inputs first):
-pollers stop, the forwarder gets `grace_s` to flush what is buffered, then the
-publisher disconnects and the buffer closes. Nothing buffered is lost by stopping:
-what did not go out stays on disk for the next start.
+Start order (outputs first, Telegraf's rule): buffer, publisher, forwarder, the buffer
+writer, then the simulators (simulator mode) and one poller per device. Stop order
+(inputs first): pollers stop, the writer stores what they handed over, the forwarder
+gets `grace_s` to flush what is buffered, then the publisher disconnects and the buffer
+closes.
+
+Pollers do not wait for the buffer: a poll's readings (and its ts_agent) go to a bounded
+queue; one writer task normalises them, taking their seqs, and stores them, several polls
+per trip to the buffer's thread. Seqs are taken in the order the buffer gets them, so a
+batch is never refused for an out-of-order seq, whatever order waiting pollers resume
+in. A full queue makes the pollers wait (backpressure) rather than drop anything. Nothing buffered
+is lost by stopping: what did not go out stays on disk for the next start.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -29,7 +36,7 @@ from agent.buffer import Buffer
 from agent.buffer.common import open_buffer
 from agent.config import Config, ConfigError, load_config
 from agent.forwarder import Forwarder
-from agent.normalize import Normalizer, SeqCounter
+from agent.normalize import Normalizer, Readings, SeqCounter
 from agent.payload import PayloadEncoder
 from agent.poller import DevicePoller, DeviceStatus
 from agent.publish import Publisher
@@ -37,9 +44,33 @@ from agent.publish.deadletter import DeadLetters
 from agent.publish.sparkplug import SparkplugNode, sparkplug_node
 from agent.publish.status import StatusMessages
 from agent.schema import WireSample
-from drivers.base import DeviceCommon, Driver, RawReading, TagCommon
+from drivers.base import DeviceCommon, Driver, TagCommon
 
 log = structlog.get_logger()
+
+#: Polls handed over to the buffer writer but not stored yet (backpressure beyond).
+WRITE_QUEUE_MAX = 64
+#: At most this many polls go to the buffer's thread in one trip.
+WRITE_BATCH_MAX = 32
+
+
+@dataclass(slots=True)
+class _DeviceSink:
+    """What the writer needs to turn one device's readings into stored samples."""
+
+    device: str
+    normalizer: Normalizer
+    seq: SeqCounter
+    latest: dict[str, WireSample]
+
+
+_Write = tuple[_DeviceSink, Readings, datetime]
+
+
+class _BatchAppender(Protocol):
+    async def append_many(
+        self, batches: Sequence[tuple[str, Sequence[WireSample]]]
+    ) -> list[Exception | None]: ...
 
 
 def device_tags(device: DeviceCommon) -> list[TagCommon]:
@@ -220,6 +251,8 @@ class Agent:
         # layout sparkplug: the edge node (births, deaths, seq, bdSeq); see docs/sparkplug.md
         self.sparkplug: SparkplugNode | None = None
         self._status_tasks: set[asyncio.Task[Any]] = set()
+        # Polls waiting for the writer; None tells the writer to stop (after the rest).
+        self._writes: asyncio.Queue[_Write | None] = asyncio.Queue(WRITE_QUEUE_MAX)
 
     def stop(self) -> None:
         self._stop.set()
@@ -298,6 +331,7 @@ class Agent:
                     self.http_address = await stack.enter_async_context(server)
                 await publisher.start()
                 forward_task = asyncio.create_task(forwarder.run(), name="forwarder")
+                writer_task = asyncio.create_task(self._writer(), name="buffer-writer")
                 births_task = (
                     asyncio.create_task(self.sparkplug.run(publisher), name="sparkplug")
                     if self.sparkplug is not None
@@ -306,6 +340,9 @@ class Agent:
                 try:
                     await self._run_inputs(seq, backlog)
                 finally:
+                    # The pollers have stopped: store what they handed over first.
+                    await self._writes.put(None)
+                    await asyncio.wait({writer_task})
                     stop_started = time.monotonic()
                     forwarder.request_stop()
                     await asyncio.wait({forward_task}, timeout=self.grace_s)
@@ -354,7 +391,10 @@ class Agent:
             finally:
                 self.status.ready = False
                 self._tg = None
-                log.info("agent.stopping")
+                log.info(
+                    "agent.stopping",
+                    skipped_polls=sum(p.status.skipped_polls for p in self.pollers),
+                )
                 for t in [*(r.task for r in self.devices.values()), *helpers]:
                     t.cancel()
 
@@ -397,29 +437,72 @@ class Agent:
         self.latest.pop(name, None)
 
     def _sink(self, device: str, normalizer: Normalizer, seq: SeqCounter) -> Any:
-        buffer = self.buffer
-        status = self.status
-        latest = self.latest[device] = {}
+        target = _DeviceSink(device, normalizer, seq, {})
+        self.latest[device] = target.latest
+        writes = self._writes
 
-        async def sink(readings: Sequence[RawReading]) -> None:
-            if not readings:
-                return
-            samples = normalizer.samples(readings, datetime.now(UTC), seq)
-            for sample in samples:
-                latest[sample["tag"]] = sample
-            try:
-                await buffer.append(device, samples)
-            except Exception as exc:
-                status.samples_dropped_on_error += len(samples)
-                status.buffer_error = str(exc) or type(exc).__name__
-                log.error(
-                    "buffer.append.failed", device=device, error=str(exc), samples=len(samples)
-                )
-                return
-            status.samples_produced += len(samples)
-            status.buffer_error = None
+        async def sink(readings: Readings) -> None:
+            if readings:
+                await writes.put((target, readings, datetime.now(UTC)))
 
         return sink
+
+    async def _writer(self) -> None:
+        """Normalise and store the polls handed over by the sinks, in order, until told
+        to stop (None), then return once everything handed over before is stored."""
+        writes = self._writes
+        buffer = self.buffer
+        many: _BatchAppender | None = (
+            buffer if callable(getattr(buffer, "append_many", None)) else None  # type: ignore[assignment]
+        )
+        stopping = False
+        while not stopping:
+            item = await writes.get()
+            batch: list[tuple[str, list[WireSample]]] = []
+            while item is not None:
+                target, readings, ts_agent = item
+                try:
+                    samples = target.normalizer.samples(readings, ts_agent, target.seq)
+                except Exception as exc:  # a bug must not stop the writer (and the pollers)
+                    log.exception("normalize.failed", device=target.device)
+                    self._stored(target.device, len(readings), exc)
+                    samples = []
+                latest = target.latest
+                for sample in samples:
+                    latest[sample["tag"]] = sample
+                if samples:
+                    batch.append((target.device, samples))
+                if len(batch) >= WRITE_BATCH_MAX or writes.empty():
+                    break
+                item = writes.get_nowait()
+            stopping = item is None
+            if not batch:
+                continue
+            if many is not None:
+                try:
+                    errors: list[Exception | None] = await many.append_many(batch)
+                except Exception as exc:
+                    errors = [exc] * len(batch)
+            else:
+                errors = []
+                for dev, samples in batch:
+                    try:
+                        await buffer.append(dev, samples)
+                        errors.append(None)
+                    except Exception as exc:
+                        errors.append(exc)
+            for (dev, samples), error in zip(batch, errors, strict=True):
+                self._stored(dev, len(samples), error)
+
+    def _stored(self, device: str, samples: int, error: Exception | None) -> None:
+        status = self.status
+        if error is None:
+            status.samples_produced += samples
+            status.buffer_error = None
+            return
+        status.samples_dropped_on_error += samples
+        status.buffer_error = str(error) or type(error).__name__
+        log.error("buffer.append.failed", device=device, error=str(error), samples=samples)
 
     # ------------------------------------------------------------------ reload
 
@@ -507,6 +590,7 @@ class Agent:
                 buffered_records=b.records,
                 buffered_samples=b.samples,
                 dropped=b.dropped_samples + self.status.samples_dropped_on_error,
+                skipped_polls=sum(p.status.skipped_polls for p in self.pollers),
                 mqtt="connected" if self.publisher.connected else "disconnected",
                 devices_down=[p.device.name for p in self.pollers if p.status.state == "down"],
             )

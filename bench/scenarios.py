@@ -195,9 +195,8 @@ def opcua_devices(s: Scenario, endpoints: dict[str, str] | None, pki: Path) -> l
             "timeout_s": 10.0,
             "mode": s.opcua_mode,
             "tags": [
-                # Two keys only: the YAML loader caps a file at 100,000 nodes. The
-                # default type (Double) gets the default generator, a 30 s sine, whose
-                # value changes at every refresh.
+                # Two keys only (a small file). The default type (Double) gets the
+                # default generator, a 30 s sine, whose value changes at every refresh.
                 {"name": f"v{i:05d}", "node_id": f"ns=2;s=Bench.V{i:05d}"}
                 for i in range(s.tags)
             ],

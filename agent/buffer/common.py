@@ -74,6 +74,15 @@ def encode_batch(samples: Sequence[WireSample], last_seq: int) -> EncodedBatch:
     per agent and never reused)."""
     if not samples:
         raise ValueError("empty batch: append at least one sample")
+    first = samples[0]["seq"]
+    n = len(samples)
+    if type(first) is int and first > last_seq:
+        # The common case, consecutive int seqs, checked at C speed; anything else takes
+        # the per-sample loop below (which names the offending sample).
+        seqs = [s["seq"] for s in samples]
+        if seqs == list(range(first, first + n)) and set(map(type, seqs)) == {int}:
+            data = orjson.dumps(samples, option=_ORJSON_OPTS)
+            return EncodedBatch(first, first + n - 1, n, data)
     prev = last_seq
     for s in samples:
         seq = s["seq"]

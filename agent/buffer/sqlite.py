@@ -51,10 +51,12 @@ Size accounting and the on-disk margin
       100 KiB records; nothing for records that fit in a page);
     - B-tree slack: pages are rarely full; ≈ 10-30 % for small inline records;
     - free pages after deletions (``auto_vacuum=INCREMENTAL``: reused by later appends,
-      given back to the file system when the buffer drains empty and whenever free pages
-      exceed a quarter of the counted bytes);
+      given back to the file system when the buffer drains empty (at most every
+      ``_DRAINED_MAINTENANCE_EVERY_S``, 5 s, unless they exceed 4 MiB) and whenever free
+      pages exceed a quarter of the counted bytes);
     - the WAL: checkpointed automatically every ~4 MiB, truncated to at most
-      ``JOURNAL_SIZE_LIMIT`` (4 MiB) after a checkpoint, to zero when the buffer drains.
+      ``JOURNAL_SIZE_LIMIT`` (4 MiB) after a checkpoint, to zero when the buffer drains
+      (at the same rate as the free pages).
 
     Plan the disk for about ``1.3 × max_bytes + 8 MiB``.
 
@@ -153,6 +155,11 @@ PROBE_INTERVAL_S = 5.0
 #: Check the free-page count every this many commits (a cheap pragma, but not free).
 _VACUUM_CHECK_EVERY = 256
 _VACUUM_MIN_BYTES = 4 << 20
+#: When the buffer drains empty, free pages go back to the file system and the WAL is
+#: truncated at most this often (when the broker keeps up the buffer empties after
+#: nearly every delivery, up to a hundred times a second), or at once when the free
+#: pages exceed _VACUUM_MIN_BYTES.
+_DRAINED_MAINTENANCE_EVERY_S = 5.0
 #: Salvage reads the records of a damaged file this many ids at a time.
 _SALVAGE_CHUNK = 1024
 _SEQ_FILE_BYTES = 32
@@ -250,6 +257,7 @@ class SqliteBuffer:
         self._dropped_samples = 0
         self._dropped_records = 0
         self._commits_since_check = 0
+        self._last_drained_maintenance = -_DRAINED_MAINTENANCE_EVERY_S
         self._gaps = GapList()
         # Disk trouble (see "Disk trouble" above).
         self._degraded: str | None = None
@@ -323,6 +331,17 @@ class SqliteBuffer:
         if not samples:
             return
         await self._run(self._append_sync, device, samples)
+
+    async def append_many(
+        self, batches: Sequence[tuple[str, Sequence[WireSample]]]
+    ) -> list[Exception | None]:
+        """`append` for several batches in one trip to the worker thread (each batch is
+        still its own transaction, in the given order). Returns, per batch, None when it
+        was stored (or dropped by policy, as `append`) or the exception its append
+        raised; a failing batch does not stop the ones after it."""
+        if not batches:
+            return []
+        return await self._run(self._append_many_sync, batches)
 
     async def take(self, max_records: int, after_id: int = 0) -> list[Record]:
         """Oldest records with id > after_id, at most max_records; not removed."""
@@ -637,6 +656,19 @@ class SqliteBuffer:
                     raise
                 self._enter_degraded(exc)
         self._append_memory(device, batch, now)
+
+    def _append_many_sync(
+        self, batches: Sequence[tuple[str, Sequence[WireSample]]]
+    ) -> list[Exception | None]:
+        errors: list[Exception | None] = []
+        for device, samples in batches:
+            try:
+                if samples:
+                    self._append_sync(device, samples)
+                errors.append(None)
+            except Exception as exc:
+                errors.append(exc)
+        return errors
 
     def _append_disk(self, device: str, batch: EncodedBatch, now: float) -> None:
         con = self._require_con()
@@ -1043,18 +1075,27 @@ class SqliteBuffer:
         try:
             # execute() steps a pragma that returns no rows only once, and each step of
             # incremental_vacuum frees one page; executescript() runs it to completion.
-            if drained:
+            now = time.monotonic()
+            if drained and (
+                now - self._last_drained_maintenance >= _DRAINED_MAINTENANCE_EVERY_S
+                or self._free_bytes(con) > _VACUUM_MIN_BYTES
+            ):
                 con.executescript("PRAGMA incremental_vacuum;")
                 con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                 self._commits_since_check = 0
+                self._last_drained_maintenance = now
             elif self._commits_since_check >= _VACUUM_CHECK_EVERY:
                 self._commits_since_check = 0
-                free = int(con.execute("PRAGMA freelist_count").fetchone()[0])
-                page = int(con.execute("PRAGMA page_size").fetchone()[0])
-                if free * page > max(_VACUUM_MIN_BYTES, self._bytes // 4):
+                if self._free_bytes(con) > max(_VACUUM_MIN_BYTES, self._bytes // 4):
                     con.executescript("PRAGMA incremental_vacuum;")
         except sqlite3.Error as exc:
             log.warning("buffer.vacuum.failed", path=str(self._path), error=str(exc))
+
+    @staticmethod
+    def _free_bytes(con: sqlite3.Connection) -> int:
+        free = int(con.execute("PRAGMA freelist_count").fetchone()[0])
+        page = int(con.execute("PRAGMA page_size").fetchone()[0])
+        return free * page
 
     def _close_sync(self) -> None:
         con = self._con

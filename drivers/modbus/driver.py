@@ -238,6 +238,8 @@ class ModbusDriver:
         self._guard: _FrameGuard | None = None
         # Kept across reconnects: a refused address stays refused until the retry.
         self._isolated: dict[tuple[str, int], _Isolation] = {}
+        # id(request) → (request, tag index per slot); the request keeps its id unique.
+        self._slot_indices: dict[int, tuple[Request, list[int]]] = {}
         self._requests_in_poll = 0
         self._log = log.bind(device=device.name)
 
@@ -314,15 +316,32 @@ class ModbusDriver:
         the tags it concerns (after isolation, see the module docstring); a timeout, a
         lost connection or a malformed frame raises DriverUnavailable.
         """
+        tags, values, bad = await self.read_columns(group)
+        return [
+            bad[i] if i in bad else RawReading(tag, value)
+            for i, (tag, value) in enumerate(zip(tags, values, strict=True))
+        ]
+
+    async def read_columns(
+        self, group: str
+    ) -> tuple[Sequence[str], list[Value | None], dict[int, RawReading]]:
+        """`read` without an object per value: (tags, values, bad), where `values[i]` is
+        the raw value of `tags[i]` unless `i` is in `bad`, which holds that tag's bad
+        reading (its value is None). The poller's fast path; same errors as `read`."""
         plan = self.group_plan(group)
-        out: list[RawReading | None] = [None] * len(plan.tags)
+        tags = plan.tags
+        values: list[Value | None] = [None] * len(tags)
+        bad: dict[int, RawReading] = {}
+        out = _Columns(values, bad)
         self._requests_in_poll = 0
         for number, request in enumerate(plan.requests):
             await self._read_block((group, number), request, out)
-        return [
-            r if r is not None else RawReading(tag, None, "bad", "not read")
-            for tag, r in zip(plan.tags, out, strict=True)
-        ]
+        # A good value is never None: a None not in `bad` is a tag no request covered.
+        if None in values:
+            for i, (tag, value) in enumerate(zip(tags, values, strict=True)):
+                if value is None and i not in bad:
+                    bad[i] = RawReading(tag, None, "bad", "not read")
+        return tags, values, bad
 
     async def close(self) -> None:
         """Close the connection; never raises."""
@@ -336,9 +355,7 @@ class ModbusDriver:
 
     # ------------------------------------------------------------------ isolation
 
-    async def _read_block(
-        self, key: tuple[str, int], request: Request, out: list[RawReading | None]
-    ) -> None:
+    async def _read_block(self, key: tuple[str, int], request: Request, out: _Columns) -> None:
         """Read one static request, or its isolated parts until the next retry."""
         now = asyncio.get_running_loop().time()
         iso = self._isolated.get(key)
@@ -380,7 +397,7 @@ class ModbusDriver:
         self._isolated[key] = _Isolation(good, bad, now + self.isolation_retry_s)
 
     async def _isolate(
-        self, request: Request, response: Any, out: list[RawReading | None]
+        self, request: Request, response: Any, out: _Columns
     ) -> tuple[list[Request], list[tuple[tuple[TagSlot, ...], int]]]:
         """Split `request` (refused with `response`) to find the refused tags.
 
@@ -508,7 +525,7 @@ class ModbusDriver:
             raise DriverUnavailable("protocol error", f"{self.endpoint}: {exc}") from None
         raise exc
 
-    def _fill(self, request: Request, response: Any, out: list[RawReading | None]) -> None:
+    def _fill(self, request: Request, response: Any, out: _Columns) -> None:
         code = _code(response)
         if code is not None:
             _fill_bad(request.slots, code, out)
@@ -532,20 +549,41 @@ class ModbusDriver:
         except CodecError as exc:
             reason = f"short response: {exc}"
             for slot in request.slots:
-                out[slot.index] = RawReading(slot.tag, None, "bad", reason)
+                out.bad[slot.index] = RawReading(slot.tag, None, "bad", reason)
             return
-        for slot, value in zip(request.slots, values, strict=True):
+        into, bad = out.values, out.bad
+        for slot, index, value in zip(request.slots, self._indices(request), values, strict=True):
             if isinstance(value, DecodeFailure):
-                out[slot.index] = RawReading(slot.tag, None, "bad", value.reason)
+                bad[index] = RawReading(slot.tag, None, "bad", value.reason)
             else:
-                v: Value = value
-                out[slot.index] = RawReading(slot.tag, v)
+                into[index] = value
+
+    def _indices(self, request: Request) -> list[int]:
+        """The tag index of each slot of `request` (computed once per request object)."""
+        cached = self._slot_indices.get(id(request))
+        if cached is None or cached[0] is not request:
+            if len(self._slot_indices) >= _SLOT_CACHE_MAX:  # isolation made many sub-requests
+                self._slot_indices.clear()
+            cached = (request, [slot.index for slot in request.slots])
+            self._slot_indices[id(request)] = cached
+        return cached[1]
 
 
-def _fill_bad(slots: Sequence[TagSlot], code: int, out: list[RawReading | None]) -> None:
+_SLOT_CACHE_MAX = 4096
+
+
+@dataclass(slots=True)
+class _Columns:
+    """What a poll fills in: values by tag index, and the bad readings."""
+
+    values: list[Value | None]
+    bad: dict[int, RawReading]
+
+
+def _fill_bad(slots: Sequence[TagSlot], code: int, out: _Columns) -> None:
     reason = exception_reason(code)
     for slot in slots:
-        out[slot.index] = RawReading(slot.tag, None, "bad", reason, code)
+        out.bad[slot.index] = RawReading(slot.tag, None, "bad", reason, code)
 
 
 def _bad_spans(request: Request, bad: Sequence[tuple[tuple[TagSlot, ...], int]]) -> list[str]:
