@@ -54,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run(config: Config, path: str, *, simulate: bool, grace_s: float) -> None:
-    from agent.runtime import Agent, run_until_signal, simulators
+    from agent.runtime import Agent, run_until_signal
+    from agent.simulate import simulators
 
     if simulate:
         async with simulators(config) as simulated:
@@ -98,7 +99,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 async def _simulate(config: Config) -> None:
-    from agent.runtime import simulators, wait_for_signal
+    from agent.runtime import wait_for_signal
+    from agent.simulate import simulators
 
     async with simulators(config) as simulated:
         for device in simulated.devices:

@@ -22,8 +22,8 @@ import itertools
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,61 +94,6 @@ def make_driver(device: DeviceCommon) -> Driver:
         assert isinstance(device, OpcUaDevice)
         return OpcUaDriver(device)
     raise ValueError(f"no driver for protocol {protocol!r}")
-
-
-@asynccontextmanager
-async def simulators(config: Config) -> AsyncIterator[Config]:
-    """Start the simulated PLCs of every configured device; yield the config with each
-    device's endpoint replaced by where its simulator actually listens."""
-    from drivers.modbus.config import ModbusDevice
-    from drivers.opcua.config import OpcUaDevice
-
-    async with AsyncExitStack() as stack:
-        modbus = [d for d in config.devices if isinstance(d, ModbusDevice) and d.enabled]
-        opcua = [d for d in config.devices if isinstance(d, OpcUaDevice) and d.enabled]
-        replaced: dict[str, DeviceCommon] = {}
-        if opcua:
-            replaced.update(await _start_opcua(stack, opcua))
-        if modbus:
-            from drivers.modbus.simulator import ModbusSimulator
-
-            sim = await stack.enter_async_context(ModbusSimulator(modbus))
-            for dev in modbus:
-                host, port = sim.endpoints[dev.name]
-                if (host, port) != (dev.host, dev.port):
-                    log.info(
-                        "simulator.endpoint",
-                        device=dev.name,
-                        configured=f"{dev.host}:{dev.port}",
-                        serving=f"{host}:{port}",
-                    )
-                replaced[dev.name] = dev.model_copy(update={"host": host, "port": port})
-        log.info("simulator.started", devices=sorted(replaced))
-        devices = [replaced.get(d.name, d) for d in config.devices]
-        yield config.model_copy(update={"devices": devices})
-
-
-async def _start_opcua(stack: AsyncExitStack, devices: list[Any]) -> dict[str, DeviceCommon]:
-    """Start OPC UA simulators. The agent trusts exactly the certificate each simulator
-    presents (pinned by thumbprint), as an operator would after `edge-agent opcua trust`."""
-    from drivers.opcua.certs import sha256_thumbprint
-    from drivers.opcua.simulator import OpcUaSimulator
-
-    cert_dir = Path(devices[0].cert_dir) / "simulator"
-    sim = await stack.enter_async_context(OpcUaSimulator(devices, cert_dir=cert_dir))
-    out: dict[str, DeviceCommon] = {}
-    for dev in devices:
-        endpoint = sim.endpoints[dev.name]
-        update: dict[str, Any] = {"endpoint": endpoint}
-        der = sim.certificate(dev.name)
-        if der is not None:
-            update["server_certificate_thumbprint"] = sha256_thumbprint(der)
-        if endpoint != dev.endpoint:
-            log.info(
-                "simulator.endpoint", device=dev.name, configured=dev.endpoint, serving=endpoint
-            )
-        out[dev.name] = dev.model_copy(update=update)
-    return out
 
 
 @dataclass

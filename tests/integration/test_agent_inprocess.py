@@ -10,8 +10,9 @@ import orjson
 import pytest
 
 from agent.config import Config, parse_config
-from agent.runtime import Agent, simulators
+from agent.runtime import Agent
 from agent.schema import BatchPayload
+from agent.simulate import simulators
 from drivers.modbus.config import ModbusDevice
 from drivers.modbus.simulator import ModbusSimulator
 from tests.support.agent_proc import cli, samples_of
