@@ -113,6 +113,15 @@ Disk trouble
     records held in memory (they are reported as lost by nobody: the consumer sees a seq
     gap without a gap notice).
 
+    A disk that already fails at open() (same error classes) starts the buffer degraded:
+    the connection is then a read-only stand-in (the file opened ``mode=ro``, or
+    ``immutable=1`` when its WAL is empty, or an empty in-memory schema when there is no
+    file) that serves the records already on disk to `take`; the seq and id high-water
+    marks come from it and from ``<path>.seq``. When neither can be trusted (a file that
+    cannot be read, a ``.seq`` that cannot be read) open() raises RuntimeError rather
+    than reuse seqs. Each probe closes the stand-in and tries the real open; when it
+    works, recovery proceeds as above.
+
 Errors at run time
     Any other failing append rolls back and raises `sqlite3.Error` to the caller; nothing
     is half written.
@@ -122,6 +131,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import sqlite3
 import time
@@ -129,6 +139,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import orjson
 import structlog
@@ -268,6 +279,10 @@ class SqliteBuffer:
         self._pending_deletes: set[int] = set()
         self._gaps_dirty = False
         self._seq_fd: int | None = None
+        # Degraded since open(): _con is only a read-only stand-in (see "Disk trouble").
+        self._open_pending = False
+        self._stand_in_made: list[Path] = []  # side files the read-only look created
+        self._open_failure: str | None = None  # last non-disk error of a reopen, logged once
         self._stats = self._snapshot()
 
     # ------------------------------------------------------------------ lifecycle
@@ -412,10 +427,19 @@ class SqliteBuffer:
         return con
 
     def _open_sync(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRNOS:
+                raise
+            self._open_degraded(exc)
+            return
         try:
             self._con = self._connect()
         except sqlite3.DatabaseError as exc:
+            if is_disk_error(exc):
+                self._open_degraded(exc)
+                return
             if not _is_corruption(exc):
                 raise
             aside, size = self._move_aside()
@@ -423,6 +447,139 @@ class SqliteBuffer:
             self._salvage(aside, size, exc)
         self._load_state()
         self._open_seq_file()
+
+    def _open_degraded(self, exc: BaseException) -> None:
+        """The file cannot be opened for writing (disk full, read-only, failing): start
+        degraded. The seq high-water and the records already on disk are read through a
+        read-only stand-in connection; appends go to memory until `_finish_open` works.
+
+        Raises RuntimeError when the high-water mark cannot be known (a file exists but
+        cannot be read): starting anyway could hand out seqs that were used before."""
+        self._con = self._open_stand_in()
+        try:
+            self._load_state()
+        except sqlite3.Error as err:
+            self._close_connection()
+            raise RuntimeError(
+                f"{self._path}: the disk fails ({exc}) and the buffer file cannot be read "
+                f"either ({err}): its seq high-water mark is unknown, so the agent does not "
+                "start (it would reuse seqs); free the disk or fix its file system"
+            ) from err
+        self._last_seq = max(self._last_seq, self._read_seq_file_strict())
+        self._open_pending = True
+        self._open_seq_file()
+        self._enter_degraded(exc, at_start=True)
+
+    def _open_stand_in(self) -> sqlite3.Connection:
+        """A read-only connection to the existing file, or to an empty in-memory copy of
+        the schema when there is no file (or an empty one). Writes through it fail with
+        SQLITE_READONLY, which the degraded paths already ride out."""
+        path = self._path
+        wal = Path(f"{path}-wal")
+        wal_has_data = _size(wal) > 0
+        if _size(path) <= 0 and not wal_has_data:
+            if path.exists() and _size(path) < 0:
+                raise RuntimeError(f"{path}: cannot read the buffer file to learn its seqs")
+            return _empty_stand_in()
+        sides = [wal, Path(f"{path}-shm")]
+        last_err: sqlite3.Error | None = None
+        # mode=ro sees the WAL but needs a -shm file (it creates one); immutable needs
+        # nothing but ignores the WAL, so it is only right when the WAL holds nothing.
+        for flags in ("mode=ro", "immutable=1"):
+            if flags == "immutable=1" and wal_has_data:
+                break
+            made = [side for side in sides if not side.exists()]
+            con: sqlite3.Connection | None = None
+            try:
+                con = sqlite3.connect(
+                    f"file:{quote(str(path))}?{flags}",
+                    uri=True,
+                    timeout=0,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                con.execute("PRAGMA query_only=1")
+                tables = {
+                    str(r[0])
+                    for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                }
+                version = int(con.execute("PRAGMA user_version").fetchone()[0])
+            except sqlite3.Error as err:
+                last_err = err
+                if con is not None:
+                    con.close()
+                _unlink(made)
+                continue
+            if version > FORMAT_VERSION:
+                con.close()
+                _unlink(made)
+                raise RuntimeError(
+                    f"{path}: buffer format {version} is newer than this agent's "
+                    f"({FORMAT_VERSION}); use a newer agent or move the file away"
+                )
+            if not tables:  # created but never written: nothing on disk yet
+                con.close()
+                _unlink(made)
+                return _empty_stand_in()
+            self._stand_in_made = made
+            return con
+        raise RuntimeError(
+            f"{path}: the disk fails and the existing buffer file cannot be read "
+            f"({last_err}): its seq high-water mark is unknown, so the agent does not start "
+            "(it would reuse seqs); free the disk or fix its file system"
+        )
+
+    def _read_seq_file_strict(self) -> int:
+        """`<path>.seq` at a degraded start: absent or never written is 0, but a file
+        that cannot be read may hold a mark above the database's, so that raises."""
+        try:
+            text = self._seq_path.read_bytes().strip(b"\0 \n")
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise RuntimeError(
+                f"{self._seq_path}: cannot read the seq high-water mark ({exc}); "
+                "the agent does not start (it would reuse seqs)"
+            ) from exc
+        try:
+            return int(text) if text else 0
+        except ValueError as exc:
+            raise RuntimeError(
+                f"{self._seq_path}: the seq high-water mark is damaged ({text[:40]!r}); "
+                "the agent does not start (it could reuse seqs): fix or remove the file "
+                "once you know the highest seq delivered"
+            ) from exc
+
+    def _finish_open(self) -> bool:
+        """Degraded since open(): try the real open again. True when the file is now
+        open for writing (the caller then moves the memory records into it)."""
+        self._close_connection(keep_seq_fd=True)
+        try:
+            con = self._connect()
+        except (sqlite3.Error, RuntimeError) as exc:
+            if not is_disk_error(exc) and str(exc) != self._open_failure:
+                self._open_failure = str(exc)
+                log.error(
+                    "buffer.disk.open_failed",
+                    path=str(self._path),
+                    error=str(exc),
+                    detail=f"the buffer stays in memory; retried every {PROBE_INTERVAL_S:g} s",
+                )
+            try:
+                self._con = self._open_stand_in()
+            except RuntimeError:
+                self._con = _empty_stand_in()  # the figures in memory stay right
+            return False
+        self._con = con
+        self._open_pending = False
+        self._open_failure = None
+        if self._seq_fd is None:
+            self._open_seq_file()
+        # No lock was held while degraded: never go below what the file says now.
+        with contextlib.suppress(sqlite3.Error, TypeError):
+            meta = int(con.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()[0])
+            self._last_seq = max(self._last_seq, meta)
+        return True
 
     def _move_aside(self) -> tuple[Path, int]:
         """Rename a corrupt file (and its WAL) out of the way; returns the new name and
@@ -828,18 +985,34 @@ class SqliteBuffer:
 
     # ------------------------------------------------------------------ disk trouble
 
-    def _enter_degraded(self, exc: sqlite3.Error) -> None:
-        self._degraded = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    def _enter_degraded(self, exc: BaseException, at_start: bool = False) -> None:
+        reason = getattr(exc, "sqlite_errorname", None)
+        if reason is None and isinstance(exc, OSError) and exc.errno is not None:
+            reason = errno.errorcode.get(exc.errno)
+        self._degraded = reason or type(exc).__name__
         self._degraded_since = time.monotonic()
         self._next_probe = self._degraded_since + PROBE_INTERVAL_S
+        detail = (
+            "new samples are kept in memory (oldest dropped first when it is full) "
+            "until the disk works again; a crash meanwhile loses them"
+        )
+        if at_start:
+            detail = (
+                "the buffer file cannot be opened for writing at start; the agent runs "
+                "and keeps the newest samples in memory (oldest dropped first when it is "
+                "full), records already on disk stay there and are delivered first; the "
+                f"disk is tried again every {PROBE_INTERVAL_S:g} s; a crash meanwhile "
+                "loses the samples in memory"
+            )
         log.error(
             "buffer.disk.failed",
             path=str(self._path),
             reason=self._degraded,
             error=str(exc),
+            at_start=at_start,
+            last_seq=self._last_seq,
             memory_fallback_bytes=self._config.memory_fallback_bytes,
-            detail="new samples are kept in memory (oldest dropped first when it is full) "
-            "until the disk works again; a crash meanwhile loses them",
+            detail=detail,
         )
         self._publish()
 
@@ -890,6 +1063,9 @@ class SqliteBuffer:
         """Move the memory records, pending deletions and gaps to the file in one
         transaction; on success the buffer is healthy again."""
         self._next_probe = time.monotonic() + PROBE_INTERVAL_S
+        at_start = self._open_pending
+        if at_start and not self._finish_open():
+            return
         con = self._require_con()
         gaps_before = (list(self._gaps.gaps), self._gaps.forgotten)
         moved = len(self._spill)
@@ -953,6 +1129,7 @@ class SqliteBuffer:
             path=str(self._path),
             moved_records=moved,
             degraded_s=round(duration, 3),
+            since_start=at_start,
             bytes=self._bytes,
         )
         self._wake()
@@ -1103,6 +1280,7 @@ class SqliteBuffer:
             return
         if self._degraded is not None:
             self._try_recover()
+            con = self._require_con()
             if self._degraded is not None and self._spill:
                 log.error(
                     "buffer.disk.lost_on_close",
@@ -1111,16 +1289,21 @@ class SqliteBuffer:
                     samples=sum(r.count for r in self._spill.values()),
                     detail="the disk still fails; the records held in memory are lost",
                 )
-        try:
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.Error as exc:
-            log.warning("buffer.close.checkpoint_failed", path=str(self._path), error=str(exc))
+        if not self._open_pending:
+            try:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                log.warning("buffer.close.checkpoint_failed", path=str(self._path), error=str(exc))
         self._close_connection()
 
-    def _close_connection(self) -> None:
+    def _close_connection(self, keep_seq_fd: bool = False) -> None:
         con, self._con = self._con, None
         if con is not None:
             con.close()
+        made, self._stand_in_made = self._stand_in_made, []
+        _unlink(made)
+        if keep_seq_fd:
+            return
         fd, self._seq_fd = self._seq_fd, None
         if fd is not None:
             os.close(fd)
@@ -1152,6 +1335,34 @@ class SqliteBuffer:
             # RuntimeError: the loop is closed, so nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._notifier.notify)
+
+
+#: OSError numbers of a full, read-only or failing disk (directory creation at open).
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT})
+
+
+def _size(path: Path) -> int:
+    """Size of `path`, 0 when it does not exist, -1 when it cannot be examined."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return -1
+
+
+def _unlink(paths: Sequence[Path]) -> None:
+    for side in paths:
+        with contextlib.suppress(OSError):
+            side.unlink(missing_ok=True)
+
+
+def _empty_stand_in() -> sqlite3.Connection:
+    """An in-memory database with the buffer's (empty) tables that refuses writes."""
+    con = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    con.executescript(_SCHEMA)
+    con.execute("PRAGMA query_only=1")
+    return con
 
 
 def _try(fn: Callable[[], _T], default: _T) -> _T:
