@@ -518,6 +518,13 @@ class Agent:
             self._start_device(wanted[name])
         # Keep the config's order (the status page and metrics list devices that way).
         self.devices = {n: self.devices[n] for n in wanted if n in self.devices}
+        if self._status_msgs is not None:
+            from agent.config import config_hash
+
+            self._status_msgs.set_config_hash(config_hash(new.model_dump_json()))
+            publisher = self.current_publisher
+            if publisher is not None and publisher.connected:
+                await publisher.publish([self._status_msgs.online()])
         return result
 
     # ------------------------------------------------------------------ progress

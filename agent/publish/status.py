@@ -68,6 +68,10 @@ class StatusMessages:
     def topic(self) -> str:
         return self._topic
 
+    def set_config_hash(self, config_hash: str) -> None:
+        """After a reload: later status messages name the config now running."""
+        self._common["config_hash"] = config_hash
+
     def _agent(self, state: str, reason: str | None) -> Message:
         body = {**self._common, "state": state, "reason": reason}
         return Message(self._topic, orjson.dumps(body), qos=1, retain=True)

@@ -3,17 +3,20 @@ unreachable, `up` again once it answers — seen by a subscriber that arrives la
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import orjson
 import pytest
 
+from agent.config import parse_config
+from agent.runtime import Agent
 from tests.integration.test_agent_e2e import wait_until
 from tests.support.agent_proc import AgentProcess
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.proxy import FaultProxy
-from tests.support.subscriber import Subscriber
+from tests.support.subscriber import Received, Subscriber
 
 pytestmark = pytest.mark.integration
 
@@ -76,3 +79,37 @@ devices:
                         agent,
                     )
                 assert agent.terminate() == 0
+
+
+async def test_reload_publishes_the_new_config_hash(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+
+    def config(devices: int) -> str:
+        lines = "".join(
+            f"  - {{name: d{i}, protocol: modbus, host: 127.0.0.1, port: {free_port()}, "
+            "tags: [{name: t, address: 0}]}\n"
+            for i in range(devices)
+        )
+        return (
+            f"agent: {{id: gw-st}}\nmqtt: {{port: {broker.port}}}\n"
+            f"buffer: {{path: {tmp_path / 'b.db'}}}\ndevices:\n{lines}"
+        )
+
+    def hashes(messages: list[Received]) -> list[str]:
+        return [
+            str(orjson.loads(m.payload)["config_hash"])
+            for m in messages
+            if m.topic == "edge-status/gw-st" and b'"online"' in m.payload
+        ]
+
+    with Subscriber("127.0.0.1", broker.port, "edge-status/#") as sub:
+        agent = Agent(parse_config(config(1)), grace_s=1)
+        task = asyncio.create_task(agent.run())
+        await asyncio.to_thread(sub.wait_for, lambda ms: bool(hashes(ms)), 20.0)
+        result = await agent.reload(parse_config(config(2)))
+        assert result.ok
+        assert result.started == ["d1"]
+        await asyncio.to_thread(sub.wait_for, lambda ms: len(set(hashes(ms))) == 2, 20.0)
+        agent.stop()
+        await task
