@@ -30,8 +30,9 @@ import asyncio
 import contextlib
 import threading
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Literal
+
+from tests.support.threaded_server import ThreadedServer
 
 Mode = Literal[
     "ok",
@@ -73,12 +74,11 @@ class Seen:
     count: int
 
 
-class BadModbusServer:
+class BadModbusServer(ThreadedServer):
     """`with BadModbusServer() as server:` listens on 127.0.0.1 and `server.port`."""
 
     def __init__(self, *, illegal: set[int] | None = None) -> None:
-        self.host = "127.0.0.1"
-        self.port = 0
+        super().__init__()
         self.mode: Mode = "ok"
         self.delay_s = 0.0
         self.close_after_bytes = 0
@@ -86,19 +86,10 @@ class BadModbusServer:
         self.requests: list[Seen] = []
         self.connections = 0
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ control
-
-    def start(self) -> BadModbusServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
 
     def set_mode(self, mode: Mode, *, delay_s: float = 0.0, close_after_bytes: int = 0) -> None:
         """Switch how the server answers from the next request on."""
@@ -119,40 +110,16 @@ class BadModbusServer:
         with self._lock:
             return list(self.requests)
 
-    def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def __enter__(self) -> BadModbusServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ internals
 
     async def _start(self) -> None:
         self._stopping = asyncio.Event()
-        self._server = await asyncio.start_server(self._handle, self.host, 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        await super()._start()
 
     async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
         assert self._stopping is not None
         self._stopping.set()
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
+        await super()._stop()
         # Handlers end on their own (aborted socket, or the stop event during a delay):
         # cancelling a start_server handler makes asyncio log the CancelledError.
         if self._tasks:

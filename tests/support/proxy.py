@@ -16,33 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-from types import TracebackType
 from typing import Literal
+
+from tests.support.threaded_server import ThreadedServer
 
 Mode = Literal["pass", "cut", "blackhole", "delay", "reset_after"]
 
 
-class FaultProxy:
+class FaultProxy(ThreadedServer):
     def __init__(self, target_host: str, target_port: int) -> None:
+        super().__init__()
         self.target = (target_host, target_port)
-        self.host = "127.0.0.1"
-        self.port = 0
         self.mode: Mode = "pass"
         self.delay_s = 0.0
         self.reset_after_bytes = 0
         self.connections = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    # ------------------------------------------------------------------ control
-
-    def start(self) -> FaultProxy:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
 
     def set_mode(self, mode: Mode, *, delay_s: float = 0.0, reset_after_bytes: int = 0) -> None:
         """Switch mode; `cut` also closes every open connection at once."""
@@ -50,42 +38,7 @@ class FaultProxy:
         self.reset_after_bytes = reset_after_bytes
         self.mode = mode
         if mode == "cut":
-            asyncio.run_coroutine_threadsafe(self._close_all(), self._loop).result(10)
-
-    def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------ internals
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        await self._close_all()
-
-    async def _close_all(self) -> None:
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
+            self.abort_connections()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.mode == "cut":
