@@ -6,7 +6,6 @@ qualities, and seq continuity through broker outages and restarts.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -14,7 +13,16 @@ from typing import Any
 
 import pytest
 
-from tests.support.agent_proc import AgentProcess, cli, samples_of, seqs
+from tests.support.agent_proc import (
+    AgentProcess,
+    assert_continuous,
+    cli,
+    counter_device,
+    last_seq_logged,
+    samples_of,
+    seqs,
+    wait_until,
+)
 from tests.support.broker import MosquittoBroker
 from tests.support.subscriber import Subscriber
 
@@ -125,44 +133,6 @@ def typed_device(port: int = 0) -> str:
     tags:
 {typed_tags()}
 """
-
-
-def counter_device(name: str, interval_s: float = 0.1) -> str:
-    return f"""\
-  - name: {name}
-    protocol: modbus
-    host: 127.0.0.1
-    port: 0
-    interval_s: {interval_s}
-    tags:
-      - {{name: count, address: 0, type: uint32}}
-      - {{name: level, address: 2, type: float32, scale: 2.0}}
-"""
-
-
-def assert_continuous(values: list[int], start: int = 1) -> None:
-    unique = sorted(set(values))
-    assert unique, "no samples"
-    assert unique[0] == start
-    missing = sorted(set(range(start, unique[-1] + 1)) - set(unique))
-    assert not missing, f"seq gaps: {missing[:20]} ({len(missing)} missing)"
-
-
-def last_seq_logged(agent: AgentProcess) -> int:
-    """The last seq the agent produced, from its JSON log line at stop."""
-    for line in reversed(agent.log().splitlines()):
-        if '"agent.stopped"' in line:
-            return int(json.loads(line)["last_seq"])
-    raise AssertionError(f"no agent.stopped line\n{agent.log()}")
-
-
-def wait_until(cond: Any, timeout_s: float, what: str, proc: AgentProcess | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}" + (f"\n{proc.log()}" if proc else ""))
 
 
 def test_every_type_and_byte_order_arrives_decoded(tmp_path: Path, broker: MosquittoBroker) -> None:

@@ -19,11 +19,16 @@ import pytest
 
 from agent.buffer.sqlite import SqliteBuffer
 from agent.config import BufferConfig
-from tests.integration.test_agent_e2e import counter_device, last_seq_logged, wait_until
-from tests.support.agent_proc import AgentProcess, samples_of
+from tests.support.agent_proc import (
+    AgentProcess,
+    counter_device,
+    last_seq_logged,
+    samples_of,
+    wait_until,
+)
 from tests.support.broker import MosquittoBroker, require_mosquitto
+from tests.support.samples import make_samples
 from tests.support.subscriber import Subscriber
-from tests.unit.test_buffer import make_samples
 
 pytestmark = pytest.mark.integration
 

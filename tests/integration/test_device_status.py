@@ -12,8 +12,7 @@ import pytest
 
 from agent.config import parse_config
 from agent.runtime import Agent
-from tests.integration.test_agent_e2e import wait_until
-from tests.support.agent_proc import AgentProcess
+from tests.support.agent_proc import AgentProcess, wait_until
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.proxy import FaultProxy
 from tests.support.subscriber import Received, Subscriber

@@ -13,7 +13,7 @@ import pytest
 
 from agent.buffer.sqlite import SqliteBuffer
 from agent.config import BufferConfig
-from tests.unit.test_buffer import make_samples
+from tests.support.samples import make_samples
 
 
 @pytest.fixture

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_agent_e2e import (
+from tests.support.agent_proc import (
+    AgentProcess,
     assert_continuous,
     counter_device,
     last_seq_logged,
+    samples_of,
+    seqs,
     wait_until,
 )
-from tests.support.agent_proc import AgentProcess, samples_of, seqs
 from tests.support.broker import MosquittoBroker
 from tests.support.proxy import FaultProxy
 from tests.support.subscriber import Subscriber

@@ -19,6 +19,7 @@ from agent.publish.mqtt import MqttPublisher
 from tests.support.agent_proc import AgentProcess, samples_of
 from tests.support.broker import MosquittoBroker, TlsListener, require_mosquitto
 from tests.support.certs import TestPki
+from tests.support.samples import wire_sample
 from tests.support.subscriber import Received, Subscriber
 
 pytestmark = pytest.mark.integration
@@ -161,29 +162,13 @@ async def test_acl_refusal_is_counted_and_dead_lettered_without_blocking_others(
             max_refusals=2,
         )
         forwarder._backoff.min_s = forwarder._backoff.max_s = 0.01
-        from datetime import UTC, datetime
-
-        def sample(device: str, seq: int) -> dict[str, object]:
-            return {
-                "device": device,
-                "tag": "t",
-                "value": seq,
-                "quality": "good",
-                "reason": None,
-                "code": None,
-                "ts_source": None,
-                "ts_agent": datetime.now(UTC),
-                "unit": None,
-                "seq": seq,
-            }
-
         with Subscriber(broker.host, broker.port, "edge/gw/#") as sub:
             await publisher.start()
             try:
                 async with asyncio.timeout(WAIT_S):
                     await publisher.wait_connected()
-                await buffer.append("denied", [sample("denied", 1)])  # type: ignore[list-item]
-                await buffer.append("ok", [sample("ok", 2)])  # type: ignore[list-item]
+                await buffer.append("denied", [wire_sample("denied", 1)])
+                await buffer.append("ok", [wire_sample("ok", 2)])
                 async with asyncio.timeout(WAIT_S):
                     while buffer.stats().records:
                         await forwarder.forward_once()

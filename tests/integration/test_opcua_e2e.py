@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_agent_e2e import wait_until
-from tests.support.agent_proc import AgentProcess, cli, samples_of
+from tests.support.agent_proc import AgentProcess, cli, samples_of, wait_until
 from tests.support.broker import MosquittoBroker
 from tests.support.subscriber import Subscriber
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_http_endpoint import http_get, sim_config, wait_ready
 from tests.support.agent_proc import AgentProcess, cli
 from tests.support.broker import MosquittoBroker, free_port
+from tests.support.http import http_get, sim_config, wait_ready
 
 pytestmark = pytest.mark.integration
 

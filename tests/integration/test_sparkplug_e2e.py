@@ -18,8 +18,8 @@ from paho.mqtt import publish
 from tests.integration.conftest import SubscriberFactory
 from tests.support.agent_proc import AgentProcess
 from tests.support.broker import MosquittoBroker
+from tests.support.sparkplug import generate_bindings
 from tests.support.subscriber import Received
-from tests.unit.test_sparkplug import generate_bindings
 
 pytestmark = pytest.mark.integration
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import orjson
 
@@ -119,3 +122,41 @@ def samples_of(messages: list[Received]) -> list[dict[str, object]]:
 
 def seqs(messages: list[Received]) -> list[int]:
     return [int(s["seq"]) for s in samples_of(messages)]  # type: ignore[call-overload]
+
+
+def counter_device(name: str, interval_s: float = 0.1) -> str:
+    return f"""\
+  - name: {name}
+    protocol: modbus
+    host: 127.0.0.1
+    port: 0
+    interval_s: {interval_s}
+    tags:
+      - {{name: count, address: 0, type: uint32}}
+      - {{name: level, address: 2, type: float32, scale: 2.0}}
+"""
+
+
+def assert_continuous(values: list[int], start: int = 1) -> None:
+    unique = sorted(set(values))
+    assert unique, "no samples"
+    assert unique[0] == start
+    missing = sorted(set(range(start, unique[-1] + 1)) - set(unique))
+    assert not missing, f"seq gaps: {missing[:20]} ({len(missing)} missing)"
+
+
+def last_seq_logged(agent: AgentProcess) -> int:
+    """The last seq the agent produced, from its JSON log line at stop."""
+    for line in reversed(agent.log().splitlines()):
+        if '"agent.stopped"' in line:
+            return int(json.loads(line)["last_seq"])
+    raise AssertionError(f"no agent.stopped line\n{agent.log()}")
+
+
+def wait_until(cond: Any, timeout_s: float, what: str, proc: AgentProcess | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{proc.log()}" if proc else ""))

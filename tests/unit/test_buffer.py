@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -17,32 +16,12 @@ from agent.buffer.common import RECORD_OVERHEAD_BYTES, Gap, open_buffer
 from agent.buffer.memory import MemoryBuffer
 from agent.buffer.sqlite import SqliteBuffer
 from agent.config import BufferConfig
-from agent.schema import Sample, WireSample
+from agent.schema import Sample
+from tests.support.samples import MIB, make_samples, names, size_of
 
-MIB = 1 << 20
 Kind = Literal["sqlite", "memory"]
 Buf = SqliteBuffer | MemoryBuffer
 Factory = Callable[..., Awaitable[Buf]]
-
-
-def make_samples(first: int, n: int, device: str = "press1", pad: int = 0) -> list[WireSample]:
-    """n samples with seqs first..first+n-1; `pad` characters of string value each."""
-    ts = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
-    return [
-        WireSample(
-            device=device,
-            tag=f"t{seq}",
-            value="x" * pad if pad else float(seq),
-            quality="good",
-            reason=None,
-            code=None,
-            ts_source=None,
-            ts_agent=ts,
-            unit="bar",
-            seq=seq,
-        )
-        for seq in range(first, first + n)
-    ]
 
 
 @pytest.fixture(params=["sqlite", "memory"])
@@ -74,16 +53,6 @@ async def make(kind: Kind, tmp_path: Path) -> AsyncIterator[Factory]:
     yield factory
     for buf in opened:
         await buf.close()
-
-
-def names(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
-
-
-def size_of(path: Path | str) -> int:
-    """Size of a file, 0 when it does not exist."""
-    p = Path(path)
-    return p.stat().st_size if p.exists() else 0
 
 
 def read_bytes(path: Path) -> bytes:

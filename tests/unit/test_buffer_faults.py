@@ -18,7 +18,7 @@ from agent.buffer import Gap, Record
 from agent.buffer.memory import MemoryBuffer
 from agent.buffer.sqlite import SqliteBuffer
 from agent.config import BufferConfig
-from tests.unit.test_buffer import MIB, make_samples, names, size_of
+from tests.support.samples import MIB, make_samples, names, size_of
 
 Kind = Literal["sqlite", "memory"]
 

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 from agent.buffer import Record
 from agent.buffer.sqlite import SqliteBuffer
 from agent.config import BufferConfig
-from tests.unit.test_buffer import make_samples
+from tests.support.samples import make_samples
 
 
 def config(tmp_path: Path, **kw: object) -> BufferConfig:

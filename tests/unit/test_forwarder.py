@@ -9,7 +9,7 @@ from agent.config import AgentSection, BufferConfig, MqttConfig
 from agent.forwarder import Forwarder
 from agent.payload import PayloadEncoder
 from agent.publish.fake import FakePublisher
-from tests.unit.test_forwarder_north import _sample
+from tests.support.samples import wire_sample
 
 
 async def _forwarder() -> tuple[MemoryBuffer, FakePublisher, Forwarder]:
@@ -25,7 +25,7 @@ async def test_stop_during_a_round_commits_what_was_acked() -> None:
     buf, pub, fwd = await _forwarder()
     pub.set_ack_delay(0.2)
     for seq in range(1, 6):
-        await buf.append("d", [_sample("d", seq)])
+        await buf.append("d", [wire_sample("d", seq)])
     task = asyncio.create_task(fwd.run())
     while pub.publish_calls == 0:
         await asyncio.sleep(0.01)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -13,21 +12,7 @@ from agent.forwarder import Forwarder
 from agent.payload import PayloadEncoder
 from agent.publish.fake import FakePublisher
 from agent.schema import BatchPayload, SamplePayload
-
-
-def _sample(device: str, seq: int) -> Any:
-    return {
-        "device": device,
-        "tag": "t",
-        "value": seq,
-        "quality": "good",
-        "reason": None,
-        "code": None,
-        "ts_source": None,
-        "ts_agent": datetime.now(UTC),
-        "unit": None,
-        "seq": seq,
-    }
+from tests.support.samples import wire_sample
 
 
 async def _setup(
@@ -47,10 +32,10 @@ async def _setup(
 
 async def test_backlog_is_historical_and_live_is_not() -> None:
     buf, pub, fwd = await _setup()
-    await buf.append("d", [_sample("d", 1)])  # appended while disconnected: backlog
+    await buf.append("d", [wire_sample("d", 1)])  # appended while disconnected: backlog
     pub.set_connected(True)
     await fwd.forward_once()
-    await buf.append("d", [_sample("d", 2)])  # appended while connected: live
+    await buf.append("d", [wire_sample("d", 2)])  # appended while connected: live
     await fwd.forward_once()
     bodies = [BatchPayload.model_validate_json(m.payload) for m in pub.published]
     assert [(b.samples[0].seq, b.historical) for b in bodies] == [(1, True), (2, False)]
@@ -60,7 +45,7 @@ async def test_backlog_is_historical_and_live_is_not() -> None:
 async def test_retry_after_failed_attempt_is_historical() -> None:
     buf, pub, fwd = await _setup()
     pub.set_connected(True)
-    await buf.append("d", [_sample("d", 1)])
+    await buf.append("d", [wire_sample("d", 1)])
     pub.fail_next(1, "disconnected before ack")
     await fwd.forward_once()
     await fwd.forward_once()
@@ -72,8 +57,8 @@ async def test_retry_after_failed_attempt_is_historical() -> None:
 async def test_gap_notice_rides_on_next_message_until_acked() -> None:
     # A buffer that holds one record: the second append evicts the first.
     buf, pub, fwd = await _setup(buffer={"max_bytes": 400, "when_full": "drop_oldest"})
-    await buf.append("d", [_sample("d", 1)])
-    await buf.append("d", [_sample("d", 2)])
+    await buf.append("d", [wire_sample("d", 1)])
+    await buf.append("d", [wire_sample("d", 2)])
     assert buf.stats().dropped_samples == 1
     pub.set_connected(True)
     pub.fail_next(1, "Quota exceeded", code=0x97)
@@ -86,7 +71,7 @@ async def test_gap_notice_rides_on_next_message_until_acked() -> None:
         (1, 1, 1, "drop_oldest")
     ]
     assert await buf.take_gaps() == []
-    await buf.append("d", [_sample("d", 3)])
+    await buf.append("d", [wire_sample("d", 3)])
     await fwd.forward_once()
     assert BatchPayload.model_validate_json(pub.published[1].payload).gaps is None
 
@@ -94,8 +79,8 @@ async def test_gap_notice_rides_on_next_message_until_acked() -> None:
 async def test_refused_record_is_dead_lettered_and_others_flow() -> None:
     buf, pub, fwd = await _setup(max_refusals=3)
     pub.set_connected(True)
-    await buf.append("a", [_sample("a", 1)])
-    await buf.append("b", [_sample("b", 2)])
+    await buf.append("a", [wire_sample("a", 1)])
+    await buf.append("b", [wire_sample("b", 2)])
     pub.fail_next(1, "Not authorized", code=0x87)
     await fwd.forward_once()  # a refused (1), b delivered
     pub.fail_next(2, "Not authorized", code=0x87)
@@ -113,10 +98,10 @@ async def test_tag_layout_retains_live_values_only() -> None:
     buf, pub, fwd = await _setup(
         mqtt={"layout": "tag", "retain_last": True, "topic_tag": "{agent}/{device}/{tag}"}
     )
-    await buf.append("d", [_sample("d", 1)])
+    await buf.append("d", [wire_sample("d", 1)])
     pub.set_connected(True)
     await fwd.forward_once()
-    await buf.append("d", [_sample("d", 2)])
+    await buf.append("d", [wire_sample("d", 2)])
     await fwd.forward_once()
     assert [(m.topic, m.retain) for m in pub.published] == [("gw/d/t", False), ("gw/d/t", True)]
     first = SamplePayload.model_validate_json(pub.published[0].payload)

@@ -21,7 +21,7 @@ from agent.publish.fake import FakePublisher
 from agent.runtime import WRITE_BATCH_MAX, WRITE_QUEUE_MAX, Agent
 from agent.schema import WireSample
 from drivers.base import RawReading, TagCommon
-from tests.unit.test_buffer import make_samples
+from tests.support.samples import make_samples
 
 TS = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 TAGS = [
