@@ -88,12 +88,8 @@ class MemoryBuffer:
             return
         evicted_records = evicted_samples = 0
         while self._bytes + size > limit:
-            old = self._records.pop(self._oldest_id())
-            self._bytes -= record_size(len(old.data))
-            self._samples -= old.count
-            self._gaps.add(Gap(old.first_seq, old.last_seq, old.count, "drop_oldest"))
             evicted_records += 1
-            evicted_samples += old.count
+            evicted_samples += self._drop_oldest("drop_oldest").count
         if evicted_records:
             self._dropped_samples += evicted_samples
             self._dropped_records += evicted_records
@@ -117,20 +113,21 @@ class MemoryBuffer:
         if max_age is None:
             return
         records = samples = 0
-        while self._records:
-            old = self._records[self._oldest_id()]
-            if old.created >= now - max_age:
-                break
-            del self._records[old.id]
-            self._bytes -= record_size(len(old.data))
-            self._samples -= old.count
-            self._gaps.add(Gap(old.first_seq, old.last_seq, old.count, "max_age"))
+        while self._records and self._records[self._oldest_id()].created < now - max_age:
             records += 1
-            samples += old.count
+            samples += self._drop_oldest("max_age").count
         if records:
             self._dropped_samples += samples
             self._dropped_records += records
             self._age_episode.dropped("max_age", records, samples, self._bytes)
+
+    def _drop_oldest(self, reason: DropReason) -> Record:
+        """Remove the oldest record, recording its seqs as a gap with `reason`."""
+        old = self._records.pop(self._oldest_id())
+        self._bytes -= record_size(len(old.data))
+        self._samples -= old.count
+        self._gaps.add(Gap(old.first_seq, old.last_seq, old.count, reason))
+        return old
 
     def _oldest_id(self) -> int:
         for i, rid in enumerate(self._ids):
