@@ -1,0 +1,44 @@
+"""CLI outcomes a user relies on: a runtime failure is one clear line and exit 1, and
+`schema` writes the published schemas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.support.agent_proc import AgentProcess, cli, wait_until
+from tests.support.broker import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_second_agent_on_the_same_buffer_exits_1_with_a_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"agent: {{id: gw}}\nmqtt: {{port: {free_port()}}}\n"
+        f"buffer: {{path: {tmp_path / 'buffer.db'}}}\ndevices:\n"
+        f"  - {{name: plc, protocol: modbus, host: 127.0.0.1, port: {free_port()}, "
+        "tags: [{name: t, address: 0}]}\n"
+    )
+    with AgentProcess(tmp_path / "first.log", "run", str(config)) as first:
+        wait_until(lambda: "agent.started" in first.log(), 30, "first agent", first)
+        second = cli("run", str(config), timeout_s=30)
+        assert first.terminate() == 0
+    assert second.returncode == 1
+    assert "Traceback" not in second.stderr
+    failed = [json.loads(line) for line in second.stderr.splitlines() if "agent.failed" in line]
+    assert len(failed) == 1
+    assert "in use" in failed[0]["error"]
+
+
+def test_schema_command_writes_the_shipped_schemas(tmp_path: Path) -> None:
+    out = cli("schema", "--out", str(tmp_path / "s"), "--reference", str(tmp_path / "ref.md"))
+    assert out.returncode == 0, out.stderr
+    root = Path(__file__).resolve().parents[2]
+    for name in ("config.schema.json", "batch.schema.json", "sample.schema.json"):
+        assert (tmp_path / "s" / name).read_text() == (
+            root / "agent" / "schemas" / name
+        ).read_text()
+    assert (tmp_path / "ref.md").read_text() == (root / "docs" / "configuration.md").read_text()
