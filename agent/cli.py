@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
+import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,16 +116,35 @@ async def _simulate(config: Config) -> None:
 
 
 def _run_async(coro: Any) -> int:
+    code = EXIT_OK
     try:
         asyncio.run(coro)
-    except KeyboardInterrupt:
-        return EXIT_OK
-    except asyncio.CancelledError:
-        return EXIT_OK
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        code = EXIT_OK
     except Exception as exc:  # the last line of defence: a clear message, exit 1
         log.error("agent.failed", error=f"{type(exc).__name__}: {exc}")
-        return EXIT_RUNTIME
-    return EXIT_OK
+        code = EXIT_RUNTIME
+    _exit_watchdog(code)
+    return code
+
+
+EXIT_WATCHDOG_S = 10.0
+
+
+def _exit_watchdog(code: int, limit_s: float = EXIT_WATCHDOG_S) -> None:
+    """The agent has stopped and its buffer is closed: the process must now end. If
+    anything keeps it alive (a library thread that does not finish, seen once in CI),
+    log it with every thread's stack, then exit with `code` anyway, so a service manager
+    never waits on a stopped agent."""
+
+    def watchdog() -> None:
+        time.sleep(limit_s)
+        log.error("agent.exit.stuck", after_s=limit_s, note="thread stacks follow; exiting")
+        faulthandler.dump_traceback(file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
 
 
 def _http_base(path: str) -> str | None:

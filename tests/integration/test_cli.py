@@ -42,3 +42,23 @@ def test_schema_command_writes_the_shipped_schemas(tmp_path: Path) -> None:
             root / "agent" / "schemas" / name
         ).read_text()
     assert (tmp_path / "ref.md").read_text() == (root / "docs" / "configuration.md").read_text()
+
+
+def test_a_stopped_agent_exits_even_if_a_thread_hangs() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, time\n"
+        "from agent.cli import _exit_watchdog\n"
+        "from agent.logs import setup_logging\n"
+        "setup_logging()\n"
+        "threading.Thread(target=lambda: time.sleep(60)).start()\n"  # never-ending, non-daemon
+        "_exit_watchdog(3, limit_s=0.5)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 3
+    assert "agent.exit.stuck" in result.stderr
+    assert "Thread" in result.stderr  # the stacks, for whoever finds out why
