@@ -17,16 +17,17 @@ import contextlib
 import difflib
 import hashlib
 import string
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self, Union
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, create_model, model_validator
 from pydantic_core import ErrorDetails
 
 from agent.yamlsafe import YamlProblem, load_yaml
+from drivers import registry
 from drivers.base import ConfigModel, DeviceCommon
-from drivers.modbus.config import ModbusDevice
-from drivers.opcua.config import OpcUaDevice
 
 
 def read_secret(value: SecretStr | None, file: str | None) -> str | None:
@@ -282,9 +283,24 @@ class HttpConfig(ConfigModel):
     )
 
 
-Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
-# protocol name → device model; the discriminated union above must list the same models.
-DEVICE_MODELS: dict[str, type[DeviceCommon]] = {"modbus": ModbusDevice, "opcua": OpcUaDevice}
+class _DeviceModels(Mapping[str, type[DeviceCommon]]):
+    """protocol name → device model, read live from `drivers.registry`."""
+
+    def __getitem__(self, protocol: str) -> type[DeviceCommon]:
+        try:
+            return registry.get(protocol).device_model
+        except registry.UnknownProtocol:
+            raise KeyError(protocol) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.protocols())
+
+    def __len__(self) -> int:
+        return len(registry.protocols())
+
+
+#: protocol name → device model of every registered protocol (a live view).
+DEVICE_MODELS: Mapping[str, type[DeviceCommon]] = _DeviceModels()
 
 _TOPIC_FIELDS = {"agent", "site", "area", "line", "device"}
 
@@ -292,14 +308,54 @@ _TOPIC_FIELDS = {"agent", "site", "area", "line", "device"}
 class Config(ConfigModel):
     """The whole configuration file."""
 
+    # `devices` is a union of the registered protocols' device models, discriminated by
+    # `protocol`, built from drivers.registry when a config is validated (config_model()),
+    # so a protocol registered after import is accepted. Validating or asking for the
+    # schema through Config itself goes through config_model() too.
     agent: AgentSection
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
-    devices: list[Device] = Field(min_length=1)
+    devices: list[DeviceCommon] = Field(min_length=1)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     http: HttpConfig | None = Field(
         default=None, description="The metrics/health/status endpoint; off when absent."
     )
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
+        if cls is Config:
+            return config_model().model_validate(obj, **kwargs)  # type: ignore[return-value]
+        return super().model_validate(obj, **kwargs)
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if cls is Config:
+            return config_model().model_json_schema(*args, **kwargs)
+        return super().model_json_schema(*args, **kwargs)
+
+
+_model_lock = threading.Lock()
+_model_cache: tuple[int, type[Config]] | None = None
+
+
+def config_model() -> type[Config]:
+    """The Config model whose `devices` accept every protocol registered now."""
+    global _model_cache
+    with _model_lock:
+        gen = registry.generation()
+        if _model_cache is None or _model_cache[0] != gen:
+            models = tuple(p.device_model for p in registry.protocols().values())
+            member: Any = Union[models] if len(models) > 1 else models[0]  # noqa: UP007
+            device = Annotated[member, Field(discriminator="protocol")]
+            built = create_model(
+                "Config",
+                __base__=Config,
+                __module__=__name__,
+                __doc__=Config.__doc__,
+                devices=(list[device], Field(min_length=1)),
+            )
+            _model_cache = (gen, built)
+        return _model_cache[1]
 
 
 def _check_template(template: str, allowed: set[str], agent: dict[str, Any]) -> list[str]:
@@ -349,7 +405,7 @@ def parse_config(text: str, shown: str = "<config>") -> Config:
     else:
         if not yaml_problems and isinstance(data, dict):
             with contextlib.suppress(ValidationError):
-                config = Config.model_validate(data)
+                config = config_model().model_validate(data)
                 if not _cross_checks(data):
                     return config
         del data
@@ -372,7 +428,7 @@ def _parse_reporting(text: str, shown: str) -> Config:
     bad_paths = {p.path for p in yaml_problems}
     config: Config | None = None
     try:
-        config = Config.model_validate(data)
+        config = config_model().model_validate(data)
     except ValidationError as exc:
         by_loc: dict[tuple[Any, ...], list[str]] = {}
         for err in exc.errors():
