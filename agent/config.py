@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, Self, Union
 from pydantic import Field, SecretStr, ValidationError, create_model, model_validator
 from pydantic_core import ErrorDetails
 
+from agent.profiles import Expanded, Located, expand_profiles, merge_located
 from agent.yamlsafe import YamlProblem, load_yaml
 from drivers import registry
 from drivers.base import ConfigModel, DeviceCommon
@@ -303,6 +304,7 @@ class _DeviceModels(Mapping[str, type[DeviceCommon]]):
 DEVICE_MODELS: Mapping[str, type[DeviceCommon]] = _DeviceModels()
 
 _TOPIC_FIELDS = {"agent", "site", "area", "line", "device"}
+_TOP_KEYS = "agent, mqtt, devices, ..."
 
 
 class Config(ConfigModel):
@@ -316,6 +318,11 @@ class Config(ConfigModel):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     devices: list[DeviceCommon] = Field(min_length=1)
+    profiles: dict[str, str] = Field(
+        default_factory=dict,
+        description="Device profiles by name: name → YAML file of device keys (protocol, "
+        "tags, poll groups, ...), relative to this file; a device uses one with `profile:`.",
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     http: HttpConfig | None = Field(
         default=None, description="The metrics/health/status endpoint; off when absent."
@@ -391,11 +398,12 @@ def load_config(path: str | Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{shown}: cannot read: {exc.strerror or exc}"]) from None
-    return parse_config(text, shown)
+    return parse_config(text, shown, base_dir=path.parent)
 
 
-def parse_config(text: str, shown: str = "<config>") -> Config:
-    """Validate config text; `shown` is the file name used in error messages."""
+def parse_config(text: str, shown: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate config text; `shown` is the file name used in error messages, `base_dir`
+    the folder profile files are relative to (default: the working directory)."""
     # A valid file needs no line numbers: read it without them first (a 10,000-tag file
     # holds ~100,000 of them), and again with them only to report problems.
     try:
@@ -404,28 +412,41 @@ def parse_config(text: str, shown: str = "<config>") -> Config:
         pass
     else:
         if not yaml_problems and isinstance(data, dict):
-            with contextlib.suppress(ValidationError):
-                config = config_model().model_validate(data)
-                if not _cross_checks(data):
-                    return config
+            expanded = expand_profiles(data, {}, shown, base_dir, track_lines=False)
+            if not expanded.problems:
+                with contextlib.suppress(ValidationError):
+                    config = config_model().model_validate(expanded.data)
+                    if not _cross_checks(expanded.data):
+                        return config
+            del expanded
         del data
-    return _parse_reporting(text, shown)
+    return _parse_reporting(text, shown, base_dir)
 
 
-def _parse_reporting(text: str, shown: str) -> Config:
+def _parse_reporting(text: str, shown: str, base_dir: Path | None = None) -> Config:
     try:
         data, lines, yaml_problems = load_yaml(text)
     except YamlProblem as exc:
         raise ConfigError([f"{shown}:{p.line} {p.message}" for p in exc.problems]) from None
-    problems = [
-        f"{shown}:{p.line} {_path(p.path) + ': ' if p.path else ''}{p.message}"
-        for p in yaml_problems
+    located = [
+        Located(shown, p.line, _path(p.path) if p.path else "", p.message) for p in yaml_problems
     ]
     if not isinstance(data, dict):
         raise ConfigError(
-            [*problems, f"{shown}:1 the file must be a mapping with agent, mqtt, devices, ..."]
+            merge_located(
+                [
+                    *located,
+                    Located(
+                        shown, 1, "", "the file must be a mapping with agent, mqtt, devices, ..."
+                    ),
+                ],
+                shown,
+            )
         )
     bad_paths = {p.path for p in yaml_problems}
+    expanded = expand_profiles(data, lines, shown, base_dir)
+    located.extend(expanded.problems)
+    data, lines = expanded.data, expanded.lines
     config: Config | None = None
     try:
         config = config_model().model_validate(data)
@@ -434,21 +455,37 @@ def _parse_reporting(text: str, shown: str) -> Config:
         for err in exc.errors():
             loc, message = _describe_error(err)
             loc = _in_file(loc, lines, err["type"])
-            if loc in bad_paths:
-                continue  # already reported (an unset variable, say)
+            if loc in bad_paths or expanded.follows_from_profile(loc):
+                continue  # already reported (an unset variable, an unusable profile)
             by_loc.setdefault(loc, []).append(message)
         for loc, messages in by_loc.items():
             # A union (int | str, say) reports one error per member: say them together.
             text = "; or ".join(dict.fromkeys(messages))
-            problems.append(f"{shown}:{_line_of(loc, lines)} {_path(loc)}: {text}")
-    problems.extend(
-        f"{shown}:{_line_of(loc, lines)} {_path(loc)}: {msg}" for loc, msg in _cross_checks(data)
+            located.append(_locate(loc, text, expanded, shown))
+    located.extend(
+        _locate(loc, msg, expanded, shown)
+        for loc, msg in _cross_checks(data)
+        if not expanded.follows_from_profile(loc)
     )
-    if problems or config is None:
-        prefix = len(shown) + 1
-        ordered = sorted(_dedupe(problems), key=lambda p: int(p[prefix:].split(" ", 1)[0]))
-        raise ConfigError(ordered)
+    if located or config is None:
+        raise ConfigError(merge_located(located, shown))
     return config
+
+
+def _locate(loc: tuple[Any, ...], message: str, expanded: Expanded, shown: str) -> Located:
+    """Where a problem at `loc` is reported: the config file's line, or, for a node taken
+    from a profile, the profile's file and line (with the path inside the profile)."""
+    lines = expanded.lines
+    n = len(loc)
+    while n > 0 and loc[:n] not in lines:
+        n -= 1
+    line = lines.get(loc[:n], 1)
+    profile = expanded.files.get(loc[:n])
+    if profile is None:
+        return Located(shown, line, _path(loc), message)
+    device = expanded.data["devices"][loc[1]]
+    name = device.get("name") if isinstance(device, dict) else None
+    return Located(profile, line, _path(loc[2:]), message, str(name or f"devices[{loc[1]}]"))
 
 
 def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:

@@ -227,6 +227,11 @@ class DeviceCommon(ConfigModel):
         description="Device name: letters, digits, '_', '-', '.'; used in topics.",
     )
     enabled: bool = Field(default=True, description="A disabled device is not polled.")
+    profile: str | None = Field(
+        default=None,
+        description="Device profile this device is built from: a name in `profiles`, or a "
+        "YAML file relative to the config file; the device's own keys override the profile's.",
+    )
     interval_s: float = Field(default=1.0, gt=0, description="Interval of the default group.")
     poll_groups: dict[str, PollGroup] = Field(
         default_factory=dict, description="Extra poll groups by name, each with its interval."
