@@ -110,7 +110,48 @@ def reference_markdown() -> str:
                 f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {desc} |"
             )
         out.append("")
+    out += PROFILES_SECTION.splitlines()
+    out.append("")
     return "\n".join(out)
+
+
+PROFILES_SECTION = """\
+## Profiles
+
+A device type (protocol, tags, types, scaling, poll groups, intervals, timeouts) can be
+defined once in a YAML file of its own, a *profile*, and used by many devices that give
+only what differs: name, host or link, unit id. Twelve identical temperature controllers
+on one line are twelve short lines (the example
+[configs/temperature-line.yaml](../configs/temperature-line.yaml) uses
+[configs/profiles/temperature-controller.yaml](../configs/profiles/temperature-controller.yaml)):
+
+```text
+profiles:
+  tc: profiles/temperature-controller.yaml   # name → file, relative to this config file
+devices:
+  - { name: tc-01, profile: tc, host: 10.0.4.21, unit_id: 1 }
+  - { name: tc-02, profile: tc, host: 10.0.4.21, unit_id: 2 }
+  - { name: tc-03, profile: profiles/temperature-controller.yaml, host: 10.0.4.21, unit_id: 3 }
+```
+
+- `profiles` (top level) maps a name to a profile file; `profile:` in a device is either
+  such a name or a file path (ending in `.yaml`/`.yml`, or containing `/`). Relative paths
+  are relative to the folder of the config file, not the working directory.
+- A profile file is a mapping of device keys. It cannot set `name` (each device names
+  itself) or `profile` (profiles do not nest).
+- The device's own keys override the profile's, key by key at the top level of the
+  device: a device that gives `tags` or `poll_groups` replaces the profile's whole list
+  or map; one that gives `interval_s` keeps the profile's tags.
+- Profile files are read like the config file: duplicate keys, anchors and aliases are
+  errors, YAML 1.2 scalars, `${VAR}` replaced from the environment.
+- A problem in a profile is reported at the profile's file and line, once, with the
+  devices that use it: `profiles/tc.yaml:7 tags[0].type: Input should be ... (profile of
+  tc-01, tc-02, ...)`. A problem in a device's own keys is reported at the config file's
+  line. A profile that cannot be read (a missing file, an unknown name) is one problem
+  at the `profile:` or `profiles:` entry that names it.
+- A running agent re-reads the profile files on `edge-agent reload` (or SIGHUP), like the
+  config file; devices whose resulting config changed are restarted.
+"""
 
 
 def _protocol_sections() -> list[tuple[str, type[BaseModel], str]]:

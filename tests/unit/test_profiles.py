@@ -3,12 +3,17 @@ profile point at the profile's file and line."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from agent.buffer.memory import MemoryBuffer
 from agent.config import ConfigError, load_config
+from agent.publish.fake import FakePublisher
+from agent.runtime import Agent
 from drivers.modbus.config import ModbusDevice
+from tests.support.broker import free_port
 
 ROOT = Path(__file__).parents[2]
 
@@ -194,3 +199,41 @@ def test_the_example_line_uses_one_profile_for_twelve_controllers() -> None:
     assert config.devices[0].interval_s == 1
     text = (ROOT / "configs" / "temperature-line.yaml").read_text(encoding="utf-8")
     assert sum(1 for line in text.splitlines() if line.startswith("  - { name: tc-")) == 12
+
+
+async def test_reload_rereads_the_profiles_and_restarts_the_devices_using_them(
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # nothing listens: the devices are down, which is fine here
+    profile = PROFILE.replace("port: 5030", f"port: {port}\ntimeout_s: 0.2")
+    devices = (
+        "  - {name: a, profile: tc, host: 127.0.0.1, unit_id: 1}\n"
+        "  - {name: b, profile: tc, host: 127.0.0.1, unit_id: 2}\n"
+        f"  - {{name: c, protocol: modbus, host: 127.0.0.1, port: {port},\n"
+        "      tags: [{name: t, address: 0}]}\n"
+    )
+    extra = f"buffer: {{kind: memory, path: {tmp_path / 'b.db'}}}\n"
+    path = plant(tmp_path, devices, profile, extra)
+    config = load_config(path)
+    agent = Agent(
+        config,
+        publisher=FakePublisher(),
+        buffer=MemoryBuffer(config.buffer),
+        config_path=path,
+        grace_s=0.2,
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        async with asyncio.timeout(20):
+            while len(agent.devices) < 3:
+                await asyncio.sleep(0.02)
+        (tmp_path / "profiles" / "tc.yaml").write_text(
+            profile.replace("interval_s: 1\n", "interval_s: 3\n"), encoding="utf-8"
+        )
+        result = await agent.reload()
+        assert result.ok, result.problems
+        assert (result.restarted, result.unchanged) == (["a", "b"], ["c"])
+        assert agent.devices["a"].poller.device.interval_s == 3
+    finally:
+        agent.stop()
+        await task
