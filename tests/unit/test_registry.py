@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from pydantic import Field
 from structlog.testing import capture_logs
 
 from agent import cli
@@ -581,3 +582,32 @@ def test_tag_model_defaults_to_the_item_type_of_tags() -> None:
 
     assert FakeBench().protocol().tag_model is FakeTag
     assert issubclass(FakeTag, TagCommon)
+
+
+class BrokenDevice(FakeDevice):
+    protocol: Literal["broken"] = Field(description="Always 'broken'.")  # type: ignore[assignment]
+
+
+@asynccontextmanager
+async def _fails_to_start(devices: Sequence[Any]) -> AsyncIterator[Mapping[str, Any]]:
+    raise OSError("serial port /dev/ttyUSB9 is gone")
+    yield {}  # pragma: no cover
+
+
+async def test_a_simulator_failing_to_start_stops_those_already_started(
+    bench: FakeBench,
+) -> None:
+    broken = Protocol(
+        name="broken",
+        device_model=BrokenDevice,
+        create_driver=_factory,
+        simulate=_fails_to_start,
+    )
+    text = FAKE_ONLY + "  - {name: other, protocol: broken, tags: [{name: x}]}\n"
+    with registry.registered(broken):
+        config = parse_config(text)
+        with pytest.raises(OSError, match="serial port /dev/ttyUSB9 is gone"):
+            async with simulators(config):
+                pytest.fail("must not get here")
+    assert len(bench.simulators) == 1  # the fake simulator had started ...
+    assert bench.network.servers == {}  # ... and was stopped again
