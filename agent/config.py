@@ -304,7 +304,6 @@ class _DeviceModels(Mapping[str, type[DeviceCommon]]):
 DEVICE_MODELS: Mapping[str, type[DeviceCommon]] = _DeviceModels()
 
 _TOPIC_FIELDS = {"agent", "site", "area", "line", "device"}
-_TOP_KEYS = "agent, mqtt, devices, ..."
 
 
 class Config(ConfigModel):
@@ -564,10 +563,6 @@ def config_hash(text: str) -> str:
 # ------------------------------------------------------------------ error formatting
 
 
-def _dedupe(items: list[str]) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
 def _path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -588,14 +583,6 @@ def _in_file(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int], kind: str)
     if n < len(loc) and kind in ("missing", "extra_forbidden") and n == len(loc) - 1:
         return loc
     return loc[:n] if n else loc
-
-
-def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
-    """Line of the deepest node of `loc` that exists in the file."""
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return 1
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[ConfigModel] | None:
