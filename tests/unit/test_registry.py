@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import asyncio
 import math
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -611,3 +613,22 @@ async def test_a_simulator_failing_to_start_stops_those_already_started(
                 pytest.fail("must not get here")
     assert len(bench.simulators) == 1  # the fake simulator had started ...
     assert bench.network.servers == {}  # ... and was stopped again
+
+
+def test_loading_the_registry_imports_no_protocol_library() -> None:
+    """Registration imports config models only; asyncua (~0.4 s) and pymodbus are
+    imported when a driver, simulator or command of theirs is used."""
+    code = (
+        "import sys\n"
+        "from agent.config import parse_config\n"
+        "from agent.schemas import schemas\n"
+        "from agent.cli import build_parser\n"
+        "build_parser(); schemas()\n"
+        "parse_config('agent: {id: g}\\ndevices: [{name: d, protocol: modbus, host: h,"
+        " tags: [{name: t, address: 0}]}]')\n"
+        "print(sorted(m for m in ('asyncua', 'pymodbus') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stderr
