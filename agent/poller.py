@@ -25,14 +25,14 @@ import contextlib
 import random
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import structlog
 
 from agent.normalize import Columns, Readings, bad_readings
-from drivers.base import DeviceCommon, Driver, DriverError, RawReading, SubscribingDriver, Value
+from drivers.base import ColumnReader, DeviceCommon, Driver, DriverError, SubscribingDriver
 
 log = structlog.get_logger()
 
@@ -40,15 +40,6 @@ log = structlog.get_logger()
 PHASE_MAX_S = 0.5
 
 ReadingSink = Callable[[Readings], Awaitable[None]]
-
-
-class ColumnReader(Protocol):
-    """A driver that can also hand a poll over in columns (see `agent.normalize.Columns`);
-    the poller uses `read_columns` instead of `read` when the driver has it."""
-
-    async def read_columns(
-        self, group: str
-    ) -> tuple[Sequence[str], list[Value | None], dict[int, RawReading]]: ...
 
 
 DeviceState = Literal["starting", "up", "down"]
@@ -119,8 +110,8 @@ class DevicePoller:
         self._next_connect = 0.0
         self._watch: asyncio.Task[None] | None = None
         self._log = log.bind(device=device.name)
-        columns = getattr(driver, "read_columns", None)
-        self._read_columns: ColumnReader | None = driver if callable(columns) else None  # type: ignore[assignment]
+        # The optional column read (drivers.base.ColumnReader) replaces read() when present.
+        self._read_columns = driver if isinstance(driver, ColumnReader) else None
         per_request = device.timeout_s * (device.retries + 1)
         # A guard against a driver that hangs despite its own timeouts, not the timeout
         # users tune (that is timeout_s × (retries + 1) per request, inside the driver).

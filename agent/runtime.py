@@ -44,7 +44,7 @@ from agent.publish.deadletter import DeadLetters
 from agent.publish.sparkplug import SparkplugNode, sparkplug_node
 from agent.publish.status import StatusMessages
 from agent.schema import WireSample
-from drivers.base import DeviceCommon, Driver, TagCommon
+from drivers.base import DeviceCommon, Driver, DriverContext, TagCommon
 
 log = structlog.get_logger()
 
@@ -78,22 +78,13 @@ def device_tags(device: DeviceCommon) -> list[TagCommon]:
     return tags
 
 
-def make_driver(device: DeviceCommon) -> Driver:
-    """The driver of a device, importing its protocol library only when needed."""
-    protocol = getattr(device, "protocol", None)
-    if protocol == "modbus":
-        from drivers.modbus.config import ModbusDevice
-        from drivers.modbus.driver import ModbusDriver
+def make_driver(device: DeviceCommon, context: DriverContext | None = None) -> Driver:
+    """The driver of a device, from its protocol's entry in drivers.registry (which
+    imports the protocol library only when needed). `context` lends shared resources
+    (links used by many devices); the runtime that passes one closes it at stop."""
+    from drivers import registry
 
-        assert isinstance(device, ModbusDevice)
-        return ModbusDriver(device)
-    if protocol == "opcua":
-        from drivers.opcua.config import OpcUaDevice
-        from drivers.opcua.driver import OpcUaDriver
-
-        assert isinstance(device, OpcUaDevice)
-        return OpcUaDriver(device)
-    raise ValueError(f"no driver for protocol {protocol!r}")
+    return registry.create_driver(device, context if context is not None else DriverContext())
 
 
 @dataclass
