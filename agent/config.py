@@ -282,6 +282,20 @@ class HttpConfig(ConfigModel):
     )
 
 
+class SupervisionConfig(ConfigModel):
+    """How the agent treats a task that fails or stops making progress (docs/operating.md)."""
+
+    max_failures: int = Field(
+        default=5, ge=1, description="A task failing this often within window_s stops the agent."
+    )
+    window_s: float = Field(default=60.0, gt=0, description="The window of max_failures.")
+    stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A task with work waiting and no progress for this long fails /healthz.",
+    )
+
+
 Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
 # protocol name → device model; the discriminated union above must list the same models.
 DEVICE_MODELS: dict[str, type[DeviceCommon]] = {"modbus": ModbusDevice, "opcua": OpcUaDevice}
@@ -300,6 +314,7 @@ class Config(ConfigModel):
     http: HttpConfig | None = Field(
         default=None, description="The metrics/health/status endpoint; off when absent."
     )
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
 
 
 def _check_template(template: str, allowed: set[str], agent: dict[str, Any]) -> list[str]:
