@@ -232,10 +232,8 @@ class Agent:
 
     async def run(self) -> None:
         config = self.config
-        seq_start = None
         await self.buffer.open()
         seq = self._seq = SeqCounter(self.buffer.last_seq())
-        seq_start = seq.last
         backlog = self.buffer.stats().records
         log.info(
             "agent.starting",
@@ -243,7 +241,7 @@ class Agent:
             agent=config.agent.id,
             devices=len(config.devices),
             buffered_records=backlog,
-            last_seq=seq_start,
+            last_seq=seq.last,
         )
         try:
             # Everything that can refuse the config is built before anything runs.
