@@ -348,7 +348,9 @@ class Agent:
         writer_task = sup.task(WRITER_TASK)
         if writer_task is not None and not writer_task.done():
             try:
-                async with asyncio.timeout(self.grace_s + 30.0):
+                # Storing what was handed over takes well under a second; a buffer
+                # that hangs must not keep the process from exiting.
+                async with asyncio.timeout(max(self.grace_s, 5.0)):
                     await self.writer.stop()
                     await sup.wait(WRITER_TASK)
             except TimeoutError:

@@ -216,6 +216,50 @@ async def test_a_stalled_forwarder_fails_healthz_and_recovers(tmp_path: Path) ->
         await task
 
 
+class HangingAppend(MemoryBuffer):
+    """append_many waits until `gate` is set (a disk that stopped answering)."""
+
+    def __init__(self, config: object) -> None:
+        super().__init__(config)  # type: ignore[arg-type]
+        self.gate = asyncio.Event()
+
+    async def append_many(
+        self, batches: Sequence[tuple[str, Sequence[WireSample]]]
+    ) -> list[Exception | None]:
+        await self.gate.wait()
+        for device, samples in batches:
+            await self.append(device, samples)
+        return [None] * len(batches)
+
+
+async def test_a_writer_stuck_on_the_buffer_fails_healthz(tmp_path: Path) -> None:
+    config = make_config(tmp_path, http=True, stall_s=0.2)
+    buffer = HangingAppend(config.buffer)
+    agent = Agent(
+        config, publisher=FakePublisher(), buffer=buffer, grace_s=0.2, health_interval_s=0.02
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        await wait_for(lambda: agent.http_address is not None)
+        assert agent.http_address is not None
+        port = agent.http_address[1]
+        async with asyncio.timeout(20):
+            while (await http_get(port, "/healthz"))[0] == 200:
+                await asyncio.sleep(0.02)
+        code, body = await http_get(port, "/healthz")
+        assert code == 503
+        stalled = {s["task"]: s["reason"] for s in orjson.loads(body)["stalled"]}
+        assert stalled["buffer-writer"] == "polls are queued for the buffer and none was stored"
+        buffer.gate.set()
+        async with asyncio.timeout(20):
+            while (await http_get(port, "/healthz"))[0] != 200:
+                await asyncio.sleep(0.02)
+    finally:
+        buffer.gate.set()
+        agent.stop()
+        await task
+
+
 async def test_a_degraded_buffer_is_shown_in_readyz_status_and_metrics(tmp_path: Path) -> None:
     config = make_config(tmp_path, http=True)
     buffer = DegradedBuffer(config.buffer)
