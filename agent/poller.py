@@ -1,6 +1,6 @@
 """One device's polling loop: schedule, reconnect with backoff, quality on failure.
 
-The same for every driver (the framework owns retries, STYLE.md rule 4):
+The same for every driver (the framework owns retries; drivers only connect, read, close):
 
 - each poll group runs at its own fixed rate; a poll that overruns makes the group skip
   the slots it missed (counted) instead of queueing them (Telegraf's rule);
