@@ -118,7 +118,8 @@ async def test_retained_statuses_are_complete_beyond_receive_maximum_and_cleared
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
     """30 devices (mosquitto announces Receive Maximum 20): a late subscriber sees every
-    device's retained status; a reload that removes 10 clears theirs."""
+    device's retained status, also after a broker restart that lost them all; a reload
+    that removes 10 clears theirs."""
 
     def config(devices: range) -> str:
         lines = "".join(
@@ -154,6 +155,15 @@ async def test_retained_statuses_are_complete_beyond_receive_maximum_and_cleared
         statuses = device_statuses(late.messages())
         assert sorted(statuses) == sorted(f"d{i}" for i in range(30))
         assert all(orjson.loads(p)["state"] == "down" for p in statuses.values())
+        # A broker restart without persistence loses every retained message: after the
+        # reconnect all 30 are sent again (a birth alone is cut to the broker's window).
+        delivered = agent.status_sync.delivered
+        broker.restart()
+        async with asyncio.timeout(30):
+            while agent.status_sync.delivered < delivered + 30 or agent.status_sync.pending:
+                await asyncio.sleep(0.05)
+        with Subscriber("127.0.0.1", broker.port, "edge-status/#") as again:
+            await asyncio.to_thread(again.wait_for, lambda ms: len(device_statuses(ms)) == 30, 20.0)
         result = await agent.reload(parse_config(config(range(20))))
         assert result.ok
         assert result.stopped == [f"d{i}" for i in range(20, 30)]
