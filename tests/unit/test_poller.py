@@ -208,3 +208,54 @@ async def test_connects_but_never_answers_stays_down_logged_once() -> None:
     assert "device.recovered" not in events
     assert "device.connected" not in events
     assert poller.status.state == "down"
+
+
+class FakeSubscribingDriver(FakeDriver):
+    """Pushes nothing; `lose()` ends the connection like a dead OPC UA session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = asyncio.Event()
+
+    async def subscribe(self, group: str, sink: object) -> None:
+        self.closed = asyncio.Event()
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+        raise DriverUnavailable("BadConnectionClosed", "session lost", code=0x80AE0000)
+
+    def lose(self) -> None:
+        self.up = False
+        self.closed.set()
+
+
+async def test_subscribed_groups_report_down_like_polled_ones() -> None:
+    drv, sink = FakeSubscribingDriver(), TimedSink()
+    interval = 0.05
+    poller = DevicePoller(
+        device(poll_groups={}, down_report_interval_s=interval),
+        "fake",
+        drv,
+        {"default": ["a", "b"]},
+        sink,
+        subscribe_groups=frozenset({"default"}),
+    )
+    task = asyncio.create_task(poller.run())
+    try:
+        async with asyncio.timeout(10):
+            while poller.status.state != "up":
+                await asyncio.sleep(0.005)
+            assert sink.batches == []  # the subscription is the answer; nothing polled
+            drv.lose()
+            while len(sink.batches) < 4:
+                await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    first = sink.batches[0]
+    assert [(r.tag, r.quality, r.reason, r.code) for r in first] == [
+        ("a", "bad", "BadConnectionClosed", 0x80AE0000),
+        ("b", "bad", "BadConnectionClosed", 0x80AE0000),
+    ]
+    gaps = [b - a for a, b in zip(sink.times, sink.times[1:], strict=False)]
+    assert all(g >= interval for g in gaps), gaps
