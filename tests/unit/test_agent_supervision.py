@@ -19,7 +19,7 @@ from agent.buffer import BufferStats, Record
 from agent.buffer.memory import MemoryBuffer
 from agent.config import Config, parse_config
 from agent.publish.fake import FakePublisher
-from agent.runtime import Agent, SupervisionPolicy, TaskFailed
+from agent.runtime import Agent, DeviceBuildError, SupervisionPolicy, TaskFailed
 from agent.schema import WireSample
 from tests.support.broker import free_port
 
@@ -305,9 +305,9 @@ async def test_a_device_that_cannot_be_built_fails_the_start_and_starts_nothing(
     config = make_config(tmp_path, extra=BAD_PLAN.format(port=free_port()))
     publisher = FakePublisher()
     agent = Agent(config, publisher=publisher, grace_s=0.2)
-    with pytest.raises(Exception, match="device 'plc-2': ValueError") as info:
+    with pytest.raises(DeviceBuildError, match="device 'plc-2': ValueError") as info:
         await agent.run()
-    assert type(info.value).__name__ == "DeviceBuildError"
+    assert len(info.value.problems) == 1
     assert agent.devices == {}
     assert publisher.publish_calls == 0
 
