@@ -119,8 +119,13 @@ def _run_async(coro: Any) -> int:
         asyncio.run(coro)
     except (KeyboardInterrupt, asyncio.CancelledError):
         code = EXIT_OK
-    except Exception as exc:  # the last line of defence: a clear message, exit 1
-        log.error("agent.failed", error=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # the last line of defence: one clear line, exit 1
+        from agent.runtime.supervisor import TaskFailed
+
+        if isinstance(exc, TaskFailed):  # a supervised task kept failing
+            log.error("agent.failed", task=exc.task, error=exc.error_text)
+        else:
+            log.error("agent.failed", error=f"{type(exc).__name__}: {exc}")
         code = EXIT_RUNTIME
     _exit_watchdog(code)
     return code

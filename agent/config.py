@@ -303,6 +303,21 @@ class _DeviceModels(Mapping[str, type[DeviceCommon]]):
 #: protocol name → device model of every registered protocol (a live view).
 DEVICE_MODELS: Mapping[str, type[DeviceCommon]] = _DeviceModels()
 
+
+class SupervisionConfig(ConfigModel):
+    """How the agent treats a task that fails or stops making progress (docs/operating.md)."""
+
+    max_failures: int = Field(
+        default=5, ge=1, description="A task failing this often within window_s stops the agent."
+    )
+    window_s: float = Field(default=60.0, gt=0, description="The window of max_failures.")
+    stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A task with work waiting and no progress for this long fails /healthz.",
+    )
+
+
 _TOPIC_FIELDS = {"agent", "site", "area", "line", "device"}
 
 
@@ -326,6 +341,7 @@ class Config(ConfigModel):
     http: HttpConfig | None = Field(
         default=None, description="The metrics/health/status endpoint; off when absent."
     )
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> Self:

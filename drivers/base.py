@@ -240,6 +240,12 @@ class DeviceCommon(ConfigModel):
     retries: int = Field(default=1, ge=0, le=10, description="Retries of one request.")
     backoff_min_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
     backoff_max_s: float = Field(default=30.0, gt=0, description="Largest reconnect delay.")
+    down_report_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="While the device is down: seconds between its all-bad sample sets "
+        "(the transition itself is reported at once).",
+    )
 
     def endpoint_text(self) -> str:
         """Where the device is, for people (`edge-agent simulate` prints it)."""

@@ -72,8 +72,10 @@ def reference_markdown() -> str:
     from agent.config import (
         AgentSection,
         BufferConfig,
+        HttpConfig,
         LoggingConfig,
         MqttConfig,
+        SupervisionConfig,
     )
     from drivers.base import PollGroup, SimulateSpec
 
@@ -82,6 +84,12 @@ def reference_markdown() -> str:
         ("buffer", BufferConfig, "The durable store-and-forward buffer."),
         ("mqtt", MqttConfig, "The broker samples are published to."),
         ("logging", LoggingConfig, "Logging (to stderr)."),
+        ("http", HttpConfig, "The metrics, health and status endpoint (off when absent)."),
+        (
+            "supervision",
+            SupervisionConfig,
+            "How the agent treats a task that fails or stops making progress.",
+        ),
         *_protocol_sections(),
         ("devices[].poll_groups.NAME", PollGroup, "A poll group."),
         ("devices[].tags[].simulate", SimulateSpec, "Simulated value (simulator mode)."),

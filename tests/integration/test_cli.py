@@ -62,3 +62,20 @@ def test_a_stopped_agent_exits_even_if_a_thread_hangs() -> None:
     assert result.returncode == 3
     assert "agent.exit.stuck" in result.stderr
     assert "Thread" in result.stderr  # the stacks, for whoever finds out why
+
+
+def test_a_device_whose_plan_cannot_work_exits_1_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"agent: {{id: gw}}\nmqtt: {{port: {free_port()}}}\n"
+        f"buffer: {{path: {tmp_path / 'buffer.db'}}}\ndevices:\n"
+        f"  - {{name: plc, protocol: modbus, host: 127.0.0.1, port: {free_port()}, "
+        "max_registers_per_request: 2, tags: [{name: t, address: 0, type: float64}]}\n"
+    )
+    result = cli("run", str(config), timeout_s=30)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "ExceptionGroup" not in result.stderr
+    failed = [json.loads(line) for line in result.stderr.splitlines() if "agent.failed" in line]
+    assert len(failed) == 1
+    assert failed[0]["error"].startswith("DeviceBuildError: device 'plc': ValueError: ")
