@@ -151,7 +151,9 @@ def status_json(snap: AgentSnapshot) -> dict[str, Any]:
         "tasks": [
             {
                 "name": t.name,
-                "state": "stalled" if t.stalled and t.phase == "running" else t.phase,
+                "state": "stalled"
+                if t.stalled and t.phase in ("running", "restarting")
+                else t.phase,
                 "restarts": t.restarts,
                 "failures": t.failures,
                 "last_error": t.last_error,

@@ -42,7 +42,14 @@ from agent.publish.sparkplug import SparkplugNode, sparkplug_node
 from agent.publish.status import DeviceStatusSync, StatusMessages
 from agent.runtime.reload import ReloadResult, plan_reload, read_config
 from agent.runtime.snapshot import AgentSnapshot, take_snapshot
-from agent.runtime.supervisor import Heartbeats, Probe, SupervisionPolicy, Supervisor
+from agent.runtime.supervisor import (
+    Heartbeats,
+    Probe,
+    Stall,
+    SupervisionPolicy,
+    Supervisor,
+    TaskStalled,
+)
 from agent.runtime.writer import BufferWriter
 from agent.schema import WireSample
 from drivers.base import DeviceCommon, Driver, DriverContext, TagCommon
@@ -161,7 +168,7 @@ class Agent:
         self.supervisor = Supervisor(
             supervision or SupervisionPolicy(max_failures=sup.max_failures, window_s=sup.window_s)
         )
-        self.heartbeats = Heartbeats()
+        self.heartbeats = Heartbeats(on_stall=self._on_stall)
         self.stall_s = sup.stall_s
         self.writer = BufferWriter(self.buffer, self._stored)
         # What drivers share (one serial line or gateway connection for many units):
@@ -283,6 +290,7 @@ class Agent:
                         progress=lambda: self.writer.trips,
                         deadline_s=self.stall_s,
                         what="polls are queued for the buffer and none was stored",
+                        action="exit",
                     )
                 )
                 if self.sparkplug is not None:
@@ -317,6 +325,16 @@ class Agent:
         if sup.failure is not None:
             raise sup.failure
 
+    def _on_stall(self, stall: Stall, probe: Probe) -> None:
+        """A stuck forwarder or poller is restarted (what it was doing is safe to do
+        again: records are deleted only once acknowledged, a poll is simply repeated);
+        a stuck writer may hold polls half-stored, so the agent exits and the service
+        manager starts it afresh from what the buffer holds."""
+        if probe.action == "restart":
+            self.supervisor.kick(stall.task, f"stalled: {stall.reason}")
+        elif probe.action == "exit":
+            self.supervisor.fail(stall.task, TaskStalled(f"{stall.reason} for {stall.for_s} s"))
+
     def _forwarder_probe(self, forwarder: Forwarder, publisher: Publisher) -> Probe:
         # 3 publish timeouts: a round whose messages all time out is not yet a stall.
         deadline = max(self.stall_s, 3 * self.config.mqtt.publish_timeout_s)
@@ -335,6 +353,7 @@ class Agent:
             deadline_s=deadline,
             what="records are buffered and the broker is connected, but none was "
             "delivered or set aside",
+            action="restart",
         )
 
     async def _shutdown(self, forwarder: Forwarder) -> None:
@@ -446,6 +465,7 @@ class Agent:
                 progress=lambda: poller.status.cycles,
                 deadline_s=poller.stall_deadline_s,
                 what="no poll finished",
+                action="restart",
             )
         )
 

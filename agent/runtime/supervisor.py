@@ -17,7 +17,11 @@ one `Supervisor`:
 A task that is alive but makes no progress is caught by `Heartbeats`: each `Probe` says,
 from public state only, whether the task has work waiting (`busy`) and a counter that moves
 when it does some (`progress`). A task that is busy and whose counter has not moved for its
-deadline is *stalled*; `/healthz` then fails and names it.
+deadline is *stalled*; `/healthz` then fails and names it, and the probe's `action` says
+what else happens: ``restart`` (the supervisor cancels the stuck run and starts the task
+again, counted as a failure, so a task that keeps stalling ends the agent like one that
+keeps raising), ``exit`` (the agent stops and exits 1 at once: for a task whose work
+cannot be safely abandoned half-way), or ``report`` (health only).
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class SupervisionPolicy:
     window_s: float = 60.0
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
+
+
+class TaskStalled(Exception):
+    """A supervised task was busy and made no progress for its deadline."""
 
 
 class TaskFailed(Exception):
@@ -92,6 +100,8 @@ class Supervisor:
         self._sleep = sleep
         self._rng = rng
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._runs: dict[str, asyncio.Task[None]] = {}  # the current run of each task
+        self._kicked: dict[str, str] = {}  # task → why its current run was cancelled
         self.states: dict[str, TaskState] = {}
         self.failure: TaskFailed | None = None
         self._failed = asyncio.Event()
@@ -127,6 +137,28 @@ class Supervisor:
         done, _ = await asyncio.wait({task}, timeout=timeout_s)
         return bool(done)
 
+    def kick(self, name: str, reason: str) -> bool:
+        """Cancel the current run of task `name` because it is stuck; the supervisor
+        counts it as a failure (`TaskStalled`) and starts it again as after an exception.
+        Returns False when the task is not running."""
+        run = self._runs.get(name)
+        if run is None or run.done():
+            return False
+        self._kicked[name] = reason
+        run.cancel()
+        return True
+
+    def fail(self, name: str, error: BaseException) -> None:
+        """Give up on the agent because of task `name` (it exits 1, naming it)."""
+        state = self.states.get(name)
+        if state is not None:
+            state.phase = "failed"
+            state.last_error = f"{type(error).__name__}: {error}"
+        log.error("task.fatal", task=name, error=f"{type(error).__name__}: {error}")
+        if self.failure is None:
+            self.failure = TaskFailed(name, error)
+            self._failed.set()
+
     async def stop_all(self) -> None:
         tasks = [t for t in self._tasks.values() if not t.done()]
         for task in tasks:
@@ -150,8 +182,20 @@ class Supervisor:
             state.phase = "running"
             state.starts += 1
             started = self._clock()
+            run = asyncio.ensure_future(factory())
+            self._runs[name] = run
             try:
-                await factory()
+                try:
+                    await run
+                except asyncio.CancelledError:
+                    reason = self._kicked.pop(name, None)
+                    if reason is None or not run.cancelled():
+                        raise  # a stop: cancellation is never swallowed
+                    # Only the stuck run was cancelled (kick): our own task goes on.
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise
+                    raise TaskStalled(reason) from None
             except Exception as exc:
                 now = self._clock()
                 if now - started > policy.window_s:
@@ -200,21 +244,27 @@ class Stall:
     deadline_s: float
 
 
+StallAction = Literal["report", "restart", "exit"]
+
+
 @dataclass(slots=True)
 class Probe:
     """Progress of one task seen from the outside.
 
     `busy()`: the task has work waiting (records buffered and the broker connected, polls
     queued, a poll due). `progress()`: a counter that moves whenever the task does some
-    work. `what` says in words what is not happening, for the health body."""
+    work. `what` says in words what is not happening, for the health body. `action`: what
+    a stall does besides failing health (see the module docstring)."""
 
     task: str
     busy: Callable[[], bool]
     progress: Callable[[], int]
     deadline_s: float
     what: str
+    action: StallAction = "report"
     _last: int | None = field(default=None, init=False)
     _since: float | None = field(default=None, init=False)
+    _acted: float | None = field(default=None, init=False)
 
     def check(self, now: float) -> Stall | None:
         busy = self.busy()
@@ -222,19 +272,37 @@ class Probe:
         if not busy or value != self._last or self._since is None:
             self._last = value
             self._since = now
+            self._acted = None
             return None
         idle = now - self._since
         if idle <= self.deadline_s:
             return None
         return Stall(self.task, self.what, round(idle, 1), self.deadline_s)
 
+    def action_due(self, now: float) -> bool:
+        """While stalled: the action is due at once, then once per deadline (a restart
+        that did not help is tried again, and counted again)."""
+        if self.action == "report":
+            return False
+        if self._acted is not None and now - self._acted < self.deadline_s:
+            return False
+        self._acted = now
+        return True
+
 
 class Heartbeats:
     """The probes of every task; `check()` returns the stalled ones. Checked every
     second by a supervised task and on every `/healthz`."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        on_stall: Callable[[Stall, Probe], None] | None = None,
+    ) -> None:
+        """on_stall: called once when a task becomes stalled (e.g. to restart it)."""
         self._clock = clock
+        self._on_stall = on_stall
         self._probes: dict[str, Probe] = {}
         self.stalled: tuple[Stall, ...] = ()
 
@@ -254,6 +322,7 @@ class Heartbeats:
                 found.append(stall)
         before = {s.task for s in self.stalled}
         for stall in found:
+            probe = self._probes[stall.task]
             if stall.task not in before:
                 log.error(
                     "task.stalled",
@@ -261,7 +330,10 @@ class Heartbeats:
                     reason=stall.reason,
                     for_s=stall.for_s,
                     deadline_s=stall.deadline_s,
+                    action=probe.action,
                 )
+            if self._on_stall is not None and probe.action_due(now):
+                self._on_stall(stall, probe)
         now_stalled = {s.task for s in found}
         for task in before - now_stalled:
             log.info("task.progressing", task=task)
@@ -278,8 +350,10 @@ __all__ = [
     "Heartbeats",
     "Probe",
     "Stall",
+    "StallAction",
     "SupervisionPolicy",
     "Supervisor",
     "TaskFailed",
+    "TaskStalled",
     "TaskState",
 ]

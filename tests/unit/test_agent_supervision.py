@@ -232,32 +232,30 @@ class HangingAppend(MemoryBuffer):
         return [None] * len(batches)
 
 
-async def test_a_writer_stuck_on_the_buffer_fails_healthz(tmp_path: Path) -> None:
-    config = make_config(tmp_path, http=True, stall_s=0.2)
+async def test_a_writer_stuck_on_the_buffer_is_reported_then_exits(tmp_path: Path) -> None:
+    """Polls half-stored cannot be abandoned and retried safely: a writer stuck for its
+    deadline is logged as stalled and makes the agent stop and exit 1 naming it (the
+    service manager restarts it from what the buffer holds)."""
+    config = make_config(tmp_path, stall_s=0.3)
     buffer = HangingAppend(config.buffer)
     agent = Agent(
         config, publisher=FakePublisher(), buffer=buffer, grace_s=0.2, health_interval_s=0.02
     )
-    task = asyncio.create_task(agent.run())
-    try:
-        await wait_for(lambda: agent.http_address is not None)
-        assert agent.http_address is not None
-        port = agent.http_address[1]
-        async with asyncio.timeout(20):
-            while (await http_get(port, "/healthz"))[0] == 200:
-                await asyncio.sleep(0.02)
-        code, body = await http_get(port, "/healthz")
-        assert code == 503
-        stalled = {s["task"]: s["reason"] for s in orjson.loads(body)["stalled"]}
-        assert stalled["buffer-writer"] == "polls are queued for the buffer and none was stored"
-        buffer.gate.set()
-        async with asyncio.timeout(20):
-            while (await http_get(port, "/healthz"))[0] != 200:
-                await asyncio.sleep(0.02)
-    finally:
-        buffer.gate.set()
-        agent.stop()
-        await task
+    with capture_logs() as logs:
+        task = asyncio.create_task(agent.run())
+        try:
+            async with asyncio.timeout(20):
+                while not any(e["event"] == "task.fatal" for e in logs):
+                    await asyncio.sleep(0.01)
+        finally:
+            buffer.gate.set()  # let the stop path finish
+        with pytest.raises(TaskFailed) as info:
+            await task
+    assert info.value.task == "buffer-writer"
+    assert "TaskStalled" in info.value.error_text
+    stalls = [e for e in logs if e["event"] == "task.stalled"]
+    assert [(e["task"], e["action"]) for e in stalls] == [("buffer-writer", "exit")]
+    assert stalls[0]["reason"] == "polls are queued for the buffer and none was stored"
 
 
 async def test_a_degraded_buffer_is_shown_in_readyz_status_and_metrics(tmp_path: Path) -> None:

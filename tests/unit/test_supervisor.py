@@ -234,3 +234,66 @@ def test_a_removed_probe_is_forgotten() -> None:
     beats.remove("poll:a")
     assert beats.stalled == ()
     assert beats.check() == ()
+
+
+async def test_a_kicked_task_is_restarted_counted_and_fatal_when_it_keeps_stalling() -> None:
+    sup, _ = supervisor(FakeClock(), max_failures=2)
+    runs = 0
+    cleaned = 0
+
+    async def stuck() -> None:
+        nonlocal runs, cleaned
+        runs += 1
+        try:
+            await asyncio.Event().wait()  # never makes progress
+        finally:
+            cleaned += 1
+
+    with capture_logs() as logs:
+        task = sup.start("forwarder", stuck)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert sup.kick("forwarder", "stalled: nothing delivered")
+        async with asyncio.timeout(5):
+            while runs < 2:
+                await asyncio.sleep(0)
+        assert cleaned == 1  # the stuck run was cancelled, its finally ran
+        assert sup.states["forwarder"].failures == 1
+        assert not task.done()  # the supervisor itself goes on
+        assert sup.kick("forwarder", "stalled: nothing delivered")
+        failure = await asyncio.wait_for(sup.wait_failed(), 5)
+    assert failure.task == "forwarder"
+    assert failure.error_text == "TaskStalled: stalled: nothing delivered"
+    assert [e["action"] for e in logs if e["event"] == "task.failed"] == [
+        "restarting",
+        "agent exits",
+    ]
+    assert not sup.kick("forwarder", "again")  # nothing left running
+    await sup.stop_all()
+
+
+async def test_stopping_a_task_is_not_mistaken_for_a_kick() -> None:
+    sup, _ = supervisor(FakeClock())
+
+    async def idle() -> None:
+        await asyncio.Event().wait()
+
+    task = sup.start("poll:a", idle)
+    await asyncio.sleep(0)
+    await sup.stop("poll:a")
+    assert task.cancelled()
+    assert sup.failure is None
+
+
+def test_a_stalled_probe_acts_at_once_then_once_per_deadline() -> None:
+    clock = FakeClock()
+    acted: list[str] = []
+    hb = Heartbeats(clock, on_stall=lambda stall, probe: acted.append(stall.task))
+    hb.add(Probe("forwarder", lambda: True, lambda: 0, 10.0, "stuck", action="restart"))
+    hb.add(Probe("status", lambda: True, lambda: 0, 10.0, "stuck"))  # report only
+    hb.check()
+    for t in (11.0, 15.0, 21.5, 22.0):
+        clock.now = 1000.0 + t
+        hb.check()
+    assert acted == ["forwarder", "forwarder"]  # at 11 s, then at 21.5 s
+    assert {s.task for s in hb.stalled} == {"forwarder", "status"}
