@@ -137,7 +137,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -962,6 +962,10 @@ class SqliteBuffer:
                     continues_after_seq=max(db_high, lease),
                 )
         self._legacy_epoch = legacy or db_epoch or self._epoch
+        # Gaps were loaded before the epoch was known: those of a format-1 file have none.
+        self._gaps.gaps = [
+            g if g.epoch else replace(g, epoch=self._legacy_epoch) for g in self._gaps.gaps
+        ]
         self._last_seq = max(db_high, lease)
         self._lease_end = self._last_seq
         self._write_lease(self._lease_end)
@@ -1041,9 +1045,8 @@ class SqliteBuffer:
             text = f"{end} {self._epoch}".encode()
             os.pwrite(self._seq_fd, text.ljust(_SEQ_FILE_BYTES - 1) + b"\n", 0)
             _fdatasync(self._seq_fd)
-        except OSError as exc:
-            log.debug("buffer.lease.write_failed", path=str(self._seq_path), error=str(exc))
-            return False
+        except OSError:
+            return False  # the caller reports it, once
         return True
 
     def _use(self, con: sqlite3.Connection) -> None:
