@@ -87,8 +87,8 @@ class Salvage:
     error: str  # the SQLite error that revealed the damage
     recovered_records: int
     recovered_samples: int
-    #: Samples known to be lost (run time: exact, from the buffer's own figures; at start
-    #: None: only the seq ranges are known, see `lost_seq_ranges`).
+    #: Samples lost (run time: the samples waiting minus those recovered, from the
+    #: buffer's own figures; at start None: only the seq ranges are known).
     lost_samples: int | None
     lost_seq_ranges: tuple[str, ...]  # "first-last" of each range reported as a gap
 

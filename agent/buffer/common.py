@@ -137,7 +137,7 @@ class GapList:
 
 class DropEpisode:
     """Logs a run of drops once: WARNING when the first batch is dropped, INFO with the
-    totals when an append fits again (STYLE.md: log transitions, not repetitions)."""
+    totals when an append fits again (log transitions, not repetitions)."""
 
     def __init__(self, policy: str, max_bytes: int, where: str, event: str = "buffer.full") -> None:
         self._event = event

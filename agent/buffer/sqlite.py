@@ -17,6 +17,9 @@ Invariants
     - The seq high-water mark (``meta.last_seq``) is written in the *same* transaction as
       every append, so after any crash `last_seq()` >= every seq of any surviving record,
       and >= every seq ever appended even when all records were delivered and deleted.
+    - No record commits with a seq above the durable lease in ``<path>.seq`` (see
+      "Epoch and seq leases"), so after a power cut, which can roll the database back,
+      `last_seq()` is still >= every seq that can have left the agent.
     - A record evicted by ``drop_oldest`` is deleted in the same transaction as the append
       that needed the room: the size limit holds on disk at every commit.
     - Every dropped batch is counted (stats) and its seq range written to ``gaps`` in the
@@ -27,14 +30,23 @@ Invariants
       figures are written only by that thread; `stats()` returns an immutable snapshot the
       thread publishes after each change, so it costs no I/O.
 
-On-disk format (``PRAGMA user_version`` = 1)
+On-disk format (``PRAGMA user_version`` = 2)
     ::
 
         records(id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT, first_seq INTEGER,
-                last_seq INTEGER, count INTEGER, created REAL /* epoch s */, data BLOB)
+                last_seq INTEGER, count INTEGER, created REAL /* epoch s */, data BLOB,
+                epoch TEXT)
         meta(key TEXT PRIMARY KEY, value INTEGER)     -- 'last_seq': seq high-water mark
         gaps(id INTEGER PRIMARY KEY, first_seq INTEGER, last_seq INTEGER, count INTEGER,
-             reason TEXT /* drop_oldest | drop_newest | too_large */, created REAL)
+             reason TEXT /* see agent.buffer.Gap */, created REAL, epoch TEXT)
+        info(key TEXT PRIMARY KEY, value TEXT)        -- 'epoch', 'legacy_epoch'
+
+    ``<path>.seq`` (64 bytes, written in place): ``"<leased seq> <epoch>"``.
+
+    A format-1 file (before epochs) is upgraded at open: the epoch columns are added
+    with ``''``, which stands for the ``legacy_epoch`` made at the upgrade (no row is
+    rewritten); a format-1 ``.seq`` (a bare number) is read as a lease without epoch.
+    A format-2 file is refused by a format-1 agent ("newer format").
 
     The file is opened with ``locking_mode=EXCLUSIVE``: a second agent (or a stray
     ``sqlite3`` shell) pointed at the same file fails at open instead of interleaving
@@ -60,11 +72,42 @@ Size accounting and the on-disk margin
 
     Plan the disk for about ``1.3 × max_bytes + 8 MiB``.
 
+Epoch and seq leases
+    The *epoch* (32 hex digits, 128 random bits) names the seq space: a sample's identity
+    is ``(agent, epoch, seq)``. It lives in ``info.epoch`` and in ``<path>.seq``; every
+    record and gap carries the epoch it was made in. At open the epoch is kept only when
+    both agree; otherwise (a new file, a file replaced or restored from elsewhere, a lost
+    or damaged ``.seq``, the first start of a format-1 file) a new one is made, WARNING
+    ``buffer.epoch.new`` with the reason (nothing is logged for a brand-new buffer). Seqs
+    continue above everything known in either case, as a courtesy to people reading
+    them: the new epoch alone keeps identities apart.
+
+    Seqs are *leased*: before an append whose seqs go beyond the lease, the buffer writes
+    ``<last seq of the batch> + LEASE_BLOCK`` (10,000) with the epoch into ``.seq`` in
+    place and flushes it (fdatasync; the directory is flushed when the file is created),
+    in the worker thread, before the record's transaction. The database may be rolled back
+    by a power cut (``process_crash`` does not sync commits), the lease may not. At open
+    ``last_seq`` = max(meta value, highest seq stored, highest gap, lease); when the lease
+    is above what the database knows (after any unclean stop), the rest, which may hold
+    seqs that left the agent before a power cut, is recorded as a gap with reason
+    ``skipped`` and never handed out again. A clean close, after the final checkpoint,
+    writes the lease back down to ``last_seq``, so a clean restart skips nothing.
+
+    Cost: one pwrite + fdatasync per block, ≈ 1.6-2.9 ms on the development VM
+    (``bench/buffer_lease.py``), i.e. 10 flushes and ≈ 2-3 % of the worker thread per
+    second at 100,000 values/s. A lease that cannot be written (the disk fails) is
+    logged once (ERROR ``buffer.lease.failed``, ``stats().lease_ok`` false) and retried
+    at every append beyond it; storing goes on meanwhile.
+
+    Which seqs leave the agent: only records that `take` returned, which committed after
+    their lease. So the lease lives entirely in the buffer and `SeqCounter` needs no
+    hook; a seq that the writer took but that was never appended (a crash in between)
+    may be handed out again, which is harmless, since nothing carried it.
+
 Recovery
     Opening an existing file is the recovery: SQLite replays or discards the WAL, records
-    and the seq high-water stay, and the in-memory figures are recomputed from the tables
-    (``last_seq`` is the maximum of the meta value, any seq still stored, and the
-    ``<path>.seq`` side file, see "Disk trouble").
+    and the seq high-water stay, and the in-memory figures are recomputed from the tables;
+    then the epoch and lease are settled as above.
 
     A file that is not a SQLite database or fails ``PRAGMA quick_check`` (SQLITE_NOTADB /
     SQLITE_CORRUPT) is renamed to ``<path>.corrupt-<UTC timestamp>`` (with its ``-wal``)
@@ -74,9 +117,41 @@ Recovery
     and the gaps are copied when readable. The seqs between the intact records around an
     unreadable stretch are recorded as a gap with reason ``corrupt`` (an upper bound: the
     range can also hold seqs that had been delivered), and one ERROR
-    (``buffer.corrupt.moved_aside``) tells how many records and samples were recovered and
-    which seq ranges were lost. Other errors (file locked, permissions, disk full) are
-    raised: moving a healthy file aside would lose data.
+    (``buffer.corrupt.moved_aside``, ``at_start=true``) tells how many records and samples
+    were recovered and which seq ranges were lost. Other errors (file locked, permissions,
+    disk full) are raised: moving a healthy file aside would lose data. The epoch stays
+    when ``<path>.seq`` confirms the damaged file's (its lease covers every seq used);
+    records copied keep their epoch.
+
+A file damaged at run time
+    A read or write that fails with SQLITE_CORRUPT / SQLITE_NOTADB ("database disk image is
+    malformed", "file is not a database"), in `append`, `take`, `commit`, `clear_gaps` or
+    maintenance, or reads of the records that keep failing with an I/O error for a whole
+    ``PROBE_INTERVAL_S`` (a bad sector rather than a hiccup), start a salvage in the
+    worker thread: every record that reads back whole through the live connection is
+    copied, with its id and epoch, into ``<path>.salvage`` (records already delivered are
+    left out), together with the gaps, the seq high-water and the epoch held in memory;
+    that file is checkpointed and closed, the damaged connection closed, the damaged file
+    (with its WAL) renamed to ``<path>.damaged-<UTC timestamp>``, the new one renamed into
+    place, the directory flushed, and the operation that met the damage is done again on
+    the new file. The seq ranges of unreadable stretches become gaps with reason
+    ``corrupt`` (between the intact records around them, no lower than the oldest waiting
+    seq); the samples lost are counted from the buffer's own figures (waiting minus
+    recovered; records being deleted at that moment count as lost) (in
+    ``dropped_samples`` and ``dropped_by_reason['corrupt']``, and in ``last_salvage``);
+    one ERROR ``buffer.corrupt.moved_aside`` with ``at_start=false``. The epoch stays: the
+    seq counter and the lease are in memory and in ``.seq``, untouched by the damage, so
+    seqs stay unique in it, and consumers keep deduplicating without a reset.
+
+    When the salvage cannot be made (the copy fails: disk full, I/O errors everywhere),
+    ERROR ``buffer.corrupt.salvage_failed`` once, the buffer turns degraded with reason
+    ``corrupt`` (new records in memory, as under "Disk trouble"; `take` serves what the
+    damaged file still returns, then memory), and every probe tries the salvage again
+    before moving the memory records into the new file. None of this raises out of
+    `take`, `commit` or `append`. Records in memory may then be delivered before older
+    ones still stuck in the damaged file.
+
+    The copy needs free disk space of the size of what is recovered.
 
 What each durability setting survives
     ``process_crash`` (``synchronous=NORMAL``): a crash or SIGKILL of the agent loses
@@ -86,7 +161,7 @@ What each durability setting survives
     records may also come back and be delivered again, and ``last_seq`` may go back).
     ``power_loss`` (``synchronous=FULL``): the WAL is fsynced at every commit, so appends
     also survive a power loss, given a disk that honours fsync. Costs about one fsync
-    per append (FIELD-NOTES.md: ≈ 3.5k single-row appends/s).
+    per append (≈ 3.5k single-row appends/s, see docs/delivery.md).
 
 Maximum age
     With ``max_age_s`` set, every append first deletes the records created more than
@@ -106,12 +181,11 @@ Disk trouble
     deletions, the gaps, and the size limit); when that commits, INFO
     ``buffer.disk.recovered`` and normal operation resumes.
 
-    While degraded the seq high-water cannot be written to the database, so it is written
-    in place into ``<path>.seq`` (a 32-byte file created at open, so overwriting it needs
-    no new disk blocks on ordinary file systems); open() takes it into account, so seqs
-    are not reused even after a crash while degraded. A crash while degraded loses the
-    records held in memory (they are reported as lost by nobody: the consumer sees a seq
-    gap without a gap notice).
+    While degraded the seq high-water cannot be written to the database; the lease in
+    ``<path>.seq`` (created at open, so overwriting it in place needs no new disk blocks
+    on ordinary file systems) covers it, so seqs are not reused even after a crash while
+    degraded. A crash while degraded loses the records held in memory; their seqs are
+    inside the rest of the lease, which the restart reports as a ``skipped`` gap.
 
     A disk that already fails at open() (same error classes) starts the buffer degraded:
     the connection is then a read-only stand-in (the file opened ``mode=ro``, or
