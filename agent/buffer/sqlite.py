@@ -861,10 +861,14 @@ class SqliteBuffer:
                 self._gaps.add(Gap(first, last, last - first + 1, "corrupt", self._epoch))
             self._rewrite_gaps(new)
             new.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (self._last_seq,))
-            new.execute(
+            cur = new.execute(
                 "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'records'",
                 (self._id_hw,),
             )
+            if cur.rowcount == 0 and self._id_hw:
+                new.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (self._id_hw,)
+                )
             self._write_info(new)
             new.execute("COMMIT")
             new.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -989,7 +993,8 @@ class SqliteBuffer:
         self._samples = int(samples)
         self._bytes = int(data_bytes) + self._records * record_size(0)
         self._max_id = int(max_id)
-        self._id_hw = max(self._max_id, int(id_seq[0]) if id_seq else 0)
+        # Never below ids already given out (records held in memory while degraded).
+        self._id_hw = max(self._id_hw, self._max_id, int(id_seq[0]) if id_seq else 0)
         forgotten = self._gaps.forgotten
         self._gaps = GapList(gaps)
         self._gaps.forgotten = forgotten
@@ -1044,6 +1049,7 @@ class SqliteBuffer:
         self._lease_end = self._last_seq
         self._write_lease(self._lease_end)
         if not writable:
+            self._gaps_dirty = skipped is not None  # written when the file opens
             self._publish()
             return
         try:
@@ -1717,10 +1723,10 @@ class SqliteBuffer:
                 )
         if not self._open_pending:
             try:
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                busy = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
                 # Everything is on the disk: give the unused rest of the lease back, so
                 # that a clean restart continues without a gap.
-                if self._degraded is None and self._damaged is None:
+                if not busy and self._degraded is None and self._damaged is None:
                     self._write_lease(self._last_seq)
             except sqlite3.Error as exc:
                 log.warning("buffer.close.checkpoint_failed", path=str(self._path), error=str(exc))
