@@ -24,8 +24,9 @@ Invariants every implementation keeps:
   seq range is kept as a `Gap` until the consumer of `take_gaps()` calls `clear_gaps()`;
 - `take`, `commit`, `append`, `take_gaps` and `clear_gaps` do not raise for a failing or
   damaged disk: the durable buffer degrades to memory, or salvages a damaged file into a
-  new one and reports the loss as a gap (reason ``corrupt``). They raise only for a
-  programming error (bad seqs, not open).
+  new one and reports the loss as a gap (reason ``corrupt``). They raise for a
+  programming error (bad seqs, not open) and for SQLite errors that are neither a disk
+  failure nor damage (unexpected; the caller's supervision handles those).
 
 docs/delivery.md states what this promises to the operator and the data team.
 """
