@@ -10,12 +10,16 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from structlog.testing import capture_logs
 
 from agent.buffer import Gap, Record
 from agent.buffer.sqlite import PROBE_INTERVAL_S, SqliteBuffer
-from agent.config import BufferConfig
+from agent.config import AgentSection, BufferConfig, MqttConfig
+from agent.forwarder import Forwarder
+from agent.payload import PayloadEncoder
+from agent.publish.fake import FakePublisher
 from tests.support.samples import make_samples, names
 
 RECORDS = 300
@@ -226,4 +230,40 @@ async def test_reads_that_keep_failing_are_treated_as_damage(tmp_path: Path) -> 
         assert buf.stats().dropped_by_reason.get("corrupt", 0) == 0
         assert await buf.take_gaps() == []
     finally:
+        await buf.close()
+
+
+async def test_forwarder_delivers_through_the_damage_and_announces_the_loss(
+    tmp_path: Path,
+) -> None:
+    """The forwarder over the real buffer: after the damage it is not stopped, it
+    delivers every intact record and the new ones, and the next message carries the
+    corrupt gaps."""
+    buf, _ = await filled(tmp_path)
+    pub = FakePublisher()
+    await pub.start()
+    fwd = Forwarder(buf, pub, PayloadEncoder(AgentSection(id="gw"), MqttConfig()), max_records=50)
+    try:
+        scribble(tmp_path / "buf.db", 0.4)
+        scribble(tmp_path / "buf.db-wal", 0.5)
+        await buf.append("press1", make_samples(RECORDS * PER_RECORD + 1, 5))
+        while await fwd.forward_once():
+            pass
+        assert buf.stats().records == 0
+        assert buf.stats().damaged_files == 1
+        delivered: set[int] = set()
+        announced: set[int] = set()
+        reasons: set[str] = set()
+        for m in pub.published:
+            body = orjson.loads(m.payload)
+            delivered |= {int(s["seq"]) for s in body["samples"]}
+            for g in body.get("gaps", ()):
+                announced |= set(range(g["first_seq"], g["last_seq"] + 1))
+                reasons.add(g["reason"])
+        assert reasons == {"corrupt"}
+        assert delivered | announced >= set(range(1, RECORDS * PER_RECORD + 6))
+        assert RECORDS * PER_RECORD + 5 in delivered
+        assert await buf.take_gaps() == []  # cleared once announced
+    finally:
+        await pub.close()
         await buf.close()
