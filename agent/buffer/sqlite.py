@@ -191,10 +191,11 @@ Disk trouble
     the connection is then a read-only stand-in (the file opened ``mode=ro``, or
     ``immutable=1`` when its WAL is empty, or an empty in-memory schema when there is no
     file) that serves the records already on disk to `take`; the seq and id high-water
-    marks come from it and from ``<path>.seq``. When neither can be trusted (a file that
-    cannot be read, a ``.seq`` that cannot be read) open() raises RuntimeError rather
-    than reuse seqs. Each probe closes the stand-in and tries the real open; when it
-    works, recovery proceeds as above.
+    marks come from it and from ``<path>.seq`` (a ``.seq`` that cannot be read or is
+    damaged means a new epoch, as at any start). When the file exists but cannot be read
+    at all, open() raises RuntimeError: its record ids are unknown, and the records held
+    in memory meanwhile could not be merged into it later. Each probe closes the stand-in
+    and tries the real open; when it works, recovery proceeds as above.
 
 Errors at run time
     Any other failing append rolls back and raises `sqlite3.Error` to the caller; nothing
@@ -562,7 +563,7 @@ class SqliteBuffer:
             self._use(self._connect())
             self._salvage(aside, size, exc)
         self._load_state()
-        self._settle_epoch(self._read_seq_state(strict=False))
+        self._settle_epoch(self._read_seq_state())
 
     def _open_degraded(self, exc: BaseException) -> None:
         """The file cannot be opened for writing (disk full, read-only, failing): start
@@ -581,7 +582,7 @@ class SqliteBuffer:
                 f"either ({err}): its seq high-water mark is unknown, so the agent does not "
                 "start (it would reuse seqs); free the disk or fix its file system"
             ) from err
-        state = self._read_seq_state(strict=True)
+        state = self._read_seq_state()
         self._open_pending = True
         self._settle_epoch(state, writable=False)
         self._enter_degraded(exc, at_start=True)
@@ -645,23 +646,17 @@ class SqliteBuffer:
             "(it would reuse seqs); free the disk or fix its file system"
         )
 
-    def _read_seq_state(self, strict: bool) -> tuple[int, str | None] | None:
+    def _read_seq_state(self) -> tuple[int, str | None] | None:
         """(leased seq, epoch) from `<path>.seq`; None when it does not exist or was never
         written. The epoch is None in a file written before epochs (a bare number).
 
-        A file that cannot be read or parsed: with `strict` (a degraded start, where the
-        database cannot be written either) RuntimeError; otherwise None, and the caller
-        starts a new epoch (seqs stay unique without knowing the old lease)."""
+        A file that cannot be read or parsed: a WARNING and None, and the caller starts a
+        new epoch (seqs stay unique without knowing the old lease)."""
         try:
             text = self._seq_path.read_bytes().strip(b"\0 \n")
         except FileNotFoundError:
             return None
         except OSError as exc:
-            if strict:
-                raise RuntimeError(
-                    f"{self._seq_path}: cannot read the seq high-water mark ({exc}); "
-                    "the agent does not start (it would reuse seqs)"
-                ) from exc
             log.warning("buffer.seqfile.unreadable", path=str(self._seq_path), error=str(exc))
             return None
         if not text:
@@ -672,13 +667,7 @@ class SqliteBuffer:
             epoch = parts[1].decode("ascii") if len(parts) == 2 else None
             if len(parts) > 2 or lease < 0 or (epoch is not None and not _valid_epoch(epoch)):
                 raise ValueError(text)
-        except (ValueError, IndexError, UnicodeDecodeError) as exc:
-            if strict:
-                raise RuntimeError(
-                    f"{self._seq_path}: the seq high-water mark is damaged ({text[:40]!r}); "
-                    "the agent does not start (it could reuse seqs): fix or remove the file "
-                    "once you know the highest seq delivered"
-                ) from exc
+        except (ValueError, IndexError, UnicodeDecodeError):
             log.warning("buffer.seqfile.damaged", path=str(self._seq_path), content=text[:80])
             return None
         return lease, epoch
