@@ -212,7 +212,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -231,6 +231,7 @@ from agent.buffer.common import (
     new_epoch,
     record_size,
 )
+from agent.buffer.salvage import Copied, copy_intact, lost_ranges, seq_ranges, try_
 from agent.config import BufferConfig
 from agent.schema import WireSample
 
@@ -248,8 +249,6 @@ _VACUUM_MIN_BYTES = 4 << 20
 #: nearly every delivery, up to a hundred times a second), or at once when the free
 #: pages exceed _VACUUM_MIN_BYTES.
 _DRAINED_MAINTENANCE_EVERY_S = 5.0
-#: Salvage reads the records of a damaged file this many ids at a time.
-_SALVAGE_CHUNK = 1024
 #: `<path>.seq` holds "<leased seq> <epoch>" padded to this size (written in place).
 _SEQ_FILE_BYTES = 64
 #: Seqs are leased this many at a time (at least one batch): one fsync of `<path>.seq`
@@ -324,10 +323,6 @@ def is_disk_error(exc: BaseException) -> bool:
         return False
     name = getattr(exc, "sqlite_errorname", "") or ""
     return name.startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN"))
-
-
-def _seq_ranges(pairs: Sequence[tuple[int, int]]) -> list[str]:
-    return [f"{a}-{b}" if a != b else str(a) for a, b in pairs]
 
 
 class SqliteBuffer:
@@ -724,7 +719,7 @@ class SqliteBuffer:
         """At open: copy what is intact in the damaged file `aside` into the new, empty
         file; log one ERROR with what was recovered and what was lost (see "Recovery")."""
         con = self._require_con()
-        copied = _Copied()
+        copied = Copied()
         old_seq = 0
         old_gaps: list[Gap] = []
         old_epoch: str | None = None
@@ -743,14 +738,14 @@ class SqliteBuffer:
         con.execute("BEGIN IMMEDIATE")
         try:
             if old is not None:
-                old_seq = _try(
+                old_seq = try_(
                     lambda: int(
                         old.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()[0]
                     ),
                     0,
                 )
-                col = "epoch" if _try(lambda: _has_epoch(old), False) else "''"
-                old_gaps = _try(
+                col = "epoch" if try_(lambda: _has_epoch(old), False) else "''"
+                old_gaps = try_(
                     lambda: [
                         Gap(int(a), int(b), int(c), str(d), str(e))
                         for a, b, c, d, e in old.execute(
@@ -760,15 +755,15 @@ class SqliteBuffer:
                     ],
                     [],
                 )
-                old_epoch = _try(lambda: _info(old, "epoch"), None)
-                old_legacy = _try(lambda: _info(old, "legacy_epoch"), None)
-                copied = _copy_intact(old, con, col)
+                old_epoch = try_(lambda: _info(old, "epoch"), None)
+                old_legacy = try_(lambda: _info(old, "legacy_epoch"), None)
+                copied = copy_intact(old, con, col, _INSERT_RECORD)
                 if copied.hi == 0 and not note:
                     note = "no readable records table"
             # The lost seqs of each unreadable stretch lie between the intact records
             # around it (records are in seq order by id).
             high = max([old_seq, copied.high, *(g.last_seq for g in old_gaps)])
-            lost = _lost_ranges(copied, high, floor=1)
+            lost = lost_ranges(copied, high, floor=1)
             self._gaps = GapList(old_gaps)
             for first, last in lost:
                 self._gaps.add(Gap(first, last, last - first + 1, "corrupt", old_epoch or ""))
@@ -790,7 +785,7 @@ class SqliteBuffer:
                 old.close()
             for side in made:
                 side.unlink(missing_ok=True)
-        ranges = _seq_ranges(lost) if (copied.kept or lost) else ["unknown"]
+        ranges = seq_ranges(lost) if (copied.kept or lost) else ["unknown"]
         self._damaged_files += 1
         self._last_salvage = Salvage(
             time.time(),
@@ -844,8 +839,10 @@ class SqliteBuffer:
             return self._salvage_failed(exc, err, tmp_files)
         try:
             new.execute("BEGIN IMMEDIATE")
-            copied = _copy_intact(old, new, self._epoch_col, skip=self._pending_deletes)
-            lost = _lost_ranges(copied, high, floor=floor)
+            copied = copy_intact(
+                old, new, self._epoch_col, _INSERT_RECORD, skip=self._pending_deletes
+            )
+            lost = lost_ranges(copied, high, floor=floor)
             for first, last in lost:
                 self._gaps.add(Gap(first, last, last - first + 1, "corrupt", self._epoch))
             self._rewrite_gaps(new)
@@ -899,7 +896,7 @@ class SqliteBuffer:
         self._damaged = None
         self._read_failed_at = None
         self._damaged_files += 1
-        ranges = tuple(_seq_ranges(lost))
+        ranges = tuple(seq_ranges(lost))
         self._last_salvage = Salvage(
             time.time(),
             False,
@@ -996,8 +993,8 @@ class SqliteBuffer:
         """Choose the epoch at open and make the lease durable (see "Epoch and seq
         leases"). `state`: what `<path>.seq` holds."""
         con = self._require_con()
-        db_epoch = _try(lambda: _info(con, "epoch"), None)
-        legacy = _try(lambda: _info(con, "legacy_epoch"), None)
+        db_epoch = try_(lambda: _info(con, "epoch"), None)
+        legacy = try_(lambda: _info(con, "legacy_epoch"), None)
         db_high = self._last_seq
         lease, seq_epoch = state if state is not None else (0, None)
         skipped: Gap | None = None
@@ -1121,7 +1118,7 @@ class SqliteBuffer:
     def _use(self, con: sqlite3.Connection) -> None:
         """Make `con` the connection (a v1 read-only stand-in has no epoch columns)."""
         self._con = con
-        self._epoch_col = "epoch" if _try(lambda: _has_epoch(con), True) else "''"
+        self._epoch_col = "epoch" if try_(lambda: _has_epoch(con), True) else "''"
 
     def _row_epoch(self, value: object) -> str:
         return str(value) if value else self._legacy_epoch or self._epoch
@@ -1797,17 +1794,6 @@ def _empty_stand_in() -> sqlite3.Connection:
     return con
 
 
-def _try(fn: Callable[[], _T], default: _T) -> _T:
-    """fn(), or `default` when the damaged file cannot answer."""
-    try:
-        return fn()
-    except (sqlite3.Error, TypeError, ValueError):
-        return default
-
-
-_RecordRow = tuple[int, str, int, int, int, float, bytes, str]
-
-
 def _valid_epoch(epoch: str) -> bool:
     return len(epoch) == 32 and all(c in "0123456789abcdef" for c in epoch)
 
@@ -1834,110 +1820,3 @@ def _fsync_dir(path: Path) -> None:
 def _fdatasync(fd: int) -> None:
     sync = getattr(os, "fdatasync", os.fsync)
     sync(fd)
-
-
-@dataclass
-class _Copied:
-    """What `_copy_intact` copied."""
-
-    kept: list[tuple[int, int]] = field(default_factory=list)  # (first_seq, last_seq)
-    samples: int = 0
-    bad_after: list[int | None] = field(default_factory=list)  # seq before each bad stretch
-    hi: int = 0  # highest record id the old file gave out
-    high: int = 0  # highest seq of a copied record
-
-
-def _copy_intact(
-    old: sqlite3.Connection,
-    con: sqlite3.Connection,
-    epoch_col: str,
-    skip: set[int] | frozenset[int] = frozenset(),
-) -> _Copied:
-    """Copy every record of `old` that reads back whole into `con` (inside the caller's
-    transaction), with its id; ids in `skip` are left out. Ids stay above every id the
-    old file gave out, like AUTOINCREMENT."""
-    out = _Copied()
-    hi = _try(
-        lambda: int(
-            old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()[0]
-        ),
-        0,
-    )
-    hi = max(
-        hi,
-        _try(lambda: int(old.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0]), 0),
-    )
-    lo = _try(lambda: int(old.execute("SELECT coalesce(min(id), 1) FROM records").fetchone()[0]), 1)
-    in_bad = False
-    for start in range(max(lo, 1), hi + 1, _SALVAGE_CHUNK):
-        end = min(start + _SALVAGE_CHUNK - 1, hi)
-        for row in _read_range(old, start, end, epoch_col):
-            if row is None:
-                if not in_bad:
-                    out.bad_after.append(out.kept[-1][1] if out.kept else None)
-                    in_bad = True
-                continue
-            in_bad = False
-            if row[0] in skip:
-                continue
-            con.execute(_INSERT_RECORD, row)
-            out.kept.append((int(row[2]), int(row[3])))
-            out.samples += int(row[4])
-    out.hi = hi
-    out.high = max((b for _, b in out.kept), default=0)
-    cur = con.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'records'", (hi,))
-    if cur.rowcount == 0 and hi:
-        con.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (hi,))
-    return out
-
-
-def _lost_ranges(copied: _Copied, high: int, floor: int) -> list[tuple[int, int]]:
-    """The seq range of each unreadable stretch: from after the intact record before it
-    (or `floor`) to before the intact record after it (or `high`). Records are in seq
-    order by id, so the lost samples lie there (with, possibly, seqs delivered before)."""
-    lost: list[tuple[int, int]] = []
-    for before in copied.bad_after:
-        first = max((before or 0) + 1, floor)
-        nxt = next((a for a, _ in copied.kept if a >= first), None)
-        last = nxt - 1 if nxt is not None else high
-        if last >= first:
-            lost.append((first, last))
-    return lost
-
-
-def _read_range(
-    old: sqlite3.Connection, lo: int, hi: int, epoch_col: str = "epoch"
-) -> list[_RecordRow | None]:
-    """The records with lo <= id <= hi of a damaged file, in id order: a row, or None
-    for a stretch that cannot be read (a range that fails is split in halves down to
-    single ids) or whose data does not hold what its columns say."""
-    try:
-        rows = old.execute(
-            "SELECT id, device, first_seq, last_seq, count, created, data, "
-            f"{epoch_col} FROM records WHERE id BETWEEN ? AND ? ORDER BY id",
-            (lo, hi),
-        ).fetchall()
-    except sqlite3.Error:
-        if lo == hi:
-            return [None]
-        mid = (lo + hi) // 2
-        return _read_range(old, lo, mid, epoch_col) + _read_range(old, mid + 1, hi, epoch_col)
-    return [row if _intact(row) else None for row in rows]
-
-
-def _intact(row: Any) -> bool:
-    try:
-        rid, device, first, last, count, created, data, epoch = row
-        samples = orjson.loads(data)
-        return (
-            isinstance(samples, list)
-            and len(samples) == count > 0
-            and samples[0]["seq"] == first
-            and samples[-1]["seq"] == last
-            and all(s["device"] == device for s in samples)
-            and isinstance(rid, int)
-            and isinstance(created, float)
-            and isinstance(epoch, str)
-        )
-    except (TypeError, ValueError, KeyError, orjson.JSONDecodeError):
-        return False
