@@ -111,7 +111,8 @@ Recovery
 
     A file that is not a SQLite database or fails ``PRAGMA quick_check`` (SQLITE_NOTADB /
     SQLITE_CORRUPT) is renamed to ``<path>.corrupt-<UTC timestamp>`` (with its ``-wal``)
-    and *salvaged* into a fresh file: the records table is read in id ranges, a range that
+    and *salvaged* into a fresh file (`agent.buffer.salvage`): the records table is read
+    in id ranges, a range that
     fails is split in halves down to single ids, and every row that reads back whole (its
     data decodes and holds exactly its seq range) is copied with its id. The seq high-water
     and the gaps are copied when readable. The seqs between the intact records around an
