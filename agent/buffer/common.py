@@ -16,6 +16,7 @@ so that tests written against one hold for the other:
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ RECORD_OVERHEAD_BYTES = 128
 #: oldest ranges are forgotten and counted in `gaps_forgotten`.
 GAPS_MAX = 10_000
 
-DropReason = Literal["drop_oldest", "drop_newest", "too_large", "max_age", "memory_full"]
+DropReason = Literal["drop_oldest", "drop_newest", "too_large", "max_age", "memory_full", "corrupt"]
 
 _ORJSON_OPTS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
 
@@ -59,6 +60,11 @@ class EncodedBatch:
     @property
     def size(self) -> int:
         return record_size(len(self.data))
+
+
+def new_epoch() -> str:
+    """A fresh buffer epoch: 128 random bits as 32 hex digits."""
+    return secrets.token_hex(16)
 
 
 def record_size(data_len: int) -> int:
@@ -97,8 +103,9 @@ def encode_batch(samples: Sequence[WireSample], last_seq: int) -> EncodedBatch:
 
 
 class GapList:
-    """In-memory image of the gaps: merges contiguous ranges of the same reason and keeps
-    at most GAPS_MAX of them. The SQLite buffer mirrors each change into its table."""
+    """In-memory image of the gaps: merges contiguous ranges of the same reason (and
+    epoch) and keeps at most GAPS_MAX of them. The SQLite buffer mirrors each change into
+    its table."""
 
     def __init__(self, gaps: Sequence[Gap] = ()) -> None:
         self.gaps: list[Gap] = list(gaps)
@@ -108,9 +115,13 @@ class GapList:
         """Add `gap`; returns (merged into the last one, how many oldest were forgotten)."""
         if self.gaps:
             last = self.gaps[-1]
-            if last.reason == gap.reason and gap.first_seq == last.last_seq + 1:
+            if (
+                last.reason == gap.reason
+                and last.epoch == gap.epoch
+                and gap.first_seq == last.last_seq + 1
+            ):
                 self.gaps[-1] = Gap(
-                    last.first_seq, gap.last_seq, last.count + gap.count, gap.reason
+                    last.first_seq, gap.last_seq, last.count + gap.count, gap.reason, gap.epoch
                 )
                 return True, 0
         self.gaps.append(gap)
@@ -126,7 +137,7 @@ class GapList:
 
 class DropEpisode:
     """Logs a run of drops once: WARNING when the first batch is dropped, INFO with the
-    totals when an append fits again (STYLE.md: log transitions, not repetitions)."""
+    totals when an append fits again (log transitions, not repetitions)."""
 
     def __init__(self, policy: str, max_bytes: int, where: str, event: str = "buffer.full") -> None:
         self._event = event

@@ -20,6 +20,7 @@ from agent.buffer.common import (
     GapList,
     Notifier,
     encode_batch,
+    new_epoch,
     record_size,
 )
 from agent.config import BufferConfig
@@ -49,10 +50,20 @@ class MemoryBuffer:
         )
         self._notifier = Notifier()
         self._open = False
+        self._epoch = new_epoch()
+        self._dropped_by: dict[str, int] = {}
 
     async def open(self) -> None:
-        """Nothing to recover: a memory buffer starts empty."""
+        """Nothing to recover: a memory buffer starts empty, with a new epoch (its seqs
+        start again at 1, so they must not be confused with an earlier run's)."""
+        if not self._records and self._last_seq == 0:
+            self._epoch = new_epoch()
         self._open = True
+
+    @property
+    def epoch(self) -> str:
+        """The epoch of this buffer's records (made at open)."""
+        return self._epoch
 
     async def close(self) -> None:
         """Forget nothing (the object keeps its records) but refuse further appends."""
@@ -81,9 +92,8 @@ class MemoryBuffer:
         elif self._bytes + size > limit and self._config.when_full == "drop_newest":
             refused = "drop_newest"
         if refused is not None:
-            self._gaps.add(Gap(batch.first_seq, batch.last_seq, batch.count, refused))
-            self._dropped_samples += batch.count
-            self._dropped_records += 1
+            self._gaps.add(Gap(batch.first_seq, batch.last_seq, batch.count, refused, self._epoch))
+            self._count_drop(refused, 1, batch.count)
             self._episode.dropped(refused, 1, batch.count, self._bytes)
             return
         evicted_records = evicted_samples = 0
@@ -91,13 +101,12 @@ class MemoryBuffer:
             evicted_records += 1
             evicted_samples += self._drop_oldest("drop_oldest").count
         if evicted_records:
-            self._dropped_samples += evicted_samples
-            self._dropped_records += evicted_records
+            self._count_drop("drop_oldest", evicted_records, evicted_samples)
             self._episode.dropped("drop_oldest", evicted_records, evicted_samples, self._bytes)
         rid = self._next_id
         self._next_id += 1
         self._records[rid] = Record(
-            rid, device, batch.first_seq, batch.last_seq, batch.count, now, batch.data
+            rid, device, batch.first_seq, batch.last_seq, batch.count, now, batch.data, self._epoch
         )
         self._ids.append(rid)
         self._bytes += size
@@ -117,8 +126,7 @@ class MemoryBuffer:
             records += 1
             samples += self._drop_oldest("max_age").count
         if records:
-            self._dropped_samples += samples
-            self._dropped_records += records
+            self._count_drop("max_age", records, samples)
             self._age_episode.dropped("max_age", records, samples, self._bytes)
 
     def _drop_oldest(self, reason: DropReason) -> Record:
@@ -126,8 +134,13 @@ class MemoryBuffer:
         old = self._records.pop(self._oldest_id())
         self._bytes -= record_size(len(old.data))
         self._samples -= old.count
-        self._gaps.add(Gap(old.first_seq, old.last_seq, old.count, reason))
+        self._gaps.add(Gap(old.first_seq, old.last_seq, old.count, reason, old.epoch))
         return old
+
+    def _count_drop(self, reason: str, records: int, samples: int) -> None:
+        self._dropped_samples += samples
+        self._dropped_records += records
+        self._dropped_by[reason] = self._dropped_by.get(reason, 0) + samples
 
     def _oldest_id(self) -> int:
         for i, rid in enumerate(self._ids):
@@ -199,4 +212,6 @@ class MemoryBuffer:
             committed_samples=self._committed,
             dropped_samples=self._dropped_samples,
             dropped_records=self._dropped_records,
+            epoch=self._epoch,
+            dropped_by_reason=dict(self._dropped_by),
         )

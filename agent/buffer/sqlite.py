@@ -17,6 +17,9 @@ Invariants
     - The seq high-water mark (``meta.last_seq``) is written in the *same* transaction as
       every append, so after any crash `last_seq()` >= every seq of any surviving record,
       and >= every seq ever appended even when all records were delivered and deleted.
+    - No record commits with a seq above the durable lease in ``<path>.seq`` (see
+      "Epoch and seq leases"), so after a power cut, which can roll the database back,
+      `last_seq()` is still >= every seq that can have left the agent.
     - A record evicted by ``drop_oldest`` is deleted in the same transaction as the append
       that needed the room: the size limit holds on disk at every commit.
     - Every dropped batch is counted (stats) and its seq range written to ``gaps`` in the
@@ -27,14 +30,23 @@ Invariants
       figures are written only by that thread; `stats()` returns an immutable snapshot the
       thread publishes after each change, so it costs no I/O.
 
-On-disk format (``PRAGMA user_version`` = 1)
+On-disk format (``PRAGMA user_version`` = 2)
     ::
 
         records(id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT, first_seq INTEGER,
-                last_seq INTEGER, count INTEGER, created REAL /* epoch s */, data BLOB)
+                last_seq INTEGER, count INTEGER, created REAL /* epoch s */, data BLOB,
+                epoch TEXT)
         meta(key TEXT PRIMARY KEY, value INTEGER)     -- 'last_seq': seq high-water mark
         gaps(id INTEGER PRIMARY KEY, first_seq INTEGER, last_seq INTEGER, count INTEGER,
-             reason TEXT /* drop_oldest | drop_newest | too_large */, created REAL)
+             reason TEXT /* see agent.buffer.Gap */, created REAL, epoch TEXT)
+        info(key TEXT PRIMARY KEY, value TEXT)        -- 'epoch', 'legacy_epoch'
+
+    ``<path>.seq`` (64 bytes, written in place): ``"<leased seq> <epoch>"``.
+
+    A format-1 file (before epochs) is upgraded at open: the epoch columns are added
+    with ``''``, which stands for the ``legacy_epoch`` made at the upgrade (no row is
+    rewritten); a format-1 ``.seq`` (a bare number) is read as a lease without epoch.
+    A format-2 file is refused by a format-1 agent ("newer format").
 
     The file is opened with ``locking_mode=EXCLUSIVE``: a second agent (or a stray
     ``sqlite3`` shell) pointed at the same file fails at open instead of interleaving
@@ -60,23 +72,87 @@ Size accounting and the on-disk margin
 
     Plan the disk for about ``1.3 × max_bytes + 8 MiB``.
 
+Epoch and seq leases
+    The *epoch* (32 hex digits, 128 random bits) names the seq space: a sample's identity
+    is ``(agent, epoch, seq)``. It lives in ``info.epoch`` and in ``<path>.seq``; every
+    record and gap carries the epoch it was made in. At open the epoch is kept only when
+    both agree; otherwise (a new file, a file replaced or restored from elsewhere, a lost
+    or damaged ``.seq``, the first start of a format-1 file) a new one is made, WARNING
+    ``buffer.epoch.new`` with the reason (nothing is logged for a brand-new buffer). Seqs
+    continue above everything known in either case, as a courtesy to people reading
+    them: the new epoch alone keeps identities apart.
+
+    Seqs are *leased*: before an append whose seqs go beyond the lease, the buffer writes
+    ``<last seq of the batch> + LEASE_BLOCK`` (10,000) with the epoch into ``.seq`` in
+    place and flushes it (fdatasync; the directory is flushed when the file is created),
+    in the worker thread, before the record's transaction. The database may be rolled back
+    by a power cut (``process_crash`` does not sync commits), the lease may not. At open
+    ``last_seq`` = max(meta value, highest seq stored, highest gap, lease); when the lease
+    is above what the database knows (after any unclean stop), the rest, which may hold
+    seqs that left the agent before a power cut, is recorded as a gap with reason
+    ``skipped`` and never handed out again. A clean close, after the final checkpoint,
+    writes the lease back down to ``last_seq``, so a clean restart skips nothing.
+
+    Cost: one pwrite + fdatasync per block, ≈ 1.6-2.9 ms on the development VM
+    (``bench/buffer_lease.py``), i.e. 10 flushes and ≈ 2-3 % of the worker thread per
+    second at 100,000 values/s. A lease that cannot be written (the disk fails) is
+    logged once (ERROR ``buffer.lease.failed``, ``stats().lease_ok`` false) and retried
+    at every append beyond it; storing goes on meanwhile.
+
+    Which seqs leave the agent: only records that `take` returned, which committed after
+    their lease. So the lease lives entirely in the buffer and `SeqCounter` needs no
+    hook; a seq that the writer took but that was never appended (a crash in between)
+    may be handed out again, which is harmless, since nothing carried it.
+
 Recovery
     Opening an existing file is the recovery: SQLite replays or discards the WAL, records
-    and the seq high-water stay, and the in-memory figures are recomputed from the tables
-    (``last_seq`` is the maximum of the meta value, any seq still stored, and the
-    ``<path>.seq`` side file, see "Disk trouble").
+    and the seq high-water stay, and the in-memory figures are recomputed from the tables;
+    then the epoch and lease are settled as above.
 
     A file that is not a SQLite database or fails ``PRAGMA quick_check`` (SQLITE_NOTADB /
     SQLITE_CORRUPT) is renamed to ``<path>.corrupt-<UTC timestamp>`` (with its ``-wal``)
-    and *salvaged* into a fresh file: the records table is read in id ranges, a range that
+    and *salvaged* into a fresh file (`agent.buffer.salvage`): the records table is read
+    in id ranges, a range that
     fails is split in halves down to single ids, and every row that reads back whole (its
     data decodes and holds exactly its seq range) is copied with its id. The seq high-water
     and the gaps are copied when readable. The seqs between the intact records around an
     unreadable stretch are recorded as a gap with reason ``corrupt`` (an upper bound: the
     range can also hold seqs that had been delivered), and one ERROR
-    (``buffer.corrupt.moved_aside``) tells how many records and samples were recovered and
-    which seq ranges were lost. Other errors (file locked, permissions, disk full) are
-    raised: moving a healthy file aside would lose data.
+    (``buffer.corrupt.moved_aside``, ``at_start=true``) tells how many records and samples
+    were recovered and which seq ranges were lost. Other errors (file locked, permissions,
+    disk full) are raised: moving a healthy file aside would lose data. The epoch stays
+    when ``<path>.seq`` confirms the damaged file's (its lease covers every seq used);
+    records copied keep their epoch.
+
+A file damaged at run time
+    A read or write that fails with SQLITE_CORRUPT / SQLITE_NOTADB ("database disk image is
+    malformed", "file is not a database"), in `append`, `take`, `commit`, `clear_gaps` or
+    maintenance, or reads of the records that keep failing with an I/O error for a whole
+    ``PROBE_INTERVAL_S`` (a bad sector rather than a hiccup), start a salvage in the
+    worker thread: every record that reads back whole through the live connection is
+    copied, with its id and epoch, into ``<path>.salvage`` (records already delivered are
+    left out), together with the gaps, the seq high-water and the epoch held in memory;
+    that file is checkpointed and closed, the damaged connection closed, the damaged file
+    (with its WAL) renamed to ``<path>.damaged-<UTC timestamp>``, the new one renamed into
+    place, the directory flushed, and the operation that met the damage is done again on
+    the new file. The seq ranges of unreadable stretches become gaps with reason
+    ``corrupt`` (between the intact records around them, no lower than the oldest waiting
+    seq); the samples lost are counted from the buffer's own figures (waiting minus
+    recovered; records being deleted at that moment count as lost) (in
+    ``dropped_samples`` and ``dropped_by_reason['corrupt']``, and in ``last_salvage``);
+    one ERROR ``buffer.corrupt.moved_aside`` with ``at_start=false``. The epoch stays: the
+    seq counter and the lease are in memory and in ``.seq``, untouched by the damage, so
+    seqs stay unique in it, and consumers keep deduplicating without a reset.
+
+    When the salvage cannot be made (the copy fails: disk full, I/O errors everywhere),
+    ERROR ``buffer.corrupt.salvage_failed`` once, the buffer turns degraded with reason
+    ``corrupt`` (new records in memory, as under "Disk trouble"; `take` serves what the
+    damaged file still returns, then memory), and every probe tries the salvage again
+    before moving the memory records into the new file. None of this raises out of
+    `take`, `commit` or `append`. Records in memory may then be delivered before older
+    ones still stuck in the damaged file.
+
+    The copy needs free disk space of the size of what is recovered.
 
 What each durability setting survives
     ``process_crash`` (``synchronous=NORMAL``): a crash or SIGKILL of the agent loses
@@ -86,7 +162,7 @@ What each durability setting survives
     records may also come back and be delivered again, and ``last_seq`` may go back).
     ``power_loss`` (``synchronous=FULL``): the WAL is fsynced at every commit, so appends
     also survive a power loss, given a disk that honours fsync. Costs about one fsync
-    per append (FIELD-NOTES.md: ≈ 3.5k single-row appends/s).
+    per append (≈ 3.5k single-row appends/s, see docs/delivery.md).
 
 Maximum age
     With ``max_age_s`` set, every append first deletes the records created more than
@@ -106,21 +182,21 @@ Disk trouble
     deletions, the gaps, and the size limit); when that commits, INFO
     ``buffer.disk.recovered`` and normal operation resumes.
 
-    While degraded the seq high-water cannot be written to the database, so it is written
-    in place into ``<path>.seq`` (a 32-byte file created at open, so overwriting it needs
-    no new disk blocks on ordinary file systems); open() takes it into account, so seqs
-    are not reused even after a crash while degraded. A crash while degraded loses the
-    records held in memory (they are reported as lost by nobody: the consumer sees a seq
-    gap without a gap notice).
+    While degraded the seq high-water cannot be written to the database; the lease in
+    ``<path>.seq`` (created at open, so overwriting it in place needs no new disk blocks
+    on ordinary file systems) covers it, so seqs are not reused even after a crash while
+    degraded. A crash while degraded loses the records held in memory; their seqs are
+    inside the rest of the lease, which the restart reports as a ``skipped`` gap.
 
     A disk that already fails at open() (same error classes) starts the buffer degraded:
     the connection is then a read-only stand-in (the file opened ``mode=ro``, or
     ``immutable=1`` when its WAL is empty, or an empty in-memory schema when there is no
     file) that serves the records already on disk to `take`; the seq and id high-water
-    marks come from it and from ``<path>.seq``. When neither can be trusted (a file that
-    cannot be read, a ``.seq`` that cannot be read) open() raises RuntimeError rather
-    than reuse seqs. Each probe closes the stand-in and tries the real open; when it
-    works, recovery proceeds as above.
+    marks come from it and from ``<path>.seq`` (a ``.seq`` that cannot be read or is
+    damaged means a new epoch, as at any start). When the file exists but cannot be read
+    at all, open() raises RuntimeError: its record ids are unknown, and the records held
+    in memory meanwhile could not be merged into it later. Each probe closes the stand-in
+    and tries the real open; when it works, recovery proceeds as above.
 
 Errors at run time
     Any other failing append rolls back and raises `sqlite3.Error` to the caller; nothing
@@ -137,6 +213,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -144,7 +221,7 @@ from urllib.parse import quote
 import orjson
 import structlog
 
-from agent.buffer import BufferStats, Gap, Record
+from agent.buffer import BufferStats, Gap, Record, Salvage
 from agent.buffer.common import (
     DropEpisode,
     DropReason,
@@ -152,12 +229,14 @@ from agent.buffer.common import (
     GapList,
     Notifier,
     encode_batch,
+    new_epoch,
     record_size,
 )
+from agent.buffer.salvage import Copied, copy_intact, lost_ranges, seq_ranges, try_
 from agent.config import BufferConfig
 from agent.schema import WireSample
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 JOURNAL_SIZE_LIMIT = 4 << 20
 #: How long open() waits for a lock held by another process before giving up.
 LOCK_TIMEOUT_S = 1.0
@@ -171,12 +250,13 @@ _VACUUM_MIN_BYTES = 4 << 20
 #: nearly every delivery, up to a hundred times a second), or at once when the free
 #: pages exceed _VACUUM_MIN_BYTES.
 _DRAINED_MAINTENANCE_EVERY_S = 5.0
-#: Salvage reads the records of a damaged file this many ids at a time.
-_SALVAGE_CHUNK = 1024
-_SEQ_FILE_BYTES = 32
+#: `<path>.seq` holds "<leased seq> <epoch>" padded to this size (written in place).
+_SEQ_FILE_BYTES = 64
+#: Seqs are leased this many at a time (at least one batch): one fsync of `<path>.seq`
+#: per block. After an unclean stop at most this many seqs are skipped.
+LEASE_BLOCK = 10_000
 
-_SCHEMA = f"""
-BEGIN EXCLUSIVE;
+_TABLES = """
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     device TEXT NOT NULL,
@@ -184,7 +264,8 @@ CREATE TABLE IF NOT EXISTS records (
     last_seq INTEGER NOT NULL,
     count INTEGER NOT NULL,
     created REAL NOT NULL,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    epoch TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gaps (
@@ -193,24 +274,32 @@ CREATE TABLE IF NOT EXISTS gaps (
     last_seq INTEGER NOT NULL,
     count INTEGER NOT NULL,
     reason TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    epoch TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta (key, value) VALUES ('last_seq', 0);
-PRAGMA user_version = {FORMAT_VERSION};
-COMMIT;
 """
+#: Format 1 (before epochs) to 2: records and gaps gain their epoch; rows written by a
+#: format-1 agent keep '' and belong to the 'legacy_epoch' made at the upgrade.
+_UPGRADE_1 = """
+ALTER TABLE records ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
+ALTER TABLE gaps ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
+"""
+_SCHEMA = f"BEGIN EXCLUSIVE;{_TABLES}PRAGMA user_version = {FORMAT_VERSION};COMMIT;"
 
 _INSERT_RECORD = (
-    "INSERT INTO records (id, device, first_seq, last_seq, count, created, data) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO records (id, device, first_seq, last_seq, count, created, data, epoch) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_GAP = (
-    "INSERT INTO gaps (first_seq, last_seq, count, reason, created) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO gaps (first_seq, last_seq, count, reason, created, epoch) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
 
 _T = TypeVar("_T")
-#: (id, first_seq, last_seq, count, data length) of a deleted record.
-_Row = tuple[int, int, int, int, int]
+#: (id, first_seq, last_seq, count, data length, epoch) of a deleted record.
+_Row = tuple[int, int, int, int, int, str]
 
 log = structlog.get_logger()
 
@@ -219,9 +308,11 @@ class _Corrupt(sqlite3.DatabaseError):
     """quick_check found problems without SQLite raising an error itself."""
 
 
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+def _is_corruption(exc: BaseException) -> bool:
     if isinstance(exc, _Corrupt):
         return True
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
     name = getattr(exc, "sqlite_errorname", "") or ""
     return name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT"))
 
@@ -233,10 +324,6 @@ def is_disk_error(exc: BaseException) -> bool:
         return False
     name = getattr(exc, "sqlite_errorname", "") or ""
     return name.startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN"))
-
-
-def _seq_ranges(pairs: Sequence[tuple[int, int]]) -> list[str]:
-    return [f"{a}-{b}" if a != b else str(a) for a, b in pairs]
 
 
 class SqliteBuffer:
@@ -283,6 +370,20 @@ class SqliteBuffer:
         self._open_pending = False
         self._stand_in_made: list[Path] = []  # side files the read-only look created
         self._open_failure: str | None = None  # last non-disk error of a reopen, logged once
+        # Epoch and seq lease (see "Epoch and seq leases").
+        self._epoch = ""
+        self._legacy_epoch = ""  # of rows written by a format-1 agent ('' in the file)
+        self._lease_end = 0  # highest seq covered by the lease in <path>.seq
+        self._lease_ok = True
+        self._leases = 0
+        # Damage at run time (see "A file damaged at run time").
+        self._damaged: BaseException | None = None  # damage found, salvage still pending
+        self._read_failed_at: float | None = None  # first of consecutive failing reads
+        self._damaged_files = 0
+        self._last_salvage: Salvage | None = None
+        self._dropped_by: dict[str, int] = {}
+        self._oldest_first_seq: int | None = None
+        self._epoch_col = "epoch"  # "''" on a read-only stand-in of a format-1 file
         self._stats = self._snapshot()
 
     # ------------------------------------------------------------------ lifecycle
@@ -329,8 +430,14 @@ class SqliteBuffer:
 
     # ------------------------------------------------------------------ public API
 
+    @property
+    def epoch(self) -> str:
+        """The epoch of new records; valid after open()."""
+        return self._epoch
+
     def last_seq(self) -> int:
-        """Highest seq ever appended (0 for a new buffer); valid after open()."""
+        """Highest seq handed out in the current epoch (0 for a new buffer), or the end
+        of the previous lease after an unclean stop; valid after open()."""
         return self._last_seq
 
     async def append(self, device: str, samples: Sequence[WireSample]) -> None:
@@ -413,7 +520,13 @@ class SqliteBuffer:
                 )
             # In one exclusive transaction, which also takes the lock that is then kept
             # for the life of the connection (locking_mode=EXCLUSIVE).
-            con.executescript(_SCHEMA)
+            if version == 1:
+                con.executescript(
+                    f"BEGIN EXCLUSIVE;{_UPGRADE_1}{_TABLES}"
+                    f"PRAGMA user_version = {FORMAT_VERSION};COMMIT;"
+                )
+            else:
+                con.executescript(_SCHEMA)
         except sqlite3.OperationalError as exc:
             con.close()
             if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
@@ -435,7 +548,7 @@ class SqliteBuffer:
             self._open_degraded(exc)
             return
         try:
-            self._con = self._connect()
+            self._use(self._connect())
         except sqlite3.DatabaseError as exc:
             if is_disk_error(exc):
                 self._open_degraded(exc)
@@ -443,10 +556,10 @@ class SqliteBuffer:
             if not _is_corruption(exc):
                 raise
             aside, size = self._move_aside()
-            self._con = self._connect()
+            self._use(self._connect())
             self._salvage(aside, size, exc)
         self._load_state()
-        self._open_seq_file()
+        self._settle_epoch(self._read_seq_state())
 
     def _open_degraded(self, exc: BaseException) -> None:
         """The file cannot be opened for writing (disk full, read-only, failing): start
@@ -455,7 +568,7 @@ class SqliteBuffer:
 
         Raises RuntimeError when the high-water mark cannot be known (a file exists but
         cannot be read): starting anyway could hand out seqs that were used before."""
-        self._con = self._open_stand_in()
+        self._use(self._open_stand_in())
         try:
             self._load_state()
         except sqlite3.Error as err:
@@ -465,9 +578,9 @@ class SqliteBuffer:
                 f"either ({err}): its seq high-water mark is unknown, so the agent does not "
                 "start (it would reuse seqs); free the disk or fix its file system"
             ) from err
-        self._last_seq = max(self._last_seq, self._read_seq_file_strict())
+        state = self._read_seq_state()
         self._open_pending = True
-        self._open_seq_file()
+        self._settle_epoch(state, writable=False)
         self._enter_degraded(exc, at_start=True)
 
     def _open_stand_in(self) -> sqlite3.Connection:
@@ -529,26 +642,31 @@ class SqliteBuffer:
             "(it would reuse seqs); free the disk or fix its file system"
         )
 
-    def _read_seq_file_strict(self) -> int:
-        """`<path>.seq` at a degraded start: absent or never written is 0, but a file
-        that cannot be read may hold a mark above the database's, so that raises."""
+    def _read_seq_state(self) -> tuple[int, str | None] | None:
+        """(leased seq, epoch) from `<path>.seq`; None when it does not exist or was never
+        written. The epoch is None in a file written before epochs (a bare number).
+
+        A file that cannot be read or parsed: a WARNING and None, and the caller starts a
+        new epoch (seqs stay unique without knowing the old lease)."""
         try:
             text = self._seq_path.read_bytes().strip(b"\0 \n")
         except FileNotFoundError:
-            return 0
+            return None
         except OSError as exc:
-            raise RuntimeError(
-                f"{self._seq_path}: cannot read the seq high-water mark ({exc}); "
-                "the agent does not start (it would reuse seqs)"
-            ) from exc
+            log.warning("buffer.seqfile.unreadable", path=str(self._seq_path), error=str(exc))
+            return None
+        if not text:
+            return None
+        parts = text.split()
         try:
-            return int(text) if text else 0
-        except ValueError as exc:
-            raise RuntimeError(
-                f"{self._seq_path}: the seq high-water mark is damaged ({text[:40]!r}); "
-                "the agent does not start (it could reuse seqs): fix or remove the file "
-                "once you know the highest seq delivered"
-            ) from exc
+            lease = int(parts[0])
+            epoch = parts[1].decode("ascii") if len(parts) == 2 else None
+            if len(parts) > 2 or lease < 0 or (epoch is not None and not _valid_epoch(epoch)):
+                raise ValueError(text)
+        except (ValueError, IndexError, UnicodeDecodeError):
+            log.warning("buffer.seqfile.damaged", path=str(self._seq_path), content=text[:80])
+            return None
+        return lease, epoch
 
     def _finish_open(self) -> bool:
         """Degraded since open(): try the real open again. True when the file is now
@@ -566,29 +684,29 @@ class SqliteBuffer:
                     detail=f"the buffer stays in memory; retried every {PROBE_INTERVAL_S:g} s",
                 )
             try:
-                self._con = self._open_stand_in()
+                self._use(self._open_stand_in())
             except RuntimeError:
-                self._con = _empty_stand_in()  # the figures in memory stay right
+                self._use(_empty_stand_in())  # the figures in memory stay right
             return False
-        self._con = con
+        self._use(con)
         self._open_pending = False
         self._open_failure = None
         if self._seq_fd is None:
-            self._open_seq_file()
+            self._write_lease(max(self._lease_end, self._last_seq))
         # No lock was held while degraded: never go below what the file says now.
         with contextlib.suppress(sqlite3.Error, TypeError):
             meta = int(con.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()[0])
             self._last_seq = max(self._last_seq, meta)
         return True
 
-    def _move_aside(self) -> tuple[Path, int]:
-        """Rename a corrupt file (and its WAL) out of the way; returns the new name and
-        the file's size."""
+    def _move_aside(self, label: str = "corrupt") -> tuple[Path, int]:
+        """Rename a corrupt file (and its WAL) out of the way, to
+        `<path>.<label>-<UTC timestamp>`; returns the new name and the file's size."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = Path(f"{self._path}.corrupt-{stamp}")
+        aside = Path(f"{self._path}.{label}-{stamp}")
         n = 1
         while aside.exists():
-            aside = Path(f"{self._path}.corrupt-{stamp}-{n}")
+            aside = Path(f"{self._path}.{label}-{stamp}-{n}")
             n += 1
         size = self._path.stat().st_size if self._path.exists() else 0
         os.replace(self._path, aside)
@@ -599,14 +717,14 @@ class SqliteBuffer:
         return aside, size
 
     def _salvage(self, aside: Path, size: int, exc: sqlite3.DatabaseError) -> None:
-        """Copy what is intact in the damaged file `aside` into the new, empty file; log
-        one ERROR with what was recovered and what was lost (see "Recovery")."""
+        """At open: copy what is intact in the damaged file `aside` into the new, empty
+        file; log one ERROR with what was recovered and what was lost (see "Recovery")."""
         con = self._require_con()
-        kept: list[tuple[int, int]] = []  # (first_seq, last_seq) of salvaged records
-        samples = 0
-        bad_after: list[int | None] = []  # for each unreadable stretch: seq before it
+        copied = Copied()
         old_seq = 0
         old_gaps: list[Gap] = []
+        old_epoch: str | None = None
+        old_legacy: str | None = None
         note = ""
         sides = [Path(f"{aside}{suffix}") for suffix in ("-wal", "-shm")]
         made = [side for side in sides if not side.exists()]  # by opening it read-only
@@ -621,83 +739,43 @@ class SqliteBuffer:
         con.execute("BEGIN IMMEDIATE")
         try:
             if old is not None:
-                old_seq = _try(
+                old_seq = try_(
                     lambda: int(
                         old.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()[0]
                     ),
                     0,
                 )
-                old_gaps = _try(
+                col = "epoch" if try_(lambda: _has_epoch(old), False) else "''"
+                old_gaps = try_(
                     lambda: [
-                        Gap(int(a), int(b), int(c), str(d))
-                        for a, b, c, d in old.execute(
-                            "SELECT first_seq, last_seq, count, reason FROM gaps ORDER BY id"
+                        Gap(int(a), int(b), int(c), str(d), str(e))
+                        for a, b, c, d, e in old.execute(
+                            f"SELECT first_seq, last_seq, count, reason, {col} FROM gaps "
+                            "ORDER BY id"
                         )
                     ],
                     [],
                 )
-                hi = _try(
-                    lambda: int(
-                        old.execute(
-                            "SELECT seq FROM sqlite_sequence WHERE name = 'records'"
-                        ).fetchone()[0]
-                    ),
-                    0,
-                )
-                hi = max(
-                    hi,
-                    _try(
-                        lambda: int(
-                            old.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0]
-                        ),
-                        0,
-                    ),
-                )
-                lo = _try(
-                    lambda: int(
-                        old.execute("SELECT coalesce(min(id), 1) FROM records").fetchone()[0]
-                    ),
-                    1,
-                )
-                in_bad = False
-                for start in range(max(lo, 1), hi + 1, _SALVAGE_CHUNK):
-                    end = min(start + _SALVAGE_CHUNK - 1, hi)
-                    for row in _read_range(old, start, end):
-                        if row is None:
-                            if not in_bad:
-                                bad_after.append(kept[-1][1] if kept else None)
-                                in_bad = True
-                            continue
-                        in_bad = False
-                        con.execute(_INSERT_RECORD, row)
-                        kept.append((int(row[2]), int(row[3])))
-                        samples += int(row[4])
-                if hi == 0 and not note:
+                old_epoch = try_(lambda: _info(old, "epoch"), None)
+                old_legacy = try_(lambda: _info(old, "legacy_epoch"), None)
+                copied = copy_intact(old, con, col, _INSERT_RECORD)
+                if copied.hi == 0 and not note:
                     note = "no readable records table"
-                # Ids stay above every id the old file gave out, like AUTOINCREMENT.
-                cur = con.execute(
-                    "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'records'", (hi,)
-                )
-                if cur.rowcount == 0 and hi:
-                    con.execute(
-                        "INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (hi,)
-                    )
             # The lost seqs of each unreadable stretch lie between the intact records
             # around it (records are in seq order by id).
-            lost: list[tuple[int, int]] = []
-            high = max([old_seq, *(b for _, b in kept), *(g.last_seq for g in old_gaps)])
-            for before in bad_after:
-                first = (before or 0) + 1
-                nxt = next((a for a, _ in kept if a > first - 1), None)
-                last = nxt - 1 if nxt is not None else high
-                if last >= first:
-                    lost.append((first, last))
+            high = max([old_seq, copied.high, *(g.last_seq for g in old_gaps)])
+            lost = lost_ranges(copied, high, floor=1)
             self._gaps = GapList(old_gaps)
             for first, last in lost:
-                self._gaps.add(Gap(first, last, last - first + 1, "corrupt"))
-            for g in self._gaps.gaps:
-                con.execute(_INSERT_GAP, (g.first_seq, g.last_seq, g.count, g.reason, time.time()))
+                self._gaps.add(Gap(first, last, last - first + 1, "corrupt", old_epoch or ""))
+            self._rewrite_gaps(con)
             con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (high,))
+            # The epoch stays only if <path>.seq confirms it (see _settle_epoch).
+            for key, value in (("epoch", old_epoch), ("legacy_epoch", old_legacy)):
+                if value:
+                    con.execute(
+                        "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)", (key, value)
+                    )
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
@@ -708,15 +786,28 @@ class SqliteBuffer:
                 old.close()
             for side in made:
                 side.unlink(missing_ok=True)
+        ranges = seq_ranges(lost) if (copied.kept or lost) else ["unknown"]
+        self._damaged_files += 1
+        self._last_salvage = Salvage(
+            time.time(),
+            True,
+            str(aside),
+            str(exc),
+            len(copied.kept),
+            copied.samples,
+            None,
+            tuple(ranges),
+        )
         log.error(
             "buffer.corrupt.moved_aside",
             path=str(self._path),
             moved_to=str(aside),
+            at_start=True,
             file_bytes=size,
             error=str(exc),
-            recovered_records=len(kept),
-            recovered_samples=samples,
-            lost_seq_ranges=_seq_ranges(lost) if (kept or lost) else "unknown",
+            recovered_records=len(copied.kept),
+            recovered_samples=copied.samples,
+            lost_seq_ranges=ranges if ranges != ["unknown"] else "unknown",
             salvaged_last_seq=high or None,
             detail=(
                 "intact records were copied into a new file and will be delivered; "
@@ -724,6 +815,149 @@ class SqliteBuffer:
                 + (f"; {note}" if note else "")
             ),
         )
+
+    def _recover_damage(self, exc: BaseException) -> bool:
+        """The live file is damaged (see "A file damaged at run time"): copy what reads
+        back whole into a new file, move the damaged one aside, carry on with the new
+        one. False when that could not be done: the buffer is then degraded (new records
+        in memory) and the salvage is tried again at every probe."""
+        old = self._require_con()
+        tmp = Path(f"{self._path}.salvage")
+        tmp_files = [tmp, *(Path(f"{tmp}{suffix}") for suffix in ("-wal", "-shm", "-journal"))]
+        _unlink(tmp_files)
+        spill_samples = sum(r.count for r in self._spill.values())
+        disk_records = self._records - len(self._spill)
+        disk_samples = self._samples - spill_samples
+        floor = self._oldest_first_seq or 1
+        # Seqs above the disk's newest record are in memory (degraded) or were refused.
+        spill_first = next(iter(self._spill.values())).first_seq if self._spill else None
+        high = spill_first - 1 if spill_first is not None else self._last_seq
+        lost: list[tuple[int, int]] = []
+        gaps_before = (list(self._gaps.gaps), self._gaps.forgotten)
+        try:
+            new = self._connect(tmp)
+        except (sqlite3.Error, RuntimeError, OSError) as err:
+            return self._salvage_failed(exc, err, tmp_files)
+        try:
+            new.execute("BEGIN IMMEDIATE")
+            copied = copy_intact(
+                old, new, self._epoch_col, _INSERT_RECORD, skip=self._pending_deletes
+            )
+            lost = lost_ranges(copied, high, floor=floor)
+            for first, last in lost:
+                self._gaps.add(Gap(first, last, last - first + 1, "corrupt", self._epoch))
+            self._rewrite_gaps(new)
+            new.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (self._last_seq,))
+            cur = new.execute(
+                "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'records'",
+                (self._id_hw,),
+            )
+            if cur.rowcount == 0 and self._id_hw:
+                new.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (self._id_hw,)
+                )
+            self._write_info(new)
+            new.execute("COMMIT")
+            new.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except (sqlite3.Error, OSError) as err:
+            self._gaps.gaps, self._gaps.forgotten = gaps_before
+            with contextlib.suppress(sqlite3.Error):
+                if new.in_transaction:
+                    new.execute("ROLLBACK")
+            return self._salvage_failed(exc, err, tmp_files, new)
+        new.close()
+        # Closing checkpoints whatever the damaged WAL still maps into the damaged file:
+        # that copy is kept for inspection only, everything readable is in `tmp` now.
+        with contextlib.suppress(sqlite3.Error):
+            old.close()
+        self._con = None
+        try:
+            aside, size = self._move_aside("damaged")
+            os.replace(tmp, self._path)
+            _fsync_dir(self._path.parent)
+            self._use(self._connect())
+        except (sqlite3.Error, RuntimeError, OSError) as err:
+            # No file to work on: memory until a probe manages to open one.
+            self._use(_empty_stand_in())
+            self._open_pending = True
+            return self._salvage_failed(exc, err, tmp_files)
+        lost_records = max(0, disk_records - len(copied.kept))
+        lost_samples = max(0, disk_samples - copied.samples)
+        self._pending_deletes.clear()  # they were not copied
+        self._gaps_dirty = False
+        spill = list(self._spill.values())
+        self._records = self._samples = self._bytes = 0
+        self._load_state()
+        self._records += len(spill)
+        self._samples += spill_samples
+        self._bytes += self._spill_bytes
+        if spill:
+            self._max_id = spill[-1].id
+        self._count_drop("corrupt", lost_records, lost_samples)
+        self._damaged = None
+        self._read_failed_at = None
+        self._damaged_files += 1
+        ranges = tuple(seq_ranges(lost))
+        self._last_salvage = Salvage(
+            time.time(),
+            False,
+            str(aside),
+            str(exc),
+            len(copied.kept),
+            copied.samples,
+            lost_samples,
+            ranges,
+        )
+        log.error(
+            "buffer.corrupt.moved_aside",
+            path=str(self._path),
+            moved_to=str(aside),
+            at_start=False,
+            file_bytes=size,
+            error=str(exc),
+            recovered_records=len(copied.kept),
+            recovered_samples=copied.samples,
+            lost_records=lost_records,
+            lost_samples=lost_samples,
+            lost_seq_ranges=list(ranges),
+            epoch=self._epoch,
+            detail=(
+                "the buffer file was damaged while running: intact records were copied "
+                "into a new file and will be delivered; lost seq ranges are reported to "
+                "consumers as gaps (reason corrupt); seqs and the epoch continue"
+            ),
+        )
+        self._publish()
+        self._wake()
+        return True
+
+    def _salvage_failed(
+        self,
+        exc: BaseException,
+        err: BaseException,
+        tmp_files: list[Path],
+        new: sqlite3.Connection | None = None,
+    ) -> bool:
+        if new is not None:
+            with contextlib.suppress(sqlite3.Error):
+                new.close()
+        _unlink(tmp_files)
+        first = self._damaged is None
+        self._damaged = exc
+        if first:
+            log.error(
+                "buffer.corrupt.salvage_failed",
+                path=str(self._path),
+                error=str(exc),
+                salvage_error=str(err),
+                detail=(
+                    "the buffer file is damaged and could not be copied yet; new samples "
+                    f"are kept in memory; retried every {PROBE_INTERVAL_S:g} s"
+                ),
+            )
+        if self._degraded is None:
+            self._enter_degraded(exc, reason="corrupt", quiet=True)
+        return False
 
     def _load_state(self) -> None:
         con = self._require_con()
@@ -734,48 +968,170 @@ class SqliteBuffer:
         ).fetchone()
         id_seq = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
         gaps = [
-            Gap(int(a), int(b), int(c), str(d))
-            for a, b, c, d in con.execute(
-                "SELECT first_seq, last_seq, count, reason FROM gaps ORDER BY id"
+            Gap(int(a), int(b), int(c), str(d), self._row_epoch(e))
+            for a, b, c, d, e in con.execute(
+                f"SELECT first_seq, last_seq, count, reason, {self._epoch_col} FROM gaps "
+                "ORDER BY id"
             )
         ]
         gap_seq = max((g.last_seq for g in gaps), default=0)
-        self._last_seq = max(meta_seq, int(max_seq), gap_seq, self._read_seq_file())
+        self._last_seq = max(self._last_seq, meta_seq, int(max_seq), gap_seq)
         self._records = int(records)
         self._samples = int(samples)
         self._bytes = int(data_bytes) + self._records * record_size(0)
         self._max_id = int(max_id)
-        self._id_hw = max(self._max_id, int(id_seq[0]) if id_seq else 0)
+        # Never below ids already given out (records held in memory while degraded).
+        self._id_hw = max(self._id_hw, self._max_id, int(id_seq[0]) if id_seq else 0)
         forgotten = self._gaps.forgotten
         self._gaps = GapList(gaps)
         self._gaps.forgotten = forgotten
         self._refresh_oldest()
         self._publish()
 
-    def _read_seq_file(self) -> int:
-        try:
-            text = self._seq_path.read_bytes().strip(b"\0 \n")
-            return int(text) if text else 0
-        except (OSError, ValueError):
-            return 0
+    # ------------------------------------------------------------------ epoch and lease
 
-    def _open_seq_file(self) -> None:
-        """Create `<path>.seq` at its full size now, while the disk works, so that
-        writing it in place later needs no new blocks."""
+    def _settle_epoch(self, state: tuple[int, str | None] | None, writable: bool = True) -> None:
+        """Choose the epoch at open and make the lease durable (see "Epoch and seq
+        leases"). `state`: what `<path>.seq` holds."""
+        con = self._require_con()
+        db_epoch = try_(lambda: _info(con, "epoch"), None)
+        legacy = try_(lambda: _info(con, "legacy_epoch"), None)
+        db_high = self._last_seq
+        lease, seq_epoch = state if state is not None else (0, None)
+        skipped: Gap | None = None
+        if db_epoch is not None and seq_epoch == db_epoch:
+            self._epoch = db_epoch
+            if lease > db_high:
+                # Leased before an unclean stop: maybe used (a power cut can roll back
+                # the records that had them), so never handed out again.
+                skipped = Gap(db_high + 1, lease, lease - db_high, "skipped", db_epoch)
+                self._gaps.add(skipped)
+        else:
+            self._epoch = new_epoch()
+            if db_epoch is None and state is None:
+                why = ""  # a new buffer: nothing to report
+            elif db_epoch is None and seq_epoch is None:
+                why = "first start of a buffer made before epochs existed"
+            elif db_epoch is None:
+                why = "the buffer file is new or was replaced; <path>.seq is from another one"
+            elif state is None:
+                why = "<path>.seq is missing or unreadable: the seq lease is unknown"
+            else:
+                why = "<path>.seq belongs to another buffer file (replaced or restored?)"
+            if why:
+                log.warning(
+                    "buffer.epoch.new",
+                    path=str(self._path),
+                    epoch=self._epoch,
+                    previous=db_epoch,
+                    reason=why,
+                    continues_after_seq=max(db_high, lease),
+                )
+        self._legacy_epoch = legacy or db_epoch or self._epoch
+        # Gaps were loaded before the epoch was known: those of a format-1 file have none.
+        self._gaps.gaps = [
+            g if g.epoch else replace(g, epoch=self._legacy_epoch) for g in self._gaps.gaps
+        ]
+        self._last_seq = max(db_high, lease)
+        self._lease_end = self._last_seq
+        self._write_lease(self._lease_end)
+        if not writable:
+            self._gaps_dirty = skipped is not None  # written when the file opens
+            self._publish()
+            return
         try:
-            fd = os.open(self._seq_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            log.warning("buffer.seqfile.failed", path=str(self._seq_path), error=str(exc))
-            return
-        self._seq_fd = fd
-        self._write_seq_file()
+            con.execute("BEGIN IMMEDIATE")
+            if skipped is not None:
+                self._rewrite_gaps(con)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (self._last_seq,))
+            self._write_info(con)
+            con.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if con.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    con.execute("ROLLBACK")
+            if not is_disk_error(exc):
+                raise
+            # The gaps and epoch are written with the next successful transaction.
+            self._gaps_dirty = True
+            self._enter_degraded(exc)
+        self._publish()
 
-    def _write_seq_file(self) -> None:
-        if self._seq_fd is None:
+    def _write_info(self, con: sqlite3.Connection) -> None:
+        con.executemany(
+            "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)",
+            (("epoch", self._epoch), ("legacy_epoch", self._legacy_epoch)),
+        )
+
+    def _rewrite_gaps(self, con: sqlite3.Connection) -> None:
+        con.execute("DELETE FROM gaps")
+        con.executemany(
+            _INSERT_GAP,
+            (
+                (g.first_seq, g.last_seq, g.count, g.reason, time.time(), g.epoch)
+                for g in self._gaps.gaps
+            ),
+        )
+
+    def _ensure_lease(self, last: int) -> None:
+        """Make sure seqs up to `last` are covered by a durable lease before a record
+        holding them can commit (and so, before it can leave the agent)."""
+        if last <= self._lease_end:
             return
-        text = str(self._last_seq).encode().ljust(_SEQ_FILE_BYTES - 1) + b"\n"
-        with contextlib.suppress(OSError):
-            os.pwrite(self._seq_fd, text, 0)
+        end = last + max(LEASE_BLOCK, 1)
+        if self._write_lease(end):
+            self._lease_end = end
+            self._leases += 1
+            if not self._lease_ok:
+                self._lease_ok = True
+                log.info("buffer.lease.recovered", path=str(self._seq_path), leased_seq=end)
+        elif self._lease_ok:
+            self._lease_ok = False
+            log.error(
+                "buffer.lease.failed",
+                path=str(self._seq_path),
+                leased_seq=self._lease_end,
+                last_seq=last,
+                detail=(
+                    "the seq lease cannot be made durable (the disk fails); samples are "
+                    "still stored, but after a power cut in this state seqs above "
+                    f"{self._lease_end} could be handed out again in epoch {self._epoch}"
+                ),
+            )
+        self._publish()
+
+    def _write_lease(self, end: int) -> bool:
+        """Write "<end> <epoch>" in place into `<path>.seq` and flush it to the disk
+        (creating it, and flushing its directory, the first time). False on failure."""
+        try:
+            if self._seq_fd is None:
+                created = not self._seq_path.exists()
+                self._seq_fd = os.open(self._seq_path, os.O_RDWR | os.O_CREAT, 0o644)
+                if created:
+                    _fsync_dir(self._seq_path.parent)
+            text = f"{end} {self._epoch}".encode()
+            os.pwrite(self._seq_fd, text.ljust(_SEQ_FILE_BYTES - 1) + b"\n", 0)
+            _fdatasync(self._seq_fd)
+        except OSError:
+            return False  # the caller reports it, once
+        return True
+
+    def _use(self, con: sqlite3.Connection) -> None:
+        """Make `con` the connection (a v1 read-only stand-in has no epoch columns)."""
+        self._con = con
+        self._epoch_col = "epoch" if try_(lambda: _has_epoch(con), True) else "''"
+
+    def _row_epoch(self, value: object) -> str:
+        return str(value) if value else self._legacy_epoch or self._epoch
+
+    def _record(self, row: Any) -> Record:
+        rid, device, first, last, count, created, data, epoch = row
+        return Record(rid, device, first, last, count, created, data, epoch or self._legacy_epoch)
+
+    def _count_drop(self, reason: str, records: int, samples: int) -> None:
+        self._dropped_samples += samples
+        self._dropped_records += records
+        self._dropped_by[reason] = self._dropped_by.get(reason, 0) + samples
 
     def _require_con(self) -> sqlite3.Connection:
         if self._con is None:
@@ -787,31 +1143,41 @@ class SqliteBuffer:
         with contextlib.suppress(sqlite3.Error):
             row = (
                 self._require_con()
-                .execute("SELECT created FROM records ORDER BY id LIMIT 1")
+                .execute("SELECT created, first_seq FROM records ORDER BY id LIMIT 1")
                 .fetchone()
             )
         if row is not None:
             self._oldest_created = float(row[0])
+            self._oldest_first_seq = int(row[1])
         elif self._spill:
-            self._oldest_created = next(iter(self._spill.values())).created
+            oldest = next(iter(self._spill.values()))
+            self._oldest_created = oldest.created
+            self._oldest_first_seq = oldest.first_seq
         else:
             self._oldest_created = None
+            self._oldest_first_seq = None
 
     # ------------------------------------------------------------------ append
 
     def _append_sync(self, device: str, samples: Sequence[WireSample]) -> None:
         batch = encode_batch(samples, self._last_seq)
         now = time.time()
+        self._ensure_lease(batch.last_seq)
         if self._degraded is not None and time.monotonic() >= self._next_probe:
             self._try_recover()
         if self._degraded is None:
-            try:
-                self._append_disk(device, batch, now)
-                return
-            except sqlite3.Error as exc:
-                if not is_disk_error(exc):
-                    raise
-                self._enter_degraded(exc)
+            for attempt in (1, 2):
+                try:
+                    self._append_disk(device, batch, now)
+                    return
+                except sqlite3.Error as exc:
+                    if attempt == 1 and _is_corruption(exc) and self._recover_damage(exc):
+                        continue  # once more, on the salvaged file
+                    if not (is_disk_error(exc) or _is_corruption(exc)):
+                        raise
+                    if self._degraded is None:
+                        self._enter_degraded(exc)
+                    break
         self._append_memory(device, batch, now)
 
     def _append_many_sync(
@@ -845,16 +1211,26 @@ class SqliteBuffer:
             expired = self._expire(con, now)
             expired_bytes = sum(record_size(e[4]) for e in expired)
             if refused is not None:
-                self._add_gap(con, Gap(batch.first_seq, batch.last_seq, batch.count, refused))
+                self._add_gap(
+                    con, Gap(batch.first_seq, batch.last_seq, batch.count, refused, self._epoch)
+                )
             else:
                 if self._bytes - expired_bytes + size > limit:
                     evicted = self._evict(
                         con, self._bytes - expired_bytes + size - limit, "drop_oldest"
                     )
                 cur = con.execute(
-                    "INSERT INTO records (device, first_seq, last_seq, count, created, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (device, batch.first_seq, batch.last_seq, batch.count, now, batch.data),
+                    "INSERT INTO records (device, first_seq, last_seq, count, created, data, "
+                    "epoch) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        device,
+                        batch.first_seq,
+                        batch.last_seq,
+                        batch.count,
+                        now,
+                        batch.data,
+                        self._epoch,
+                    ),
                 )
                 new_id = int(cur.lastrowid or 0)
             con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (batch.last_seq,))
@@ -869,8 +1245,7 @@ class SqliteBuffer:
         if expired:
             self._forget(expired, "max_age")
         if refused is not None:
-            self._dropped_samples += batch.count
-            self._dropped_records += 1
+            self._count_drop(refused, 1, batch.count)
             self._episode.dropped(refused, 1, batch.count, self._bytes)
             if expired:
                 self._refresh_oldest()
@@ -897,8 +1272,7 @@ class SqliteBuffer:
         self._records -= len(rows)
         self._samples -= samples
         self._bytes -= sum(record_size(e[4]) for e in rows)
-        self._dropped_samples += samples
-        self._dropped_records += len(rows)
+        self._count_drop(reason, len(rows), samples)
         episode = self._age_episode if reason == "max_age" else self._episode
         episode.dropped(reason, len(rows), samples, self._bytes)
 
@@ -909,16 +1283,16 @@ class SqliteBuffer:
         if max_age is None or oldest is None or oldest >= now - max_age:
             return []
         rows = [
-            (int(a), int(b), int(c), int(d), int(e))
-            for a, b, c, d, e in con.execute(
+            (int(a), int(b), int(c), int(d), int(e), self._row_epoch(f))
+            for a, b, c, d, e, f in con.execute(
                 "DELETE FROM records WHERE created < ? "
-                "RETURNING id, first_seq, last_seq, count, length(data)",
+                "RETURNING id, first_seq, last_seq, count, length(data), epoch",
                 (now - max_age,),
             ).fetchall()
         ]
         rows.sort()
-        for _, first, last, count, _ in rows:
-            self._add_gap(con, Gap(first, last, count, "max_age"))
+        for _, first, last, count, _, epoch in rows:
+            self._add_gap(con, Gap(first, last, count, "max_age", epoch))
         return rows
 
     def _evict(self, con: sqlite3.Connection, need: int, reason: str) -> list[_Row]:
@@ -929,23 +1303,23 @@ class SqliteBuffer:
         after = 0
         while freed < need:
             rows = con.execute(
-                "SELECT id, first_seq, last_seq, count, length(data) FROM records "
+                "SELECT id, first_seq, last_seq, count, length(data), epoch FROM records "
                 "WHERE id > ? ORDER BY id LIMIT 256",
                 (after,),
             ).fetchall()
             if not rows:
                 break  # the accounting says there is more; the table disagrees: stop
             for row in rows:
-                rid, first, last, count, length = (int(v) for v in row)
-                evicted.append((rid, first, last, count, length))
+                rid, first, last, count, length = (int(v) for v in row[:5])
+                evicted.append((rid, first, last, count, length, self._row_epoch(row[5])))
                 freed += record_size(length)
                 after = rid
                 if freed >= need:
                     break
         if evicted:
             con.execute("DELETE FROM records WHERE id <= ?", (evicted[-1][0],))
-            for _, first, last, count, _ in evicted:
-                self._add_gap(con, Gap(first, last, count, reason))
+            for _, first, last, count, _, epoch in evicted:
+                self._add_gap(con, Gap(first, last, count, reason, epoch))
         return evicted
 
     def _add_gap(self, con: sqlite3.Connection | None, gap: Gap) -> None:
@@ -962,7 +1336,8 @@ class SqliteBuffer:
             )
         else:
             con.execute(
-                _INSERT_GAP, (gap.first_seq, gap.last_seq, gap.count, gap.reason, time.time())
+                _INSERT_GAP,
+                (gap.first_seq, gap.last_seq, gap.count, gap.reason, time.time(), gap.epoch),
             )
         if forgotten:
             con.execute(
@@ -979,19 +1354,39 @@ class SqliteBuffer:
         try:
             con.execute("DELETE FROM gaps WHERE last_seq <= ?", (through_seq,))
         except sqlite3.Error as exc:
-            if not is_disk_error(exc):
+            if _is_corruption(exc) and self._recover_damage(exc):
+                return  # the salvaged file has the gaps as they are in memory
+            if not (is_disk_error(exc) or _is_corruption(exc)):
                 raise
             self._gaps_dirty = True
 
+    def _reads_keep_failing(self) -> bool:
+        """A read failed with an I/O error: True once reads have failed for a whole
+        probe interval (a bad sector, not a passing hiccup): then it is damage."""
+        now = time.monotonic()
+        if self._read_failed_at is None:
+            self._read_failed_at = now
+        return now - self._read_failed_at >= PROBE_INTERVAL_S
+
     # ------------------------------------------------------------------ disk trouble
 
-    def _enter_degraded(self, exc: BaseException, at_start: bool = False) -> None:
-        reason = getattr(exc, "sqlite_errorname", None)
+    def _enter_degraded(
+        self,
+        exc: BaseException,
+        at_start: bool = False,
+        reason: str | None = None,
+        quiet: bool = False,
+    ) -> None:
+        if reason is None:
+            reason = getattr(exc, "sqlite_errorname", None)
         if reason is None and isinstance(exc, OSError) and exc.errno is not None:
             reason = errno.errorcode.get(exc.errno)
         self._degraded = reason or type(exc).__name__
         self._degraded_since = time.monotonic()
         self._next_probe = self._degraded_since + PROBE_INTERVAL_S
+        if quiet:  # the caller logged it
+            self._publish()
+            return
         detail = (
             "new samples are kept in memory (oldest dropped first when it is full) "
             "until the disk works again; a crash meanwhile loses them"
@@ -1020,11 +1415,11 @@ class SqliteBuffer:
         size = batch.size
         limit = self._config.memory_fallback_bytes
         self._last_seq = batch.last_seq
-        self._write_seq_file()
         if size > limit:
-            self._add_gap(None, Gap(batch.first_seq, batch.last_seq, batch.count, "too_large"))
-            self._dropped_samples += batch.count
-            self._dropped_records += 1
+            self._add_gap(
+                None, Gap(batch.first_seq, batch.last_seq, batch.count, "too_large", self._epoch)
+            )
+            self._count_drop("too_large", 1, batch.count)
             self._episode.dropped("too_large", 1, batch.count, self._bytes)
             self._publish()
             return
@@ -1041,12 +1436,15 @@ class SqliteBuffer:
             del self._spill[oldest.id]
             self._spill_bytes -= record_size(len(oldest.data))
         for rec, reason in dropped:
-            self._add_gap(None, Gap(rec.first_seq, rec.last_seq, rec.count, reason))
-            self._forget([(rec.id, rec.first_seq, rec.last_seq, rec.count, len(rec.data))], reason)
+            self._add_gap(None, Gap(rec.first_seq, rec.last_seq, rec.count, reason, rec.epoch))
+            self._forget(
+                [(rec.id, rec.first_seq, rec.last_seq, rec.count, len(rec.data), rec.epoch)],
+                reason,
+            )
         self._id_hw += 1
         rid = self._id_hw
         self._spill[rid] = Record(
-            rid, device, batch.first_seq, batch.last_seq, batch.count, now, batch.data
+            rid, device, batch.first_seq, batch.last_seq, batch.count, now, batch.data, self._epoch
         )
         self._spill_bytes += size
         self._records += 1
@@ -1066,6 +1464,8 @@ class SqliteBuffer:
         at_start = self._open_pending
         if at_start and not self._finish_open():
             return
+        if self._damaged is not None and not self._recover_damage(self._damaged):
+            return
         con = self._require_con()
         gaps_before = (list(self._gaps.gaps), self._gaps.forgotten)
         moved = len(self._spill)
@@ -1079,7 +1479,7 @@ class SqliteBuffer:
             con.executemany(
                 _INSERT_RECORD,
                 (
-                    (r.id, r.device, r.first_seq, r.last_seq, r.count, r.created, r.data)
+                    (r.id, r.device, r.first_seq, r.last_seq, r.count, r.created, r.data, r.epoch)
                     for r in self._spill.values()
                 ),
             )
@@ -1094,15 +1494,9 @@ class SqliteBuffer:
                 # The memory records were accepted already: make room by the oldest.
                 evicted = self._evict(con, used - self._config.max_bytes, "drop_oldest")
             if self._gaps_dirty or evicted:
-                con.execute("DELETE FROM gaps")
-                con.executemany(
-                    _INSERT_GAP,
-                    (
-                        (g.first_seq, g.last_seq, g.count, g.reason, time.time())
-                        for g in self._gaps.gaps
-                    ),
-                )
+                self._rewrite_gaps(con)
             con.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (self._last_seq,))
+            self._write_info(con)
             con.execute("COMMIT")
         except sqlite3.Error as exc:
             if con.in_transaction:
@@ -1114,8 +1508,7 @@ class SqliteBuffer:
             return
         if evicted:
             samples = sum(e[3] for e in evicted)
-            self._dropped_samples += samples
-            self._dropped_records += len(evicted)
+            self._count_drop("drop_oldest", len(evicted), samples)
             self._episode.dropped("drop_oldest", len(evicted), samples, used)
         duration = time.monotonic() - self._degraded_since
         self._degraded = None
@@ -1136,25 +1529,37 @@ class SqliteBuffer:
 
     # ------------------------------------------------------------------ take / commit
 
+    def _read_records(self, max_records: int, after_id: int) -> list[Any]:
+        return (
+            self._require_con()
+            .execute(
+                "SELECT id, device, first_seq, last_seq, count, created, data, "
+                f"{self._epoch_col} FROM records WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, max_records + len(self._pending_deletes)),
+            )
+            .fetchall()
+        )
+
     def _take_sync(self, max_records: int, after_id: int) -> list[Record]:
         out: list[Record] = []
-        pending = self._pending_deletes
         try:
-            rows = (
-                self._require_con()
-                .execute(
-                    "SELECT id, device, first_seq, last_seq, count, created, data FROM records "
-                    "WHERE id > ? ORDER BY id LIMIT ?",
-                    (after_id, max_records + len(pending)),
-                )
-                .fetchall()
-            )
+            rows = self._read_records(max_records, after_id)
+            self._read_failed_at = None
         except sqlite3.Error as exc:
-            # A disk that cannot even be read: deliver what memory holds meanwhile.
-            if self._degraded is None or not is_disk_error(exc):
-                raise
             rows = []
-        out = [Record(*row) for row in rows if row[0] not in pending][:max_records]
+            damaged = _is_corruption(exc) or (
+                is_disk_error(exc) and self._degraded is None and self._reads_keep_failing()
+            )
+            if damaged and self._degraded is None and self._recover_damage(exc):
+                with contextlib.suppress(sqlite3.Error):
+                    rows = self._read_records(max_records, after_id)
+            elif not (is_disk_error(exc) or _is_corruption(exc)):
+                raise
+            elif self._degraded is None:
+                # A disk that cannot even be read: deliver what memory holds meanwhile.
+                self._enter_degraded(exc)
+        pending = self._pending_deletes
+        out = [self._record(row) for row in rows if row[0] not in pending][:max_records]
         if len(out) < max_records and self._spill:
             for rid, rec in self._spill.items():
                 if rid > after_id:
@@ -1177,7 +1582,8 @@ class SqliteBuffer:
             self._bytes -= size
             self._committed += rec.count
         rows: list[Any] = []
-        if disk_ids:
+        for attempt in (1, 2) if disk_ids else ():
+            con = self._require_con()
             try:
                 con.execute("BEGIN IMMEDIATE")
                 rows = con.execute(
@@ -1186,15 +1592,25 @@ class SqliteBuffer:
                     (orjson.dumps(disk_ids),),
                 ).fetchall()
                 con.execute("COMMIT")
+                break
             except sqlite3.Error as exc:
                 if con.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         con.execute("ROLLBACK")
-                if not is_disk_error(exc):
+                rows = []
+                if (
+                    attempt == 1
+                    and _is_corruption(exc)
+                    and self._degraded is None
+                    and self._recover_damage(exc)
+                ):
+                    continue  # the salvaged file kept the ids: delete there
+                if not (is_disk_error(exc) or _is_corruption(exc)):
                     raise
                 if self._degraded is None:
                     self._enter_degraded(exc)
                 rows = self._hide_delivered(disk_ids)
+                break
         if rows or spilled:
             samples = sum(int(r[0]) for r in rows)
             self._records -= len(rows)
@@ -1266,6 +1682,9 @@ class SqliteBuffer:
                 if self._free_bytes(con) > max(_VACUUM_MIN_BYTES, self._bytes // 4):
                     con.executescript("PRAGMA incremental_vacuum;")
         except sqlite3.Error as exc:
+            if _is_corruption(exc):
+                self._recover_damage(exc)
+                return
             log.warning("buffer.vacuum.failed", path=str(self._path), error=str(exc))
 
     @staticmethod
@@ -1291,7 +1710,11 @@ class SqliteBuffer:
                 )
         if not self._open_pending:
             try:
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                busy = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                # Everything is on the disk: give the unused rest of the lease back, so
+                # that a clean restart continues without a gap.
+                if not busy and self._degraded is None and self._damaged is None:
+                    self._write_lease(self._last_seq)
             except sqlite3.Error as exc:
                 log.warning("buffer.close.checkpoint_failed", path=str(self._path), error=str(exc))
         self._close_connection()
@@ -1327,6 +1750,13 @@ class SqliteBuffer:
             degraded_reason=self._degraded,
             memory_records=len(self._spill),
             memory_bytes=self._spill_bytes,
+            memory_fallback=self._degraded is not None,
+            epoch=self._epoch,
+            leased_seq=self._lease_end,
+            lease_ok=self._lease_ok,
+            damaged_files=self._damaged_files,
+            last_salvage=self._last_salvage,
+            dropped_by_reason=dict(self._dropped_by),
         )
 
     def _wake(self) -> None:
@@ -1365,47 +1795,29 @@ def _empty_stand_in() -> sqlite3.Connection:
     return con
 
 
-def _try(fn: Callable[[], _T], default: _T) -> _T:
-    """fn(), or `default` when the damaged file cannot answer."""
+def _valid_epoch(epoch: str) -> bool:
+    return len(epoch) == 32 and all(c in "0123456789abcdef" for c in epoch)
+
+
+def _info(con: sqlite3.Connection, key: str) -> str | None:
+    row = con.execute("SELECT value FROM info WHERE key = ?", (key,)).fetchone()
+    return str(row[0]) if row is not None and row[0] else None
+
+
+def _has_epoch(con: sqlite3.Connection) -> bool:
+    """Whether the records table has its epoch column (format 2)."""
+    return any(row[1] == "epoch" for row in con.execute("PRAGMA table_info(records)"))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory, so a file created or renamed in it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        return fn()
-    except (sqlite3.Error, TypeError, ValueError):
-        return default
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-_RecordRow = tuple[int, str, int, int, int, float, bytes]
-
-
-def _read_range(old: sqlite3.Connection, lo: int, hi: int) -> list[_RecordRow | None]:
-    """The records with lo <= id <= hi of a damaged file, in id order: a row, or None
-    for a stretch that cannot be read (a range that fails is split in halves down to
-    single ids) or whose data does not hold what its columns say."""
-    try:
-        rows = old.execute(
-            "SELECT id, device, first_seq, last_seq, count, created, data FROM records "
-            "WHERE id BETWEEN ? AND ? ORDER BY id",
-            (lo, hi),
-        ).fetchall()
-    except sqlite3.Error:
-        if lo == hi:
-            return [None]
-        mid = (lo + hi) // 2
-        return _read_range(old, lo, mid) + _read_range(old, mid + 1, hi)
-    return [row if _intact(row) else None for row in rows]
-
-
-def _intact(row: Any) -> bool:
-    try:
-        rid, device, first, last, count, created, data = row
-        samples = orjson.loads(data)
-        return (
-            isinstance(samples, list)
-            and len(samples) == count > 0
-            and samples[0]["seq"] == first
-            and samples[-1]["seq"] == last
-            and all(s["device"] == device for s in samples)
-            and isinstance(rid, int)
-            and isinstance(created, float)
-        )
-    except (TypeError, ValueError, KeyError, orjson.JSONDecodeError):
-        return False
+def _fdatasync(fd: int) -> None:
+    sync = getattr(os, "fdatasync", os.fsync)
+    sync(fd)

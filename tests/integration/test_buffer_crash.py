@@ -1,5 +1,7 @@
 """A process appending to the real SqliteBuffer is SIGKILLed mid-stream: every append it
 reported as returned must be in the file afterwards, and the seq high-water must cover it.
+After the kill the buffer continues above its seq lease, in the same epoch, and reports
+the unused rest of the lease as a gap (reason skipped).
 
 The child prints a line only after `append` returned, so what the parent read is a lower
 bound of what the buffer promised; the buffer may hold more (an append that completed
@@ -17,7 +19,7 @@ from typing import Literal
 
 import pytest
 
-from agent.buffer.sqlite import SqliteBuffer
+from agent.buffer.sqlite import LEASE_BLOCK, SqliteBuffer
 from agent.config import BufferConfig
 
 pytestmark = pytest.mark.integration
@@ -109,6 +111,7 @@ async def test_sigkill_loses_no_reported_append(
     path = tmp_path / "data" / "buf.db"
     reported: list[tuple[int, int]] = []
     high_water = 0
+    epochs: set[str] = set()
     # Two rounds on the same file: the second starts from the recovered high-water mark.
     for _ in range(2):
         start, got = await run_and_kill(path, durability, commit=False, appends=300)
@@ -117,22 +120,31 @@ async def test_sigkill_loses_no_reported_append(
         buf = SqliteBuffer(BufferConfig(path=str(path), durability=durability))
         await buf.open()
         try:
+            epochs.add(buf.epoch)
             stored = {(r.first_seq, r.last_seq): r for r in await buf.take(1_000_000)}
             missing = [rng for rng in reported if rng not in stored]
             assert missing == []
             for (first, last), rec in stored.items():
                 assert rec.count == last - first + 1
-            # Records are whole and contiguous from seq 1; anything beyond the reports is
-            # an append that returned just before the kill, its line lost with the process.
+                assert rec.epoch == buf.epoch
+            # Records are whole, and with the skipped rests of the leases contiguous from
+            # seq 1; anything beyond the reports is an append that returned just before
+            # the kill, its line lost with the process.
             ranges = sorted(stored)
+            gaps = await buf.take_gaps()
+            assert {g.reason for g in gaps} == {"skipped"}
             assert ranges[0][0] == 1
             assert [r.first_seq for r in stored.values()] == [a for a, _ in ranges]  # id order
-            assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(ranges))
+            spans = sorted(ranges + [(g.first_seq, g.last_seq) for g in gaps])
+            assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(spans))
             high_water = buf.last_seq()
             assert high_water >= reported[-1][1]
-            assert high_water == ranges[-1][1]
+            # Above the newest record: the lease (at most one block plus one batch).
+            assert spans[-1][1] == high_water
+            assert high_water - ranges[-1][1] <= LEASE_BLOCK + 40
         finally:
             await buf.close()
+    assert len(epochs) == 1
 
 
 async def test_sigkill_keeps_high_water_after_everything_was_committed(tmp_path: Path) -> None:
@@ -142,6 +154,9 @@ async def test_sigkill_keeps_high_water_after_everything_was_committed(tmp_path:
     await buf.open()
     try:
         assert buf.last_seq() >= reported[-1][1]
+        gaps = await buf.take_gaps()
+        assert [g.reason for g in gaps] == ["skipped"]
+        assert gaps[0].first_seq <= reported[-1][1] + 1
         # Whatever was not committed before the kill is still there, and nothing older.
         remaining = await buf.take(1000)
         assert len(remaining) <= 1

@@ -225,7 +225,7 @@ async def test_drop_oldest_keeps_within_limit(make: Factory) -> None:
         # The next record would not fit: it is by design the first to go.
         assert st.bytes + len(recs[0].data) + RECORD_OVERHEAD_BYTES > MIB
         gaps = await buf.take_gaps()
-        assert gaps == [Gap(1, st.dropped_records, st.dropped_records, "drop_oldest")]
+        assert gaps == [Gap(1, st.dropped_records, st.dropped_records, "drop_oldest", buf.epoch)]
         # Delivering frees room: the next append fits and ends the episode.
         await buf.commit([r.id for r in recs[: len(recs) // 2]])
         await buf.append("press1", make_samples(seq, 1, pad=per_sample))
@@ -254,7 +254,7 @@ async def test_drop_newest_refuses(make: Factory) -> None:
     assert kept < 100
     # Refused seqs are used up: last_seq covers them and they are reported as a gap.
     assert buf.last_seq() == 100
-    assert await buf.take_gaps() == [Gap(kept + 1, 100, 100 - kept, "drop_newest")]
+    assert await buf.take_gaps() == [Gap(kept + 1, 100, 100 - kept, "drop_newest", buf.epoch)]
     with pytest.raises(ValueError, match="strictly increasing"):
         await buf.append("press1", make_samples(100, 1))
 
@@ -265,7 +265,7 @@ async def test_batch_larger_than_limit_is_refused(make: Factory) -> None:
     await buf.append("press1", make_samples(2, 60, pad=20_000))  # ~1.2 MB in one batch
     st = buf.stats()
     assert (st.records, st.dropped_records, st.dropped_samples) == (1, 1, 60)
-    assert await buf.take_gaps() == [Gap(2, 61, 60, "too_large")]
+    assert await buf.take_gaps() == [Gap(2, 61, 60, "too_large", buf.epoch)]
     assert buf.last_seq() == 61
 
 
@@ -279,11 +279,11 @@ async def test_gaps_merge_and_clear(make: Factory) -> None:
     await buf.append("press1", make_samples(51, 40, pad=25_000))  # fits again
     await buf.append("press1", make_samples(95, 2, pad=25_000))  # refused, not contiguous
     assert await buf.take_gaps() == [
-        Gap(41, 50, 10, "drop_newest"),
-        Gap(95, 96, 2, "drop_newest"),
+        Gap(41, 50, 10, "drop_newest", buf.epoch),
+        Gap(95, 96, 2, "drop_newest", buf.epoch),
     ]
     await buf.clear_gaps(50)
-    assert await buf.take_gaps() == [Gap(95, 96, 2, "drop_newest")]
+    assert await buf.take_gaps() == [Gap(95, 96, 2, "drop_newest", buf.epoch)]
 
 
 async def test_closed_buffer_refuses_appends(make: Factory) -> None:

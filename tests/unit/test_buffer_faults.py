@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from agent.buffer import Gap, Record
 from agent.buffer.memory import MemoryBuffer
-from agent.buffer.sqlite import SqliteBuffer
+from agent.buffer.sqlite import LEASE_BLOCK, SqliteBuffer
 from agent.config import BufferConfig
 from tests.support.samples import MIB, make_samples, names, size_of
 
@@ -82,11 +82,11 @@ async def test_max_age_drops_old_records_as_gaps(kind: Kind, tmp_path: Path, clo
             await buf.append("press1", make_samples(8, 1))
         recs = await buf.take(10)
         assert [r.first_seq for r in recs] == [3, 5, 7, 8]
-        assert await buf.take_gaps() == [Gap(1, 2, 2, "max_age")]
+        assert await buf.take_gaps() == [Gap(1, 2, 2, "max_age", buf.epoch)]
         clock.now += 20  # 3..6 are now too old as well: one merged gap
         with capture_logs() as more:
             await buf.append("press1", make_samples(9, 1))
-        assert await buf.take_gaps() == [Gap(1, 6, 6, "max_age")]
+        assert await buf.take_gaps() == [Gap(1, 6, 6, "max_age", buf.epoch)]
         stats = buf.stats()
         assert (stats.dropped_samples, stats.dropped_records, stats.samples) == (6, 3, 3)
         # Logged once for the episode, and its end once delivery moves again.
@@ -244,9 +244,14 @@ async def test_crash_while_degraded_does_not_reuse_seqs(tmp_path: Path) -> None:
     again = SqliteBuffer(config(tmp_path))
     await again.open()
     try:
-        # The memory records are lost, but their seqs are not handed out again.
+        # The memory records are lost, but their seqs are not handed out again: the
+        # restart continues above the lease, in the same epoch, and reports the rest of
+        # the lease (which holds the lost ones) as a gap.
         assert seqs_of(await again.take(10)) == [1, 2]
-        assert again.last_seq() == 42
+        lease_end = 2 + LEASE_BLOCK
+        assert again.last_seq() == lease_end
+        assert again.epoch == buf.epoch
+        assert await again.take_gaps() == [Gap(3, lease_end, lease_end - 2, "skipped", buf.epoch)]
     finally:
         await again.close()
 

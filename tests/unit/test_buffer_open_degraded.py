@@ -216,15 +216,25 @@ async def test_unreadable_file_on_a_failing_disk_refuses_to_start(
         await buf.open()
 
 
-async def test_damaged_side_file_without_database_refuses_to_start(
+async def test_damaged_side_file_without_database_starts_a_new_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The lease is unknown: a new epoch keeps every identity unique without it.
     cfg = config(tmp_path)
     write_seq_file(cfg, b"\xff garbage")
     FailingConnect(monkeypatch)
     buf = SqliteBuffer(cfg)
-    with pytest.raises(RuntimeError, match="damaged"):
+    with capture_logs() as logs:
         await buf.open()
+    try:
+        assert [e["event"] for e in logs] == ["buffer.seqfile.damaged", "buffer.disk.failed"]
+        assert buf.stats().degraded
+        assert len(buf.epoch) == 32
+        assert buf.last_seq() == 0
+        await buf.append("press1", make_samples(1, 2))
+        assert [r.epoch for r in await buf.take(5)] == [buf.epoch]
+    finally:
+        await buf.close()
 
 
 async def test_other_open_errors_still_raise(
