@@ -69,11 +69,12 @@ class AgentCollector(Collector):
         )
         dropped = CounterMetricFamily(
             "edge_agent_samples_dropped",
-            "Samples lost, by reason: buffer_full (the when_full policy) or buffer_error "
-            "(an append failed, e.g. disk full).",
+            "Samples lost, by reason: the buffer's gap reasons (drop_oldest, drop_newest, "
+            "too_large, max_age, memory_full, corrupt) and buffer_error (an append failed).",
             labels=["reason"],
         )
-        dropped.add_metric(["buffer_full"], a.buffer.dropped_samples)
+        for reason, count in sorted(a.buffer.dropped_by_reason.items()):
+            dropped.add_metric([reason], count)
         dropped.add_metric(["buffer_error"], a.samples_dropped_on_error)
         yield dropped
         reloads = CounterMetricFamily(
@@ -167,6 +168,16 @@ class AgentCollector(Collector):
         )
         yield GaugeMetricFamily(
             "edge_agent_buffer_samples", "Samples waiting to be sent.", value=b.samples
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_buffer_lease_ok",
+            "0 while the seq lease cannot be written durably (the disk fails).",
+            value=1 if b.lease_ok else 0,
+        )
+        yield CounterMetricFamily(
+            "edge_agent_buffer_damaged_files",
+            "Damaged buffer files moved aside and salvaged since start.",
+            value=b.damaged_files,
         )
         age = 0.0 if b.oldest_created is None else max(0.0, a.taken - b.oldest_created)
         yield GaugeMetricFamily(

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from agent import __version__
+from agent.buffer import Salvage
 from agent.runtime.snapshot import AgentSnapshot, degraded, health, readiness
 
 
@@ -138,6 +139,13 @@ def status_json(snap: AgentSnapshot) -> dict[str, Any]:
             if b.oldest_created is None
             else round(max(0.0, now - b.oldest_created), 3),
             "last_seq": b.last_seq,
+            "epoch": b.epoch,
+            "leased_seq": b.leased_seq,
+            "lease_ok": b.lease_ok,
+            "memory_fallback": b.memory_fallback,
+            "memory_bytes": b.memory_bytes,
+            "damaged_files": b.damaged_files,
+            "last_salvage": None if b.last_salvage is None else _salvage(b.last_salvage),
         },
         "samples": {
             "produced": snap.samples_produced,
@@ -145,6 +153,7 @@ def status_json(snap: AgentSnapshot) -> dict[str, Any]:
             "dropped": {
                 "buffer_full": b.dropped_samples,
                 "buffer_error": snap.samples_dropped_on_error,
+                "by_reason": dict(b.dropped_by_reason),
             },
             "dead_lettered": f.dead_lettered_samples,
         },
@@ -167,3 +176,16 @@ def status_json(snap: AgentSnapshot) -> dict[str, Any]:
 
 
 __all__ = ["health_json", "status_json"]
+
+
+def _salvage(s: Salvage) -> dict[str, Any]:
+    return {
+        "at": s.at,
+        "at_start": s.at_start,
+        "moved_to": s.moved_to,
+        "error": s.error,
+        "recovered_records": s.recovered_records,
+        "recovered_samples": s.recovered_samples,
+        "lost_samples": s.lost_samples,
+        "lost_seq_ranges": list(s.lost_seq_ranges),
+    }

@@ -5,6 +5,7 @@ the OS picks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from agent.buffer import BufferStats, Salvage
 from agent.buffer.memory import MemoryBuffer
 from agent.config import Config, parse_config
 from agent.publish.fake import FakePublisher
@@ -235,3 +237,56 @@ async def test_a_backlog_drain_is_logged_with_progress(tmp_path: Path) -> None:
     assert progress["mqtt"] == "disconnected"
     done = next(e for e in logs if e["event"] == "buffer.drain.done")
     assert done["records_sent"] >= 200
+
+
+class SalvagedBuffer(MemoryBuffer):
+    """A buffer that salvaged a damaged file once, losing 7 samples as a corrupt gap."""
+
+    def stats(self) -> BufferStats:
+        st = super().stats()
+        salvage = Salvage(
+            at=1.0,
+            at_start=False,
+            moved_to="/var/lib/edge-agent/buffer.db.damaged-20261201T080000Z",
+            error="database disk image is malformed",
+            recovered_records=3,
+            recovered_samples=30,
+            lost_samples=7,
+            lost_seq_ranges=("41-47",),
+        )
+        return dataclasses.replace(
+            st,
+            damaged_files=1,
+            last_salvage=salvage,
+            dropped_samples=7,
+            dropped_by_reason={"corrupt": 7},
+            lease_ok=False,
+        )
+
+
+async def test_a_salvaged_buffer_and_its_loss_are_shown(tmp_path: Path) -> None:
+    config = make_config(tmp_path, device_port=free_port())
+    agent = Agent(config, publisher=FakePublisher(), buffer=SalvagedBuffer(config.buffer))
+    task = asyncio.create_task(agent.run())
+    try:
+        async with asyncio.timeout(20):
+            while agent.http_address is None:
+                await asyncio.sleep(0.02)
+        _, body = await get(agent.http_address[1], "/api/status")
+        status = orjson.loads(body)
+        assert status["buffer"]["damaged_files"] == 1
+        assert status["buffer"]["last_salvage"]["lost_seq_ranges"] == ["41-47"]
+        assert status["buffer"]["lease_ok"] is False
+        assert len(status["buffer"]["epoch"]) == 32
+        assert status["samples"]["dropped"]["by_reason"] == {"corrupt": 7}
+        _, metrics = await get(agent.http_address[1], "/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(metrics.decode())}
+        dropped = {
+            s.labels["reason"]: s.value for s in families["edge_agent_samples_dropped"].samples
+        }
+        assert dropped["corrupt"] == 7.0
+        assert families["edge_agent_buffer_damaged_files"].samples[0].value == 1.0
+        assert families["edge_agent_buffer_lease_ok"].samples[0].value == 0.0
+    finally:
+        agent.stop()
+        await task
