@@ -165,6 +165,16 @@ class DeviceCommon(ConfigModel):
     backoff_min_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
     backoff_max_s: float = Field(default=30.0, gt=0, description="Largest reconnect delay.")
 
+    def check(self, *, simulate: bool | None = None) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems that the field validators cannot see and that would otherwise only
+        show when the device is started (a request plan that cannot be made, an endpoint
+        that cannot be reached): (location inside this device, message) each, e.g.
+        ``(("tags", 3, "type"), "...")``. `agent.config` reports them with file:line.
+
+        simulate: True in simulator mode, False against real devices, None when the
+        use is not known (endpoint checks are then skipped). None for most protocols."""
+        return []
+
     def subscribe_groups(self) -> frozenset[str]:
         """Poll groups whose values the driver pushes (subscriptions) instead of being
         polled. None for most protocols; OPC UA devices override this."""

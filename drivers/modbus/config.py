@@ -182,3 +182,43 @@ class ModbusDevice(DeviceCommon):
         default=0.0, ge=0, description="Pause between requests, for devices that need one."
     )
     tags: list[ModbusTag] = Field(min_length=1, description="The values to read.")
+
+    def check(self, *, simulate: bool | None = None) -> list[tuple[tuple[str | int, ...], str]]:
+        """The request plan (`drivers.modbus.plan`), made as the driver makes it at
+        start; a host that cannot be one; port 0, which only simulator mode can serve."""
+        import ipaddress
+        import re
+
+        from drivers.modbus.plan import MAX_BITS, MAX_REGISTERS, plan_device, plan_requests
+
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            label = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+            name = self.host.removesuffix(".")
+            if not (0 < len(name) <= 253 and all(label.match(x) for x in name.split("."))):
+                out.append((("host",), f"{self.host!r} is neither an IP address nor a host name"))
+        if simulate is False and self.port == 0:
+            out.append((("port",), "port 0 is only for simulator mode (run --simulate)"))
+        cap_regs = min(MAX_REGISTERS, self.max_registers_per_request)
+        cap_bits = min(MAX_BITS, self.max_bits_per_request)
+        for index, tag in enumerate(self.tags):
+            try:
+                plan_requests([tag], max_registers=cap_regs, max_bits=cap_bits)
+            except ValueError as exc:
+                key = "length" if tag.type == "string" else "type"
+                out.append(
+                    (
+                        ("tags", index, key),
+                        f"{exc}: raise the device's max_registers_per_request to at least "
+                        f"{tag.register_count()}",
+                    )
+                )
+        # An undeclared poll group is reported by the loader's own cross checks.
+        if not out and all(t.group in self.group_intervals() for t in self.tags):
+            try:
+                plan_device(self)
+            except ValueError as exc:
+                out.append(((), str(exc)))
+        return out
