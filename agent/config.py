@@ -24,6 +24,7 @@ import contextlib
 import difflib
 import hashlib
 import ipaddress
+import math
 import re
 import string
 from pathlib import Path
@@ -572,9 +573,9 @@ def topic_name_problem(name: str) -> str | None:
         return "an empty name makes an empty topic level"
     for ch, what in _NOT_IN_NAMES.items():
         if ch in name:
-            return f"{name!r}: {what} is not allowed in a name that goes into MQTT topics"
+            return f"{_short(name)}: {what} is not allowed in a name that goes into MQTT topics"
     problem = utf8_problem(name)
-    return f"{name!r}: {problem}" if problem is not None else None
+    return f"{_short(name)}: {problem}" if problem is not None else None
 
 
 def _template_fields(template: str) -> list[str] | None:
@@ -661,6 +662,16 @@ def _start_checks(
             out.append((("mqtt", "host"), problem))
     for i, device in devices:
         out.extend((("devices", i, *loc), msg) for loc, msg in device.check(simulate=simulate))
+        for j, tag in enumerate(getattr(device, "tags", [])):
+            for key in ("scale", "offset"):
+                number = getattr(tag, key, 0.0)
+                if isinstance(number, float) and not math.isfinite(number):
+                    out.append(
+                        (
+                            ("devices", i, "tags", j, key),
+                            f"{number!r} is not a finite number (every value would be bad)",
+                        )
+                    )
         endpoint = getattr(device, "endpoint", None)
         if simulate is False and isinstance(endpoint, str):
             with contextlib.suppress(ValueError):
@@ -731,6 +742,13 @@ def _start_checks(
     return out
 
 
+def _short(name: str, keep: int = 40) -> str:
+    """A name as shown in a message: quoted, the middle of a very long one left out."""
+    if len(name) <= keep:
+        return repr(name)
+    return f"{name[: keep // 2]!r}...{name[-keep // 2 :]!r} ({len(name):,} characters)"
+
+
 def _length_problems(
     template: str,
     fields: list[str],
@@ -772,7 +790,9 @@ def _length_problems(
             continue
         size = len(topic.encode("utf-8", "replace"))
         if size > TOPIC_MAX_BYTES:
-            what = f"device {device.name!r}" + (f" tag {longest_tag!r}" if "tag" in fields else "")
+            what = f"device {_short(device.name)}" + (
+                f" tag {_short(longest_tag)}" if "tag" in fields else ""
+            )
             out.append(f"the topic of {what} is {size:,} bytes, over MQTT's {TOPIC_MAX_BYTES:,}")
     return out
 

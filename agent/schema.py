@@ -15,8 +15,17 @@ from datetime import datetime
 from typing import Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypeAliasType
 
 from drivers.base import Value
+
+#: A published value: a scalar, or lists (OPC UA arrays, also multi-dimensional) and
+#: objects (OPC UA structures) of them, to any depth the agent publishes
+#: (agent.normalize.MAX_DEPTH); list items may be null.
+PublishedValue = TypeAliasType(
+    "PublishedValue",
+    "bool | int | float | str | list[PublishedValue | None] | dict[str, PublishedValue | None]",
+)
 
 SCHEMA_VERSION = 1
 BATCH_SCHEMA = f"edge-agent/batch/{SCHEMA_VERSION}"
@@ -34,7 +43,7 @@ class Sample(_Wire):
 
     device: str = Field(description="Device name from the config.")
     tag: str = Field(description="Tag name from the config.")
-    value: Value | None = Field(
+    value: PublishedValue | None = Field(
         description="Typed value (bool, int, float, str, list, or object for structures) "
         "after scale and offset; null when quality is bad and no value was read, or when "
         "the value cannot be carried exactly (then value_text holds it)."
