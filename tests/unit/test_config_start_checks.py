@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from agent.config import (
     ConfigError,
     host_problem,
+    load_config,
     parse_config,
     topic_name_problem,
     utf8_problem,
@@ -164,3 +168,47 @@ def test_a_valid_file_takes_the_fast_path_and_stays_valid() -> None:
     tags = ", ".join(f"{{name: t{i}, address: {i}}}" for i in range(500))
     config = parse_config("agent: {id: gw}\nmqtt: {layout: tag}\n" + device(f"[{tags}]"))
     assert len(config.devices[0].tags) == 500
+
+
+async def test_a_reload_to_a_file_run_could_not_start_changes_nothing(tmp_path: Path) -> None:
+    """The issue's case: a reload to a float64 tag with max_registers_per_request: 2
+    used to stop the device and never restart it."""
+    from agent.buffer.memory import MemoryBuffer
+    from agent.publish.fake import FakePublisher
+    from agent.runtime import Agent
+
+    path = tmp_path / "agent.yaml"
+    body = (
+        "agent: {id: gw}\nbuffer: {kind: memory}\ndevices:\n"
+        "  - {name: plc, protocol: modbus, host: 127.0.0.1, port: 1, timeout_s: 0.1,\n"
+        "     backoff_min_s: 0.05, backoff_max_s: 0.1, tags: [{name: t, address: 0}]}\n"
+    )
+    path.write_text(body)
+    config = load_config(path)
+    agent = Agent(
+        config, publisher=FakePublisher(), buffer=MemoryBuffer(config.buffer), config_path=path
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        async with asyncio.timeout(20):
+            while "plc" not in agent.devices:
+                await asyncio.sleep(0.02)
+        poller = agent.devices["plc"].poller
+        path.write_text(
+            body.replace(
+                "tags: [{name: t, address: 0}]",
+                "max_registers_per_request: 2,\n     tags: [{name: t, address: 0, type: float64}]",
+            )
+        )
+        result = await agent.reload()
+        assert not result.ok
+        assert result.problems == [
+            f"{path}:6 devices[0].tags[0].type: tag 't': a float64 of 4 registers is larger "
+            "than the 2 registers this device allows per request: raise the device's "
+            "max_registers_per_request to at least 4"
+        ]
+        assert agent.devices["plc"].poller is poller
+        assert not agent.devices["plc"].task.done()
+    finally:
+        agent.stop()
+        await task
