@@ -687,6 +687,9 @@ def _start_checks(
             value = getattr(mqtt, key)
             if isinstance(value, str):
                 problem = utf8_problem(value)
+                size = len(value.encode("utf-8", "replace"))
+                if problem is None and size > TOPIC_MAX_BYTES:
+                    problem = f"{size:,} bytes, over the {TOPIC_MAX_BYTES:,} of an MQTT string"
                 if problem is not None:
                     out.append((("mqtt", key), problem))
     if agent is None or mqtt is None:

@@ -160,10 +160,15 @@ class Normalizer:
         tags = self._tags
         out: list[WireSample] = []
         append = out.append
+        int_min, int_max = INT_MIN, INT_MAX
         for i, (tag, value) in enumerate(zip(columns.tags, columns.values, strict=True)):
             info = tags[tag]
             if value is not None and not info.identity:
-                value = _scaled(value, info)
+                # try/except, not contextlib.suppress: a context manager per value costs.
+                try:  # noqa: SIM105
+                    value = scale_value(value, info.scale, info.offset)
+                except (OverflowError, TypeError):
+                    pass  # an int too large for a float: made bad below (out of range)
             sample: WireSample = {
                 "device": device,
                 "tag": tag,
@@ -176,6 +181,7 @@ class Normalizer:
                 "unit": info.unit,
                 "seq": first + i,
             }
+            append(sample)
             # The common types checked inline (this loop runs once per value): a finite
             # float, an int in range, ASCII text, a bool. Anything else is looked at.
             t = type(value)
@@ -183,13 +189,12 @@ class Normalizer:
                 if value - value:  # type: ignore[operator]  # NaN for NaN and ±Inf
                     _check_value(sample, value)
             elif t is int:
-                if not INT_MIN <= value <= INT_MAX:  # type: ignore[operator]
+                if not int_min <= value <= int_max:  # type: ignore[operator]
                     _check_value(sample, value)
             elif (
                 value is not None and t is not bool and not (t is str and value.isascii())  # type: ignore[union-attr]
             ):
                 _check_value(sample, value)
-            append(sample)
         return out
 
 
