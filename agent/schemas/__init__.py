@@ -127,7 +127,9 @@ reported with file:line and exit code 2:
 
 - **Each device's own checks.** Modbus: the request plan is made as the driver makes it
   (a value larger than `max_registers_per_request`, e.g. a float64 with 2, is an error at
-  the tag's `type`, or `length` for strings); `host` must be an IP address or a host name.
+  the tag's `type`, or `length` for strings); `host` must be an IP address or a host name;
+  in simulator mode (`--simulate`) every `simulate` section must be one the simulator
+  can produce (a text constant for a number tag is an error).
 - **Names that go into MQTT topics**, wherever they do with the configured layout:
   `agent.site`/`area`/`line` when a topic template uses them, device names, tag names with
   `layout: tag`, Sparkplug's `group_id`, `edge_node_id` (or `agent.id`) and device names.

@@ -215,10 +215,35 @@ class ModbusDevice(DeviceCommon):
                         f"{tag.register_count()}",
                     )
                 )
+        if simulate:
+            out.extend(self._simulate_problems())
         # An undeclared poll group is reported by the loader's own cross checks.
         if not out and all(t.group in self.group_intervals() for t in self.tags):
             try:
                 plan_device(self)
             except ValueError as exc:
                 out.append(((), str(exc)))
+        return out
+
+    def _simulate_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Simulated values the simulator cannot produce for their tag (simulator mode)."""
+        from drivers.generators import Kind, make_generator
+
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        for index, tag in enumerate(self.tags):
+            if tag.simulate is None:
+                continue
+            kind: Kind
+            if tag.type == "string":
+                kind = "str"
+            elif tag.type in ("bool", "bit"):
+                kind = "bool"
+            elif tag.type in ("float32", "float64") or tag.scale != 1 or tag.offset % 1:
+                kind = "float"
+            else:
+                kind = "int"
+            try:
+                make_generator(tag.simulate, kind)
+            except ValueError as exc:
+                out.append((("tags", index, "simulate"), str(exc)))
         return out

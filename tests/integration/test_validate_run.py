@@ -253,3 +253,19 @@ def test_an_http_address_not_on_this_machine_is_a_runtime_failure(tmp_path: Path
     failed = [line for line in run.stderr.splitlines() if "agent.failed" in line]
     assert len(failed) == 1
     assert "cannot listen on 192.0.2.1:9108" in failed[0]
+
+
+def test_a_simulated_value_the_simulator_cannot_make(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        HEAD
+        + f"buffer: {{path: {tmp_path / 'b.db'}}}\n"
+        + modbus("{name: t, address: 0, type: int16, simulate: {generator: constant, value: abc}}")
+    )
+    expected = [f"{path}:10 devices[0].tags[0].simulate: constant 'abc' does not fit a int tag"]
+    for args in (("validate", "--simulate"), ("run", "--simulate")):
+        out = cli(*args, str(path), timeout_s=60)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert _problem_lines(out.stderr) == expected
+    # Without simulators the simulate section is never used: `run` can run the file.
+    assert cli("validate", str(path)).returncode == 0
