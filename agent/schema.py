@@ -45,8 +45,9 @@ class Sample(_Wire):
     tag: str = Field(description="Tag name from the config.")
     value: PublishedValue | None = Field(
         description="Typed value (bool, int, float, str, list, or object for structures) "
-        "after scale and offset; null when quality is bad and no value was read, or when "
-        "the value cannot be carried exactly (then value_text holds it)."
+        "after scale and offset; null when quality is bad and no value was read, when "
+        "the value cannot be carried exactly (quality bad, value_text holds it), or when "
+        "the device's value itself is empty (an OPC UA null Variant, quality as given)."
     )
     value_text: str | None = Field(
         default=None,
