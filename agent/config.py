@@ -351,7 +351,10 @@ def load_config(path: str | Path, *, simulate: bool | None = None) -> Config:
     except OSError as exc:
         raise ConfigError([f"{shown}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{shown}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from None
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [f"{shown}:{line} not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"]
+        ) from None
     return parse_config(text, shown, simulate=simulate)
 
 

@@ -212,3 +212,13 @@ async def test_a_reload_to_a_file_run_could_not_start_changes_nothing(tmp_path: 
     finally:
         agent.stop()
         await task
+
+
+def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("agent: {id: gw}\n# Öl\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:2 not UTF-8 text (invalid continuation byte at byte 18); save it as UTF-8"
+    ]

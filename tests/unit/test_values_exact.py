@@ -187,3 +187,10 @@ def test_a_record_that_is_not_samples_is_a_payload_error(data: bytes) -> None:
     encoder = PayloadEncoder(AgentSection(id="gw"), MqttConfig(layout="tag"), epoch="e")
     with pytest.raises(PayloadError, match=r"^record 3 \(d\): not"):
         encoder.encode(Record(3, "d", 1, 1, 1, 0.0, data))
+
+
+def test_an_empty_value_at_the_source_keeps_its_quality() -> None:
+    for quality in ("good", "uncertain"):
+        sample = one(None, quality=quality)
+        assert (sample["value"], sample["quality"], sample["reason"]) == (None, quality, None)
+        assert "value_text" not in sample
