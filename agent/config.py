@@ -714,8 +714,8 @@ def _start_checks(
     }
     reported: set[tuple[Any, ...]] = set()
 
-    def name_at(loc: tuple[Any, ...], name: str) -> None:
-        problem = topic_name_problem(name)
+    def name_at(loc: tuple[Any, ...], name: str, problem: str | None = None) -> None:
+        problem = problem or topic_name_problem(name)
         if problem is not None and loc not in reported:
             reported.add(loc)
             out.append((loc, problem))
@@ -735,7 +735,7 @@ def _start_checks(
             value = values[f]
             if f in fields and value is not None:
                 name_at(("agent", f), value)
-        if not template.replace("{", "").strip():
+        if not template:
             out.append((("mqtt", key), "the topic is empty"))
             continue
         first = fields[0] if fields and template.startswith("{") else None
@@ -784,6 +784,12 @@ def _length_problems(
             longest = -1
             for j, tag in enumerate(getattr(device, "tags", [])):
                 name_at(("devices", i, "tags", j, "name"), tag.name)
+                if template.startswith("{tag}") and tag.name.startswith("$"):
+                    name_at(
+                        ("devices", i, "tags", j, "name"),
+                        tag.name,
+                        "the topic would start with '$' (reserved for the broker)",
+                    )
                 size = len(tag.name.encode("utf-8", "replace"))
                 if size > longest:
                     longest, longest_tag = size, tag.name

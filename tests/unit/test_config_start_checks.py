@@ -222,3 +222,13 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     assert info.value.problems == [
         f"{path}:2 not UTF-8 text (invalid continuation byte at byte 18); save it as UTF-8"
     ]
+
+
+def test_a_tag_name_that_would_start_the_topic_with_a_dollar() -> None:
+    text = "agent: {id: gw}\nmqtt: {layout: tag, topic_tag: '{tag}/{device}'}\n" + device(
+        "[{name: $t, address: 0}]"
+    )
+    assert problems(text) == [
+        "c.yaml:4 devices[0].tags[0].name: the topic would start with '$' (reserved for the broker)"
+    ]
+    parse_config(text.replace("'{tag}/{device}'", "'x/{tag}/{device}'"))
