@@ -201,27 +201,33 @@ class ModbusDevice(DeviceCommon):
                 out.append((("host",), f"{self.host!r} is neither an IP address nor a host name"))
         if simulate is False and self.port == 0:
             out.append((("port",), "port 0 is only for simulator mode (run --simulate)"))
-        cap_regs = min(MAX_REGISTERS, self.max_registers_per_request)
-        cap_bits = min(MAX_BITS, self.max_bits_per_request)
-        for index, tag in enumerate(self.tags):
-            try:
-                plan_requests([tag], max_registers=cap_regs, max_bits=cap_bits)
-            except ValueError as exc:
-                key = "length" if tag.type == "string" else "type"
-                out.append(
-                    (
-                        ("tags", index, key),
-                        f"{exc}: raise the device's max_registers_per_request to at least "
-                        f"{tag.register_count()}",
-                    )
-                )
         if simulate:
             out.extend(self._simulate_problems())
         # An undeclared poll group is reported by the loader's own cross checks.
-        if not out and all(t.group in self.group_intervals() for t in self.tags):
-            try:
-                plan_device(self)
-            except ValueError as exc:
+        groups = self.group_intervals()
+        if any(t.group not in groups for t in self.tags):
+            return out
+        try:
+            plan_device(self)
+        except ValueError as exc:
+            # Find the tags the plan failed on, to point at their lines.
+            cap_regs = min(MAX_REGISTERS, self.max_registers_per_request)
+            cap_bits = min(MAX_BITS, self.max_bits_per_request)
+            located = False
+            for index, tag in enumerate(self.tags):
+                try:
+                    plan_requests([tag], max_registers=cap_regs, max_bits=cap_bits)
+                except ValueError as one:
+                    located = True
+                    key = "length" if tag.type == "string" else "type"
+                    out.append(
+                        (
+                            ("tags", index, key),
+                            f"{one}: raise the device's max_registers_per_request to at least "
+                            f"{tag.register_count()}",
+                        )
+                    )
+            if not located:
                 out.append(((), str(exc)))
         return out
 
