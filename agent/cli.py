@@ -109,10 +109,8 @@ async def _simulate(config: Config) -> None:
 
     async with simulators(config) as simulated:
         for device in simulated.devices:
-            endpoint = getattr(device, "endpoint", None) or (
-                f"{getattr(device, 'host', '?')}:{getattr(device, 'port', '?')}"
-            )
-            print(f"{device.name}\t{getattr(device, 'protocol', '?')}\t{endpoint}", flush=True)
+            protocol = getattr(device, "protocol", "?")
+            print(f"{device.name}\t{protocol}\t{device.endpoint_text()}", flush=True)
         await wait_for_signal()
 
 
@@ -122,8 +120,13 @@ def _run_async(coro: Any) -> int:
         asyncio.run(coro)
     except (KeyboardInterrupt, asyncio.CancelledError):
         code = EXIT_OK
-    except Exception as exc:  # the last line of defence: a clear message, exit 1
-        log.error("agent.failed", error=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # the last line of defence: one clear line, exit 1
+        from agent.runtime.supervisor import TaskFailed
+
+        if isinstance(exc, TaskFailed):  # a supervised task kept failing
+            log.error("agent.failed", task=exc.task, error=exc.error_text)
+        else:
+            log.error("agent.failed", error=f"{type(exc).__name__}: {exc}")
         code = EXIT_RUNTIME
     _exit_watchdog(code)
     return code
@@ -273,18 +276,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    from drivers.modbus.config import ModbusDevice
-    from drivers.modbus.plan import format_plan
+    from drivers import registry
 
+    by_protocol: dict[str, list[Any]] = {}
     for device in config.devices:
-        if isinstance(device, ModbusDevice):
-            try:
-                print(format_plan(device))
-            except ValueError as exc:
-                print(f"{device.name}: {exc}", file=sys.stderr)
-                return EXIT_CONFIG
-        else:
-            print(f"{device.name}: {getattr(device, 'protocol', '?')} (no request plan)")
+        by_protocol.setdefault(str(getattr(device, "protocol", "?")), []).append(device)
+    for name, devices in by_protocol.items():
+        plan = registry.get(name).plan
+        if plan is None:
+            for device in devices:
+                print(f"{device.name}: {name} (no request plan)")
+            continue
+        try:
+            print(plan(devices))
+        except ValueError as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    return EXIT_OK
+
+
+def cmd_protocols(args: argparse.Namespace) -> int:
+    from drivers import registry
+
+    for entry in registry.protocols().values():
+        caps = ",".join(sorted(entry.capabilities)) or "-"
+        print(f"{entry.name}\t{caps}\t{entry.summary}")
     return EXIT_OK
 
 
@@ -377,10 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plan",
         help="print the requests each device makes per poll",
-        description="Print each Modbus device's request plan: the block reads made per poll.",
+        description="Print each device's request plan (for protocols that have one, "
+        "e.g. the Modbus block reads made per poll).",
     )
     p.add_argument("config", help="YAML config file")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "protocols",
+        help="list the protocols this agent speaks",
+        description="Print every registered protocol: name<TAB>capabilities<TAB>summary.",
+    )
+    p.set_defaults(func=cmd_protocols)
 
     p = sub.add_parser(
         "watch",
@@ -422,11 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub: Any) -> None:
-    try:
-        from drivers.opcua.cli import add_opcua_commands
-    except ImportError:
-        return
-    add_opcua_commands(sub)
+    """The protocols' own commands (`edge-agent opcua browse ...`), from drivers.registry."""
+    from drivers import registry
+
+    for entry in registry.protocols().values():
+        if entry.add_commands is not None:
+            entry.add_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,17 +27,19 @@ import ipaddress
 import math
 import re
 import string
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self, Union
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, create_model, model_validator
 from pydantic_core import ErrorDetails
 
+from agent.profiles import Expanded, Located, expand_profiles, merge_located
 from agent.yamlsafe import YamlProblem, load_yaml
+from drivers import registry
 from drivers.base import ConfigModel, DeviceCommon
-from drivers.modbus.config import ModbusDevice
-from drivers.opcua.config import OpcUaDevice
 
 
 def read_secret(value: SecretStr | None, file: str | None) -> str | None:
@@ -293,9 +295,39 @@ class HttpConfig(ConfigModel):
     )
 
 
-Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
-# protocol name → device model; the discriminated union above must list the same models.
-DEVICE_MODELS: dict[str, type[DeviceCommon]] = {"modbus": ModbusDevice, "opcua": OpcUaDevice}
+class _DeviceModels(Mapping[str, type[DeviceCommon]]):
+    """protocol name → device model, read live from `drivers.registry`."""
+
+    def __getitem__(self, protocol: str) -> type[DeviceCommon]:
+        try:
+            return registry.get(protocol).device_model
+        except registry.UnknownProtocol:
+            raise KeyError(protocol) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.protocols())
+
+    def __len__(self) -> int:
+        return len(registry.protocols())
+
+
+#: protocol name → device model of every registered protocol (a live view).
+DEVICE_MODELS: Mapping[str, type[DeviceCommon]] = _DeviceModels()
+
+
+class SupervisionConfig(ConfigModel):
+    """How the agent treats a task that fails or stops making progress (docs/operating.md)."""
+
+    max_failures: int = Field(
+        default=5, ge=1, description="A task failing this often within window_s stops the agent."
+    )
+    window_s: float = Field(default=60.0, gt=0, description="The window of max_failures.")
+    stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A task with work waiting and no progress for this long fails /healthz.",
+    )
+
 
 _TOPIC_FIELDS = {"agent", "site", "area", "line", "device"}
 
@@ -303,14 +335,60 @@ _TOPIC_FIELDS = {"agent", "site", "area", "line", "device"}
 class Config(ConfigModel):
     """The whole configuration file."""
 
+    # `devices` is a union of the registered protocols' device models, discriminated by
+    # `protocol`, built from drivers.registry when a config is validated (config_model()),
+    # so a protocol registered after import is accepted. Validating or asking for the
+    # schema through Config itself goes through config_model() too.
     agent: AgentSection
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
-    devices: list[Device] = Field(min_length=1)
+    devices: list[DeviceCommon] = Field(min_length=1)
+    profiles: dict[str, str] = Field(
+        default_factory=dict,
+        description="Device profiles by name: name → YAML file of device keys (protocol, "
+        "tags, poll groups, ...), relative to this file; a device uses one with `profile:`.",
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     http: HttpConfig | None = Field(
         default=None, description="The metrics/health/status endpoint; off when absent."
     )
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
+        if cls is Config:
+            return config_model().model_validate(obj, **kwargs)  # type: ignore[return-value]
+        return super().model_validate(obj, **kwargs)
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if cls is Config:
+            return config_model().model_json_schema(*args, **kwargs)
+        return super().model_json_schema(*args, **kwargs)
+
+
+_model_lock = threading.Lock()
+_model_cache: tuple[int, type[Config]] | None = None
+
+
+def config_model() -> type[Config]:
+    """The Config model whose `devices` accept every protocol registered now."""
+    global _model_cache
+    with _model_lock:
+        gen = registry.generation()
+        if _model_cache is None or _model_cache[0] != gen:
+            models = tuple(p.device_model for p in registry.protocols().values())
+            member: Any = Union[models] if len(models) > 1 else models[0]  # noqa: UP007
+            device = Annotated[member, Field(discriminator="protocol")]
+            built = create_model(
+                "Config",
+                __base__=Config,
+                __module__=__name__,
+                __doc__=Config.__doc__,
+                devices=(list[device], Field(min_length=1)),
+            )
+            _model_cache = (gen, built)
+        return _model_cache[1]
 
 
 def _check_template(template: str, allowed: set[str], agent: dict[str, Any]) -> list[str]:
@@ -355,11 +433,18 @@ def load_config(path: str | Path, *, simulate: bool | None = None) -> Config:
         raise ConfigError(
             [f"{shown}:{line} not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"]
         ) from None
-    return parse_config(text, shown, simulate=simulate)
+    return parse_config(text, shown, base_dir=path.parent, simulate=simulate)
 
 
-def parse_config(text: str, shown: str = "<config>", *, simulate: bool | None = None) -> Config:
-    """Validate config text; `shown` is the file name used in error messages.
+def parse_config(
+    text: str,
+    shown: str = "<config>",
+    base_dir: Path | None = None,
+    *,
+    simulate: bool | None = None,
+) -> Config:
+    """Validate config text; `shown` is the file name used in error messages, `base_dir`
+    the folder profile files are relative to (default: the working directory),
     `simulate` as for `load_config`."""
     # A valid file needs no line numbers: read it without them first (a 10,000-tag file
     # holds ~100,000 of them), and again with them only to report problems.
@@ -369,52 +454,69 @@ def parse_config(text: str, shown: str = "<config>", *, simulate: bool | None = 
         pass
     else:
         if not yaml_problems and isinstance(data, dict):
-            with contextlib.suppress(ValidationError):
-                config = Config.model_validate(data)
-                if not _cross_checks(data) and not _start_checks(
-                    config.agent,
-                    config.mqtt,
-                    list(enumerate(config.devices)),
-                    simulate,
-                    buffer=config.buffer,
-                    http=config.http,
-                ):
-                    return config
+            expanded = expand_profiles(data, {}, shown, base_dir, track_lines=False)
+            if not expanded.problems:
+                with contextlib.suppress(ValidationError):
+                    config = config_model().model_validate(expanded.data)
+                    if not _cross_checks(expanded.data) and not _start_checks(
+                        config.agent,
+                        config.mqtt,
+                        list(enumerate(config.devices)),
+                        simulate,
+                        buffer=config.buffer,
+                        http=config.http,
+                    ):
+                        return config
+            del expanded
         del data
-    return _parse_reporting(text, shown, simulate)
+    return _parse_reporting(text, shown, base_dir, simulate)
 
 
-def _parse_reporting(text: str, shown: str, simulate: bool | None = None) -> Config:
+def _parse_reporting(
+    text: str, shown: str, base_dir: Path | None = None, simulate: bool | None = None
+) -> Config:
     try:
         data, lines, yaml_problems = load_yaml(text)
     except YamlProblem as exc:
         raise ConfigError([f"{shown}:{p.line} {p.message}" for p in exc.problems]) from None
-    problems = [
-        f"{shown}:{p.line} {_path(p.path) + ': ' if p.path else ''}{p.message}"
-        for p in yaml_problems
+    located = [
+        Located(shown, p.line, _path(p.path) if p.path else "", p.message) for p in yaml_problems
     ]
     if not isinstance(data, dict):
         raise ConfigError(
-            [*problems, f"{shown}:1 the file must be a mapping with agent, mqtt, devices, ..."]
+            merge_located(
+                [
+                    *located,
+                    Located(
+                        shown, 1, "", "the file must be a mapping with agent, mqtt, devices, ..."
+                    ),
+                ],
+                shown,
+            )
         )
     bad_paths = {p.path for p in yaml_problems}
+    expanded = expand_profiles(data, lines, shown, base_dir)
+    located.extend(expanded.problems)
+    data, lines = expanded.data, expanded.lines
     config: Config | None = None
     try:
-        config = Config.model_validate(data)
+        config = config_model().model_validate(data)
     except ValidationError as exc:
         by_loc: dict[tuple[Any, ...], list[str]] = {}
         for err in exc.errors():
             loc, message = _describe_error(err)
             loc = _in_file(loc, lines, err["type"])
-            if loc in bad_paths:
-                continue  # already reported (an unset variable, say)
+            if loc in bad_paths or expanded.follows_from_profile(loc):
+                continue  # already reported (an unset variable, an unusable profile)
             by_loc.setdefault(loc, []).append(message)
         for loc, messages in by_loc.items():
             # A union (int | str, say) reports one error per member: say them together.
             text = "; or ".join(dict.fromkeys(messages))
-            problems.append(f"{shown}:{_line_of(loc, lines)} {_path(loc)}: {text}")
-    problems.extend(
-        f"{shown}:{_line_of(loc, lines)} {_path(loc)}: {msg}" for loc, msg in _cross_checks(data)
+            located.append(_locate(loc, text, expanded, shown))
+    located.extend(
+        _locate(loc, msg, expanded, shown)
+        for loc, msg in _cross_checks(data)
+        if not expanded.follows_from_profile(loc)
     )
     agent: AgentSection | None
     mqtt: MqttConfig | None
@@ -432,15 +534,29 @@ def _parse_reporting(text: str, shown: str, simulate: bool | None = None) -> Con
         with contextlib.suppress(ValidationError):
             raw_http = data.get("http")
             http = HttpConfig.model_validate(raw_http) if raw_http is not None else None
-    problems.extend(
-        f"{shown}:{_line_of(loc, lines)} {_path(loc)}: {msg}"
+    located.extend(
+        _locate(loc, msg, expanded, shown)
         for loc, msg in _start_checks(agent, mqtt, devices, simulate, buffer=buffer, http=http)
     )
-    if problems or config is None:
-        prefix = len(shown) + 1
-        ordered = sorted(_dedupe(problems), key=lambda p: int(p[prefix:].split(" ", 1)[0]))
-        raise ConfigError(ordered)
+    if located or config is None:
+        raise ConfigError(merge_located(located, shown))
     return config
+
+
+def _locate(loc: tuple[Any, ...], message: str, expanded: Expanded, shown: str) -> Located:
+    """Where a problem at `loc` is reported: the config file's line, or, for a node taken
+    from a profile, the profile's file and line (with the path inside the profile)."""
+    lines = expanded.lines
+    n = len(loc)
+    while n > 0 and loc[:n] not in lines:
+        n -= 1
+    line = lines.get(loc[:n], 1)
+    profile = expanded.files.get(loc[:n])
+    if profile is None:
+        return Located(shown, line, _path(loc), message)
+    device = expanded.data["devices"][loc[1]]
+    name = device.get("name") if isinstance(device, dict) else None
+    return Located(profile, line, _path(loc[2:]), message, str(name or f"devices[{loc[1]}]"))
 
 
 def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
@@ -511,9 +627,6 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
     return out
 
 
-_DEVICE_ADAPTER: TypeAdapter[DeviceCommon] = TypeAdapter(Device)
-
-
 def _valid_sections(
     data: dict[str, Any],
 ) -> tuple[AgentSection | None, MqttConfig | None, list[tuple[int, DeviceCommon]]]:
@@ -529,8 +642,13 @@ def _valid_sections(
     raw = data.get("devices")
     if isinstance(raw, list):
         for i, dev in enumerate(raw):
+            if not isinstance(dev, dict):
+                continue
+            protocol = dev.get("protocol")
+            if not isinstance(protocol, str) or protocol not in DEVICE_MODELS:
+                continue
             with contextlib.suppress(ValidationError):
-                devices.append((i, _DEVICE_ADAPTER.validate_python(dev)))
+                devices.append((i, DEVICE_MODELS[protocol].model_validate(dev)))
     return agent, mqtt, devices
 
 
@@ -849,10 +967,6 @@ def config_hash(text: str) -> str:
 # ------------------------------------------------------------------ error formatting
 
 
-def _dedupe(items: list[str]) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
 def _path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -873,14 +987,6 @@ def _in_file(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int], kind: str)
     if n < len(loc) and kind in ("missing", "extra_forbidden") and n == len(loc) - 1:
         return loc
     return loc[:n] if n else loc
-
-
-def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
-    """Line of the deepest node of `loc` that exists in the file."""
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return 1
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[ConfigModel] | None:

@@ -1,14 +1,17 @@
 """One device's polling loop: schedule, reconnect with backoff, quality on failure.
 
-The same for every driver (the framework owns retries, STYLE.md rule 4):
+The same for every driver (the framework owns retries; drivers only connect, read, close):
 
 - each poll group runs at its own fixed rate; a poll that overruns makes the group skip
   the slots it missed (counted) instead of queueing them (Telegraf's rule);
 - the first poll of a device is offset by a phase taken from its name (a fraction of
   the interval, at most PHASE_MAX_S), so many devices on the same interval spread their
   requests over the interval instead of all polling at the same instant;
-- while the device is unreachable every due poll still produces samples, all bad, with
-  the reason, so consumers see the outage in the data itself;
+- a device going down publishes the transition once: one all-bad sample set with the
+  reason (and the driver's status code, when it has one); while it stays down, its poll
+  groups — subscribed ones included — report bad quality again only every
+  `down_report_interval_s` (a heartbeat), not on every poll, so a dead device cannot push
+  good data of other devices out of a full buffer;
 - reconnects use exponential backoff with jitter between the device's backoff_min_s
   and backoff_max_s; a failed read closes the driver before the next connect, so a
   half-open connection (out-of-step Modbus transaction ids, a dead OPC UA session) is
@@ -27,12 +30,12 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import structlog
 
 from agent.normalize import Columns, Readings, bad_readings
-from drivers.base import DeviceCommon, Driver, DriverError, RawReading, SubscribingDriver, Value
+from drivers.base import ColumnReader, DeviceCommon, Driver, DriverError, SubscribingDriver
 
 log = structlog.get_logger()
 
@@ -40,15 +43,6 @@ log = structlog.get_logger()
 PHASE_MAX_S = 0.5
 
 ReadingSink = Callable[[Readings], Awaitable[None]]
-
-
-class ColumnReader(Protocol):
-    """A driver that can also hand a poll over in columns (see `agent.normalize.Columns`);
-    the poller uses `read_columns` instead of `read` when the driver has it."""
-
-    async def read_columns(
-        self, group: str
-    ) -> tuple[Sequence[str], list[Value | None], dict[int, RawReading]]: ...
 
 
 DeviceState = Literal["starting", "up", "down"]
@@ -67,6 +61,11 @@ class DeviceStatus:
     failed_polls: int = 0
     skipped_polls: int = 0
     connects: int = 0
+    code: int | None = None  # the status code of the failure that took it down, if any
+    #: Polls (or, for a subscribe-only device, connection checks) finished, good or bad:
+    #: the poller's heartbeat.
+    cycles: int = 0
+    down_reports: int = 0  # all-bad sample sets published while down
     last_poll_duration_s: float = 0.0
     errors_by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -119,13 +118,22 @@ class DevicePoller:
         self._next_connect = 0.0
         self._watch: asyncio.Task[None] | None = None
         self._log = log.bind(device=device.name)
-        columns = getattr(driver, "read_columns", None)
-        self._read_columns: ColumnReader | None = driver if callable(columns) else None  # type: ignore[assignment]
+        # The optional column read (drivers.base.ColumnReader) replaces read() when present.
+        self._read_columns = driver if isinstance(driver, ColumnReader) else None
         per_request = device.timeout_s * (device.retries + 1)
         # A guard against a driver that hangs despite its own timeouts, not the timeout
         # users tune (that is timeout_s × (retries + 1) per request, inside the driver).
         self._read_guard_s = per_request * 3 + 5
         self._connect_guard_s = per_request + 5
+        # group → loop time of its last all-bad report while down
+        self._down_reported: dict[str, float] = {}
+
+    @property
+    def stall_deadline_s(self) -> float:
+        """How long the poller may go without finishing a poll before it counts as stalled:
+        a few of its longest intervals plus the worst connect and read it may wait for."""
+        longest = max(self._groups.values(), default=1.0)
+        return 3 * max(longest, 1.0) + self._connect_guard_s + self._read_guard_s
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,6 +149,8 @@ class DevicePoller:
             if not due:  # subscribe-only device: keep the connection, nothing to poll
                 while True:
                     await self._ensure_connected()
+                    await self._report_subscribed_down()
+                    self.status.cycles += 1
                     await asyncio.sleep(self._retry_delay())
             while True:
                 group = min(due, key=due.__getitem__)
@@ -153,6 +163,7 @@ class DevicePoller:
                 nxt = due[group] + interval
                 now = loop.time()
                 self.status.last_poll_duration_s = now - started
+                self.status.cycles += 1
                 if nxt <= now:
                     missed = int((now - nxt) // interval) + 1
                     self.status.skipped_polls += missed
@@ -165,14 +176,19 @@ class DevicePoller:
         loop = asyncio.get_running_loop()
         if self._connected:
             return 1.0
-        return max(0.05, self._next_connect - loop.time())
+        wait = self._next_connect - loop.time()
+        if self._subscribe and self.status.state == "down":
+            interval = self.device.down_report_interval_s
+            due = min(self._down_reported.get(g, -interval) + interval for g in self._subscribe)
+            wait = min(wait, due - loop.time())
+        return max(0.05, wait)
 
     async def _poll(self, group: str) -> None:
         self.status.polls += 1
         await self._ensure_connected()
+        readings: Readings | None = None
         if self._connected:
             try:
-                readings: Readings
                 async with asyncio.timeout(self._read_guard_s):
                     if self._read_columns is not None:
                         readings = Columns(*await self._read_columns.read_columns(group))
@@ -180,11 +196,15 @@ class DevicePoller:
                         readings = await self.driver.read(group)
                 self._answered()
             except Exception as exc:  # a driver bug must not stop the other devices
-                reason, detail = _describe(exc, "read")
-                await self._lost(reason, detail)
-                readings = bad_readings(self._tags[group], reason)
-        else:
-            readings = bad_readings(self._tags[group], self.status.reason or "unreachable")
+                reason, detail, code = _describe(exc, "read")
+                await self._lost(reason, detail, code)
+                readings = None
+        if readings is None:
+            self.status.failed_polls += 1
+            await self._report_subscribed_down()
+            if self._down_report_due(group):
+                await self._report_down([group])
+            return
         failed = (
             readings.bad.values()
             if isinstance(readings, Columns)
@@ -198,6 +218,34 @@ class DevicePoller:
                     self.status.errors_by_reason[r.reason] = n + 1
         await self.sink(readings)
 
+    def _down_report_due(self, group: str) -> bool:
+        """While down: the first poll after the transition reports, then one every
+        down_report_interval_s."""
+        last = self._down_reported.get(group)
+        now = asyncio.get_running_loop().time()
+        return last is None or now - last >= self.device.down_report_interval_s
+
+    async def _report_down(self, groups: Sequence[str]) -> None:
+        """One all-bad sample set for `groups`, with the reason and code of the outage."""
+        now = asyncio.get_running_loop().time()
+        for group in groups:
+            self._down_reported[group] = now
+        tags = [t for g in groups for t in self._tags[g]]
+        reason = self.status.reason or "unreachable"
+        self.status.down_reports += 1
+        self.status.errors_by_reason[reason] = self.status.errors_by_reason.get(reason, 0) + len(
+            tags
+        )
+        await self.sink(bad_readings(tags, reason, self.status.code))
+
+    async def _report_subscribed_down(self) -> None:
+        """Subscribed groups follow the polled groups' rule while the device is down."""
+        if self.status.state != "down" or self._connected:
+            return
+        due = [g for g in sorted(self._subscribe) if self._down_report_due(g)]
+        if due:
+            await self._report_down(due)
+
     async def _ensure_connected(self) -> None:
         loop = asyncio.get_running_loop()
         if self._connected or loop.time() < self._next_connect:
@@ -209,8 +257,8 @@ class DevicePoller:
                     assert isinstance(self.driver, SubscribingDriver)
                     await self.driver.subscribe(group, self.sink)
         except Exception as exc:
-            reason, detail = _describe(exc, "connect")
-            await self._lost(reason, detail)
+            reason, detail, code = _describe(exc, "connect")
+            await self._lost(reason, detail, code)
             return
         self._connected = True
         self.status.connects += 1
@@ -235,6 +283,8 @@ class DevicePoller:
             self._log.info("device.connected")
         self.status.state = "up"
         self.status.reason = None
+        self.status.code = None
+        self._down_reported.clear()
         self.status.since = time.time()
         self._notify()
 
@@ -250,25 +300,24 @@ class DevicePoller:
             await driver.wait_closed()
         except DriverError as exc:
             self._watch = None  # _lost must not cancel the task running it
-            await self._lost(exc.reason, str(exc))
-            if self._subscribe:
-                readings = bad_readings(
-                    [t for g in self._subscribe for t in self._tags[g]], exc.reason
-                )
-                await self.sink(readings)
+            await self._lost(exc.reason, str(exc), exc.code)
+            await self._report_subscribed_down()
 
-    async def _lost(self, reason: str, detail: str) -> None:
+    async def _lost(self, reason: str, detail: str, code: int | None = None) -> None:
         """The device is unreachable: close the driver, schedule a reconnect, log once."""
         loop = asyncio.get_running_loop()
         await self._disconnect()
         self._next_connect = loop.time() + self._backoff.next()
         if self.status.state != "down":
-            self._log.warning("device.down", reason=reason, detail=detail)
+            self._log.warning("device.down", reason=reason, detail=detail, code=code)
             self.status.state = "down"
             self.status.since = time.time()
             self.status.reason = reason
+            self.status.code = code
+            self._down_reported.clear()
             self._notify()
         self.status.reason = reason
+        self.status.code = code
 
     async def _disconnect(self) -> None:
         self._connected = False
@@ -280,11 +329,11 @@ class DevicePoller:
             await self.driver.close()
 
 
-def _describe(exc: Exception, action: str) -> tuple[str, str]:
-    """(reason, detail) of a failed connect or read."""
+def _describe(exc: Exception, action: str) -> tuple[str, str, int | None]:
+    """(reason, detail, code) of a failed connect or read."""
     if isinstance(exc, DriverError):
-        return exc.reason, str(exc)
+        return exc.reason, str(exc), exc.code
     if isinstance(exc, TimeoutError):
-        return "timeout", f"{action} did not finish"
+        return "timeout", f"{action} did not finish", None
     log.error(f"driver.{action}.bug", exc_info=exc)
-    return "driver error", f"{type(exc).__name__}: {exc}"
+    return "driver error", f"{type(exc).__name__}: {exc}", None

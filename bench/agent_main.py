@@ -25,11 +25,11 @@ def run(argv: list[str]) -> int:
             # Experiment only: how much of the agent's RSS is the forwarder's round.
             import functools
 
-            import agent.runtime
+            import agent.runtime.pipeline
             from agent.forwarder import Forwarder
 
             limit = int(argv[1])
-            agent.runtime.Forwarder = functools.partial(  # type: ignore[attr-defined,assignment]
+            agent.runtime.pipeline.Forwarder = functools.partial(  # type: ignore[attr-defined,assignment]
                 Forwarder, max_records=limit
             )
             argv = argv[2:]

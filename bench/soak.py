@@ -4,6 +4,7 @@ and PLC restarts; prints what was produced, delivered, lost and duplicated.
     .venv/bin/python bench/soak.py                 # 3 minutes, 3 outages, 2 kills, 2 restarts
     .venv/bin/python bench/soak.py --minutes 10 --outages 5 --kills 3 --plc-restarts 3
     .venv/bin/python bench/soak.py --quick         # <= 60 s, what CI runs
+    .venv/bin/python bench/soak.py --no-poison     # only the healthy devices
 
 Run from the repository root. Everything is real and on 127.0.0.1: mosquitto with
 persistence (sessions survive its restarts), `edge-agent simulate` for the PLCs (its own
@@ -19,6 +20,16 @@ Figures (in samples; a sample is one value with its own seq):
 - max backlog: the most samples produced but not yet received at any moment (from each
   sample's ts_agent and the time the subscriber received it);
 - RSS of the agent process: after its first start, at the end, and the highest seen.
+
+Poison events (on unless `--no-poison`): beside the healthy devices `plc0..` the agent also
+polls `denied`, whose topic the broker's ACL refuses (PUBACK 0x87: dead-lettered and
+announced as a gap), `big`, one poll of which is larger than the broker's maximum packet
+size (16 KiB: split into several messages), and `nan`, whose float32 reads NaN (published
+as bad quality, never null/good); and once, during a broker outage, the buffer file is
+damaged on disk (salvaged, the loss reported as a gap). The figures then say, per device,
+the samples and polls delivered and the polls per second, and count each poison where the
+docs say it is counted: dead-letter and corrupt gaps from the gap notices on the wire, NaN
+samples by quality, the largest message against the broker's limit.
 The last line of stdout is one JSON object with all figures; `--json-only` prints only it.
 """
 
@@ -48,8 +59,81 @@ sys.path.insert(0, str(ROOT))
 from tests.support.broker import MosquittoBroker, free_port  # noqa: E402
 from tests.support.subscriber import Received, Subscriber  # noqa: E402
 
+#: The broker's maximum packet size in the poison run (mosquitto `max_packet_size`).
+POISON_MAX_PACKET = 16384
+#: Poison devices: name -> what makes them poison (their simulators follow the healthy ones).
+POISON_DEVICES = ("denied", "big", "nan")
+BIG_TAGS = 300
 
-def write_config(directory: Path, broker_port: int, ports: list[int], interval_s: float) -> Path:
+
+def healthy_tags() -> str:
+    return """\
+    tags:
+      - { name: counter, address: 0, type: uint32,
+          simulate: { generator: counter, step: 1, period_s: 0.1 } }
+      - { name: power_kw, address: 2, type: float32, unit: kW,
+          simulate: { generator: sine, min: 20, max: 80, period_s: 20 } }
+      - { name: temp, address: 4, type: int16, scale: 0.1, unit: degC,
+          simulate: { generator: random_walk, min: 180, max: 220, step: 1 } }
+      - { name: running, table: coil, address: 0, type: bool,
+          simulate: { generator: toggle, period_s: 7, value: true } }
+"""
+
+
+def poison_devices(ports: list[int], interval_s: float) -> str:
+    denied, big, nan = ports
+    big_tags = "".join(
+        f"      - {{ name: v{i:03d}, address: {2 * i}, type: float32,"
+        f" simulate: {{ generator: sine, min: 0, max: 100, period_s: {10 + i % 7} }} }}\n"
+        for i in range(BIG_TAGS)
+    )
+    return f"""\
+  - name: denied
+    protocol: modbus
+    host: 127.0.0.1
+    port: {denied}
+    interval_s: {interval_s}
+    timeout_s: 0.5
+{healthy_tags()}\
+  - name: big
+    protocol: modbus
+    host: 127.0.0.1
+    port: {big}
+    interval_s: 1.0
+    timeout_s: 0.5
+    tags:
+{big_tags}\
+  - name: nan
+    protocol: modbus
+    host: 127.0.0.1
+    port: {nan}
+    interval_s: {interval_s}
+    timeout_s: 0.5
+    tags:
+      - {{ name: bad_float, address: 0, type: float32,
+          simulate: {{ generator: constant, value: .nan }} }}
+      - {{ name: count, address: 2, type: uint16,
+          simulate: {{ generator: counter, step: 1, period_s: 0.1 }} }}
+"""
+
+
+def poison_acl(devices: int) -> str:
+    """Every topic the agent publishes to, but the `denied` device's."""
+    allowed = [f"edge/gw-soak/plc{i}" for i in range(devices)] + [
+        "edge/gw-soak/big",
+        "edge/gw-soak/nan",
+        "edge-status/#",
+    ]
+    return "".join(f"topic readwrite {t}\n" for t in allowed) + "topic read #\n"
+
+
+def write_config(
+    directory: Path,
+    broker_port: int,
+    ports: list[int],
+    interval_s: float,
+    poison_ports: list[int] | None = None,
+) -> Path:
     devices = []
     for i, port in enumerate(ports):
         devices.append(
@@ -60,17 +144,10 @@ def write_config(directory: Path, broker_port: int, ports: list[int], interval_s
     port: {port}
     interval_s: {interval_s}
     timeout_s: 0.5
-    tags:
-      - {{ name: counter, address: 0, type: uint32,
-          simulate: {{ generator: counter, step: 1, period_s: 0.1 }} }}
-      - {{ name: power_kw, address: 2, type: float32, unit: kW,
-          simulate: {{ generator: sine, min: 20, max: 80, period_s: 20 }} }}
-      - {{ name: temp, address: 4, type: int16, scale: 0.1, unit: degC,
-          simulate: {{ generator: random_walk, min: 180, max: 220, step: 1 }} }}
-      - {{ name: running, table: coil, address: 0, type: bool,
-          simulate: {{ generator: toggle, period_s: 7, value: true }} }}
-"""
+{healthy_tags()}"""
         )
+    if poison_ports:
+        devices.append(poison_devices(poison_ports, interval_s))
     path = directory / "soak.yaml"
     path.write_text(
         f"""\
@@ -154,10 +231,10 @@ class Timeline:
 
 
 def plan_events(
-    duration_s: float, outages: int, kills: int, restarts: int
+    duration_s: float, outages: int, kills: int, restarts: int, damages: int = 0
 ) -> list[tuple[float, str]]:
     """Spread the fault events over the middle 80 % of the run, in a shuffled order."""
-    kinds = ["outage"] * outages + ["kill"] * kills + ["plc"] * restarts
+    kinds = ["outage"] * outages + ["kill"] * kills + ["plc"] * restarts + ["damage"] * damages
     random.Random(7).shuffle(kinds)
     if not kinds:
         return []
@@ -180,12 +257,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         directory = Path(tmp)
         ports = [free_port() for _ in range(args.devices)]
-        broker = MosquittoBroker(persistent=True).start()
+        poison_ports = [free_port() for _ in POISON_DEVICES] if args.poison else None
+        broker = MosquittoBroker(
+            persistent=True,
+            acl=poison_acl(args.devices) if args.poison else None,
+            extra_config=[f"max_packet_size {POISON_MAX_PACKET}"] if args.poison else (),
+            log_types=("error", "warning"),
+        ).start()
         sub: Subscriber | None = None
         agent: Proc | None = None
         plc: Proc | None = None
         try:
-            config = write_config(directory, broker.port, ports, args.interval_s)
+            config = write_config(directory, broker.port, ports, args.interval_s, poison_ports)
             sub = Subscriber(
                 broker.host, broker.port, "#", client_id="soak-sub", session_expiry_s=3600
             ).start()
@@ -206,7 +289,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             sampler = threading.Thread(target=sample, name="sampler", daemon=True)
             sampler.start()
-            events = plan_events(duration_s, args.outages, args.kills, args.plc_restarts)
+            events = plan_events(
+                duration_s, args.outages, args.kills, args.plc_restarts, 1 if args.poison else 0
+            )
             done_events: list[dict[str, Any]] = []
             while (now := time.monotonic() - t_start) < duration_s:
                 rss = agent.rss_kib()
@@ -216,7 +301,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         rss_first = rss
                 if events and now >= events[0][0]:
                     _, kind = events.pop(0)
-                    done_events.append(fault(kind, broker, agent, plc, sub, args))
+                    done_events.append(
+                        fault(kind, broker, agent, plc, sub, args, directory / "buffer.db")
+                    )
                     continue
                 time.sleep(0.5)
             rss_end = agent.rss_kib()
@@ -261,9 +348,23 @@ def fault(
     plc: Proc,
     sub: Subscriber,
     args: argparse.Namespace,
+    buffer_path: Path,
 ) -> dict[str, Any]:
     """Inject one fault and wait until it is over; returns what happened."""
     t0 = time.monotonic()
+    if kind == "damage":
+        # During an outage, so the file holds a backlog the agent has still to read.
+        broker.stop()
+        time.sleep(args.outage_s / 2)
+        damaged = damage_file(buffer_path)
+        time.sleep(args.outage_s / 2)
+        broker.start()
+        sub.wait_subscribed(30)
+        return {
+            "event": "buffer_damaged",
+            "bytes_overwritten": damaged,
+            "down_s": round(time.monotonic() - t0, 1),
+        }
     if kind == "outage":
         broker.stop()  # SIGTERM: mosquitto saves its sessions (persistence on)
         time.sleep(args.outage_s)
@@ -285,6 +386,27 @@ def fault(
     time.sleep(args.plc_down_s)
     plc.start()
     return {"event": "plc_restart", "down_s": round(time.monotonic() - t0, 1)}
+
+
+def damage_file(path: Path, pages: int = 4, page: int = 4096) -> int:
+    """Overwrite `pages` pages in the middle of the buffer file and of its WAL with noise,
+    as a bad sector would; the header page stays. Returns the bytes overwritten."""
+    rng = random.Random(11)
+    done = 0
+    for target in (path, Path(f"{path}-wal")):
+        try:
+            size = target.stat().st_size
+        except FileNotFoundError:
+            continue
+        if size < 3 * page:
+            continue
+        start = max(page, (size // 2) // page * page)
+        with target.open("r+b") as f:
+            f.seek(start)
+            length = min(pages * page, size - start)
+            f.write(bytes(rng.getrandbits(8) for _ in range(length)))
+            done += length
+    return done
 
 
 def read_buffer(path: Path) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
@@ -323,22 +445,37 @@ def figures(
     conflicts = 0
     first_index: dict[int, int] = {}  # seq -> index of the message that first carried it
     produced_at: dict[int, float] = {}
+    wire_gaps: dict[str, set[int]] = {}  # reason -> seqs announced as gaps on the wire
+    largest_message = 0
+    nan_samples = nan_bad = nan_good_null = 0
     for index, message in enumerate(messages):
         body = orjson.loads(message.payload)
         if not isinstance(body, dict) or "samples" not in body:
             continue
+        largest_message = max(largest_message, len(message.payload))
+        for g in body.get("gaps") or ():
+            seqs = wire_gaps.setdefault(str(g["reason"]), set())
+            seqs.update(range(int(g["first_seq"]), int(g["last_seq"]) + 1))
         for s in body["samples"]:
             received += 1
             seq = int(s["seq"])
             ident = (str(s["device"]), str(s["tag"]), str(s["ts_agent"]))
+            if s.get("value") is None and s.get("quality") == "good":
+                nan_good_null += 1  # a value lost in encoding, published as good
             if seq in seen:
                 conflicts += seen[seq] != ident  # the same seq for a different sample
                 continue
             seen[seq] = ident
             first_index[seq] = index
             produced_at[seq] = datetime.fromisoformat(str(s["ts_agent"])).timestamp()
+            if s["device"] == "nan" and s["tag"] == "bad_float":
+                nan_samples += 1
+                nan_bad += s.get("quality") == "bad"
     still = {q for a, b in buffered for q in range(a, b + 1)}
     gapped = {q for a, b in gap_seqs for q in range(a, b + 1)}
+    for seqs in wire_gaps.values():
+        gapped |= seqs
+    per_device = device_figures(seen, elapsed_s)
     missing = [q for q in range(1, produced + 1) if q not in seen and q not in still]
     lost = [q for q in missing if q not in gapped]
     # Backlog at each sampled moment: produced by then (by ts_agent) minus received by then.
@@ -381,7 +518,50 @@ def figures(
         "rss_kib_max": rss[2],
         "agent_exit": agent_exit,
         "events": events,
+        "devices_delivered": per_device,
+        "gaps_on_wire": {reason: len(seqs) for reason, seqs in sorted(wire_gaps.items())},
+        "largest_message_bytes": largest_message,
+        "max_packet_bytes": POISON_MAX_PACKET if args.poison else None,
+        "nan_samples": nan_samples,
+        "nan_bad_quality": nan_bad,
+        "null_good_samples": nan_good_null,
     }
+
+
+def device_figures(seen: dict[int, tuple[str, str, str]], elapsed_s: float) -> dict[str, Any]:
+    """Per device: distinct samples and polls (distinct ts_agent) delivered, polls/s."""
+    samples: dict[str, int] = {}
+    polls: dict[str, set[str]] = {}
+    for device, _tag, ts in seen.values():
+        samples[device] = samples.get(device, 0) + 1
+        polls.setdefault(device, set()).add(ts)
+    return {
+        device: {
+            "samples": samples[device],
+            "polls": len(polls[device]),
+            "polls_per_s": round(len(polls[device]) / elapsed_s, 2) if elapsed_s > 0 else None,
+        }
+        for device in sorted(samples)
+    }
+
+
+def poison_problems(result: dict[str, Any]) -> list[str]:
+    """What the poison run must show; empty when every poison was handled as documented."""
+    problems = []
+    if result["null_good_samples"]:
+        problems.append(
+            f"{result['null_good_samples']} samples published as null with good quality"
+        )
+    if result["nan_samples"] and result["nan_bad_quality"] != result["nan_samples"]:
+        problems.append("a NaN was published with a quality other than bad")
+    limit = result["max_packet_bytes"]
+    if limit is not None and result["largest_message_bytes"] > limit:
+        problems.append(f"a message of {result['largest_message_bytes']} B > the broker's {limit}")
+    if limit is not None and "big" not in result["devices_delivered"]:
+        problems.append("the oversize device delivered nothing")
+    if limit is not None and "denied" in result["devices_delivered"]:
+        problems.append("the ACL-denied device's data reached the subscriber")
+    return problems
 
 
 def table(result: dict[str, Any]) -> str:
@@ -403,6 +583,19 @@ def table(result: dict[str, Any]) -> str:
         ("still buffered", result["still_buffered"]),
         ("reported gaps", result["reported_gaps"]),
         ("max backlog", result["max_backlog"]),
+        ("gaps on the wire", result["gaps_on_wire"]),
+        (
+            "per device (samples, polls/s)",
+            ", ".join(
+                f"{d} {v['samples']} {v['polls_per_s']}"
+                for d, v in result["devices_delivered"].items()
+            ),
+        ),
+        (
+            "largest message (B)",
+            f"{result['largest_message_bytes']} (limit {result['max_packet_bytes']})",
+        ),
+        ("NaN samples (bad quality)", f"{result['nan_samples']} ({result['nan_bad_quality']})"),
         ("resume after kill (s)", result["resume_after_kill_s"]),
         (
             "agent RSS (KiB)",
@@ -425,6 +618,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage-s", type=float, default=5.0)
     parser.add_argument("--plc-down-s", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="<= 60 s: 1 of each fault")
+    parser.add_argument(
+        "--no-poison",
+        dest="poison",
+        action="store_false",
+        help="no poison devices (ACL-denied, oversize, NaN) and no buffer damage",
+    )
     parser.add_argument("--json-only", action="store_true")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy the agent/PLC logs here")
     args = parser.parse_args(argv)
@@ -435,7 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json_only:
         print(table(result))
     print(orjson.dumps(result).decode())
-    return 0 if result["lost"] == 0 and result["seq_conflicts"] == 0 else 1
+    problems = poison_problems(result)
+    for problem in problems:
+        print(f"soak: {problem}", file=sys.stderr)
+    return 0 if result["lost"] == 0 and result["seq_conflicts"] == 0 and not problems else 1
 
 
 if __name__ == "__main__":

@@ -11,12 +11,16 @@ the boundary (inside `drivers/<proto>/driver.py`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import inspect
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
+
+log = structlog.get_logger(__name__)
 
 # A tag value as it leaves a driver and as it is published.
 Scalar = bool | int | float | str
@@ -99,6 +103,73 @@ class SubscribingDriver(Driver, Protocol):
         """Return (by raising DriverUnavailable) when the connection is lost."""
 
 
+@runtime_checkable
+class ColumnReader(Protocol):
+    """A driver that can also hand a poll over in columns: `read_columns(group)` returns
+    (tag names, raw values, bad readings by index). `values[i]` is the raw value of
+    `tags[i]` unless `i` is a key of the bad readings. The poller uses it instead of
+    `read` when the driver has it: no object per value on the hot path."""
+
+    async def read_columns(
+        self, group: str
+    ) -> tuple[Sequence[str], list[Value | None], dict[int, RawReading]]: ...
+
+
+# ---------------------------------------------------------------- shared resources
+
+T = TypeVar("T")
+
+
+class DriverContext:
+    """Resources the runtime lends to drivers and that outlive one driver: a serial line
+    or a gateway connection used by every unit configured on it, say.
+
+    `shared(key, factory)` returns the object made for `key`, making it with `factory()`
+    the first time. The runtime owns the context: `await context.aclose()` at stop closes
+    every shared object, newest first, each with its `aclose()` or `close()` (awaited
+    when it returns an awaitable). A failing close does not stop the others; `aclose`
+    never raises, and afterwards `shared` refuses to make anything."""
+
+    def __init__(self) -> None:
+        self._objects: dict[Hashable, object] = {}
+        self._closed = False
+        #: What failed while closing, as (key, "Type: message"), for logs and tests.
+        self.close_errors: list[tuple[Hashable, str]] = []
+
+    def shared(self, key: Hashable, factory: Callable[[], T]) -> T:
+        if self._closed:
+            raise RuntimeError(f"driver context is closed; cannot make {key!r}")
+        if key not in self._objects:
+            self._objects[key] = factory()
+        return cast(T, self._objects[key])
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._objects
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def aclose(self) -> None:
+        self._closed = True
+        while self._objects:
+            key, obj = self._objects.popitem()  # newest first
+            close: Any = getattr(obj, "aclose", None) or getattr(obj, "close", None)
+            if close is None:
+                continue
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # one bad resource must not keep the others open
+                error = f"{type(exc).__name__}: {exc}"
+                self.close_errors.append((key, error))
+                log.warning("driver.context.close_failed", resource=repr(key), error=error)
+
+
 # ---------------------------------------------------------------- shared config models
 
 
@@ -156,6 +227,11 @@ class DeviceCommon(ConfigModel):
         description="Device name: letters, digits, '_', '-', '.'; used in topics.",
     )
     enabled: bool = Field(default=True, description="A disabled device is not polled.")
+    profile: str | None = Field(
+        default=None,
+        description="Device profile this device is built from: a name in `profiles`, or a "
+        "YAML file relative to the config file; the device's own keys override the profile's.",
+    )
     interval_s: float = Field(default=1.0, gt=0, description="Interval of the default group.")
     poll_groups: dict[str, PollGroup] = Field(
         default_factory=dict, description="Extra poll groups by name, each with its interval."
@@ -164,6 +240,22 @@ class DeviceCommon(ConfigModel):
     retries: int = Field(default=1, ge=0, le=10, description="Retries of one request.")
     backoff_min_s: float = Field(default=1.0, gt=0, description="First reconnect delay.")
     backoff_max_s: float = Field(default=30.0, gt=0, description="Largest reconnect delay.")
+    down_report_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="While the device is down: seconds between its all-bad sample sets "
+        "(the transition itself is reported at once).",
+    )
+
+    def endpoint_text(self) -> str:
+        """Where the device is, for people (`edge-agent simulate` prints it)."""
+        endpoint = getattr(self, "endpoint", None)
+        if isinstance(endpoint, str):
+            return endpoint
+        host, port = getattr(self, "host", None), getattr(self, "port", None)
+        if host is not None:
+            return f"{host}:{port}" if port is not None else str(host)
+        return "-"
 
     def check(self, *, simulate: bool | None = None) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems that the field validators cannot see and that would otherwise only

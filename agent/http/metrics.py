@@ -1,16 +1,13 @@
 """Prometheus metrics, read from the pipeline's own figures at scrape time.
 
-A custom collector (no counters updated on the hot path): each scrape reads
-DeviceStatus, AgentStatus, buffer.stats(), forwarder.stats and the publisher's stats()
-and turns them into metric families. Every name starts with `edge_agent_`; the list with
-meanings is in docs/operating.md.
+A custom collector (no counters updated on the hot path): each scrape takes one
+`AgentSnapshot` (agent.runtime.snapshot) and turns it into metric families. Every name
+starts with `edge_agent_`; the list with meanings is in docs/operating.md.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -18,10 +15,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from agent import __version__
-from agent.http.status import buffer_writable, publisher_stats, readiness
-
-if TYPE_CHECKING:
-    from agent.runtime import Agent
+from agent.runtime.snapshot import AgentSnapshot, health, readiness
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -29,45 +23,49 @@ DEVICE_STATES = ("starting", "up", "down")
 
 
 class AgentCollector(Collector):
-    """Reads one Agent's figures on every collect()."""
+    """Reads one snapshot of the agent on every collect()."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, snapshot: Callable[[], AgentSnapshot]) -> None:
+        self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._agent()
-        yield from self._devices()
-        yield from self._buffer()
-        yield from self._mqtt()
+        snap = self._snapshot()
+        yield from self._agent(snap)
+        yield from self._tasks(snap)
+        yield from self._devices(snap)
+        yield from self._buffer(snap)
+        yield from self._mqtt(snap)
 
-    def _agent(self) -> Iterator[Metric]:
-        a = self.agent
+    def _agent(self, a: AgentSnapshot) -> Iterator[Metric]:
         info = InfoMetricFamily("edge_agent", "The agent's identity.")
-        info.add_metric([], {"version": __version__, "agent": a.config.agent.id})
+        info.add_metric([], {"version": __version__, "agent": a.agent_id})
         yield info
         yield GaugeMetricFamily(
             "edge_agent_start_time_seconds",
             "When the agent started (Unix time).",
-            value=a.status.started,
+            value=a.started,
         )
         yield GaugeMetricFamily(
             "edge_agent_ready", "1 while /readyz answers 200.", value=1 if readiness(a)[0] else 0
         )
-        f = a.forwarder.stats if a.forwarder is not None else None
+        yield GaugeMetricFamily(
+            "edge_agent_healthy", "1 while /healthz answers 200.", value=1 if health(a)[0] else 0
+        )
+        f = a.forwarder
         yield CounterMetricFamily(
             "edge_agent_samples_produced",
             "Samples read from devices and written to the buffer.",
-            value=a.status.samples_produced,
+            value=a.samples_produced,
         )
         yield CounterMetricFamily(
             "edge_agent_samples_published",
             "Samples delivered to the broker (acknowledged) and removed from the buffer.",
-            value=f.samples_delivered if f else 0,
+            value=f.samples_delivered,
         )
         yield CounterMetricFamily(
             "edge_agent_records_published",
             "Buffer records (one poll's batch each) delivered to the broker.",
-            value=f.records_sent if f else 0,
+            value=f.records_sent,
         )
         dropped = CounterMetricFamily(
             "edge_agent_samples_dropped",
@@ -75,17 +73,39 @@ class AgentCollector(Collector):
             "(an append failed, e.g. disk full).",
             labels=["reason"],
         )
-        dropped.add_metric(["buffer_full"], a.buffer.stats().dropped_samples)
-        dropped.add_metric(["buffer_error"], a.status.samples_dropped_on_error)
+        dropped.add_metric(["buffer_full"], a.buffer.dropped_samples)
+        dropped.add_metric(["buffer_error"], a.samples_dropped_on_error)
         yield dropped
         reloads = CounterMetricFamily(
             "edge_agent_config_reloads", "Config reloads, by result.", labels=["result"]
         )
-        reloads.add_metric(["ok"], a.status.reloads_ok)
-        reloads.add_metric(["failed"], a.status.reloads_failed)
+        reloads.add_metric(["ok"], a.reloads_ok)
+        reloads.add_metric(["failed"], a.reloads_failed)
         yield reloads
 
-    def _devices(self) -> Iterator[Metric]:
+    def _tasks(self, a: AgentSnapshot) -> Iterator[Metric]:
+        restarts = CounterMetricFamily(
+            "edge_agent_task_restarts",
+            "Restarts of a supervised task after it failed.",
+            labels=["task"],
+        )
+        failures = CounterMetricFamily(
+            "edge_agent_task_failures",
+            "Unexpected exceptions of a supervised task.",
+            labels=["task"],
+        )
+        stalled = GaugeMetricFamily(
+            "edge_agent_task_stalled",
+            "1 while the task has work waiting and made no progress within its deadline.",
+            labels=["task"],
+        )
+        for t in a.tasks:
+            restarts.add_metric([t.name], t.restarts)
+            failures.add_metric([t.name], t.failures)
+            stalled.add_metric([t.name], 1 if t.stalled else 0)
+        yield from (restarts, failures, stalled)
+
+    def _devices(self, a: AgentSnapshot) -> Iterator[Metric]:
         polls = CounterMetricFamily(
             "edge_agent_device_polls", "Polls made (good or not).", labels=["device"]
         )
@@ -120,13 +140,13 @@ class AgentCollector(Collector):
             "1 for the device's current state (starting, up, down).",
             labels=["device", "state"],
         )
-        for name, run in self.agent.devices.items():
-            st = run.poller.status
+        for st in a.devices:
+            name = st.name
             polls.add_metric([name], st.polls)
             failed.add_metric([name], st.failed_polls)
             skipped.add_metric([name], st.skipped_polls)
             connects.add_metric([name], st.connects)
-            for reason, n in sorted(st.errors_by_reason.items()):
+            for reason, n in st.errors_by_reason:
                 errors.add_metric([name, reason], n)
             duration.add_metric([name], st.last_poll_duration_s)
             up.add_metric([name], 1 if st.state == "up" else 0)
@@ -134,8 +154,8 @@ class AgentCollector(Collector):
                 state.add_metric([name, s], 1 if st.state == s else 0)
         yield from (polls, failed, skipped, connects, errors, duration, up, state)
 
-    def _buffer(self) -> Iterator[Metric]:
-        b = self.agent.buffer.stats()
+    def _buffer(self, a: AgentSnapshot) -> Iterator[Metric]:
+        b = a.buffer
         yield GaugeMetricFamily(
             "edge_agent_buffer_bytes", "Buffer size counted against max_bytes.", value=b.bytes
         )
@@ -148,25 +168,35 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily(
             "edge_agent_buffer_samples", "Samples waiting to be sent.", value=b.samples
         )
-        age = 0.0 if b.oldest_created is None else max(0.0, time.time() - b.oldest_created)
+        age = 0.0 if b.oldest_created is None else max(0.0, a.taken - b.oldest_created)
         yield GaugeMetricFamily(
             "edge_agent_buffer_oldest_age_seconds",
             "Age of the oldest unsent record (0 when the buffer is empty).",
             value=age,
         )
-        writable, _ = buffer_writable(self.agent)
         yield GaugeMetricFamily(
-            "edge_agent_buffer_writable", "1 while the buffer accepts data.", value=writable
+            "edge_agent_buffer_writable",
+            "1 while the buffer accepts data.",
+            value=a.buffer_writable,
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_buffer_degraded",
+            "1 while the buffer's disk fails and new records are held in memory.",
+            value=b.degraded,
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_buffer_memory_records",
+            "Records held in memory while the buffer is degraded.",
+            value=b.memory_records,
         )
 
-    def _mqtt(self) -> Iterator[Metric]:
-        a = self.agent
-        connected = a.current_publisher is not None and a.current_publisher.connected
+    def _mqtt(self, a: AgentSnapshot) -> Iterator[Metric]:
+        m = a.mqtt
         yield GaugeMetricFamily(
-            "edge_agent_mqtt_connected", "1 while the broker session is up.", value=connected
+            "edge_agent_mqtt_connected", "1 while the broker session is up.", value=m.connected
         )
-        f = a.forwarder.stats if a.forwarder is not None else None
-        latency = f.last_latency_s if f is not None and f.last_latency_s is not None else 0.0
+        f = a.forwarder
+        latency = f.last_latency_s if f.last_latency_s is not None else 0.0
         yield GaugeMetricFamily(
             "edge_agent_publish_latency_seconds",
             "Time from buffer append to broker acknowledgement, of the newest delivered "
@@ -178,33 +208,36 @@ class AgentCollector(Collector):
             "Messages not delivered (kept in the buffer and sent again), by reason.",
             labels=["reason"],
         )
-        for reason, n in sorted(f.failures_by_reason.items()) if f else []:
+        for reason, n in f.failures_by_reason:
             fails.add_metric([reason], n)
         yield fails
-        p = publisher_stats(a)
-        if p is None:
-            return
+        if m.connects is None:
+            return  # a publisher without stats (a test's)
         yield CounterMetricFamily(
-            "edge_agent_mqtt_connects", "Broker sessions established.", value=p.connects
+            "edge_agent_mqtt_connects", "Broker sessions established.", value=m.connects
         )
         yield CounterMetricFamily(
-            "edge_agent_mqtt_disconnects", "Broker sessions lost.", value=p.disconnects
+            "edge_agent_mqtt_disconnects", "Broker sessions lost.", value=m.disconnects or 0
         )
         yield CounterMetricFamily(
-            "edge_agent_mqtt_messages_sent", "MQTT messages handed to the broker.", value=p.sent
+            "edge_agent_mqtt_messages_sent",
+            "MQTT messages handed to the broker.",
+            value=m.sent or 0,
         )
         yield CounterMetricFamily(
-            "edge_agent_mqtt_messages_acked", "MQTT messages acknowledged.", value=p.acked
+            "edge_agent_mqtt_messages_acked", "MQTT messages acknowledged.", value=m.acked or 0
         )
         yield GaugeMetricFamily(
-            "edge_agent_mqtt_inflight", "Messages sent and not yet acknowledged.", value=p.inflight
+            "edge_agent_mqtt_inflight",
+            "Messages sent and not yet acknowledged.",
+            value=m.inflight or 0,
         )
 
 
-def make_registry(agent: Agent) -> CollectorRegistry:
+def make_registry(snapshot: Callable[[], AgentSnapshot]) -> CollectorRegistry:
     """A registry of its own (not the process-global one), holding the agent's collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(agent))
+    registry.register(AgentCollector(snapshot))
     return registry
 
 

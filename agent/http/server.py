@@ -4,9 +4,10 @@ Routes:
 
 - ``GET /``            the status page (static HTML + a little script, no external assets)
 - ``GET /metrics``     Prometheus text format
-- ``GET /healthz``     200 while the process and its event loop run (liveness)
-- ``GET /readyz``      200 when the config is loaded, the inputs run and the buffer is
-                       writable, else 503; the body is the JSON status either way
+- ``GET /healthz``     200 ``ok`` while every supervised task makes progress; 503 with a
+                       JSON body naming the stalled or failed task and why
+- ``GET /readyz``      200 when healthy, the inputs run, the buffer is writable and no
+                       task is waiting to restart, else 503; the body is the JSON status
 - ``GET /api/status``  the JSON status (what `edge-agent status` prints)
 - ``POST /api/reload`` re-read the config file (same as SIGHUP); the JSON result
 
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from importlib import resources
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
@@ -29,10 +31,8 @@ import structlog
 
 from agent.http.metrics import CONTENT_TYPE as METRICS_TYPE
 from agent.http.metrics import make_registry, render
-from agent.http.status import readiness, snapshot
-
-if TYPE_CHECKING:
-    from agent.runtime import Agent
+from agent.http.status import health_json, status_json
+from agent.runtime.snapshot import AgentSnapshot, health, readiness
 
 log = structlog.get_logger()
 
@@ -52,6 +52,21 @@ JSON_TYPE = "application/json"
 HTML_TYPE = "text/html; charset=utf-8"
 
 
+class _ReloadOutcome(Protocol):
+    @property
+    def ok(self) -> bool: ...
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class AgentView(Protocol):
+    """What the HTTP layer needs from the agent: a snapshot to show, a reload to run."""
+
+    def snapshot(self) -> AgentSnapshot: ...
+
+    def reload(self) -> Awaitable[_ReloadOutcome]: ...
+
+
 def status_page() -> bytes:
     """The status page's HTML (shipped next to this module)."""
     return resources.files("agent.http").joinpath("page.html").read_bytes()
@@ -63,11 +78,11 @@ class HttpServer:
     Binding fails loudly (OSError: port in use, address not available) so a wrong
     `http:` section stops the start instead of leaving the agent unobservable."""
 
-    def __init__(self, agent: Agent, host: str, port: int) -> None:
+    def __init__(self, agent: AgentView, host: str, port: int) -> None:
         self.agent = agent
         self.host = host
         self.port = port
-        self._registry = make_registry(agent)
+        self._registry = make_registry(agent.snapshot)
         self._server: asyncio.Server | None = None
         self._page: bytes | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -84,6 +99,19 @@ class HttpServer:
         address = (str(sock[0]), int(sock[1]))
         log.info("http.listening", url=f"http://{_url_host(address[0])}:{address[1]}/")
         return address
+
+    async def serve(self) -> None:
+        """Run while the server accepts connections (a supervised task); raises if the
+        listening socket is closed under it."""
+        server = self._server
+        if server is None:
+            raise RuntimeError("http: the server is not started")
+        # asyncio.Server has no event for "closed" other than serve_forever's
+        # cancellation, which would end this task silently: look instead.
+        while server.is_serving():  # noqa: ASYNC110
+            await asyncio.sleep(1.0)
+        if self._server is server:
+            raise RuntimeError("http: the listening socket was closed")
 
     async def __aexit__(
         self,
@@ -168,12 +196,16 @@ class HttpServer:
         if path == "/metrics":
             return 200, METRICS_TYPE, render(self._registry)
         if path == "/healthz":
-            return _text(200, "ok")
+            snap = agent.snapshot()
+            if health(snap)[0]:
+                return _text(200, "ok")
+            return 503, JSON_TYPE, orjson.dumps(health_json(snap))
         if path == "/readyz":
-            ready, _ = readiness(agent)
-            return 200 if ready else 503, JSON_TYPE, orjson.dumps(snapshot(agent))
+            snap = agent.snapshot()
+            ready, _ = readiness(snap)
+            return 200 if ready else 503, JSON_TYPE, orjson.dumps(status_json(snap))
         if path == "/api/status":
-            return 200, JSON_TYPE, orjson.dumps(snapshot(agent))
+            return 200, JSON_TYPE, orjson.dumps(status_json(agent.snapshot()))
         if path in ("/", "/index.html"):
             assert self._page is not None
             return 200, HTML_TYPE, self._page

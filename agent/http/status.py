@@ -1,55 +1,19 @@
 """The agent's state as one JSON-ready dict: `/api/status`, `/readyz` and `edge-agent
 status` all show this (the status page draws it).
 
-Everything here reads figures the pipeline already keeps (DeviceStatus, AgentStatus,
-buffer.stats(), forwarder.stats, publisher.stats()); nothing is counted on the hot path
-for it. Building it costs O(devices + tags) and is done only when asked.
+Everything here reads an `AgentSnapshot` (agent.runtime.snapshot), the read model the
+runtime builds on request from the figures it keeps anyway; nothing is counted on the hot
+path for it.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent import __version__
-
-if TYPE_CHECKING:
-    from agent.runtime import Agent
-
-
-def publisher_stats(agent: Agent) -> Any | None:
-    """The publisher's stats() (MqttPublisher has one; a test publisher may not)."""
-    stats = getattr(agent.current_publisher, "stats", None)
-    return stats() if callable(stats) else None
-
-
-def buffer_writable(agent: Agent) -> tuple[bool, str | None]:
-    """Whether the buffer can take data: no failed append since the last good one, and
-    (for the SQLite buffer) a writable folder."""
-    if agent.status.buffer_error is not None:
-        return False, agent.status.buffer_error
-    cfg = agent.config.buffer
-    if cfg.kind == "sqlite":
-        folder = Path(cfg.path).resolve().parent
-        if not os.access(folder, os.W_OK):
-            return False, f"{folder} is not writable"
-    return True, None
-
-
-def readiness(agent: Agent) -> tuple[bool, list[str]]:
-    """(ready, reasons it is not). Ready means: config loaded and inputs running, and the
-    buffer writable. A disconnected broker or a device down does NOT make the agent
-    unready: the agent is doing its job (buffering), and a restart would not help."""
-    reasons = []
-    if not agent.status.ready:
-        reasons.append("not running (starting or stopping)")
-    ok, why = buffer_writable(agent)
-    if not ok:
-        reasons.append(f"buffer not writable: {why}")
-    return not reasons, reasons
+from agent.runtime.snapshot import AgentSnapshot, degraded, health, readiness
 
 
 def _age(ts: Any, now: float) -> float | None:
@@ -74,81 +38,97 @@ def _value(v: Any) -> Any:
     return repr(v)
 
 
-def snapshot(agent: Agent) -> dict[str, Any]:
+def health_json(snap: AgentSnapshot) -> dict[str, Any]:
+    """The body of a failing /healthz: which task and why."""
+    healthy, problems = health(snap)
+    return {
+        "healthy": healthy,
+        "problems": problems,
+        "stalled": [
+            {"task": s.task, "reason": s.reason, "for_s": s.for_s, "deadline_s": s.deadline_s}
+            for s in snap.stalled
+        ],
+        "failed": [
+            {"task": t.name, "error": t.last_error} for t in snap.tasks if t.phase == "failed"
+        ],
+    }
+
+
+def status_json(snap: AgentSnapshot) -> dict[str, Any]:
     """The whole status as plain JSON types."""
-    now = time.time()
-    cfg = agent.config
-    b = agent.buffer.stats()
-    f = agent.forwarder.stats if agent.forwarder is not None else None
-    p = publisher_stats(agent)
-    ready, not_ready = readiness(agent)
-    writable, _ = buffer_writable(agent)
-    devices = []
-    for name, run in agent.devices.items():
-        st = run.poller.status
-        tags = []
-        for tag, s in agent.latest.get(name, {}).items():
-            tags.append(
+    now = snap.taken
+    b = snap.buffer
+    f = snap.forwarder
+    m = snap.mqtt
+    ready, not_ready = readiness(snap)
+    healthy, unhealthy = health(snap)
+    devices = [
+        {
+            "name": d.name,
+            "protocol": d.protocol,
+            "state": d.state,
+            "reason": d.reason,
+            "code": d.code,
+            "since": round(d.since, 3),
+            "polls": d.polls,
+            "failed_polls": d.failed_polls,
+            "skipped_polls": d.skipped_polls,
+            "connects": d.connects,
+            "down_reports": d.down_reports,
+            "last_poll_duration_s": round(d.last_poll_duration_s, 6),
+            "errors_by_reason": dict(d.errors_by_reason),
+            "tags": [
                 {
-                    "tag": tag,
-                    "value": _value(s.get("value")),
-                    "quality": s.get("quality"),
-                    "reason": s.get("reason"),
-                    "unit": s.get("unit"),
-                    "ts_agent": _iso(s.get("ts_agent")),
-                    "age_s": _age(s.get("ts_agent"), now),
-                    "seq": s.get("seq"),
+                    "tag": t.tag,
+                    "value": _value(t.value),
+                    "quality": t.quality,
+                    "reason": t.reason,
+                    "unit": t.unit,
+                    "ts_agent": _iso(t.ts_agent),
+                    "age_s": _age(t.ts_agent, now),
+                    "seq": t.seq,
                 }
-            )
-        devices.append(
-            {
-                "name": name,
-                "protocol": st.protocol,
-                "state": st.state,
-                "reason": st.reason,
-                "since": round(st.since, 3),
-                "polls": st.polls,
-                "failed_polls": st.failed_polls,
-                "skipped_polls": st.skipped_polls,
-                "connects": st.connects,
-                "last_poll_duration_s": round(st.last_poll_duration_s, 6),
-                "errors_by_reason": dict(st.errors_by_reason),
-                "tags": tags,
-            }
-        )
-    connected = agent.current_publisher is not None and agent.current_publisher.connected
+                for t in d.tags
+            ],
+        }
+        for d in snap.devices
+    ]
     return {
         "agent": {
-            "id": cfg.agent.id,
-            "site": cfg.agent.site,
-            "area": cfg.agent.area,
-            "line": cfg.agent.line,
+            "id": snap.agent_id,
+            "site": snap.site,
+            "area": snap.area,
+            "line": snap.line,
             "version": __version__,
             "pid": os.getpid(),
-            "started": round(agent.status.started, 3),
-            "uptime_s": round(now - agent.status.started, 1),
-            "config": str(agent.config_path) if agent.config_path else None,
+            "started": round(snap.started, 3),
+            "uptime_s": round(now - snap.started, 1),
+            "config": snap.config_path,
             "ready": ready,
             "not_ready": not_ready,
-            "reloads_ok": agent.status.reloads_ok,
-            "reloads_failed": agent.status.reloads_failed,
-            "last_reload_error": agent.status.last_reload_error,
+            "healthy": healthy,
+            "unhealthy": unhealthy,
+            "degraded": degraded(snap),
+            "reloads_ok": snap.reloads_ok,
+            "reloads_failed": snap.reloads_failed,
+            "last_reload_error": list(snap.last_reload_error),
         },
         "mqtt": {
-            "state": "connected" if connected else "disconnected",
-            "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}",
-            "connects": p.connects if p else None,
-            "disconnects": p.disconnects if p else None,
-            "inflight": p.inflight if p else None,
-            "failed_by_reason": dict(p.failed) if p else {},
-            "last_latency_s": None
-            if f is None or f.last_latency_s is None
-            else round(f.last_latency_s, 3),
-            "last_delivery": f.last_delivery if f else None,
+            "state": "connected" if m.connected else "disconnected",
+            "broker": m.broker,
+            "connects": m.connects,
+            "disconnects": m.disconnects,
+            "inflight": m.inflight,
+            "failed_by_reason": dict(m.failed_by_reason),
+            "last_latency_s": None if f.last_latency_s is None else round(f.last_latency_s, 3),
+            "last_delivery": f.last_delivery,
         },
         "buffer": {
-            "kind": cfg.buffer.kind,
-            "writable": writable,
+            "kind": snap.buffer_kind,
+            "writable": snap.buffer_writable,
+            "health": b.health,
+            "degraded_reason": b.degraded_reason,
+            "memory_records": b.memory_records,
             "records": b.records,
             "samples": b.samples,
             "bytes": b.bytes,
@@ -160,13 +140,28 @@ def snapshot(agent: Agent) -> dict[str, Any]:
             "last_seq": b.last_seq,
         },
         "samples": {
-            "produced": agent.status.samples_produced,
-            "delivered": f.samples_delivered if f else 0,
+            "produced": snap.samples_produced,
+            "delivered": f.samples_delivered,
             "dropped": {
                 "buffer_full": b.dropped_samples,
-                "buffer_error": agent.status.samples_dropped_on_error,
+                "buffer_error": snap.samples_dropped_on_error,
             },
+            "dead_lettered": f.dead_lettered_samples,
         },
+        "tasks": [
+            {
+                "name": t.name,
+                "state": "stalled" if t.stalled and t.phase == "running" else t.phase,
+                "restarts": t.restarts,
+                "failures": t.failures,
+                "last_error": t.last_error,
+                "stalled": t.stalled,
+            }
+            for t in snap.tasks
+        ],
         "devices": devices,
-        "rates": {"interval_s": agent.rates.interval_s, "points": agent.rates.rates()},
+        "rates": {"interval_s": snap.rates_interval_s, "points": list(snap.rates)},
     }
+
+
+__all__ = ["health_json", "status_json"]

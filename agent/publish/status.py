@@ -9,21 +9,32 @@ Agent status (``mqtt.status_topic``, retained, QoS 1):
   keep-alive after the last packet; the agent also publishes it itself on a clean stop.
 
 Device status (``mqtt.device_status_topic``, retained, QoS 1): ``up`` or ``down`` with the
-reason and since when, published on each transition while connected and again, for every
-device, after each connect (so a status that changed during an outage is not lost).
+reason and since when, published on each transition and again, for every device, after
+each connect (so a status that changed during an outage is not lost). A device removed by a
+reload gets its retained status cleared (an empty retained message on its topic).
 
-Pure code: builds Messages; the runtime hands them to the publisher.
+`StatusMessages` is pure code that builds the messages. `DeviceStatusSync` is the task
+that delivers them: it keeps the newest message per topic until the broker acknowledged it
+(retrying with backoff while it fails, dropping a message only when a newer one for the
+same topic supersedes it) and sends all of them again after every connect, through
+`Publisher.publish`, which keeps to the broker's Receive Maximum — so the statuses are
+complete however many devices there are.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
+import structlog
 
 from agent.config import AgentSection, MqttConfig
-from agent.publish import Message
+from agent.poller import Backoff
+from agent.publish import Message, Publisher
+
+log = structlog.get_logger()
 
 STATUS_SCHEMA = "edge-agent/status/1"
 DEVICE_STATUS_SCHEMA = "edge-agent/device-status/1"
@@ -88,8 +99,20 @@ class StatusMessages:
         return self._agent("offline", "shutdown")
 
     def birth(self) -> list[Message]:
-        """After every connect: online first, then the last known status of each device."""
-        return [self.online(), *self._devices.values()]
+        """After every connect: online. The devices' statuses follow through
+        `DeviceStatusSync` (a birth is limited to the broker's window)."""
+        return [self.online()]
+
+    def devices(self) -> list[Message]:
+        """The last known status message of every device."""
+        return list(self._devices.values())
+
+    def removed(self, device: str) -> Message:
+        """The device is gone (a reload removed it): an empty retained message clears its
+        status on the broker, and it is no longer re-sent after a connect."""
+        self._devices.pop(device, None)
+        topic = self._mqtt.device_status_topic.format(**self._fields, device=device)
+        return Message(topic, b"", qos=1, retain=True)
 
     def device(self, device: str, state: DeviceState, reason: str | None, since: float) -> Message:
         """Record a device transition; returns its message."""
@@ -107,4 +130,83 @@ class StatusMessages:
         return msg
 
 
-__all__ = ["DEVICE_STATUS_SCHEMA", "STATUS_SCHEMA", "StatusMessages"]
+class DeviceStatusSync:
+    """Delivers retained status messages until acknowledged or superseded (module doc)."""
+
+    def __init__(
+        self,
+        messages: StatusMessages,
+        publisher: Publisher,
+        *,
+        retry_min_s: float = 0.5,
+        retry_max_s: float = 10.0,
+        session_check_s: float = 1.0,
+    ) -> None:
+        self._messages = messages
+        self._publisher = publisher
+        self._pending: dict[str, Message] = {}  # topic → newest message not acknowledged
+        self._wake = asyncio.Event()
+        self._session: float | None = None
+        self._backoff = Backoff(retry_min_s, retry_max_s)
+        self._session_check_s = session_check_s
+        self._failing = False
+        self.delivered = 0
+        self.failed = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def send(self, message: Message) -> None:
+        """Deliver `message`, superseding any undelivered one for the same topic."""
+        self._pending[message.topic] = message
+        self._wake.set()
+
+    async def run(self) -> None:
+        publisher = self._publisher
+        while True:
+            await publisher.wait_connected()
+            since = publisher.connected_since
+            if since is not None and since != self._session:
+                self._session = since
+                for msg in self._messages.devices():
+                    self._pending.setdefault(msg.topic, msg)
+            if not self._pending:
+                self._wake.clear()
+                # Woken by a new message, or soon enough to notice a new session.
+                try:
+                    async with asyncio.timeout(self._session_check_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            batch = list(self._pending.values())
+            results = await publisher.publish(batch)
+            failed = None
+            for msg, result in zip(batch, results, strict=True):
+                if result.ok:
+                    self.delivered += 1
+                    if self._pending.get(msg.topic) is msg:
+                        del self._pending[msg.topic]
+                else:
+                    self.failed += 1
+                    failed = failed or result
+            if failed is None:
+                if self._failing:
+                    log.info("status.publish.recovered")
+                self._failing = False
+                self._backoff.reset()
+                continue
+            if not self._failing:
+                log.warning(
+                    "status.publish.failed",
+                    reason=failed.reason,
+                    code=failed.code,
+                    pending=len(self._pending),
+                    note="sent again until acknowledged",
+                )
+                self._failing = True
+            await asyncio.sleep(self._backoff.next())
+
+
+__all__ = ["DEVICE_STATUS_SCHEMA", "STATUS_SCHEMA", "DeviceStatusSync", "StatusMessages"]

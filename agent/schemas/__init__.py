@@ -7,19 +7,20 @@ Regenerate with `edge-agent schema --out agent/schemas --reference docs/configur
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from agent.config import Config
+from agent.config import config_model
 from agent.schema import BatchPayload, SamplePayload
 
 
 def schemas() -> dict[str, dict[str, Any]]:
     """File name → JSON Schema."""
     return {
-        "config.schema.json": Config.model_json_schema(),
+        "config.schema.json": config_model().model_json_schema(),
         "batch.schema.json": BatchPayload.model_json_schema(by_alias=True),
         "sample.schema.json": SamplePayload.model_json_schema(by_alias=True),
     }
@@ -48,8 +49,7 @@ def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     if text is None:
         text = str(annotation)
-    for noise in ("typing.", "pydantic.types.", "drivers.base.", "drivers.modbus.config."):
-        text = text.replace(noise, "")
+    text = re.sub(r"\b(?:typing|pydantic\.types|drivers(?:\.\w+)*)\.", "", text)
     return text.replace("|", "\\|")
 
 
@@ -72,24 +72,28 @@ def reference_markdown() -> str:
     from agent.config import (
         AgentSection,
         BufferConfig,
+        HttpConfig,
         LoggingConfig,
         MqttConfig,
+        SupervisionConfig,
     )
     from drivers.base import PollGroup, SimulateSpec
-    from drivers.modbus.config import ModbusDevice, ModbusTag
 
     sections: list[tuple[str, type[BaseModel], str]] = [
         ("agent", AgentSection, "Who this agent is."),
         ("buffer", BufferConfig, "The durable store-and-forward buffer."),
         ("mqtt", MqttConfig, "The broker samples are published to."),
         ("logging", LoggingConfig, "Logging (to stderr)."),
-        ("devices[] (protocol: modbus)", ModbusDevice, "A Modbus/TCP device."),
-        ("devices[].tags[] (modbus)", ModbusTag, "A Modbus tag."),
+        ("http", HttpConfig, "The metrics, health and status endpoint (off when absent)."),
+        (
+            "supervision",
+            SupervisionConfig,
+            "How the agent treats a task that fails or stops making progress.",
+        ),
+        *_protocol_sections(),
         ("devices[].poll_groups.NAME", PollGroup, "A poll group."),
         ("devices[].tags[].simulate", SimulateSpec, "Simulated value (simulator mode)."),
     ]
-    for title, model, blurb in _extra_reference_sections():
-        sections.append((title, model, blurb))
     out = [
         "# Configuration reference",
         "",
@@ -115,6 +119,8 @@ def reference_markdown() -> str:
                 f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {desc} |"
             )
         out.append("")
+    out += PROFILES_SECTION.splitlines()
+    out.append("")
     return "\n".join(out)
 
 
@@ -173,25 +179,53 @@ there: simulator mode keeps each device's served port).
 """
 
 
-def _extra_reference_sections() -> list[tuple[str, type[BaseModel], str]]:
-    """Sections of the protocols registered besides Modbus (agent.config.DEVICE_MODELS)."""
-    from agent.config import DEVICE_MODELS
+PROFILES_SECTION = """\
+## Profiles
+
+A device type (protocol, tags, types, scaling, poll groups, intervals, timeouts) can be
+defined once in a YAML file of its own, a *profile*, and used by many devices that give
+only what differs: name, host or link, unit id. Twelve identical temperature controllers
+on one line are twelve short lines (the example
+[configs/temperature-line.yaml](../configs/temperature-line.yaml) uses
+[configs/profiles/temperature-controller.yaml](../configs/profiles/temperature-controller.yaml)):
+
+```text
+profiles:
+  tc: profiles/temperature-controller.yaml   # name → file, relative to this config file
+devices:
+  - { name: tc-01, profile: tc, host: 10.0.4.21, unit_id: 1 }
+  - { name: tc-02, profile: tc, host: 10.0.4.21, unit_id: 2 }
+  - { name: tc-03, profile: profiles/temperature-controller.yaml, host: 10.0.4.21, unit_id: 3 }
+```
+
+- `profiles` (top level) maps a name to a profile file; `profile:` in a device is either
+  such a name or a file path (ending in `.yaml`/`.yml`, or containing `/`). Relative paths
+  are relative to the folder of the config file, not the working directory.
+- A profile file is a mapping of device keys. It cannot set `name` (each device names
+  itself) or `profile` (profiles do not nest).
+- The device's own keys override the profile's, key by key at the top level of the
+  device: a device that gives `tags` or `poll_groups` replaces the profile's whole list
+  or map; one that gives `interval_s` keeps the profile's tags.
+- Profile files are read like the config file: duplicate keys, anchors and aliases are
+  errors, YAML 1.2 scalars, `${VAR}` replaced from the environment.
+- A problem in a profile is reported at the profile's file and line, once, with the
+  devices that use it: `profiles/tc.yaml:7 tags[0].type: Input should be ... (profile of
+  tc-01, tc-02, ...)`. A problem in a device's own keys is reported at the config file's
+  line. A profile that cannot be read (a missing file, an unknown name) is one problem
+  at the `profile:` or `profiles:` entry that names it.
+- A running agent re-reads the profile files on `edge-agent reload` (or SIGHUP), like the
+  config file; devices whose resulting config changed are restarted.
+"""
+
+
+def _protocol_sections() -> list[tuple[str, type[BaseModel], str]]:
+    """A device section and a tag section per protocol registered in drivers.registry."""
+    from drivers import registry
 
     out: list[tuple[str, type[BaseModel], str]] = []
-    for protocol, model in DEVICE_MODELS.items():
-        if protocol == "modbus":
-            continue
-        out.append((f"devices[] (protocol: {protocol})", model, f"A {protocol} device."))
-        tag_model = _inner_tag_model(model)
-        if tag_model is not None:
-            out.append((f"devices[].tags[] ({protocol})", tag_model, f"A {protocol} tag."))
+    for name, entry in registry.protocols().items():
+        blurb = f"{entry.summary}." if entry.summary else f"A {name} device."
+        out.append((f"devices[] (protocol: {name})", entry.device_model, blurb))
+        if entry.tag_model is not None:
+            out.append((f"devices[].tags[] ({name})", entry.tag_model, f"A {name} tag."))
     return out
-
-
-def _inner_tag_model(model: type[BaseModel]) -> type[BaseModel] | None:
-    field = model.model_fields.get("tags")
-    args = getattr(field.annotation, "__args__", ()) if field else ()
-    for arg in args:
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None

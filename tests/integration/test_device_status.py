@@ -112,3 +112,68 @@ async def test_reload_publishes_the_new_config_hash(
         await asyncio.to_thread(sub.wait_for, lambda ms: len(set(hashes(ms))) == 2, 20.0)
         agent.stop()
         await task
+
+
+async def test_retained_statuses_are_complete_beyond_receive_maximum_and_cleared_on_removal(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """30 devices (mosquitto announces Receive Maximum 20): a late subscriber sees every
+    device's retained status, also after a broker restart that lost them all; a reload
+    that removes 10 clears theirs."""
+
+    def config(devices: range) -> str:
+        lines = "".join(
+            f"  - {{name: d{i}, protocol: modbus, host: 127.0.0.1, port: {PORTS[i]}, "
+            "tags: [{name: t, address: 0}]}\n"
+            for i in devices
+        )
+        return (
+            f"agent: {{id: gw-many}}\nmqtt: {{port: {broker.port}}}\n"
+            f"buffer: {{path: {tmp_path / 'b.db'}}}\ndevices:\n{lines}"
+        )
+
+    def device_statuses(messages: list[Received]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for m in messages:
+            if m.topic.startswith("edge-status/gw-many/"):
+                out[m.topic.rsplit("/", 1)[1]] = m.payload
+        return {d: p for d, p in out.items() if p}
+
+    PORTS = [free_port() for _ in range(30)]
+    agent = Agent(parse_config(config(range(30))), grace_s=1)
+    task = asyncio.create_task(agent.run())
+    try:
+        async with asyncio.timeout(30):
+            while not (
+                agent.status_sync is not None
+                and agent.status_sync.delivered >= 30
+                and agent.status_sync.pending == 0
+            ):
+                await asyncio.sleep(0.05)
+        with Subscriber("127.0.0.1", broker.port, "edge-status/#") as late:
+            await asyncio.to_thread(late.wait_for, lambda ms: len(device_statuses(ms)) == 30, 20.0)
+        statuses = device_statuses(late.messages())
+        assert sorted(statuses) == sorted(f"d{i}" for i in range(30))
+        assert all(orjson.loads(p)["state"] == "down" for p in statuses.values())
+        # A broker restart without persistence loses every retained message: after the
+        # reconnect all 30 are sent again (a birth alone is cut to the broker's window).
+        delivered = agent.status_sync.delivered
+        broker.restart()
+        async with asyncio.timeout(30):
+            while agent.status_sync.delivered < delivered + 30 or agent.status_sync.pending:
+                await asyncio.sleep(0.05)
+        with Subscriber("127.0.0.1", broker.port, "edge-status/#") as again:
+            await asyncio.to_thread(again.wait_for, lambda ms: len(device_statuses(ms)) == 30, 20.0)
+        result = await agent.reload(parse_config(config(range(20))))
+        assert result.ok
+        assert result.stopped == [f"d{i}" for i in range(20, 30)]
+        async with asyncio.timeout(30):
+            while agent.status_sync.pending:
+                await asyncio.sleep(0.05)
+        with Subscriber("127.0.0.1", broker.port, "edge-status/#") as later:
+            await asyncio.to_thread(later.wait_for, lambda ms: len(device_statuses(ms)) == 20, 20.0)
+            await asyncio.sleep(0.5)  # a retained message for a removed device would be here
+            assert sorted(device_statuses(later.messages())) == sorted(f"d{i}" for i in range(20))
+    finally:
+        agent.stop()
+        await task

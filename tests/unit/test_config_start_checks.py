@@ -19,9 +19,9 @@ from drivers.base import DeviceCommon
 from drivers.modbus.config import ModbusDevice
 
 
-def problems(text: str, **kwargs: bool | None) -> list[str]:
+def problems(text: str, simulate: bool | None = None) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        parse_config(text, "c.yaml", **kwargs)
+        parse_config(text, "c.yaml", simulate=simulate)
     return info.value.problems
 
 
@@ -167,7 +167,7 @@ def test_the_hook_is_protocol_neutral() -> None:
 def test_a_valid_file_takes_the_fast_path_and_stays_valid() -> None:
     tags = ", ".join(f"{{name: t{i}, address: {i}}}" for i in range(500))
     config = parse_config("agent: {id: gw}\nmqtt: {layout: tag}\n" + device(f"[{tags}]"))
-    assert len(config.devices[0].tags) == 500
+    assert len(getattr(config.devices[0], "tags", [])) == 500
 
 
 async def test_a_reload_to_a_file_run_could_not_start_changes_nothing(tmp_path: Path) -> None:

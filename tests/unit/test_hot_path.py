@@ -135,27 +135,30 @@ async def test_writer_waits_when_full_loses_nothing_and_flushes_on_stop(
         parse_config(one_device_config(tmp_path)), publisher=FakePublisher(), buffer=buffer
     )
     seq = SeqCounter(0)  # one per agent, shared by the devices
-    sinks = [agent._sink(d, Normalizer(d, [TagCommon(name="a")]), seq) for d in ("plc", "oven")]
-    writer = asyncio.create_task(agent._writer())
+    made = {
+        d: agent.writer.sink(d, Normalizer(d, [TagCommon(name="a")]), seq) for d in ("plc", "oven")
+    }
+    sinks = [made[d][0] for d in ("plc", "oven")]
+    writer = asyncio.create_task(agent.writer.run())
     polls = WRITE_QUEUE_MAX + WRITE_BATCH_MAX + 3  # the writer holds one batch
     # More polls than the queue holds while the buffer is stuck: the last ones wait.
-    puts = [asyncio.create_task(sinks[i % 2]([RawReading("a", i)])) for i in range(polls)]
+    puts = [asyncio.ensure_future(sinks[i % 2]([RawReading("a", i)])) for i in range(polls)]
     for _ in range(20):
         await asyncio.sleep(0)
     assert not all(p.done() for p in puts)  # backpressure, not a drop
     assert agent.status.samples_produced == 0
     buffer.gate.set()
     # One more arriving while the waiting ones resume must not overtake their seqs.
-    puts.append(asyncio.create_task(sinks[0]([RawReading("a", polls)])))
+    puts.append(asyncio.ensure_future(sinks[0]([RawReading("a", polls)])))
     await asyncio.gather(*puts)
-    await agent._writes.put(None)  # what run() does once the pollers stopped
+    await agent.writer.stop()  # what run() does once the pollers stopped
     await writer
     assert [s for _, s in buffer.order] == list(range(1, polls + 2))
     assert agent.status.samples_produced == polls + 1
     assert agent.status.samples_dropped_on_error == 0
     # The newest sample stored per device is the one the status page shows.
     newest = {dev: s for dev, s in buffer.order}
-    assert {d: agent.latest[d]["a"]["seq"] for d in ("plc", "oven")} == newest
+    assert {d: made[d][1]["a"]["seq"] for d in ("plc", "oven")} == newest
 
 
 async def test_writer_counts_and_logs_a_failing_append(tmp_path: Path) -> None:
@@ -164,14 +167,14 @@ async def test_writer_counts_and_logs_a_failing_append(tmp_path: Path) -> None:
     agent = Agent(
         parse_config(one_device_config(tmp_path)), publisher=FakePublisher(), buffer=buffer
     )
-    sink = agent._sink("plc", Normalizer("plc", [TagCommon(name="a")]), SeqCounter(0))
-    writer = asyncio.create_task(agent._writer())
+    sink, _ = agent.writer.sink("plc", Normalizer("plc", [TagCommon(name="a")]), SeqCounter(0))
+    writer = asyncio.create_task(agent.writer.run())
     await sink([RawReading("a", 1)])
     # A second counter reuses seq 1: the buffer refuses it, the writer goes on.
-    bad = agent._sink("plc", Normalizer("plc", [TagCommon(name="a")]), SeqCounter(0))
+    bad, _ = agent.writer.sink("plc", Normalizer("plc", [TagCommon(name="a")]), SeqCounter(0))
     await bad([RawReading("a", 2)])
     await sink([RawReading("a", 3)])
-    await agent._writes.put(None)
+    await agent.writer.stop()
     await writer
     assert agent.status.samples_produced == 2
     assert agent.status.samples_dropped_on_error == 1

@@ -93,17 +93,21 @@ async def test_groups_polled_and_good_samples() -> None:
     assert drv.closes >= 1  # closed on cancel
 
 
-async def test_unreachable_device_gives_bad_samples_and_logs_once() -> None:
+async def test_unreachable_device_reports_its_transition_once_and_logs_once() -> None:
     drv, sink = FakeDriver(), Sink()
     drv.up = False
-    poller = DevicePoller(device(), "fake", drv, TAGS, sink)
+    poller = DevicePoller(device(), "fake", drv, TAGS, sink)  # heartbeat: the 60 s default
     with capture_logs() as logs:
-        await run_until(poller, lambda: len(sink.batches) >= 10)
+        await run_until(poller, lambda: poller.status.polls >= 30)
         assert poller.status.state == "down"
+        # One all-bad set per poll group, not one per poll.
+        assert len(sink.batches) == 2
+        assert sorted(r.tag for b in sink.batches for r in b) == ["a", "b", "c"]
         assert all(
             r.quality == "bad" and r.reason == "connection refused" for b in sink.batches for r in b
         )
         assert all(r.value is None for b in sink.batches for r in b)
+        assert poller.status.failed_polls >= 30  # still counted as failed polls
         drv.up = True
         n = len(sink.batches)
         await run_until(
@@ -113,6 +117,47 @@ async def test_unreachable_device_gives_bad_samples_and_logs_once() -> None:
     assert events.count("device.down") == 1
     assert events.count("device.recovered") == 1
     assert poller.status.state == "up"  # type: ignore[comparison-overlap]
+
+
+class TimedSink(Sink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    async def __call__(self, readings: Sequence[RawReading]) -> None:
+        self.times.append(asyncio.get_running_loop().time())
+        await super().__call__(readings)
+
+
+async def test_a_down_device_reports_bad_quality_at_its_heartbeat_interval() -> None:
+    drv, sink = FakeDriver(), TimedSink()
+    drv.up = False
+    interval = 0.05
+    poller = DevicePoller(
+        device(poll_groups={}, down_report_interval_s=interval),
+        "fake",
+        drv,
+        {"default": ["a", "b"]},
+        sink,
+    )
+    await run_until(poller, lambda: len(sink.batches) >= 4)
+    gaps = [b - a for a, b in zip(sink.times, sink.times[1:], strict=False)]
+    assert all(g >= interval for g in gaps), gaps
+    assert poller.status.polls > len(sink.batches)  # polls between the reports sent nothing
+
+
+async def test_connection_bad_samples_carry_the_driver_code() -> None:
+    class CodedDriver(FakeDriver):
+        async def connect(self) -> None:
+            raise DriverUnavailable("BadTooManySessions", "server full", code=0x80560000)
+
+    sink = Sink()
+    poller = DevicePoller(device(), "fake", CodedDriver(), TAGS, sink)
+    await run_until(poller, lambda: len(sink.batches) >= 2)
+    assert {(r.reason, r.code) for b in sink.batches for r in b} == {
+        ("BadTooManySessions", 0x80560000)
+    }
+    assert poller.status.code == 0x80560000
 
 
 async def test_failed_read_closes_and_reconnects() -> None:
@@ -163,3 +208,54 @@ async def test_connects_but_never_answers_stays_down_logged_once() -> None:
     assert "device.recovered" not in events
     assert "device.connected" not in events
     assert poller.status.state == "down"
+
+
+class FakeSubscribingDriver(FakeDriver):
+    """Pushes nothing; `lose()` ends the connection like a dead OPC UA session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = asyncio.Event()
+
+    async def subscribe(self, group: str, sink: object) -> None:
+        self.closed = asyncio.Event()
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+        raise DriverUnavailable("BadConnectionClosed", "session lost", code=0x80AE0000)
+
+    def lose(self) -> None:
+        self.up = False
+        self.closed.set()
+
+
+async def test_subscribed_groups_report_down_like_polled_ones() -> None:
+    drv, sink = FakeSubscribingDriver(), TimedSink()
+    interval = 0.05
+    poller = DevicePoller(
+        device(poll_groups={}, down_report_interval_s=interval),
+        "fake",
+        drv,
+        {"default": ["a", "b"]},
+        sink,
+        subscribe_groups=frozenset({"default"}),
+    )
+    task = asyncio.create_task(poller.run())
+    try:
+        async with asyncio.timeout(10):
+            while poller.status.state != "up":
+                await asyncio.sleep(0.005)
+            assert sink.batches == []  # the subscription is the answer; nothing polled
+            drv.lose()
+            while len(sink.batches) < 4:
+                await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    first = sink.batches[0]
+    assert [(r.tag, r.quality, r.reason, r.code) for r in first] == [
+        ("a", "bad", "BadConnectionClosed", 0x80AE0000),
+        ("b", "bad", "BadConnectionClosed", 0x80AE0000),
+    ]
+    gaps = [b - a for a, b in zip(sink.times, sink.times[1:], strict=False)]
+    assert all(g >= interval for g in gaps), gaps

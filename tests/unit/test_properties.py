@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import orjson
@@ -51,6 +51,7 @@ from agent.payload import PayloadEncoder
 from agent.publish.sparkplug import SparkplugNode
 from agent.schema import WireSample
 from drivers.base import QualityName, RawReading, TagCommon
+from drivers.modbus.config import ModbusDevice
 from tests.support.sparkplug import generate_bindings
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "agent" / "schemas"
@@ -346,7 +347,7 @@ def test_names_either_refused_with_a_line_or_publishable(
     samples: list[WireSample] = [
         {
             "device": "plc",
-            "tag": config.devices[0].tags[0].name,
+            "tag": cast(ModbusDevice, config.devices[0]).tags[0].name,
             "value": 1,
             "quality": "good",
             "reason": None,

@@ -1,17 +1,17 @@
-"""The supervisor: builds the pipeline from a valid Config and runs it until a signal.
+"""The agent: builds the pipeline from a valid Config and runs it until stopped.
 
-Start order (outputs first, Telegraf's rule): buffer, publisher, forwarder, the buffer
-writer, then the simulators (simulator mode) and one poller per device. Stop order
-(inputs first): pollers stop, the writer stores what they handed over, the forwarder
-gets `grace_s` to flush what is buffered, then the publisher disconnects and the buffer
-closes.
+Start order (outputs first, Telegraf's rule): buffer, HTTP endpoint, publisher,
+forwarder, the buffer writer, then one poller per device. Every device's driver is built
+before anything starts, so a device that cannot be built (a request plan that does not fit)
+stops the start with a clear message. Stop order (inputs first): pollers stop, the writer
+stores what they handed over, the forwarder gets `grace_s` to flush what is buffered, then
+the publisher disconnects and the buffer closes. Nothing buffered is lost by stopping: what
+did not go out stays on disk for the next start.
 
-Pollers do not wait for the buffer: a poll's readings (and its ts_agent) go to a bounded
-queue; one writer task normalises them, taking their seqs, and stores them, several polls
-per trip to the buffer's thread. Seqs are taken in the order the buffer gets them, so a
-batch is never refused for an out-of-order seq, whatever order waiting pollers resume
-in. A full queue makes the pollers wait (backpressure) rather than drop anything. Nothing buffered
-is lost by stopping: what did not go out stays on disk for the next start.
+Every long-lived task runs under one `Supervisor` (agent.runtime.supervisor): a task that
+fails is logged and restarted with backoff; one that keeps failing stops the agent, and
+`run()` raises `TaskFailed` (the CLI logs ``agent.failed`` and exits 1). Heartbeat probes
+watch the forwarder, the writer and each poller; a stalled one fails `/healthz`.
 """
 
 from __future__ import annotations
@@ -19,58 +19,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import signal
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
 
 import structlog
 
 from agent import __version__
 from agent.buffer import Buffer
 from agent.buffer.common import open_buffer
-from agent.config import Config, ConfigError, load_config
+from agent.config import Config
 from agent.forwarder import Forwarder
-from agent.normalize import Normalizer, Readings, SeqCounter
+from agent.normalize import Normalizer, SeqCounter
 from agent.payload import PayloadEncoder
 from agent.poller import DevicePoller, DeviceStatus
 from agent.publish import Publisher
 from agent.publish.deadletter import DeadLetters
 from agent.publish.sparkplug import SparkplugNode, sparkplug_node
-from agent.publish.status import StatusMessages
+from agent.publish.status import DeviceStatusSync, StatusMessages
+from agent.runtime.reload import ReloadResult, plan_reload, read_config
+from agent.runtime.snapshot import AgentSnapshot, take_snapshot
+from agent.runtime.supervisor import Heartbeats, Probe, SupervisionPolicy, Supervisor
+from agent.runtime.writer import BufferWriter
 from agent.schema import WireSample
-from drivers.base import DeviceCommon, Driver, TagCommon
+from drivers.base import DeviceCommon, Driver, DriverContext, TagCommon
 
 log = structlog.get_logger()
 
-#: Polls handed over to the buffer writer but not stored yet (backpressure beyond).
-WRITE_QUEUE_MAX = 64
-#: At most this many polls go to the buffer's thread in one trip.
-WRITE_BATCH_MAX = 32
-
-
-@dataclass(slots=True)
-class _DeviceSink:
-    """What the writer needs to turn one device's readings into stored samples."""
-
-    device: str
-    normalizer: Normalizer
-    seq: SeqCounter
-    latest: dict[str, WireSample]
-
-
-_Write = tuple[_DeviceSink, Readings, datetime]
-
-
-class _BatchAppender(Protocol):
-    async def append_many(
-        self, batches: Sequence[tuple[str, Sequence[WireSample]]]
-    ) -> list[Exception | None]: ...
+WRITER_TASK = "buffer-writer"
+FORWARDER_TASK = "forwarder"
 
 
 def device_tags(device: DeviceCommon) -> list[TagCommon]:
@@ -78,22 +58,21 @@ def device_tags(device: DeviceCommon) -> list[TagCommon]:
     return tags
 
 
-def make_driver(device: DeviceCommon) -> Driver:
-    """The driver of a device, importing its protocol library only when needed."""
-    protocol = getattr(device, "protocol", None)
-    if protocol == "modbus":
-        from drivers.modbus.config import ModbusDevice
-        from drivers.modbus.driver import ModbusDriver
+def make_driver(device: DeviceCommon, context: DriverContext | None = None) -> Driver:
+    """The driver of a device, from its protocol's entry in drivers.registry (which
+    imports the protocol library only when needed). `context` lends shared resources
+    (links used by many devices); the runtime that passes one closes it at stop."""
+    from drivers import registry
 
-        assert isinstance(device, ModbusDevice)
-        return ModbusDriver(device)
-    if protocol == "opcua":
-        from drivers.opcua.config import OpcUaDevice
-        from drivers.opcua.driver import OpcUaDriver
+    return registry.create_driver(device, context if context is not None else DriverContext())
 
-        assert isinstance(device, OpcUaDevice)
-        return OpcUaDriver(device)
-    raise ValueError(f"no driver for protocol {protocol!r}")
+
+class DeviceBuildError(Exception):
+    """One or more devices could not be built (their driver refused the config)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
 
 
 @dataclass
@@ -113,45 +92,32 @@ class AgentStatus:
 
 @dataclass
 class DeviceRun:
-    """One running device: its poller and the task running it."""
+    """One running device: its poller and the (supervised) task running it."""
 
     poller: DevicePoller
     task: asyncio.Task[None]
 
 
 @dataclass
-class ReloadResult:
-    """What a reload did. `ok` False means nothing changed; `problems` says why."""
+class _Built:
+    """A device ready to start: everything that could fail has been done."""
 
-    ok: bool
-    started: list[str] = field(default_factory=list)
-    stopped: list[str] = field(default_factory=list)
-    restarted: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    device: DeviceCommon
+    poller: DevicePoller
+    latest: dict[str, WireSample]
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "started": self.started,
-            "stopped": self.stopped,
-            "restarted": self.restarted,
-            "unchanged": self.unchanged,
-            "problems": self.problems,
-        }
-
-
-# Sections a reload cannot change on the fly: they shape the buffer, the broker session,
-# the topics, the log setup and the listening socket. A reload that changes one of them
-# is refused as a whole, so the running config is always one whole version of the file.
-RESTART_SECTIONS = ("agent", "buffer", "mqtt", "logging", "http")
 
 ConfigAdapter = Callable[[Config], Config]
 
 
+def _task_name(device: str) -> str:
+    return f"poll:{device}"
+
+
 class Agent:
     """The running pipeline. `run()` returns when stopped; it never raises for device or
-    broker trouble (those are states, logged and counted).
+    broker trouble (those are states, logged and counted). It raises `TaskFailed` when a
+    supervised task kept failing, and `DeviceBuildError` when a device cannot be built.
 
     Devices are held per name (`devices`), each with its poller and task, so a reload
     stops and starts only the devices whose config changed; the buffer, the publisher
@@ -170,6 +136,8 @@ class Agent:
         adapt_config: ConfigAdapter | None = None,
         progress_interval_s: float = 10.0,
         rate_interval_s: float = 5.0,
+        health_interval_s: float = 1.0,
+        supervision: SupervisionPolicy | None = None,
     ) -> None:
         self.config = config
         self.buffer = buffer or open_buffer(config.buffer)
@@ -181,6 +149,7 @@ class Agent:
         # reloaded file goes through the same replacement before it is compared.
         self._adapt = adapt_config or (lambda c: c)
         self.progress_interval_s = progress_interval_s
+        self.health_interval_s = health_interval_s
         self.status = AgentStatus()
         self.devices: dict[str, DeviceRun] = {}
         # device → tag → the newest sample (the wire dict itself: one dict write per sample)
@@ -188,16 +157,24 @@ class Agent:
         self.rates = RateHistory(rate_interval_s)
         self.forwarder: Forwarder | None = None
         self.http_address: tuple[str, int] | None = None
+        sup = config.supervision
+        self.supervisor = Supervisor(
+            supervision or SupervisionPolicy(max_failures=sup.max_failures, window_s=sup.window_s)
+        )
+        self.heartbeats = Heartbeats()
+        self.stall_s = sup.stall_s
+        self.writer = BufferWriter(self.buffer, self._stored)
+        # What drivers share (one serial line or gateway connection for many units):
+        # lent by this run, closed once every poller has stopped.
+        self.driver_context = DriverContext()
         self._stop = asyncio.Event()
-        self._tg: asyncio.TaskGroup | None = None
+        self._running = False
         self._seq: SeqCounter | None = None
         self._reload_lock = asyncio.Lock()
         self._status_msgs: StatusMessages | None = None
+        self.status_sync: DeviceStatusSync | None = None
         # layout sparkplug: the edge node (births, deaths, seq, bdSeq); see docs/sparkplug.md
         self.sparkplug: SparkplugNode | None = None
-        self._status_tasks: set[asyncio.Task[Any]] = set()
-        # Polls waiting for the writer; None tells the writer to stop (after the rest).
-        self._writes: asyncio.Queue[_Write | None] = asyncio.Queue(WRITE_QUEUE_MAX)
 
     def stop(self) -> None:
         self._stop.set()
@@ -217,6 +194,36 @@ class Agent:
         """The running pollers, in config order."""
         return [run.poller for run in self.devices.values()]
 
+    def snapshot(self) -> AgentSnapshot:
+        """The read model of the agent's state (what the HTTP endpoint shows)."""
+        self.heartbeats.check()
+        return take_snapshot(self)
+
+    # ------------------------------------------------------------------ run
+
+    def _make_publisher(self, config: Config) -> Publisher:
+        from agent.publish.mqtt import MqttPublisher
+
+        if self.sparkplug is not None:
+            # Sparkplug replaces the JSON status topics: its will is the NDEATH.
+            node = self.sparkplug
+            mqtt_publisher = MqttPublisher(
+                config.mqtt,
+                config.mqtt.resolved_client_id(config.agent.id),
+                will_factory=node.next_will,
+                on_connect_messages=node.on_connect,
+                prepare=node.stamp,
+            )
+            mqtt_publisher.subscribe(node.ncmd_topic, node.on_command)
+            return mqtt_publisher
+        assert self._status_msgs is not None
+        return MqttPublisher(
+            config.mqtt,
+            config.mqtt.resolved_client_id(config.agent.id),
+            will=self._status_msgs.will(),
+            on_connect_messages=self._status_msgs.birth,
+        )
+
     async def run(self) -> None:
         config = self.config
         await self.buffer.open()
@@ -230,36 +237,25 @@ class Agent:
             buffered_records=backlog,
             last_seq=seq.last,
         )
+        try:
+            # Everything that can refuse the config is built before anything runs.
+            built = self._build_devices([d for d in config.devices if d.enabled])
+        except DeviceBuildError:
+            await self.driver_context.aclose()
+            await self.buffer.close()
+            raise
         self.sparkplug = sparkplug_node(
             config.agent,
             config.mqtt,
             config.buffer.path if config.buffer.kind == "sqlite" else None,
         )
-        if self._publisher is None and self.sparkplug is not None:
-            from agent.publish.mqtt import MqttPublisher
-
-            # Sparkplug replaces the JSON status topics: its will is the NDEATH.
-            node = self.sparkplug
-            mqtt_publisher = MqttPublisher(
-                config.mqtt,
-                config.mqtt.resolved_client_id(config.agent.id),
-                will_factory=node.next_will,
-                on_connect_messages=node.on_connect,
-                prepare=node.stamp,
-            )
-            mqtt_publisher.subscribe(node.ncmd_topic, node.on_command)
-            self._publisher = mqtt_publisher
-        if self._publisher is None:
-            from agent.publish.mqtt import MqttPublisher
-
+        if self.sparkplug is None:
             self._status_msgs = _status_messages(config, self.status.started)
-            self._publisher = MqttPublisher(
-                config.mqtt,
-                config.mqtt.resolved_client_id(config.agent.id),
-                will=self._status_msgs.will(),
-                on_connect_messages=self._status_msgs.birth,
-            )
+        if self._publisher is None:
+            self._publisher = self._make_publisher(config)
         publisher = self.publisher
+        if self._status_msgs is not None:
+            self.status_sync = DeviceStatusSync(self._status_msgs, publisher)
         forwarder = self.forwarder = Forwarder(
             self.buffer,
             publisher,
@@ -267,6 +263,7 @@ class Agent:
             dead_letters=_dead_letters(config),
             max_refusals=config.mqtt.max_refusals,
         )
+        sup = self.supervisor
         try:
             async with AsyncExitStack() as stack:
                 if config.http is not None:
@@ -274,32 +271,33 @@ class Agent:
 
                     server = HttpServer(self, config.http.host, config.http.port)
                     self.http_address = await stack.enter_async_context(server)
+                    sup.start("http", server.serve)
                 await publisher.start()
-                forward_task = asyncio.create_task(forwarder.run(), name="forwarder")
-                writer_task = asyncio.create_task(self._writer(), name="buffer-writer")
-                births_task = (
-                    asyncio.create_task(self.sparkplug.run(publisher), name="sparkplug")
-                    if self.sparkplug is not None
-                    else None
+                sup.start(FORWARDER_TASK, forwarder.run)
+                self.heartbeats.add(self._forwarder_probe(forwarder, publisher))
+                sup.start(WRITER_TASK, self.writer.run)
+                self.heartbeats.add(
+                    Probe(
+                        WRITER_TASK,
+                        busy=self.writer.busy,
+                        progress=lambda: self.writer.trips,
+                        deadline_s=self.stall_s,
+                        what="polls are queued for the buffer and none was stored",
+                    )
                 )
+                if self.sparkplug is not None:
+                    node = self.sparkplug
+                    sup.start("sparkplug", lambda: node.run(publisher))
+                if self.status_sync is not None:
+                    sup.start("device-status", self.status_sync.run)
+                sup.start("health", lambda: self.heartbeats.run(self.health_interval_s))
                 try:
-                    await self._run_inputs(seq, backlog)
+                    await self._run_inputs(built, backlog)
                 finally:
-                    # The pollers have stopped: store what they handed over first.
-                    await self._writes.put(None)
-                    await asyncio.wait({writer_task})
-                    stop_started = time.monotonic()
-                    forwarder.request_stop()
-                    await asyncio.wait({forward_task}, timeout=self.grace_s)
-                    forward_task.cancel()
-                    if births_task is not None:
-                        births_task.cancel()
-                    await asyncio.wait({forward_task, *([births_task] if births_task else [])})
-                    grace_left = max(0.0, self.grace_s - (time.monotonic() - stop_started))
-                    left = await forwarder.drain(grace_left)
-                    if left:
-                        log.info("agent.stopping.buffer_kept", records=left)
+                    await self._shutdown(forwarder)
         finally:
+            await sup.stop_all()
+            await self.driver_context.aclose()
             if self._status_msgs is not None and publisher.connected:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
@@ -316,128 +314,156 @@ class Agent:
                 produced=self.status.samples_produced,
                 delivered=forwarder.stats.samples_delivered,
             )
+        if sup.failure is not None:
+            raise sup.failure
 
-    async def _run_inputs(self, seq: SeqCounter, backlog: int) -> None:
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            for device in self.config.devices:
-                if device.enabled:
-                    self._start_device(device)
-            helpers = [
-                tg.create_task(self._report(), name="status"),
-                tg.create_task(self.rates.run(self), name="rates"),
-            ]
-            if backlog:
-                helpers.append(tg.create_task(self._drain_progress(), name="drain-progress"))
-            self.status.ready = True
-            log.info("agent.started", devices=list(self.devices))
+    def _forwarder_probe(self, forwarder: Forwarder, publisher: Publisher) -> Probe:
+        # 3 publish timeouts: a round whose messages all time out is not yet a stall.
+        deadline = max(self.stall_s, 3 * self.config.mqtt.publish_timeout_s)
+
+        def busy() -> bool:
+            return publisher.connected and self.buffer.stats().records > 0
+
+        def progress() -> int:
+            st = forwarder.stats
+            return st.records_sent + st.dead_lettered_records
+
+        return Probe(
+            FORWARDER_TASK,
+            busy=busy,
+            progress=progress,
+            deadline_s=deadline,
+            what="records are buffered and the broker is connected, but none was "
+            "delivered or set aside",
+        )
+
+    async def _shutdown(self, forwarder: Forwarder) -> None:
+        """Inputs have stopped: store what the pollers handed over, let the forwarder
+        flush for grace_s, drain what is left within the grace."""
+        sup = self.supervisor
+        writer_task = sup.task(WRITER_TASK)
+        if writer_task is not None and not writer_task.done():
             try:
-                await self._stop.wait()
-            finally:
-                self.status.ready = False
-                self._tg = None
-                log.info(
-                    "agent.stopping",
-                    skipped_polls=sum(p.status.skipped_polls for p in self.pollers),
-                )
-                for t in [*(r.task for r in self.devices.values()), *helpers]:
-                    t.cancel()
+                # Storing what was handed over takes well under a second; a buffer
+                # that hangs must not keep the process from exiting.
+                async with asyncio.timeout(max(self.grace_s, 5.0)):
+                    await self.writer.stop()
+                    await sup.wait(WRITER_TASK)
+            except TimeoutError:
+                log.error("agent.stopping.writer_stuck", queued=self.writer.queue.qsize())
+        await sup.stop(WRITER_TASK, forget=False)
+        stop_started = time.monotonic()
+        forwarder.request_stop()
+        await sup.wait(FORWARDER_TASK, self.grace_s)
+        await sup.stop(FORWARDER_TASK, forget=False)
+        for name in ("sparkplug", "device-status"):
+            await sup.stop(name, forget=False)
+        if sup.failure is not None and sup.failure.task == FORWARDER_TASK:
+            return  # a forwarder that keeps failing would fail its drain too
+        grace_left = max(0.0, self.grace_s - (time.monotonic() - stop_started))
+        try:
+            left = await forwarder.drain(grace_left)
+        except Exception as exc:
+            log.error("agent.stopping.drain_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        if left:
+            log.info("agent.stopping.buffer_kept", records=left)
 
-    def _start_device(self, device: DeviceCommon) -> None:
-        assert self._tg is not None
+    async def _run_inputs(self, built: list[_Built], backlog: int) -> None:
+        sup = self.supervisor
+        self._running = True
+        for item in built:
+            self._start_built(item)
+        helpers = ["status", "rates"]
+        sup.start("status", self._report)
+        sup.start("rates", lambda: self.rates.run(self))
+        if backlog:
+            helpers.append("drain-progress")
+            sup.start("drain-progress", self._drain_progress)
+        self.status.ready = True
+        log.info("agent.started", devices=list(self.devices))
+        stop = asyncio.ensure_future(self._stop.wait())
+        failed = asyncio.ensure_future(sup.wait_failed())
+        try:
+            await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (stop, failed):
+                t.cancel()
+            self.status.ready = False
+            self._running = False
+            log.info(
+                "agent.stopping",
+                skipped_polls=sum(p.status.skipped_polls for p in self.pollers),
+                reason="task failed" if sup.failure is not None else "stop requested",
+            )
+            for name in [*(_task_name(n) for n in self.devices), *helpers]:
+                await sup.stop(name, forget=False)
+
+    def _build_devices(self, devices: list[DeviceCommon]) -> list[_Built]:
+        """Build every device's driver and poller; raises DeviceBuildError naming every
+        device that could not be built (and builds nothing then)."""
         assert self._seq is not None
+        built: list[_Built] = []
+        problems: list[str] = []
+        for device in devices:
+            try:
+                built.append(self._build_device(device, self._seq))
+            except Exception as exc:
+                problems.append(f"device {device.name!r}: {type(exc).__name__}: {exc}")
+        if problems:
+            raise DeviceBuildError(problems)
+        return built
+
+    def _build_device(self, device: DeviceCommon, seq: SeqCounter) -> _Built:
         tags = device_tags(device)
         groups: dict[str, list[str]] = {}
         for tag in tags:
             groups.setdefault(tag.group, []).append(tag.name)
         normalizer = Normalizer(device.name, tags)
+        driver = make_driver(device, self.driver_context)
+        sink, latest = self.writer.sink(device.name, normalizer, seq)
         poller = DevicePoller(
             device,
             str(getattr(device, "protocol", "?")),
-            make_driver(device),
+            driver,
             groups,
-            self._sink(device.name, normalizer, self._seq),
+            sink,
             subscribe_groups=device.subscribe_groups(),
             on_state_change=self._device_state_changed,
         )
-        task = self._tg.create_task(poller.run(), name=f"poll:{device.name}")
-        self.devices[device.name] = DeviceRun(poller, task)
+        return _Built(device, poller, latest)
+
+    def _start_built(self, item: _Built) -> None:
+        name = item.device.name
+        poller = item.poller
+        self.latest[name] = item.latest
+        task = self.supervisor.start(_task_name(name), poller.run)
+        self.devices[name] = DeviceRun(poller, task)
+        self.heartbeats.add(
+            Probe(
+                _task_name(name),
+                busy=lambda: True,
+                progress=lambda: poller.status.cycles,
+                deadline_s=poller.stall_deadline_s,
+                what="no poll finished",
+            )
+        )
 
     def _device_state_changed(self, status: DeviceStatus) -> None:
-        """Publish the retained device status (also re-sent with every MQTT birth)."""
+        """Publish the retained device status (also re-sent after every connect)."""
         if self.sparkplug is not None and status.state in ("up", "down"):
             self.sparkplug.device_state(status.name, status.state)
         if self._status_msgs is None or status.state == "starting":
             return
         msg = self._status_msgs.device(status.name, status.state, status.reason, status.since)
-        if self.publisher.connected:
-            task = asyncio.create_task(self.publisher.publish([msg]), name="device-status")
-            self._status_tasks.add(task)
-            task.add_done_callback(self._status_tasks.discard)
+        if self.status_sync is not None:
+            self.status_sync.send(msg)
 
     async def _stop_device(self, name: str) -> None:
-        run = self.devices.pop(name)
-        run.task.cancel()
-        await asyncio.wait({run.task})  # the poller closes its driver on the way out
+        self.devices.pop(name)
+        self.heartbeats.remove(_task_name(name))
+        await self.supervisor.stop(_task_name(name))  # the poller closes its driver
         self.latest.pop(name, None)
-
-    def _sink(self, device: str, normalizer: Normalizer, seq: SeqCounter) -> Any:
-        target = _DeviceSink(device, normalizer, seq, {})
-        self.latest[device] = target.latest
-        writes = self._writes
-
-        async def sink(readings: Readings) -> None:
-            if readings:
-                await writes.put((target, readings, datetime.now(UTC)))
-
-        return sink
-
-    async def _writer(self) -> None:
-        """Normalise and store the polls handed over by the sinks, in order, until told
-        to stop (None), then return once everything handed over before is stored."""
-        writes = self._writes
-        buffer = self.buffer
-        many: _BatchAppender | None = (
-            buffer if callable(getattr(buffer, "append_many", None)) else None  # type: ignore[assignment]
-        )
-        stopping = False
-        while not stopping:
-            item = await writes.get()
-            batch: list[tuple[str, list[WireSample]]] = []
-            while item is not None:
-                target, readings, ts_agent = item
-                try:
-                    samples = target.normalizer.samples(readings, ts_agent, target.seq)
-                except Exception as exc:  # a bug must not stop the writer (and the pollers)
-                    log.exception("normalize.failed", device=target.device)
-                    self._stored(target.device, len(readings), exc)
-                    samples = []
-                latest = target.latest
-                for sample in samples:
-                    latest[sample["tag"]] = sample
-                if samples:
-                    batch.append((target.device, samples))
-                if len(batch) >= WRITE_BATCH_MAX or writes.empty():
-                    break
-                item = writes.get_nowait()
-            stopping = item is None
-            if not batch:
-                continue
-            if many is not None:
-                try:
-                    errors: list[Exception | None] = await many.append_many(batch)
-                except Exception as exc:
-                    errors = [exc] * len(batch)
-            else:
-                errors = []
-                for dev, samples in batch:
-                    try:
-                        await buffer.append(dev, samples)
-                        errors.append(None)
-                    except Exception as exc:
-                        errors.append(exc)
-            for (dev, samples), error in zip(batch, errors, strict=True):
-                self._stored(dev, len(samples), error)
 
     def _stored(self, device: str, samples: int, error: Exception | None) -> None:
         status = self.status
@@ -454,7 +480,8 @@ class Agent:
     async def reload(self, new: Config | None = None) -> ReloadResult:
         """Apply a new config (default: re-read `config_path`). Only devices whose
         config changed are restarted; the buffer and the broker session are untouched.
-        An invalid file, or a change outside `devices`, changes nothing."""
+        An invalid file, a change outside `devices`, or a device that cannot be built
+        changes nothing."""
         async with self._reload_lock:
             result = await self._reload(new)
         self.status.last_reload = time.time()
@@ -479,52 +506,38 @@ class Agent:
         return result
 
     async def _reload(self, new: Config | None) -> ReloadResult:
-        if self._tg is None or self._stop.is_set():
+        if not self._running or self._stop.is_set() or self._seq is None:
             return ReloadResult(ok=False, problems=["the agent is not running"])
         if new is None:
-            if self.config_path is None:
-                return ReloadResult(ok=False, problems=["no config file to reload from"])
-            try:
-                new = await asyncio.to_thread(load_config, self.config_path)
-            except ConfigError as exc:
-                return ReloadResult(ok=False, problems=exc.problems)
+            loaded = await read_config(self.config_path)
+            if isinstance(loaded, ReloadResult):
+                return loaded
+            new = loaded
         new = self._adapt(new)
-        old = self.config
-        sections = [s for s in RESTART_SECTIONS if getattr(old, s) != getattr(new, s)]
-        if sections:
-            return ReloadResult(
-                ok=False,
-                problems=[
-                    f"section {s!r} changed: this needs a restart of the agent "
-                    "(a reload only applies changes to devices)"
-                    for s in sections
-                ],
-            )
+        result = plan_reload(self.config, new, set(self.devices))
+        if not result.ok:
+            return result
         wanted = {d.name: d for d in new.devices if d.enabled}
-        running = {d.name: d for d in old.devices if d.name in self.devices}
-        result = ReloadResult(ok=True)
-        for name, device in running.items():
-            if name not in wanted:
-                result.stopped.append(name)
-            elif wanted[name] != device:
-                result.restarted.append(name)
-            else:
-                result.unchanged.append(name)
-        result.started = [n for n in wanted if n not in running]
+        try:
+            built = self._build_devices([wanted[n] for n in [*result.restarted, *result.started]])
+        except DeviceBuildError as exc:
+            return ReloadResult(ok=False, problems=exc.problems)
+        # Everything is built: from here on nothing can refuse the new config.
         for name in [*result.stopped, *result.restarted]:
             await self._stop_device(name)
         self.config = new
-        for name in [*result.restarted, *result.started]:
-            self._start_device(wanted[name])
+        for item in built:
+            self._start_built(item)
         # Keep the config's order (the status page and metrics list devices that way).
         self.devices = {n: self.devices[n] for n in wanted if n in self.devices}
         if self._status_msgs is not None:
             from agent.config import config_hash
 
             self._status_msgs.set_config_hash(config_hash(new.model_dump_json()))
-            publisher = self.current_publisher
-            if publisher is not None and publisher.connected:
-                await publisher.publish([self._status_msgs.online()])
+            if self.status_sync is not None:
+                for name in result.stopped:
+                    self.status_sync.send(self._status_msgs.removed(name))
+                self.status_sync.send(self._status_msgs.online())
         return result
 
     # ------------------------------------------------------------------ progress
@@ -545,6 +558,8 @@ class Agent:
                 skipped_polls=sum(p.status.skipped_polls for p in self.pollers),
                 mqtt="connected" if self.publisher.connected else "disconnected",
                 devices_down=[p.device.name for p in self.pollers if p.status.state == "down"],
+                buffer=b.health,
+                tasks_stalled=[s.task for s in self.heartbeats.stalled],
             )
 
     async def _drain_progress(self) -> None:
@@ -648,55 +663,3 @@ def _dead_letters(config: Config) -> DeadLetters:
     if config.buffer.kind == "sqlite":
         return DeadLetters(f"{config.buffer.path}.deadletter.sqlite")
     return DeadLetters(None)
-
-
-async def run_until_signal(agent: Agent) -> None:
-    """Run the agent; SIGINT/SIGTERM stop it (a second signal stops at once); SIGHUP
-    reloads the config file (see `Agent.reload`)."""
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    signals = 0
-    reloads: set[asyncio.Task[ReloadResult]] = set()
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.info("agent.signal", signal=signal.Signals(signum).name)
-            agent.stop()
-        elif main is not None:
-            main.cancel()
-
-    def on_hangup() -> None:
-        log.info("agent.signal", signal="SIGHUP", action="reload")
-        task = asyncio.create_task(agent.reload(), name="reload")
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    hangup = getattr(signal, "SIGHUP", None)  # none on Windows: reload over HTTP there
-    if hangup is not None:
-        loop.add_signal_handler(hangup, on_hangup)
-    try:
-        await agent.run()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, *([hangup] if hangup else [])):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        for task in list(reloads):
-            task.cancel()
-
-
-async def wait_for_signal() -> None:
-    """Return on SIGINT or SIGTERM."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
