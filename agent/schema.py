@@ -5,7 +5,7 @@ These pydantic models *are* the schema: `edge-agent schema` writes their JSON Sc
 agent publishes against these models.
 
 The hot path does not build a pydantic object per value (≈ 2 µs each, see
-FIELD-NOTES.md): `agent.normalize` builds plain dicts of exactly this shape, encoded once
+docs/library-notes.md): `agent.normalize` builds plain dicts of exactly this shape, encoded once
 with orjson when they enter the buffer. The tests hold the two together.
 """
 
