@@ -29,9 +29,9 @@ EXIT_CONFIG = 2
 log = structlog.get_logger()
 
 
-def _load(path: str) -> Config | None:
+def _load(path: str, *, simulate: bool | None = None) -> Config | None:
     try:
-        return load_config(path)
+        return load_config(path, simulate=simulate)
     except ConfigError as exc:
         n = len(exc.problems)
         print(f"{path}: {n} problem{'s' if n != 1 else ''} found:", file=sys.stderr)
@@ -41,7 +41,8 @@ def _load(path: str) -> Config | None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    # The same checks as `run` (with or without --simulate) makes before starting.
+    config = _load(args.config, simulate=args.simulate)
     if config is None:
         return EXIT_CONFIG
     tags = sum(len(getattr(d, "tags", [])) for d in config.devices)
@@ -50,7 +51,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, simulate=args.simulate)
     if config is None:
         return EXIT_CONFIG
     setup_logging(config.logging.level, config.logging.format)
@@ -95,7 +96,7 @@ def _keep_simulated_endpoints(original: Config, simulated: Config) -> Callable[[
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, simulate=True)
     if config is None:
         return EXIT_CONFIG
     setup_logging(config.logging.level, config.logging.format)
@@ -360,9 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "validate",
         help="check a config file",
-        description="Check a config file; print every problem; exit 0 if valid, 2 if not.",
+        description="Check a config file as `run` does before it starts anything; print "
+        "every problem with file:line; exit 0 if valid, 2 if not.",
     )
     p.add_argument("config", help="YAML config file")
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="check it for `run --simulate` (device ports of 0 are then allowed)",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(

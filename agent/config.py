@@ -9,6 +9,13 @@ duplicate keys and anchors/aliases rejected, YAML 1.2 scalars (`no` stays a stri
 `010` is ten), and a line number kept for every node so errors can point at it.
 `${VAR}` and `${VAR:-default}` in plain scalars are replaced from the environment
 before the scalar's type is decided, so `port: ${MQTT_PORT:-1883}` is an int.
+
+Beyond the fields, the loader makes every check that starting the agent would make, so
+that `validate` accepts exactly what `run` can run (docs/configuration.md, "Checks beyond
+the keys"): each device's own `check()` (the Modbus request plan, say), every name that
+ends up in an MQTT topic (no `+`, `#`, `/`, NUL, control characters; topics not starting
+with `$` and at most 65,535 bytes once expanded; Sparkplug's ids), and, when the caller
+says whether it runs simulators (`simulate`), endpoint ports of 0.
 """
 
 from __future__ import annotations
@@ -16,11 +23,15 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import ipaddress
+import math
+import re
 import string
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, Union
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, create_model, model_validator
 from pydantic_core import ErrorDetails
@@ -405,20 +416,36 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, interpolate and validate a config file. Raises ConfigError."""
+def load_config(path: str | Path, *, simulate: bool | None = None) -> Config:
+    """Read, interpolate and validate a config file. Raises ConfigError.
+
+    simulate: True for simulator mode (`run --simulate`, `simulate`), False for a run
+    against real devices (`run`, `validate`): then an endpoint port of 0, which only a
+    simulator can serve, is an error. None (the default) leaves endpoint ports alone."""
     path = Path(path)
     shown = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{shown}: cannot read: {exc.strerror or exc}"]) from None
-    return parse_config(text, shown, base_dir=path.parent)
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [f"{shown}:{line} not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"]
+        ) from None
+    return parse_config(text, shown, base_dir=path.parent, simulate=simulate)
 
 
-def parse_config(text: str, shown: str = "<config>", base_dir: Path | None = None) -> Config:
+def parse_config(
+    text: str,
+    shown: str = "<config>",
+    base_dir: Path | None = None,
+    *,
+    simulate: bool | None = None,
+) -> Config:
     """Validate config text; `shown` is the file name used in error messages, `base_dir`
-    the folder profile files are relative to (default: the working directory)."""
+    the folder profile files are relative to (default: the working directory),
+    `simulate` as for `load_config`."""
     # A valid file needs no line numbers: read it without them first (a 10,000-tag file
     # holds ~100,000 of them), and again with them only to report problems.
     try:
@@ -431,14 +458,23 @@ def parse_config(text: str, shown: str = "<config>", base_dir: Path | None = Non
             if not expanded.problems:
                 with contextlib.suppress(ValidationError):
                     config = config_model().model_validate(expanded.data)
-                    if not _cross_checks(expanded.data):
+                    if not _cross_checks(expanded.data) and not _start_checks(
+                        config.agent,
+                        config.mqtt,
+                        list(enumerate(config.devices)),
+                        simulate,
+                        buffer=config.buffer,
+                        http=config.http,
+                    ):
                         return config
             del expanded
         del data
-    return _parse_reporting(text, shown, base_dir)
+    return _parse_reporting(text, shown, base_dir, simulate)
 
 
-def _parse_reporting(text: str, shown: str, base_dir: Path | None = None) -> Config:
+def _parse_reporting(
+    text: str, shown: str, base_dir: Path | None = None, simulate: bool | None = None
+) -> Config:
     try:
         data, lines, yaml_problems = load_yaml(text)
     except YamlProblem as exc:
@@ -481,6 +517,26 @@ def _parse_reporting(text: str, shown: str, base_dir: Path | None = None) -> Con
         _locate(loc, msg, expanded, shown)
         for loc, msg in _cross_checks(data)
         if not expanded.follows_from_profile(loc)
+    )
+    agent: AgentSection | None
+    mqtt: MqttConfig | None
+    devices: list[tuple[int, DeviceCommon]]
+    buffer: BufferConfig | None = None
+    http: HttpConfig | None = None
+    if config is not None:
+        agent, mqtt, devices = config.agent, config.mqtt, list(enumerate(config.devices))
+        buffer, http = config.buffer, config.http
+    else:
+        # Check what did validate, so these problems come together with the others.
+        agent, mqtt, devices = _valid_sections(data)
+        with contextlib.suppress(ValidationError):
+            buffer = BufferConfig.model_validate(data.get("buffer", {}))
+        with contextlib.suppress(ValidationError):
+            raw_http = data.get("http")
+            http = HttpConfig.model_validate(raw_http) if raw_http is not None else None
+    located.extend(
+        _locate(loc, msg, expanded, shown)
+        for loc, msg in _start_checks(agent, mqtt, devices, simulate, buffer=buffer, http=http)
     )
     if located or config is None:
         raise ConfigError(merge_located(located, shown))
@@ -568,6 +624,338 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
                         f"unknown poll group {group!r}; defined: {', '.join(sorted(groups))}",
                     )
                 )
+    return out
+
+
+def _valid_sections(
+    data: dict[str, Any],
+) -> tuple[AgentSection | None, MqttConfig | None, list[tuple[int, DeviceCommon]]]:
+    """The agent and mqtt sections and the devices of a file that did not validate as a
+    whole, each where it validates on its own."""
+    agent: AgentSection | None = None
+    mqtt: MqttConfig | None = None
+    with contextlib.suppress(ValidationError):
+        agent = AgentSection.model_validate(data.get("agent"))
+    with contextlib.suppress(ValidationError):
+        mqtt = MqttConfig.model_validate(data.get("mqtt", {}))
+    devices: list[tuple[int, DeviceCommon]] = []
+    raw = data.get("devices")
+    if isinstance(raw, list):
+        for i, dev in enumerate(raw):
+            if not isinstance(dev, dict):
+                continue
+            protocol = dev.get("protocol")
+            if not isinstance(protocol, str) or protocol not in DEVICE_MODELS:
+                continue
+            with contextlib.suppress(ValidationError):
+                devices.append((i, DEVICE_MODELS[protocol].model_validate(dev)))
+    return agent, mqtt, devices
+
+
+# ------------------------------------------------------------------ start-up checks
+
+Problem = tuple[tuple[Any, ...], str]
+
+#: The longest topic MQTT can carry (a two-byte length prefix), in UTF-8 bytes.
+TOPIC_MAX_BYTES = 65_535
+
+_NOT_IN_NAMES = {
+    "+": "'+' (an MQTT wildcard)",
+    "#": "'#' (an MQTT wildcard)",
+    "/": "'/' (it would add a topic level)",
+}
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why `text` is not a valid MQTT UTF-8 string (MQTT 5, 1.5.4), or None: it must be
+    encodable (no lone surrogates) and hold no NUL, no control characters (U+0001..U+001F,
+    U+007F..U+009F: brokers such as mosquitto refuse them) and no noncharacters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"not valid Unicode (lone surrogate U+{ord(text[exc.start]):04X})"
+    if text.isascii() and text.isprintable():
+        return None
+    for ch in text:
+        cp = ord(ch)
+        if cp == 0:
+            return "NUL (U+0000) is not allowed in MQTT strings"
+        if cp < 0x20 or 0x7F <= cp <= 0x9F:
+            return f"control character U+{cp:04X} is not allowed in MQTT strings"
+        if 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE:
+            return f"noncharacter U+{cp:04X} is not allowed in MQTT strings"
+    return None
+
+
+def topic_name_problem(name: str) -> str | None:
+    """Why `name` cannot be one level of an MQTT topic (a device or tag name, a site,
+    a Sparkplug id), or None."""
+    if name == "":
+        return "an empty name makes an empty topic level"
+    for ch, what in _NOT_IN_NAMES.items():
+        if ch in name:
+            return f"{_short(name)}: {what} is not allowed in a name that goes into MQTT topics"
+    problem = utf8_problem(name)
+    return f"{_short(name)}: {problem}" if problem is not None else None
+
+
+def _template_fields(template: str) -> list[str] | None:
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return None
+
+
+def _template_problem(template: str) -> str | None:
+    """Problems of a template's own text (outside its {fields})."""
+    try:
+        literal = "".join(t for t, _, _, _ in string.Formatter().parse(template))
+    except ValueError:
+        return None  # reported by _check_template
+    for ch in "+#":
+        if ch in literal:
+            return f"{template!r}: {_NOT_IN_NAMES[ch]} is not allowed in a topic"
+    if template.startswith("$"):
+        return f"{template!r}: topics starting with '$' are reserved for the broker ($SYS)"
+    problem = utf8_problem(literal)
+    return f"{template!r}: {problem}" if problem is not None else None
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` is neither an IP address nor a host name (RFC 1123 syntax; nothing is
+    resolved here), or None."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host.strip("[]"))
+        return None
+    name = host[:-1] if host.endswith(".") else host
+    if 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split(".")):
+        return None
+    return f"{host!r} is neither an IP address nor a host name"
+
+
+def _buffer_path_problem(buffer: BufferConfig) -> str | None:
+    """A buffer file that can never be opened: the path is a directory, or one of its
+    parents is a file. (A missing directory is created at start; a disk that fails is a
+    run-time condition: see docs/operating.md.)"""
+    if buffer.kind != "sqlite":
+        return None
+    path = Path(buffer.path)
+    try:
+        if path.is_dir():
+            return f"{buffer.path} is a directory; give a file, e.g. {path / 'buffer.db'}"
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    return f"{parent} is a file, so {buffer.path} cannot be created"
+                return None
+    except OSError:
+        return None  # unreadable: open() at start reports it
+    return None
+
+
+def _start_checks(
+    agent: AgentSection | None,
+    mqtt: MqttConfig | None,
+    devices: list[tuple[int, DeviceCommon]],
+    simulate: bool | None,
+    *,
+    buffer: BufferConfig | None = None,
+    http: HttpConfig | None = None,
+) -> list[Problem]:
+    """What starting the agent would otherwise find out: each device's own checks,
+    names and topics MQTT cannot carry, endpoint ports of 0 outside simulator mode,
+    host names that cannot be, a buffer path that can never be a file."""
+    out: list[Problem] = []
+    if buffer is not None:
+        problem = _buffer_path_problem(buffer)
+        if problem is not None:
+            out.append((("buffer", "path"), problem))
+    if http is not None:
+        problem = host_problem(http.host)
+        if problem is not None:
+            out.append((("http", "host"), problem))
+    if mqtt is not None:
+        problem = host_problem(mqtt.host)
+        if problem is not None:
+            out.append((("mqtt", "host"), problem))
+    for i, device in devices:
+        out.extend((("devices", i, *loc), msg) for loc, msg in device.check(simulate=simulate))
+        for j, tag in enumerate(getattr(device, "tags", [])):
+            for key in ("scale", "offset"):
+                number = getattr(tag, key, 0.0)
+                if isinstance(number, float) and not math.isfinite(number):
+                    out.append(
+                        (
+                            ("devices", i, "tags", j, key),
+                            f"{number!r} is not a finite number (every value would be bad)",
+                        )
+                    )
+        endpoint = getattr(device, "endpoint", None)
+        if simulate is False and isinstance(endpoint, str):
+            with contextlib.suppress(ValueError):
+                if urlsplit(endpoint).port == 0:
+                    out.append(
+                        (
+                            ("devices", i, "endpoint"),
+                            "port 0 is only for simulator mode (run --simulate)",
+                        )
+                    )
+    if mqtt is not None:
+        for key in ("client_id", "username"):
+            value = getattr(mqtt, key)
+            if isinstance(value, str):
+                problem = utf8_problem(value)
+                size = len(value.encode("utf-8", "replace"))
+                if problem is None and size > TOPIC_MAX_BYTES:
+                    problem = f"{size:,} bytes, over the {TOPIC_MAX_BYTES:,} of an MQTT string"
+                if problem is not None:
+                    out.append((("mqtt", key), problem))
+    if agent is None or mqtt is None:
+        return out
+    if mqtt.layout == "sparkplug":
+        out.extend(_sparkplug_checks(agent, mqtt, devices))
+        return out
+    templates = {
+        "topic_tag" if mqtt.layout == "tag" else "topic": _TOPIC_FIELDS
+        | ({"tag"} if mqtt.layout == "tag" else set()),
+        "status_topic": _TOPIC_FIELDS - {"device"},
+        "device_status_topic": _TOPIC_FIELDS,
+    }
+    values: dict[str, str | None] = {
+        "agent": agent.id,
+        "site": agent.site,
+        "area": agent.area,
+        "line": agent.line,
+    }
+    reported: set[tuple[Any, ...]] = set()
+
+    def name_at(loc: tuple[Any, ...], name: str, problem: str | None = None) -> None:
+        problem = problem or topic_name_problem(name)
+        if problem is not None and loc not in reported:
+            reported.add(loc)
+            out.append((loc, problem))
+
+    for key, allowed in templates.items():
+        template: str = getattr(mqtt, key)
+        fields = _template_fields(template)
+        if fields is None or set(fields) - allowed:
+            continue  # reported by _check_template
+        if any(f in values and f != "agent" and values[f] is None for f in fields):
+            continue  # {site} without agent.site: reported by _check_template
+        problem = _template_problem(template)
+        if problem is not None:
+            out.append((("mqtt", key), problem))
+            continue
+        for f in ("site", "area", "line"):
+            value = values[f]
+            if f in fields and value is not None:
+                name_at(("agent", f), value)
+        if not template:
+            out.append((("mqtt", key), "the topic is empty"))
+            continue
+        first = fields[0] if fields and template.startswith("{") else None
+        if first in values and str(values[first]).startswith("$"):
+            out.append((("mqtt", key), "the topic would start with '$' (reserved for the broker)"))
+        out.extend(
+            (("mqtt", key), msg)
+            for msg in _length_problems(template, fields, values, devices, name_at)
+        )
+    return out
+
+
+def _short(name: str, keep: int = 40) -> str:
+    """A name as shown in a message: quoted, the middle of a very long one left out."""
+    if len(name) <= keep:
+        return repr(name)
+    return f"{name[: keep // 2]!r}...{name[-keep // 2 :]!r} ({len(name):,} characters)"
+
+
+def _length_problems(
+    template: str,
+    fields: list[str],
+    values: dict[str, str | None],
+    devices: list[tuple[int, DeviceCommon]],
+    name_at: Any,
+) -> list[str]:
+    """Names of devices and tags the template uses, and topics over TOPIC_MAX_BYTES."""
+    out: list[str] = []
+
+    def expand(**extra: str) -> str | None:
+        try:
+            return template.format(**values, **extra)
+        except (KeyError, IndexError, ValueError):
+            return None
+
+    if "device" not in fields:
+        topic = expand()
+        size = len(topic.encode("utf-8", "replace")) if topic is not None else 0
+        if size > TOPIC_MAX_BYTES:
+            out.append(f"the topic is {size:,} bytes, over MQTT's {TOPIC_MAX_BYTES:,}")
+        return out
+    for i, device in devices:
+        name_at(("devices", i, "name"), device.name)
+        longest_tag = ""
+        if "tag" in fields:
+            longest = -1
+            for j, tag in enumerate(getattr(device, "tags", [])):
+                name_at(("devices", i, "tags", j, "name"), tag.name)
+                if template.startswith("{tag}") and tag.name.startswith("$"):
+                    name_at(
+                        ("devices", i, "tags", j, "name"),
+                        tag.name,
+                        "the topic would start with '$' (reserved for the broker)",
+                    )
+                size = len(tag.name.encode("utf-8", "replace"))
+                if size > longest:
+                    longest, longest_tag = size, tag.name
+        topic = (
+            expand(device=device.name, tag=longest_tag)
+            if "tag" in fields
+            else expand(device=device.name)
+        )
+        if topic is None:
+            continue
+        size = len(topic.encode("utf-8", "replace"))
+        if size > TOPIC_MAX_BYTES:
+            what = f"device {_short(device.name)}" + (
+                f" tag {_short(longest_tag)}" if "tag" in fields else ""
+            )
+            out.append(f"the topic of {what} is {size:,} bytes, over MQTT's {TOPIC_MAX_BYTES:,}")
+    return out
+
+
+def _sparkplug_checks(
+    agent: AgentSection, mqtt: MqttConfig, devices: list[tuple[int, DeviceCommon]]
+) -> list[Problem]:
+    """Sparkplug B ids (group, edge node, device) are topic levels: UTF-8 without the
+    reserved '+', '/' and '#' (Sparkplug 3.0, topic namespace)."""
+    assert mqtt.sparkplug is not None
+    out: list[Problem] = []
+    sp = mqtt.sparkplug
+    ids: list[tuple[tuple[Any, ...], str]] = [(("mqtt", "sparkplug", "group_id"), sp.group_id)]
+    if sp.edge_node_id is not None:
+        ids.append((("mqtt", "sparkplug", "edge_node_id"), sp.edge_node_id))
+    else:
+        ids.append((("agent", "id"), agent.id))
+    ids.extend((("devices", i, "name"), d.name) for i, d in devices)
+    for loc, name in ids:
+        problem = topic_name_problem(name)
+        if problem is not None:
+            out.append((loc, f"Sparkplug id {problem}"))
+    edge = sp.edge_node_id or agent.id
+    for i, d in devices:
+        topic = f"spBv1.0/{sp.group_id}/DBIRTH/{edge}/{d.name}"
+        size = len(topic.encode("utf-8", "replace"))
+        if size > TOPIC_MAX_BYTES:
+            out.append(
+                (
+                    ("devices", i, "name"),
+                    f"the Sparkplug topic is {size:,} bytes, over MQTT's {TOPIC_MAX_BYTES:,}",
+                )
+            )
     return out
 
 

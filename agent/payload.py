@@ -4,6 +4,10 @@ Device layout: the record's stored bytes already are the JSON array of samples, 
 message is a small per-device prefix, those bytes, and a closing part: nothing is
 decoded or re-encoded on the way out.
 
+Every JSON payload names the buffer's ``epoch`` next to ``agent``: the pair with a
+sample's ``seq`` is the consumer's deduplication key, unique across restarts, lost or
+replaced buffer files and reinstalls (see docs/mqtt.md).
+
 Two optional members mark what a consumer must know about a message (see docs/mqtt.md):
 
 - ``"historical": true`` — the record is backlog, not live data: it was appended before
@@ -17,6 +21,7 @@ Two optional members mark what a consumer must know about a message (see docs/mq
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,15 +41,31 @@ def _gap_list(gaps: Sequence[Gap]) -> list[dict[str, Any]]:
     ]
 
 
+class PayloadError(ValueError):
+    """A record that cannot be turned into messages (its stored bytes are not a JSON
+    array of samples): no attempt will ever succeed, so the caller sets it aside."""
+
+
 class PayloadEncoder:
     """sparkplug: the edge node used by layout sparkplug (default: one whose bdSeq lives
-    in memory only; the runtime passes the one wired to the publisher)."""
+    in memory only; the runtime passes the one wired to the publisher).
+
+    epoch: the buffer's epoch, put into every JSON payload. Default: a random id made
+    here, which is a new epoch for every encoder (every start of the agent): (agent,
+    epoch, seq) then stays unique, but a record re-sent after a restart is not
+    recognisable as a duplicate. The runtime passes the buffer's epoch."""
 
     def __init__(
-        self, agent: AgentSection, mqtt: MqttConfig, *, sparkplug: SparkplugNode | None = None
+        self,
+        agent: AgentSection,
+        mqtt: MqttConfig,
+        *,
+        sparkplug: SparkplugNode | None = None,
+        epoch: str | None = None,
     ) -> None:
         self._agent = agent
         self._mqtt = mqtt
+        self.epoch = epoch if epoch is not None else uuid.uuid4().hex
         if sparkplug is None and mqtt.layout == "sparkplug":
             sparkplug = SparkplugNode(agent, mqtt)
         self.sparkplug = sparkplug
@@ -75,7 +96,13 @@ class PayloadEncoder:
     def _device_message(self, record: Record, historical: bool, gaps: Sequence[Gap]) -> Message:
         cached = self._prefix.get(record.device)
         if cached is None:
-            head: dict[str, Any] = {"schema": BATCH_SCHEMA, **self._fields, "device": record.device}
+            head: dict[str, Any] = {
+                "schema": BATCH_SCHEMA,
+                "agent": self._agent.id,
+                "epoch": self.epoch,
+                **self._fields,
+                "device": record.device,
+            }
             prefix = orjson.dumps(head)[:-1] + b',"samples":'
             cached = (self.topic(record.device), prefix)
             self._prefix[record.device] = cached
@@ -91,12 +118,17 @@ class PayloadEncoder:
         return Message(topic=topic, payload=prefix + record.data + tail)
 
     def _tag_messages(self, record: Record, historical: bool, gaps: Sequence[Gap]) -> list[Message]:
-        samples: list[dict[str, Any]] = orjson.loads(record.data)
+        samples = _samples_of(record)
         # A retained historical value would replace a newer retained one.
         retain = self._mqtt.retain_last and not historical
         out = []
         for i, s in enumerate(samples):
-            body: dict[str, Any] = {"schema": SAMPLE_SCHEMA, "agent": self._agent.id, **s}
+            body: dict[str, Any] = {
+                "schema": SAMPLE_SCHEMA,
+                "agent": self._agent.id,
+                "epoch": self.epoch,
+                **s,
+            }
             if historical:
                 body["historical"] = True
             if gaps and i == 0:
@@ -109,3 +141,16 @@ class PayloadEncoder:
                 )
             )
         return out
+
+
+def _samples_of(record: Record) -> list[dict[str, Any]]:
+    """The samples of a record, or PayloadError naming the record."""
+    try:
+        samples = orjson.loads(record.data)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError(f"record {record.id} ({record.device}): not JSON: {exc}") from None
+    if not isinstance(samples, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("tag"), str) for s in samples
+    ):
+        raise PayloadError(f"record {record.id} ({record.device}): not a JSON array of samples")
+    return samples

@@ -5,18 +5,27 @@ These pydantic models *are* the schema: `edge-agent schema` writes their JSON Sc
 agent publishes against these models.
 
 The hot path does not build a pydantic object per value (≈ 2 µs each, see
-FIELD-NOTES.md): `agent.normalize` builds plain dicts of exactly this shape, encoded once
+docs/library-notes.md): `agent.normalize` builds plain dicts of exactly this shape, encoded once
 with orjson when they enter the buffer. The tests hold the two together.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypeAliasType
 
 from drivers.base import Value
+
+#: A published value: a scalar, or lists (OPC UA arrays, also multi-dimensional) and
+#: objects (OPC UA structures) of them, to any depth the agent publishes
+#: (agent.normalize.MAX_DEPTH); list items may be null.
+PublishedValue = TypeAliasType(
+    "PublishedValue",
+    "bool | int | float | str | list[PublishedValue | None] | dict[str, PublishedValue | None]",
+)
 
 SCHEMA_VERSION = 1
 BATCH_SCHEMA = f"edge-agent/batch/{SCHEMA_VERSION}"
@@ -34,28 +43,43 @@ class Sample(_Wire):
 
     device: str = Field(description="Device name from the config.")
     tag: str = Field(description="Tag name from the config.")
-    value: Value | None = Field(
+    value: PublishedValue | None = Field(
         description="Typed value (bool, int, float, str, list, or object for structures) "
-        "after scale and offset; null when quality is bad and no value was read."
+        "after scale and offset; null when quality is bad and no value was read, when "
+        "the value cannot be carried exactly (quality bad, value_text holds it), or when "
+        "the device's value itself is empty (an OPC UA null Variant, quality as given)."
+    )
+    value_text: str | None = Field(
+        default=None,
+        description="Only when the value cannot be carried as JSON (quality bad, value "
+        "null): the value as text: 'NaN', 'Infinity', '-Infinity' (reason 'not a "
+        "number' / 'infinite'), the digits of an integer outside the 64-bit range "
+        "('out of range'), ... Absent otherwise.",
     )
     quality: Quality = Field(description="good, uncertain or bad.")
     reason: str | None = Field(
         default=None,
         description="Why the quality is not good: OPC UA status name, Modbus exception, "
-        "timeout, unreachable, ... null when good.",
+        "timeout, unreachable, not a number, infinite, out of range, ... null when good, "
+        "except that a good sample whose device timestamp could not be published says "
+        "why here ('ts_source out of range', 'ts_source without time zone').",
     )
     code: int | None = Field(
         default=None, description="Raw numeric status (OPC UA StatusCode, Modbus exception)."
     )
     ts_source: datetime | None = Field(
-        default=None, description="Timestamp from the device, where the protocol has one."
+        default=None,
+        description="Timestamp from the device, where the protocol has one; null when the "
+        "device gave none, or one before 1970, in year 9999 or without a time zone "
+        "(OPC UA's DateTime 0 is 1601-01-01).",
     )
     ts_agent: datetime = Field(description="When the agent read the value (UTC).")
     unit: str | None = Field(default=None, description="Unit of measure from the config.")
     seq: int = Field(
         ge=1,
-        description="Per-agent sequence number: strictly increasing, persisted across "
-        "restarts. A gap means samples were dropped; a repeat is a duplicate delivery.",
+        description="Per-agent sequence number: strictly increasing within an epoch, "
+        "persisted across restarts. A gap means samples were dropped; a repeat is a "
+        "duplicate delivery. (agent, epoch, seq) identifies a sample.",
     )
 
 
@@ -75,6 +99,11 @@ _HISTORICAL = Field(
     description="True for backlog: appended before the current broker connection came up, "
     "or sent before without an acknowledgement. Absent for live data.",
 )
+_EPOCH = Field(
+    description="Id of the agent's buffer (made when the buffer file was created; a new "
+    "one after a lost or replaced file, a reinstall, a memory buffer's start). Seqs are "
+    "unique within an epoch: consumers deduplicate on (agent, epoch, seq)."
+)
 _GAPS = Field(
     default=None,
     description="Seq ranges dropped since the last acknowledged notice; carried by the "
@@ -87,6 +116,7 @@ class BatchPayload(_Wire):
 
     schema_: str = Field(alias="schema", description=f"Always '{BATCH_SCHEMA}'.")
     agent: str = Field(description="agent.id from the config.")
+    epoch: str = _EPOCH
     site: str | None = None
     area: str | None = None
     line: str | None = None
@@ -101,6 +131,7 @@ class SamplePayload(Sample):
 
     schema_: str = Field(alias="schema", description=f"Always '{SAMPLE_SCHEMA}'.")
     agent: str = Field(description="agent.id from the config.")
+    epoch: str = _EPOCH
     historical: bool = _HISTORICAL
     gaps: list[GapNotice] | None = _GAPS
 
@@ -118,3 +149,4 @@ class WireSample(TypedDict):
     ts_agent: datetime
     unit: str | None
     seq: int
+    value_text: NotRequired[str]  # only when the value was made bad (agent.normalize)

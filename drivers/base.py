@@ -257,6 +257,16 @@ class DeviceCommon(ConfigModel):
             return f"{host}:{port}" if port is not None else str(host)
         return "-"
 
+    def check(self, *, simulate: bool | None = None) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems that the field validators cannot see and that would otherwise only
+        show when the device is started (a request plan that cannot be made, an endpoint
+        that cannot be reached): (location inside this device, message) each, e.g.
+        ``(("tags", 3, "type"), "...")``. `agent.config` reports them with file:line.
+
+        simulate: True in simulator mode, False against real devices, None when the
+        use is not known (endpoint checks are then skipped). None for most protocols."""
+        return []
+
     def subscribe_groups(self) -> frozenset[str]:
         """Poll groups whose values the driver pushes (subscriptions) instead of being
         polled. None for most protocols; OPC UA devices override this."""

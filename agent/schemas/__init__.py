@@ -103,6 +103,7 @@ def reference_markdown() -> str:
         "`${VAR}` and `${VAR:-default}` are replaced from the environment.",
         "",
     ]
+    out += _CHECKS.splitlines()
     for title, model, blurb in sections:
         out += [
             f"## `{title}`",
@@ -121,6 +122,61 @@ def reference_markdown() -> str:
     out += PROFILES_SECTION.splitlines()
     out.append("")
     return "\n".join(out)
+
+
+_CHECKS = """\
+## Checks beyond the keys
+
+`edge-agent validate` (and `run`, which loads the file the same way before it starts
+anything) also makes every check that starting the agent would otherwise meet, each
+reported with file:line and exit code 2:
+
+- **Each device's own checks.** Modbus: the request plan is made as the driver makes it
+  (a value larger than `max_registers_per_request`, e.g. a float64 with 2, is an error at
+  the tag's `type`, or `length` for strings); `host` must be an IP address or a host name;
+  in simulator mode (`--simulate`) every `simulate` section must be one the simulator
+  can produce (a text constant for a number tag is an error).
+- **Names that go into MQTT topics**, wherever they do with the configured layout:
+  `agent.site`/`area`/`line` when a topic template uses them, device names, tag names with
+  `layout: tag`, Sparkplug's `group_id`, `edge_node_id` (or `agent.id`) and device names.
+  Not allowed in them: `+`, `#`, `/`, NUL, control characters (U+0001..U+001F,
+  U+007F..U+009F), noncharacters and lone surrogates; an empty name. The templates
+  (`topic`, `topic_tag`, `status_topic`, `device_status_topic`) may hold no `+` or `#`,
+  may not start with `$` (also not through their first field), and every topic they
+  expand to must fit MQTT's 65,535 bytes. With `layout: device` tag names only appear in
+  the JSON body and may be any text. `mqtt.client_id` and `username` must be valid MQTT
+  strings.
+- **Port 0** (any free port) is for simulator mode only: a device `port: 0` or an OPC UA
+  endpoint `opc.tcp://host:0/...` is an error for `validate` and `run`, and accepted by
+  `validate --simulate`, `run --simulate` and `simulate`. (`http.port: 0` is always
+  allowed: it listens on a free port, logged as `http.listening`.)
+- **Hosts**: `mqtt.host` and `http.host` must be IP addresses or host names (nothing is
+  resolved: loading never opens a socket).
+- **Numbers**: a tag's `scale` and `offset` must be finite (`.nan`, `.inf` are errors).
+- **The buffer file**: `buffer.path` may not be a directory, and no parent of it may be a
+  file. A missing directory is created at start.
+
+What can change between `validate` and the start, and is therefore met at run time:
+
+- `http.host`/`port` cannot be listened on (port in use, address not on this machine,
+  name not resolvable): `run` exits 1 with one line, `agent.failed ... http: cannot
+  listen on HOST:PORT: ...`.
+- Another agent holds the same `buffer.path`: exits 1 with one line (`... in use`).
+- The buffer's disk fails: the newest data is kept in memory
+  (`buffer.memory_fallback_bytes`); when an existing buffer file cannot be read at all
+  (its seq high-water mark is unknown), `run` exits 1 with one line.
+- TLS files (`ca_file`, `cert_file`, `key_file` and its mode), `password_file` and
+  `key_password_file` are read at every connection attempt: a missing or unreadable one
+  is logged once as `mqtt.connect.failed` with the file and the reason, retried with
+  backoff, and picked up once fixed (a file may be provisioned after the start).
+- A broker or device host that does not resolve or answer: retried with backoff (the
+  device is reported down, the broker as `mqtt.connect.failed`).
+- OPC UA `cert_dir`, certificates and trust: checked when connecting; the device is
+  reported down with the reason.
+
+A reload re-reads the file with the same checks (only the mode of port 0 is not judged
+there: simulator mode keeps each device's served port).
+"""
 
 
 PROFILES_SECTION = """\

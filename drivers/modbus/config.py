@@ -182,3 +182,74 @@ class ModbusDevice(DeviceCommon):
         default=0.0, ge=0, description="Pause between requests, for devices that need one."
     )
     tags: list[ModbusTag] = Field(min_length=1, description="The values to read.")
+
+    def check(self, *, simulate: bool | None = None) -> list[tuple[tuple[str | int, ...], str]]:
+        """The request plan (`drivers.modbus.plan`), made as the driver makes it at
+        start; a host that cannot be one; port 0, which only simulator mode can serve."""
+        import ipaddress
+        import re
+
+        from drivers.modbus.plan import MAX_BITS, MAX_REGISTERS, plan_device, plan_requests
+
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            label = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+            name = self.host.removesuffix(".")
+            if not (0 < len(name) <= 253 and all(label.match(x) for x in name.split("."))):
+                out.append((("host",), f"{self.host!r} is neither an IP address nor a host name"))
+        if simulate is False and self.port == 0:
+            out.append((("port",), "port 0 is only for simulator mode (run --simulate)"))
+        if simulate:
+            out.extend(self._simulate_problems())
+        # An undeclared poll group is reported by the loader's own cross checks.
+        groups = self.group_intervals()
+        if any(t.group not in groups for t in self.tags):
+            return out
+        try:
+            plan_device(self)
+        except ValueError as exc:
+            # Find the tags the plan failed on, to point at their lines.
+            cap_regs = min(MAX_REGISTERS, self.max_registers_per_request)
+            cap_bits = min(MAX_BITS, self.max_bits_per_request)
+            located = False
+            for index, tag in enumerate(self.tags):
+                try:
+                    plan_requests([tag], max_registers=cap_regs, max_bits=cap_bits)
+                except ValueError as one:
+                    located = True
+                    key = "length" if tag.type == "string" else "type"
+                    out.append(
+                        (
+                            ("tags", index, key),
+                            f"{one}: raise the device's max_registers_per_request to at least "
+                            f"{tag.register_count()}",
+                        )
+                    )
+            if not located:
+                out.append(((), str(exc)))
+        return out
+
+    def _simulate_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Simulated values the simulator cannot produce for their tag (simulator mode)."""
+        from drivers.generators import Kind, make_generator
+
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        for index, tag in enumerate(self.tags):
+            if tag.simulate is None:
+                continue
+            kind: Kind
+            if tag.type == "string":
+                kind = "str"
+            elif tag.type in ("bool", "bit"):
+                kind = "bool"
+            elif tag.type in ("float32", "float64") or tag.scale != 1 or tag.offset % 1:
+                kind = "float"
+            else:
+                kind = "int"
+            try:
+                make_generator(tag.simulate, kind)
+            except ValueError as exc:
+                out.append((("tags", index, "simulate"), str(exc)))
+        return out

@@ -64,7 +64,9 @@ def test_a_stopped_agent_exits_even_if_a_thread_hangs() -> None:
     assert "Thread" in result.stderr  # the stacks, for whoever finds out why
 
 
-def test_a_device_whose_plan_cannot_work_exits_1_naming_it(tmp_path: Path) -> None:
+def test_a_device_whose_plan_cannot_work_is_a_config_error(tmp_path: Path) -> None:
+    # The loader makes the plan (validate = run): exit 2 with the line, nothing started.
+    # (The runtime's own guard, for configs built without the loader, is a unit test.)
     config = tmp_path / "agent.yaml"
     config.write_text(
         f"agent: {{id: gw}}\nmqtt: {{port: {free_port()}}}\n"
@@ -73,9 +75,9 @@ def test_a_device_whose_plan_cannot_work_exits_1_naming_it(tmp_path: Path) -> No
         "max_registers_per_request: 2, tags: [{name: t, address: 0, type: float64}]}\n"
     )
     result = cli("run", str(config), timeout_s=30)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "ExceptionGroup" not in result.stderr
-    failed = [json.loads(line) for line in result.stderr.splitlines() if "agent.failed" in line]
-    assert len(failed) == 1
-    assert failed[0]["error"].startswith("DeviceBuildError: device 'plc': ValueError: ")
+    assert f"{config}:5 devices[0].tags[0].type: tag 't': a float64 of 4 registers" in (
+        result.stderr
+    )
+    assert not (tmp_path / "buffer.db").exists()

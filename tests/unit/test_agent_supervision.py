@@ -21,6 +21,7 @@ from agent.config import Config, parse_config
 from agent.publish.fake import FakePublisher
 from agent.runtime import Agent, DeviceBuildError, SupervisionPolicy, TaskFailed
 from agent.schema import WireSample
+from agent.yamlsafe import load_yaml
 from tests.support.broker import free_port
 
 FAST = SupervisionPolicy(max_failures=3, window_s=60.0, backoff_min_s=0.01, backoff_max_s=0.02)
@@ -300,7 +301,10 @@ BAD_PLAN = """\
 async def test_a_device_that_cannot_be_built_fails_the_start_and_starts_nothing(
     tmp_path: Path,
 ) -> None:
-    config = make_config(tmp_path, extra=BAD_PLAN.format(port=free_port()))
+    # The loader refuses this plan (validate = run); a config built without it still
+    # meets the runtime's own guard.
+    data, _, _ = load_yaml(config_text(tmp_path, extra=BAD_PLAN.format(port=free_port())))
+    config = Config.model_validate(data)
     publisher = FakePublisher()
     agent = Agent(config, publisher=publisher, grace_s=0.2)
     with pytest.raises(DeviceBuildError, match="device 'plc-2': ValueError") as info:
@@ -333,7 +337,11 @@ async def test_a_reload_whose_plan_fails_changes_nothing(tmp_path: Path) -> None
         with capture_logs() as logs:
             result = await agent.reload()
         assert not result.ok
-        assert [p.split(":")[0] for p in result.problems] == ["device 'plc-1'", "device 'plc-3'"]
+        # Refused by the loader, with the lines (validate = run).
+        assert [p.split(" ")[1] for p in result.problems] == [
+            "devices[0].tags[0].type:",
+            "devices[1].tags[0].type:",
+        ]
         assert agent.config is config
         assert list(agent.devices) == ["plc-1"]
         assert agent.devices["plc-1"] is before

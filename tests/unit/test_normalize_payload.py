@@ -58,7 +58,7 @@ def test_samples_carry_consecutive_seq_and_scaled_values() -> None:
     assert out[2]["quality"] == "bad"
     assert out[2]["code"] == 2
     for s in out:
-        SamplePayload.model_validate({"schema": SAMPLE_SCHEMA, "agent": "gw", **s})
+        SamplePayload.model_validate({"schema": SAMPLE_SCHEMA, "agent": "gw", "epoch": "e1", **s})
 
 
 def test_bad_readings() -> None:
