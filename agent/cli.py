@@ -65,10 +65,12 @@ async def _run(config: Config, path: str, *, simulate: bool, grace_s: float) -> 
     if simulate:
         async with simulators(config) as simulated:
             adapt = _keep_simulated_endpoints(config, simulated)
-            agent = Agent(simulated, grace_s=grace_s, config_path=path, adapt_config=adapt)
+            agent = Agent(
+                simulated, grace_s=grace_s, config_path=path, adapt_config=adapt, simulate=True
+            )
             await run_until_signal(agent)
     else:
-        await run_until_signal(Agent(config, grace_s=grace_s, config_path=path))
+        await run_until_signal(Agent(config, grace_s=grace_s, config_path=path, simulate=False))
 
 
 def _keep_simulated_endpoints(original: Config, simulated: Config) -> Callable[[Config], Config]:

@@ -34,11 +34,20 @@ from agent.publish.sparkplug import SparkplugNode
 from agent.schema import BATCH_SCHEMA, SAMPLE_SCHEMA
 
 
-def _gap_list(gaps: Sequence[Gap]) -> list[dict[str, Any]]:
-    return [
-        {"first_seq": g.first_seq, "last_seq": g.last_seq, "count": g.count, "reason": g.reason}
-        for g in gaps
-    ]
+def _gap_list(gaps: Sequence[Gap], epoch: str) -> list[dict[str, Any]]:
+    """Gap notices; a gap of another epoch than the message's says which."""
+    out = []
+    for g in gaps:
+        item: dict[str, Any] = {
+            "first_seq": g.first_seq,
+            "last_seq": g.last_seq,
+            "count": g.count,
+            "reason": g.reason,
+        }
+        if g.epoch and g.epoch != epoch:
+            item["epoch"] = g.epoch
+        out.append(item)
+    return out
 
 
 class PayloadError(ValueError):
@@ -75,7 +84,7 @@ class PayloadEncoder:
             "area": agent.area,
             "line": agent.line,
         }
-        self._prefix: dict[str, tuple[str, bytes]] = {}
+        self._prefix: dict[tuple[str, str], tuple[str, bytes]] = {}
 
     def topic(self, device: str, tag: str | None = None) -> str:
         if tag is None:
@@ -94,18 +103,22 @@ class PayloadEncoder:
         return self._tag_messages(record, historical, gaps)
 
     def _device_message(self, record: Record, historical: bool, gaps: Sequence[Gap]) -> Message:
-        cached = self._prefix.get(record.device)
+        # A record keeps the epoch it was stored in (a buffer that got a new epoch
+        # still holds records of the old one): its identity must not change on resend.
+        epoch = record.epoch or self.epoch
+        key = (record.device, epoch)
+        cached = self._prefix.get(key)
         if cached is None:
             head: dict[str, Any] = {
                 "schema": BATCH_SCHEMA,
                 "agent": self._agent.id,
-                "epoch": self.epoch,
+                "epoch": epoch,
                 **self._fields,
                 "device": record.device,
             }
             prefix = orjson.dumps(head)[:-1] + b',"samples":'
             cached = (self.topic(record.device), prefix)
-            self._prefix[record.device] = cached
+            self._prefix[key] = cached
         topic, prefix = cached
         tail = b"}"
         if historical or gaps:
@@ -113,7 +126,7 @@ class PayloadEncoder:
             if historical:
                 extra["historical"] = True
             if gaps:
-                extra["gaps"] = _gap_list(gaps)
+                extra["gaps"] = _gap_list(gaps, epoch)
             tail = b"," + orjson.dumps(extra)[1:]
         return Message(topic=topic, payload=prefix + record.data + tail)
 
@@ -122,17 +135,18 @@ class PayloadEncoder:
         # A retained historical value would replace a newer retained one.
         retain = self._mqtt.retain_last and not historical
         out = []
+        epoch = record.epoch or self.epoch
         for i, s in enumerate(samples):
             body: dict[str, Any] = {
                 "schema": SAMPLE_SCHEMA,
                 "agent": self._agent.id,
-                "epoch": self.epoch,
+                "epoch": epoch,
                 **s,
             }
             if historical:
                 body["historical"] = True
             if gaps and i == 0:
-                body["gaps"] = _gap_list(gaps)
+                body["gaps"] = _gap_list(gaps, epoch)
             out.append(
                 Message(
                     topic=self.topic(record.device, s["tag"]),

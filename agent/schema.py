@@ -90,7 +90,13 @@ class GapNotice(_Wire):
     last_seq: int = Field(description="Last seq of the range.")
     count: int = Field(description="Samples dropped in the range.")
     reason: str = Field(
-        description="drop_oldest, drop_newest, too_large, max_age, memory_full, corrupt."
+        description="drop_oldest, drop_newest, too_large, max_age, memory_full, corrupt, "
+        "dead_letter (set aside; can be replayed), skipped (seqs leased before an unclean "
+        "stop and never handed out, or possibly handed out before a power cut)."
+    )
+    epoch: str | None = Field(
+        default=None,
+        description="The epoch the range's seqs belong to, when it is not the message's.",
     )
 
 

@@ -145,8 +145,12 @@ class Agent:
         rate_interval_s: float = 5.0,
         health_interval_s: float = 1.0,
         supervision: SupervisionPolicy | None = None,
+        simulate: bool | None = None,
     ) -> None:
+        """simulate: how a reloaded file is checked — as `run` (False), as `run --simulate`
+        (True), or without the mode's own checks (None, for library callers)."""
         self.config = config
+        self.simulate = simulate
         self.buffer = buffer or open_buffer(config.buffer)
         self._publisher = publisher
         self.grace_s = grace_s
@@ -170,7 +174,7 @@ class Agent:
         )
         self.heartbeats = Heartbeats(on_stall=self._on_stall)
         self.stall_s = sup.stall_s
-        self.writer = BufferWriter(self.buffer, self._stored)
+        self.writer = BufferWriter(self.buffer, self._stored, self._append_retrying)
         # What drivers share (one serial line or gateway connection for many units):
         # lent by this run, closed once every poller has stopped.
         self.driver_context = DriverContext()
@@ -266,7 +270,9 @@ class Agent:
         forwarder = self.forwarder = Forwarder(
             self.buffer,
             publisher,
-            PayloadEncoder(config.agent, config.mqtt, sparkplug=self.sparkplug),
+            PayloadEncoder(
+                config.agent, config.mqtt, sparkplug=self.sparkplug, epoch=self.buffer.epoch
+            ),
             dead_letters=_dead_letters(config),
             max_refusals=config.mqtt.max_refusals,
         )
@@ -485,6 +491,10 @@ class Agent:
         await self.supervisor.stop(_task_name(name))  # the poller closes its driver
         self.latest.pop(name, None)
 
+    def _append_retrying(self, error: Exception | None) -> None:
+        """The writer tries an append again (error) or it worked again (None)."""
+        self.status.buffer_error = None if error is None else (str(error) or type(error).__name__)
+
     def _stored(self, device: str, samples: int, error: Exception | None) -> None:
         status = self.status
         if error is None:
@@ -529,7 +539,7 @@ class Agent:
         if not self._running or self._stop.is_set() or self._seq is None:
             return ReloadResult(ok=False, problems=["the agent is not running"])
         if new is None:
-            loaded = await read_config(self.config_path)
+            loaded = await read_config(self.config_path, self.simulate)
             if isinstance(loaded, ReloadResult):
                 return loaded
             new = loaded

@@ -12,6 +12,7 @@ devices only when all of them were built. A reload that fails changes nothing, i
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,13 @@ class ReloadResult:
         }
 
 
-async def read_config(path: Path | None) -> Config | ReloadResult:
-    """The config in `path`, or a failed ReloadResult saying why it cannot be used."""
+async def read_config(path: Path | None, simulate: bool | None = None) -> Config | ReloadResult:
+    """The config in `path`, checked as `run` (simulate False) or `run --simulate` (True)
+    checks it, or a failed ReloadResult saying why it cannot be used."""
     if path is None:
         return ReloadResult(ok=False, problems=["no config file to reload from"])
     try:
-        return await asyncio.to_thread(load_config, path)
+        return await asyncio.to_thread(functools.partial(load_config, path, simulate=simulate))
     except ConfigError as exc:
         return ReloadResult(ok=False, problems=exc.problems)
 

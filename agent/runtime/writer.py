@@ -6,18 +6,26 @@ trip to the buffer's thread. Seqs are taken in the order the buffer gets them, s
 is never refused for an out-of-order seq, whatever order waiting pollers resume in. A
 full queue makes the pollers wait (backpressure) rather than drop anything.
 
-A failed append is counted (`samples_dropped_on_error`) and logged, never raised. An
-unexpected exception (a bug) counts the polls in hand as dropped on error and is raised,
-so the supervisor logs it and restarts the writer.
+An append that raises (the buffer could not take the polls at all; not a ValueError,
+which is the buffer refusing what it was given, counted like a refused batch) is tried again, in
+order, with backoff, holding the polls in hand: the pollers wait behind the full queue
+(backpressure, their skipped polls counted) and nothing that was given a seq is dropped.
+While it fails the agent is not ready (`buffer not writable`); if it keeps failing for
+the writer's stall deadline the supervisor stops the agent (exit 1). A batch the buffer
+refused by itself (a per-batch error from `append_many`) is counted
+(`samples_dropped_on_error`) and logged. An unexpected exception (a bug) counts the polls
+in hand as dropped on error and is raised, so the supervisor logs it and restarts the
+writer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -47,6 +55,13 @@ class DeviceSink:
 Write = tuple[DeviceSink, Readings, datetime]
 #: Called after each store attempt: (device, samples, the error or None).
 StoredHook = Callable[[str, int, Exception | None], None]
+#: Called when an append raised and will be tried again (the error), and with None once
+#: an append worked again.
+RetryHook = Callable[[Exception | None], None]
+
+#: Backoff of an append that raised: first and largest delay.
+RETRY_MIN_S = 0.05
+RETRY_MAX_S = 5.0
 
 
 class _BatchAppender(Protocol):
@@ -59,9 +74,15 @@ class BufferWriter:
     """`sink(...)` makes a device's ReadingSink; `run()` stores what the sinks hand over
     until `stop()` (then returns once everything handed over before is stored)."""
 
-    def __init__(self, buffer: Buffer, on_stored: StoredHook) -> None:
+    def __init__(
+        self, buffer: Buffer, on_stored: StoredHook, on_retry: RetryHook | None = None
+    ) -> None:
         self.buffer = buffer
         self._on_stored = on_stored
+        self._on_retry = on_retry
+        #: Appends that raised and were tried again, since start.
+        self.retries = 0
+        self._failing: str | None = None
         # Polls waiting for the writer; None tells the writer to stop (after the rest).
         self.queue: asyncio.Queue[Write | None] = asyncio.Queue(WRITE_QUEUE_MAX)
         #: Trips to the buffer finished (good or not): the writer's heartbeat.
@@ -121,16 +142,20 @@ class BufferWriter:
                     continue
                 if many is not None:
                     try:
-                        errors: list[Exception | None] = await many.append_many(batch)
-                    except Exception as exc:
+                        errors: list[Exception | None] = await self._until_stored(
+                            functools.partial(many.append_many, batch), len(batch)
+                        )
+                    except ValueError as exc:
                         errors = [exc] * len(batch)
                 else:
                     errors = []
                     for dev, samples in batch:
                         try:
-                            await buffer.append(dev, samples)
+                            await self._until_stored(
+                                functools.partial(buffer.append, dev, samples), len(samples)
+                            )
                             errors.append(None)
-                        except Exception as exc:
+                        except ValueError as exc:  # this batch refused: count it, go on
                             errors.append(exc)
                 if len(errors) != len(batch):
                     raise RuntimeError(
@@ -147,5 +172,43 @@ class BufferWriter:
             finally:
                 self.trips += 1
 
+    async def _until_stored(self, append: Callable[[], Any], samples: int) -> Any:
+        """Run `append` until it does not raise, with backoff; the outage is logged once."""
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                result = await append()
+            except ValueError:
+                raise  # the buffer refuses what it was given (a contract breach): no retry
+            except Exception as exc:
+                self.retries += 1
+                error = f"{type(exc).__name__}: {exc}"
+                if self._failing is None:
+                    log.error(
+                        "buffer.append.retrying",
+                        error=error,
+                        samples=samples,
+                        note="the polls in hand are kept and tried again; pollers wait",
+                    )
+                self._failing = error
+                if self._on_retry is not None:
+                    self._on_retry(exc)
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            if self._failing is not None:
+                log.info("buffer.append.recovered", retries=self.retries)
+                self._failing = None
+                if self._on_retry is not None:
+                    self._on_retry(None)
+            return result
 
-__all__ = ["WRITE_BATCH_MAX", "WRITE_QUEUE_MAX", "BufferWriter", "DeviceSink", "StoredHook"]
+
+__all__ = [
+    "WRITE_BATCH_MAX",
+    "WRITE_QUEUE_MAX",
+    "BufferWriter",
+    "DeviceSink",
+    "RetryHook",
+    "StoredHook",
+]

@@ -179,3 +179,35 @@ async def test_writer_counts_and_logs_a_failing_append(tmp_path: Path) -> None:
     assert agent.status.samples_produced == 2
     assert agent.status.samples_dropped_on_error == 1
     assert [r.first_seq for r in await buffer.take(10)] == [1, 2]
+
+
+async def test_writer_keeps_and_retries_polls_when_the_append_raises(tmp_path: Path) -> None:
+    """An append that raises (a disk hiccup the buffer did not absorb) loses nothing: the
+    polls in hand are tried again, in order, and stored once the buffer works."""
+    from structlog.testing import capture_logs
+
+    from tests.support.faults import FaultPlan, Faulty, Raise
+
+    plan = FaultPlan().at("append_many", 1, Raise(OSError(5, "Input/output error")), times=3)
+    inner = SqliteBuffer(BufferConfig(path=str(tmp_path / "b.db")))
+    await inner.open()
+    buffer = Faulty(inner, plan)
+    agent = Agent(
+        parse_config(one_device_config(tmp_path)), publisher=FakePublisher(), buffer=buffer
+    )
+    sink, _ = agent.writer.sink("plc", Normalizer("plc", [TagCommon(name="a")]), SeqCounter(0))
+    with capture_logs() as logs:
+        writer = asyncio.create_task(agent.writer.run())
+        for v in range(5):
+            await sink([RawReading("a", v)])
+        await agent.writer.stop()
+        await writer
+    assert [m for m, _, _ in plan.fired] == ["append_many"] * 3
+    assert agent.writer.retries == 3
+    assert agent.status.samples_dropped_on_error == 0
+    assert agent.status.buffer_error is None  # recovered
+    records = await inner.take(10)
+    assert [s["value"] for r in records for s in orjson.loads(r.data)] == [0, 1, 2, 3, 4]
+    events = [e["event"] for e in logs if e["event"].startswith("buffer.append")]
+    assert events == ["buffer.append.retrying", "buffer.append.recovered"]
+    await inner.close()

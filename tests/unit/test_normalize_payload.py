@@ -102,3 +102,24 @@ def test_tag_layout_one_message_per_sample() -> None:
     bodies = [SamplePayload.model_validate(orjson.loads(m.payload)) for m in msgs]
     assert [b.seq for b in bodies] == [11, 12]
     assert bodies[0].value == pytest.approx(21.5)
+
+
+def test_a_record_keeps_its_own_epoch_and_a_foreign_gap_names_its_epoch() -> None:
+    from agent.buffer import Gap
+
+    samples = [{"device": "d", "tag": "t", "value": 1, "quality": "good", "seq": 7}]
+    old = Record(1, "d", 7, 7, 1, 0.0, orjson.dumps(samples), epoch="a" * 32)
+    new = Record(2, "d", 8, 8, 1, 0.0, orjson.dumps([{**samples[0], "seq": 8}]))
+    enc = PayloadEncoder(AgentSection(id="gw"), MqttConfig(), epoch="b" * 32)
+    gaps = [Gap(3, 4, 2, "corrupt", "a" * 32), Gap(5, 6, 2, "skipped", "b" * 32)]
+    [m_old] = enc.encode(old, gaps=gaps)
+    [m_new] = enc.encode(new)
+    body_old, body_new = orjson.loads(m_old.payload), orjson.loads(m_new.payload)
+    assert body_old["epoch"] == "a" * 32  # stored in the old epoch: same identity on resend
+    assert body_new["epoch"] == "b" * 32  # no epoch stored: the buffer's current one
+    assert body_old["gaps"] == [
+        {"first_seq": 3, "last_seq": 4, "count": 2, "reason": "corrupt"},
+        {"first_seq": 5, "last_seq": 6, "count": 2, "reason": "skipped", "epoch": "b" * 32},
+    ]
+    [tag_msg] = PayloadEncoder(AgentSection(id="gw"), MqttConfig(layout="tag")).encode(old)
+    assert orjson.loads(tag_msg.payload)["epoch"] == "a" * 32
