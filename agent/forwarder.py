@@ -1,10 +1,10 @@
 """Buffer → broker: take the oldest records, publish, delete only what was acknowledged.
 
-Nothing leaves the disk before the broker acknowledged it. A record is committed
-(deleted) only when every message carrying it was acknowledged; a record with any
-failed message stays and is sent again, oldest first, on the next round. The
-publisher never retransmits by itself, so duplicates are bounded by what was in flight
-when a connection dropped.
+Nothing leaves the disk before the broker acknowledged it or it was moved to the
+dead-letter store. A record is committed (deleted) only when every message carrying it
+was acknowledged; a record with a failed message stays and is sent again. The publisher
+never retransmits by itself, so duplicates are bounded by what was in flight when a
+connection dropped.
 
 The forwarder never waits for a PLC, and pollers never wait for the forwarder: a
 broker outage only makes the buffer grow.
@@ -14,9 +14,32 @@ an outage the backlog drains before live data, at the publisher's full rate (in-
 window of QoS 1 messages), while pollers keep appending behind it. Records that predate
 the current connection, or were attempted before, are marked historical (agent.payload).
 
-Refusals: a PUBACK reason >= 0x80 is counted per record; after `max_refusals` the record is
-moved to the dead-letter store and deleted from the buffer, so one refused record cannot
-hold the others back for ever. A lost connection is not a refusal and never counts.
+Records that cannot be published as they are (docs/mqtt.md, "Poison records"):
+
+- **Too large.** When the publisher knows the broker's Maximum Packet Size (or
+  `max_message_bytes` is set), a record whose message would exceed it is split into
+  sub-records — halves of its sample array, recursively — each published as its own
+  message with exact first_seq/last_seq/count. The record is committed once every part was
+  acknowledged. A single sample that still does not fit is dead-lettered.
+- **Permanent.** The encoder raises, paho rejects the message (a topic with ``+``/``#``),
+  or the broker refuses it with a reason that will not change by itself (0x87 Not
+  authorized, 0x90 Topic name invalid, 0x99 Payload format invalid): dead-lettered at once.
+- **Transient refusal** (any other PUBACK reason >= 0x80, e.g. 0x97 Quota exceeded): the
+  *device* backs off (exponential, with jitter); after `max_refusals` refusals of the same
+  record it is dead-lettered. While a device backs off its records wait in the buffer and
+  every other device's records flow at full rate. No later record of that device is sent
+  before the earlier one was delivered or dead-lettered (records of the device that were
+  in flight beside the refused one in the same round are kept as delivered).
+- **A lost connection or a timeout** is nobody's fault in particular: nothing is counted
+  against a record; the round backs off as a whole and waits for the publisher.
+
+Every dead letter is counted by reason, logged once per device and reason
+(``forward.dead_letter``, ERROR) and announced to consumers as a gap with reason
+``dead_letter`` in the next message, like the buffer's own gaps; the announcement is
+repeated (also across restarts, the store keeps the flag) until a message carrying it was
+acknowledged. Entries an operator queued for replay (``edge-agent deadletter replay``) are
+picked up within `replay_check_s` and published with their original seqs, marked
+historical.
 
 Gap notices: seq ranges the buffer dropped ride on the first message of the next round
 and are cleared from the buffer once that message was acknowledged.
@@ -25,20 +48,45 @@ and are cleared from the buffer once that message was acknowledged.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import structlog
 
 from agent.buffer import Buffer, Gap, Record
 from agent.payload import PayloadEncoder
 from agent.poller import Backoff
-from agent.publish import Message, Publisher, PublishResult
-from agent.publish.deadletter import DeadLetters
+from agent.publish import (
+    PACKET_TOO_LARGE,
+    PERMANENT_CODES,
+    Message,
+    Publisher,
+    PublishResult,
+    packet_size,
+)
+from agent.publish.deadletter import DeadLetter, DeadLetters
 
 log = structlog.get_logger()
+
+#: Gap reason for samples moved to the dead-letter store.
+DEAD_LETTER_GAP = "dead_letter"
+#: How often the forwarder looks for dead letters queued for replay.
+REPLAY_CHECK_S = 2.0
+_REPLAY_BATCH = 100
+
+
+@dataclass
+class DeviceBackoff:
+    """A device whose records wait because the broker refused one (transiently)."""
+
+    reason: str
+    code: int | None
+    refusals: int  # of the record at the head of the device's queue
+    retry_at: float  # epoch seconds
 
 
 @dataclass
@@ -53,11 +101,37 @@ class ForwarderStats:
     refusals_by_reason: dict[str, int] = field(default_factory=dict)
     dead_lettered_records: int = 0
     dead_lettered_samples: int = 0
+    dead_lettered_by_reason: dict[str, int] = field(default_factory=dict)  # records
+    split_records: int = 0  # records sent as several parts to fit the packet size
+    split_parts: int = 0
+    replayed_records: int = 0  # dead letters delivered after `deadletter replay`
+    replayed_samples: int = 0
     historical_records: int = 0  # records sent marked historical (each attempt)
     gap_notices_delivered: int = 0
+    #: device → its backoff, while the broker's refusals hold that device back.
+    backing_off: dict[str, DeviceBackoff] = field(default_factory=dict)
+
+
+class _Poison(Exception):
+    """A record that cannot be published as it is."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+@dataclass
+class _Part:
+    index: int  # of the record in the round
+    record: Record  # the record itself, or a sub-record of it
+    messages: list[Message]
 
 
 class Forwarder:
+    """max_message_bytes: a packet-size limit of our own (e.g. a cloud broker's message
+    limit), applied besides the one the broker announces."""
+
     def __init__(
         self,
         buffer: Buffer,
@@ -67,22 +141,38 @@ class Forwarder:
         max_records: int = 100,
         dead_letters: DeadLetters | None = None,
         max_refusals: int = 5,
+        max_message_bytes: int | None = None,
+        device_backoff_min_s: float = 0.5,
+        device_backoff_max_s: float = 30.0,
+        replay_check_s: float = REPLAY_CHECK_S,
     ) -> None:
         self.buffer = buffer
-        self.dead_letters = dead_letters or DeadLetters(None)
+        self.dead_letters = dead_letters if dead_letters is not None else DeadLetters(None)
         self.max_refusals = max_refusals
+        self.max_message_bytes = max_message_bytes
+        self.device_backoff_min_s = device_backoff_min_s
+        self.device_backoff_max_s = device_backoff_max_s
+        self.replay_check_s = replay_check_s
         self._refusals: dict[int, int] = {}  # record id → refusals so far
         self._attempted: set[int] = set()  # record ids with a failed attempt
+        self._split_limit: dict[int, int] = {}  # record id → packet limit learnt from 0x95
         self._gaps: list[Gap] = []
         self._gaps_dropped_seen: int | None = None
+        self._dead_gaps: list[DeadLetter] | None = None  # None: not loaded from the store
+        self._logged: set[tuple[str, str]] = set()  # (device, reason) dead letters logged
+        self._backoff_logged: set[str] = set()  # devices whose backoff episode was logged
         self.publisher = publisher
         self.encoder = encoder
         self.max_records = max_records
         self.stats = ForwarderStats()
-        self._backoff = Backoff(0.5, 10.0)
+        self._backoff = Backoff(0.5, 10.0)  # the whole round: lost connection, timeouts
         self._failing = False
         self._last_id = 0
+        self._next_replay_check = 0.0
+        self._rng = random.Random()
         self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------------ loop
 
     async def run(self) -> None:
         """Forward until `request_stop()` (returns after the round in progress, so
@@ -90,12 +180,26 @@ class Forwarder:
         while not self._stopping.is_set():
             if not await self._unless_stopping(self.publisher.wait_connected()):
                 return
+            await self._replay_if_due()
             if not await self.forward_once():
-                await self._unless_stopping(self.buffer.wait(self._last_id))
+                await self._unless_stopping(self._idle())
 
     def request_stop(self) -> None:
         """Finish the round in progress, then return from run()."""
         self._stopping.set()
+
+    async def _idle(self) -> None:
+        """Wait for a new record, a device's backoff to end, or the next replay check."""
+        now = time.time()
+        timeout = max(0.0, self._next_replay_check - time.monotonic())
+        for state in self.stats.backing_off.values():
+            timeout = min(timeout, max(0.0, state.retry_at - now))
+        try:
+            async with asyncio.timeout(timeout):
+                await self.buffer.wait(self._last_id)
+        except TimeoutError:
+            # Records of devices that were backing off are due again: scan from the start.
+            self._last_id = 0
 
     async def _unless_stopping(self, waiting: Coroutine[Any, Any, None]) -> bool:
         """Wait for `waiting`, or until a stop is requested (then False)."""
@@ -109,74 +213,164 @@ class Forwarder:
             await asyncio.wait({task, stop})
         return not self._stopping.is_set()
 
+    # ------------------------------------------------------------------ one round
+
+    async def _take(self) -> list[Record]:
+        """The oldest records of devices that are not backing off (at most max_records).
+        Pages past the records of devices that are; remembers the last id looked at."""
+        now = time.time()
+        for device, state in list(self.stats.backing_off.items()):
+            if state.retry_at <= now:
+                # Due again: its head record goes out in this round (and if the device
+                # has no records left, nothing waits for it).
+                del self.stats.backing_off[device]
+        blocked = set(self.stats.backing_off)
+        out: list[Record] = []
+        after = 0
+        while len(out) < self.max_records:
+            page = await self.buffer.take(self.max_records, after)
+            if not page:
+                break
+            for record in page:
+                if record.device not in blocked:
+                    out.append(record)
+                    if len(out) == self.max_records:
+                        after = record.id
+                        break
+                after = record.id
+            if len(page) < self.max_records:
+                break
+        self._last_id = max(self._last_id, after)
+        return out
+
+    def _limit(self) -> int | None:
+        limits = [
+            x
+            for x in (getattr(self.publisher, "max_packet_size", None), self.max_message_bytes)
+            if isinstance(x, int) and x > 0
+        ]
+        return min(limits) if limits else None
+
     async def forward_once(self) -> bool:
-        """Send one round of records. Returns False when the buffer had nothing to send."""
-        records = await self.buffer.take(self.max_records)
+        """Send one round of records. Returns False when there was nothing to send."""
+        records = await self._take()
         if not records:
             return False
         first_id = records[0].id
         self._attempted = {i for i in self._attempted if i >= first_id}
         self._refusals = {i: n for i, n in self._refusals.items() if i >= first_id}
-        gaps = await self._pending_gaps()
+        self._split_limit = {i: n for i, n in self._split_limit.items() if i >= first_id}
+        buffer_gaps = await self._pending_gaps()
+        dead_gaps = await self._pending_dead_gaps()
+        gaps = [*buffer_gaps, *(_gap_of(d) for d in dead_gaps)]
         since = self.publisher.connected_since
-        messages: list[Message] = []
-        owner: list[int] = []
+        limit = self._limit()
+        parts: list[_Part] = []
+        poison: dict[int, _Poison] = {}
+        gaps_at: int | None = None  # index of the part whose first message carries gaps
         for i, record in enumerate(records):
             historical = record.id in self._attempted or (
                 since is not None and record.created < since
             )
             self.stats.historical_records += historical
-            encoded = self.encoder.encode(
-                record, historical=historical, gaps=gaps if i == 0 else ()
+            carry = gaps if gaps and gaps_at is None else []
+            record_limit = self._split_limit.get(record.id, limit)
+            try:
+                encoded = self._encode_fitting(record, historical, carry, record_limit)
+            except _Poison as exc:
+                poison[i] = exc
+                continue
+            if carry and encoded and encoded[0].messages:
+                gaps_at = len(parts)
+            if len(encoded) > 1:
+                self.stats.split_records += 1
+                self.stats.split_parts += len(encoded)
+            parts.extend(_Part(i, p.record, p.messages) for p in encoded)
+
+        messages = [m for p in parts for m in p.messages]
+        results = await self.publisher.publish(messages) if messages else []
+        if len(results) != len(messages):
+            raise RuntimeError(
+                f"publisher returned {len(results)} results for {len(messages)} messages"
             )
-            for message in encoded:
-                messages.append(message)
-                owner.append(i)
-        results = await self.publisher.publish(messages)
-        failed_records: dict[int, PublishResult] = {}
-        for i, result in zip(owner, results, strict=True):
-            if not result.ok:
-                failed_records.setdefault(i, result)
-                reason = result.reason or "unknown"
-                self.stats.messages_failed += 1
-                self.stats.failures_by_reason[reason] = (
-                    self.stats.failures_by_reason.get(reason, 0) + 1
-                )
-                if _refused(result):
-                    self.stats.refusals += 1
-                    self.stats.refusals_by_reason[reason] = (
-                        self.stats.refusals_by_reason.get(reason, 0) + 1
-                    )
-        if gaps and 0 not in failed_records:
-            await self.buffer.clear_gaps(max(g.last_seq for g in gaps))
-            self.stats.gap_notices_delivered += 1
+        failed: dict[int, tuple[PublishResult, Message]] = {}  # record index → first failure
+        at = 0
+        gaps_delivered = False
+        for n, part in enumerate(parts):
+            for message, result in zip(
+                part.messages, results[at : at + len(part.messages)], strict=True
+            ):
+                if not result.ok:
+                    self._count_failure(result)
+                    failed.setdefault(part.index, (result, message))
+            if n == gaps_at and results[at].ok:
+                gaps_delivered = True
+            at += len(part.messages)
+        if gaps_delivered:
+            if buffer_gaps:
+                await self.buffer.clear_gaps(max(g.last_seq for g in buffer_gaps))
+            if dead_gaps:
+                await self.dead_letters.mark_announced([d.id for d in dead_gaps])
+                announced = {d.id for d in dead_gaps}
+                self._dead_gaps = [d for d in self._dead_gaps or [] if d.id not in announced]
             self._gaps = []
-        dead = await self._dead_letter(records, failed_records)
-        delivered = [r for i, r in enumerate(records) if i not in failed_records]
-        for i in failed_records:
-            self._attempted.add(records[i].id)
+            self.stats.gap_notices_delivered += 1
+
+        dead: list[int] = []
+        lost_connection: PublishResult | None = None
+        now = time.time()
+        for i, bad in poison.items():
+            await self._dead_letter(records[i], bad.reason, bad.code, 1)
+            dead.append(records[i].id)
+        refused_devices: dict[str, tuple[PublishResult, int]] = {}
+        for i, (result, message) in sorted(failed.items()):
+            record = records[i]
+            verdict = self._verdict(record, result, message)
+            if verdict == "dead":
+                tries = self._refusals.pop(record.id, 0) + 1
+                reason = result.reason or "refused"
+                await self._dead_letter(record, reason, result.code, tries)
+                dead.append(record.id)
+            elif verdict == "split":
+                continue  # sent again at once, in smaller parts
+            elif verdict == "refused":
+                tries = self._refusals.get(record.id, 0) + 1
+                self._refusals[record.id] = tries
+                if tries >= self.max_refusals:
+                    self._refusals.pop(record.id, None)
+                    await self._dead_letter(record, result.reason or "refused", result.code, tries)
+                    dead.append(record.id)
+                else:
+                    refused_devices.setdefault(record.device, (result, tries))
+            else:
+                lost_connection = lost_connection or result
+            self._attempted.add(record.id)
+
+        delivered = [r for i, r in enumerate(records) if i not in failed and i not in poison]
         if delivered or dead:
             await self.buffer.commit([r.id for r in delivered] + dead)
         if delivered:
-            now = time.time()
             self.stats.records_sent += len(delivered)
             self.stats.samples_delivered += sum(r.count for r in delivered)
             self.stats.last_delivery = now
             self.stats.last_latency_s = now - delivered[-1].created
-        self._last_id = max(self._last_id, records[-1].id)
-        for record_id in dead:
-            failed_records = {i: r for i, r in failed_records.items() if records[i].id != record_id}
-        if failed_records:
-            first = failed_records[min(failed_records)]
+        for device in {r.device for r in delivered} - refused_devices.keys():
+            self._device_recovered(device)
+        for device, (result, tries) in refused_devices.items():
+            self._device_backs_off(device, result, tries, now)
+        if refused_devices or dead:
+            # Records skipped behind a backing-off device are looked at again next time.
+            self._last_id = 0
+
+        if lost_connection is not None:
             if not self._failing:
-                # A refusal by the broker (reason code >= 0x80) needs an operator; a lost
-                # connection is the publisher's to report and heals by itself.
-                level = "error" if first.code is not None and first.code >= 0x80 else "warning"
-                getattr(log, level)(
+                log.warning(
                     "forward.failed",
-                    reason=first.reason,
-                    code=first.code,
-                    records=len(failed_records),
+                    reason=lost_connection.reason,
+                    code=lost_connection.code,
+                    records=sum(
+                        1 for i, (r, _m) in failed.items() if self._is_connection_failure(r)
+                    ),
                     note="kept in the buffer, will be sent again",
                 )
                 self._failing = True
@@ -187,6 +381,134 @@ class Forwarder:
             self._backoff.reset()
         return True
 
+    # ------------------------------------------------------------------ decisions
+
+    def _encode_fitting(
+        self, record: Record, historical: bool, gaps: Sequence[Gap], limit: int | None
+    ) -> list[_Part]:
+        """The record's messages, split into sub-records until each fits `limit`."""
+        try:
+            messages = self.encoder.encode(record, historical=historical, gaps=gaps)
+        except Exception as exc:  # the encoder's bug or a value it cannot carry
+            raise _Poison(f"cannot encode: {type(exc).__name__}: {exc}") from None
+        if limit is None or all(packet_size(m) <= limit for m in messages):
+            return [_Part(0, record, messages)]
+        if record.count < 2:
+            biggest = max(packet_size(m) for m in messages)
+            raise _Poison(
+                f"too large: one sample needs a {biggest}-byte packet, the limit is {limit}",
+                PACKET_TOO_LARGE,
+            )
+        left, right = _halves(record)
+        return self._encode_fitting(left, historical, gaps, limit) + self._encode_fitting(
+            right, historical, (), limit
+        )
+
+    @staticmethod
+    def _is_connection_failure(result: PublishResult) -> bool:
+        return not result.permanent and (result.code is None or result.code < 0x80)
+
+    def _verdict(self, record: Record, result: PublishResult, message: Message) -> str:
+        """dead (at once), split (retry smaller), refused (device backoff) or connection."""
+        if result.code == PACKET_TOO_LARGE:
+            if record.count < 2:
+                return "dead"
+            # The broker's limit is below what we assumed: smaller parts next time.
+            size = packet_size(message)
+            current = self._split_limit.get(record.id, size)
+            self._split_limit[record.id] = max(1, min(current, size) // 2)
+            return "split"
+        if result.permanent or result.code in PERMANENT_CODES:
+            return "dead"
+        if result.code is not None and result.code >= 0x80:
+            return "refused"
+        return "connection"
+
+    def _count_failure(self, result: PublishResult) -> None:
+        reason = result.reason or "unknown"
+        self.stats.messages_failed += 1
+        self.stats.failures_by_reason[reason] = self.stats.failures_by_reason.get(reason, 0) + 1
+        if result.code is not None and result.code >= 0x80:
+            self.stats.refusals += 1
+            self.stats.refusals_by_reason[reason] = self.stats.refusals_by_reason.get(reason, 0) + 1
+
+    def _device_backs_off(self, device: str, result: PublishResult, tries: int, now: float) -> None:
+        nominal = min(self.device_backoff_max_s, self.device_backoff_min_s * 2 ** max(0, tries - 1))
+        delay = nominal * (0.5 + 0.5 * self._rng.random())
+        first = device not in self._backoff_logged
+        self._backoff_logged.add(device)
+        self.stats.backing_off[device] = DeviceBackoff(
+            reason=result.reason or "refused",
+            code=result.code,
+            refusals=tries,
+            retry_at=now + delay,
+        )
+        if first:
+            log.warning(
+                "forward.device.backoff",
+                device=device,
+                reason=result.reason,
+                code=result.code,
+                retry_in_s=round(delay, 2),
+                note="this device's records wait; other devices are not affected",
+            )
+
+    def _device_recovered(self, device: str) -> None:
+        self.stats.backing_off.pop(device, None)
+        if device in self._backoff_logged:
+            self._backoff_logged.discard(device)
+            log.info("forward.device.recovered", device=device)
+        self._logged = {k for k in self._logged if k[0] != device}
+
+    async def _dead_letter(self, record: Record, reason: str, code: int | None, tries: int) -> None:
+        """Move `record` to the store (before the caller deletes it from the buffer)."""
+        letter_id = await self.dead_letters.add(record, reason, code, tries)
+        self._refusals.pop(record.id, None)
+        self._split_limit.pop(record.id, None)
+        self.stats.dead_lettered_records += 1
+        self.stats.dead_lettered_samples += record.count
+        key = _reason_key(reason)
+        self.stats.dead_lettered_by_reason[key] = self.stats.dead_lettered_by_reason.get(key, 0) + 1
+        if self._dead_gaps is not None:
+            self._dead_gaps.append(
+                DeadLetter(
+                    id=letter_id,
+                    moved_at=time.time(),
+                    device=record.device,
+                    first_seq=record.first_seq,
+                    last_seq=record.last_seq,
+                    count=record.count,
+                    created=record.created,
+                    reason=reason,
+                    code=code,
+                    tries=tries,
+                    announced=False,
+                    replay=False,
+                    data=b"",
+                )
+            )
+        fields: dict[str, Any] = {
+            "device": record.device,
+            "first_seq": record.first_seq,
+            "last_seq": record.last_seq,
+            "samples": record.count,
+            "reason": reason,
+            "code": code,
+            "tries": tries,
+            "store": self.dead_letters.path or "memory",
+        }
+        if (record.device, key) in self._logged:
+            log.debug("forward.dead_letter", **fields)
+        else:
+            self._logged.add((record.device, key))
+            log.error(
+                "forward.dead_letter",
+                **fields,
+                note="logged once per device and reason; all are counted",
+            )
+
+    # ------------------------------------------------------------------ gaps, replay
+
     async def _pending_gaps(self) -> list[Gap]:
         """The buffer's gaps, re-read only when it dropped something since last time."""
         dropped = self.buffer.stats().dropped_samples
@@ -195,38 +517,64 @@ class Forwarder:
             self._gaps = await self.buffer.take_gaps()
         return self._gaps
 
-    async def _dead_letter(
-        self, records: list[Record], failed: dict[int, PublishResult]
-    ) -> list[int]:
-        """Count refusals; move records refused max_refusals times to the dead letters.
-        Returns their ids (to delete from the buffer)."""
-        dead: list[int] = []
+    async def _pending_dead_gaps(self) -> list[DeadLetter]:
+        """Dead letters whose gap notice is not delivered yet (loaded once per run)."""
+        if self._dead_gaps is None:
+            self._dead_gaps = await self.dead_letters.unannounced()
+        return list(self._dead_gaps)
+
+    async def _replay_if_due(self) -> None:
+        """Publish the dead letters an operator queued for replay."""
+        if time.monotonic() < self._next_replay_check:
+            return
+        self._next_replay_check = time.monotonic() + self.replay_check_s
+        if self.dead_letters.path is not None:
+            await self.dead_letters.refresh()
+        if not self.dead_letters.stats().replay_pending:
+            return
+        await self.replay_once()
+
+    async def replay_once(self) -> int:
+        """Send one batch of queued dead letters; returns how many were delivered."""
+        letters = await self.dead_letters.take_replays(_REPLAY_BATCH)
+        if not letters:
+            return 0
+        limit = self._limit()
+        parts: list[_Part] = []
+        for i, letter in enumerate(letters):
+            try:
+                encoded = self._encode_fitting(letter.as_record(), True, (), limit)
+            except _Poison as exc:
+                await self.dead_letters.replay_failed(letter.id, exc.reason, exc.code)
+                continue
+            parts.extend(_Part(i, p.record, p.messages) for p in encoded)
+        messages = [m for p in parts for m in p.messages]
+        results = await self.publisher.publish(messages) if messages else []
+        failed: dict[int, PublishResult] = {}
+        at = 0
+        for part in parts:
+            for result in results[at : at + len(part.messages)]:
+                if not result.ok:
+                    failed.setdefault(part.index, result)
+            at += len(part.messages)
+        done = [letters[i] for i in {p.index for p in parts} if i not in failed]
         for i, result in failed.items():
-            if not _refused(result):
-                continue
-            record = records[i]
-            tries = self._refusals.get(record.id, 0) + 1
-            self._refusals[record.id] = tries
-            if tries < self.max_refusals:
-                continue
-            reason = result.reason or "refused"
-            await self.dead_letters.add(record, reason, result.code, tries)
-            self._refusals.pop(record.id, None)
-            self.stats.dead_lettered_records += 1
-            self.stats.dead_lettered_samples += record.count
-            log.error(
-                "forward.dead_letter",
-                device=record.device,
-                first_seq=record.first_seq,
-                last_seq=record.last_seq,
-                samples=record.count,
-                reason=reason,
-                code=result.code,
-                tries=tries,
-                store=self.dead_letters.path or "memory",
+            if not self._is_connection_failure(result):
+                await self.dead_letters.replay_failed(
+                    letters[i].id, result.reason or "refused", result.code
+                )
+            # A lost connection leaves it queued: it is sent again after the reconnect.
+        await self.dead_letters.replayed([d.id for d in done])
+        self.stats.replayed_records += len(done)
+        self.stats.replayed_samples += sum(d.count for d in done)
+        if done:
+            log.info(
+                "forward.replayed",
+                records=len(done),
+                samples=sum(d.count for d in done),
+                devices=sorted({d.device for d in done}),
             )
-            dead.append(record.id)
-        return dead
+        return len(done)
 
     async def drain(self, grace_s: float) -> int:
         """At shutdown: keep forwarding until the buffer is empty, the publisher is not
@@ -242,7 +590,38 @@ class Forwarder:
         return self.buffer.stats().records
 
 
-def _refused(result: PublishResult) -> bool:
-    """The broker answered and said no (PUBACK reason >= 0x80), as opposed to a lost
-    connection or a timeout, which heal by themselves."""
-    return result.code is not None and result.code >= 0x80
+def _gap_of(letter: DeadLetter) -> Gap:
+    return Gap(letter.first_seq, letter.last_seq, letter.count, DEAD_LETTER_GAP)
+
+
+def _reason_key(reason: str) -> str:
+    """A bounded label for counting (exception texts carry values; keep the kind)."""
+    if reason.startswith("cannot encode: "):
+        return "cannot encode: " + reason.removeprefix("cannot encode: ").split(":")[0]
+    if reason.startswith("too large"):
+        return "too large"
+    if reason.startswith("invalid message"):
+        return "invalid message"
+    return reason
+
+
+def _halves(record: Record) -> tuple[Record, Record]:
+    """Split a record's sample array in two sub-records with exact seqs and counts."""
+    try:
+        samples: list[dict[str, Any]] = orjson.loads(record.data)
+        mid = len(samples) // 2
+        return _sub(record, samples[:mid]), _sub(record, samples[mid:])
+    except (orjson.JSONDecodeError, TypeError, KeyError, IndexError) as exc:
+        raise _Poison(f"cannot split: {type(exc).__name__}: {exc}") from None
+
+
+def _sub(record: Record, samples: list[dict[str, Any]]) -> Record:
+    return Record(
+        id=record.id,
+        device=record.device,
+        first_seq=int(samples[0]["seq"]),
+        last_seq=int(samples[-1]["seq"]),
+        count=len(samples),
+        created=record.created,
+        data=orjson.dumps(samples),
+    )

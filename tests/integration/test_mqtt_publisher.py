@@ -321,9 +321,9 @@ async def test_birth_on_every_connect_and_will_on_abrupt_loss(
         await asyncio.to_thread(sub.wait_for, lambda ms: [m.payload for m in ms] == [b"online"])
         # Cut the TCP connection under the publisher: no DISCONNECT, so the broker
         # publishes the will; the publisher reconnects and announces itself again.
-        session = pub._session
-        assert session is not None
-        session.sock.shutdown(socket.SHUT_RDWR)
+        link = pub._link
+        assert link is not None
+        link.session.sock.shutdown(socket.SHUT_RDWR)
         await asyncio.to_thread(
             sub.wait_for,
             lambda ms: [m.payload for m in ms] == [b"online", b"offline", b"online"],
