@@ -319,12 +319,15 @@ class Forwarder:
         dead: list[int] = []
         lost_connection: PublishResult | None = None
         now = time.time()
-        for i, bad in poison.items():
-            await self._dead_letter(records[i], bad.reason, bad.code, 1)
-            dead.append(records[i].id)
         refused_devices: dict[str, tuple[PublishResult, int]] = {}
-        for i, (result, message) in sorted(failed.items()):
+        for i in sorted(poison.keys() | failed.keys()):
             record = records[i]
+            bad = poison.get(i)
+            if bad is not None:
+                await self._dead_letter(record, bad.reason, bad.code, 1)
+                dead.append(record.id)
+                continue
+            result, message = failed[i]
             verdict = self._verdict(record, result, message)
             if verdict == "dead":
                 tries = self._refusals.pop(record.id, 0) + 1

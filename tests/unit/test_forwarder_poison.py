@@ -1,0 +1,315 @@
+"""Poison records: what the forwarder does with records that cannot be published as they
+are (split, dead-letter, per-device backoff), the dead-letter gap notice, replay and the
+dead-letter store's byte bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from agent.buffer import Record
+from agent.buffer.memory import MemoryBuffer
+from agent.config import AgentSection, BufferConfig, MqttConfig
+from agent.forwarder import Forwarder, _halves
+from agent.payload import PayloadEncoder
+from agent.publish import Message, packet_size
+from agent.publish.deadletter import DeadLetters
+from agent.publish.fake import FakePublisher
+from agent.schema import BatchPayload
+from tests.support.samples import wire_sample
+
+
+class _Encoder(PayloadEncoder):
+    """Raises for the devices in `poisoned`, as an encoder bug or an unencodable value would."""
+
+    poisoned: set[str]
+
+    def encode(self, record: Record, *, historical: bool = False, gaps: Any = ()) -> list[Message]:
+        if record.device in self.poisoned:
+            raise OverflowError("timestamp out of range")
+        return super().encode(record, historical=historical, gaps=gaps)
+
+
+async def _setup(
+    *, dead_letters: DeadLetters | None = None, topic: str = "edge/gw/{device}", **kw: Any
+) -> tuple[MemoryBuffer, FakePublisher, Forwarder]:
+    buf = MemoryBuffer(BufferConfig.model_validate({"kind": "memory"}))
+    await buf.open()
+    pub = FakePublisher()
+    await pub.start()
+    encoder = _Encoder(AgentSection(id="gw"), MqttConfig.model_validate({"topic": topic}))
+    encoder.poisoned = set()
+    kw.setdefault("device_backoff_min_s", 0.0)
+    kw.setdefault("device_backoff_max_s", 0.0)
+    fwd = Forwarder(buf, pub, encoder, dead_letters=dead_letters, **kw)
+    return buf, pub, fwd
+
+
+def _bodies(pub: FakePublisher) -> list[BatchPayload]:
+    return [BatchPayload.model_validate_json(m.payload) for m in pub.published]
+
+
+async def _append(buf: MemoryBuffer, device: str, first_seq: int, n: int = 1) -> None:
+    await buf.append(
+        device, [wire_sample(device, s, tag=f"t{s}") for s in range(first_seq, first_seq + n)]
+    )
+
+
+async def test_denied_device_is_dead_lettered_once_and_announced_as_a_gap() -> None:
+    buf, pub, fwd = await _setup()
+    pub.refuse_topic("edge/gw/denied", "Not authorized", 0x87)
+    await _append(buf, "denied", 1)
+    await _append(buf, "ok", 2)
+    await fwd.forward_once()
+    assert buf.stats().records == 0  # the denied record left the buffer only as a letter
+    [letter] = await fwd.dead_letters.all()
+    assert (letter.device, letter.first_seq, letter.reason, letter.code, letter.tries) == (
+        "denied",
+        1,
+        "Not authorized",
+        0x87,
+        1,
+    )
+    await _append(buf, "ok", 3)
+    await fwd.forward_once()
+    bodies = _bodies(pub)
+    assert [b.samples[0].seq for b in bodies] == [2, 3]
+    assert bodies[0].gaps is None
+    assert bodies[1].gaps is not None
+    assert [(g.first_seq, g.last_seq, g.count, g.reason) for g in bodies[1].gaps] == [
+        (1, 1, 1, "dead_letter")
+    ]
+    # Announced once: the next message carries no notice, the store knows it was sent.
+    await _append(buf, "ok", 4)
+    await fwd.forward_once()
+    assert _bodies(pub)[2].gaps is None
+    assert [d.announced for d in await fwd.dead_letters.all()] == [True]
+
+
+async def test_dead_letter_notice_is_repeated_until_acked() -> None:
+    buf, pub, fwd = await _setup()
+    pub.refuse_topic("edge/gw/denied", "Not authorized", 0x87)
+    await _append(buf, "denied", 1)
+    await fwd.forward_once()
+    await _append(buf, "ok", 2)
+    pub.fail_next(1, "disconnected before ack")
+    await fwd.forward_once()  # the carrier is lost: the notice stays
+    await fwd.forward_once()
+    [body] = _bodies(pub)
+    assert body.gaps is not None
+    assert body.gaps[0].reason == "dead_letter"
+
+
+async def test_dead_letter_notice_survives_a_restart(tmp_path: Path) -> None:
+    store = DeadLetters(str(tmp_path / "dl.sqlite"))
+    buf, pub, fwd = await _setup(dead_letters=store)
+    pub.refuse_topic("edge/gw/denied", "Not authorized", 0x87)
+    await _append(buf, "denied", 1, 3)
+    await fwd.forward_once()
+    store.close()
+    # A new agent process: a fresh forwarder on the same store announces the gap.
+    store = DeadLetters(str(tmp_path / "dl.sqlite"))
+    buf, pub, fwd = await _setup(dead_letters=store)
+    await _append(buf, "ok", 4)
+    await fwd.forward_once()
+    [body] = _bodies(pub)
+    assert body.gaps is not None
+    assert [(g.first_seq, g.last_seq, g.count) for g in body.gaps] == [(1, 3, 3)]
+    store.close()
+
+
+async def test_every_dead_letter_is_logged_once_per_device_and_reason() -> None:
+    buf, pub, fwd = await _setup()
+    pub.refuse_topic("edge/gw/denied", "Not authorized", 0x87)
+    with capture_logs() as logs:
+        for seq in range(1, 6):
+            await _append(buf, "denied", seq)
+            await fwd.forward_once()
+    assert fwd.stats.dead_lettered_records == 5
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert [(e["event"], e["device"], e["first_seq"]) for e in errors] == [
+        ("forward.dead_letter", "denied", 1)
+    ]
+
+
+async def test_encoder_raising_dead_letters_that_record_and_others_flow() -> None:
+    buf, pub, fwd = await _setup()
+    assert isinstance(fwd.encoder, _Encoder)
+    fwd.encoder.poisoned.add("bad")
+    await _append(buf, "bad", 1)
+    await _append(buf, "good", 2)
+    await fwd.forward_once()
+    assert [b.samples[0].seq for b in _bodies(pub)] == [2]
+    [letter] = await fwd.dead_letters.all()
+    assert letter.reason == "cannot encode: OverflowError: timestamp out of range"
+    assert fwd.stats.dead_lettered_by_reason == {"cannot encode: OverflowError": 1}
+    assert buf.stats().records == 0
+
+
+async def test_topic_paho_rejects_is_dead_lettered_at_once() -> None:
+    buf, pub, fwd = await _setup()
+    await _append(buf, "a+b", 1)
+    await _append(buf, "ok", 2)
+    await fwd.forward_once()
+    [letter] = await fwd.dead_letters.all()
+    assert (letter.device, letter.tries) == ("a+b", 1)
+    assert letter.reason.startswith("invalid message:")
+    assert [b.samples[0].seq for b in _bodies(pub)] == [2]
+
+
+async def test_transient_refusal_backs_off_only_that_device_and_keeps_its_order() -> None:
+    buf, pub, fwd = await _setup(device_backoff_min_s=3600, device_backoff_max_s=3600)
+    pub.refuse_topic("edge/gw/busy", "Quota exceeded", 0x97)
+    await _append(buf, "busy", 1)
+    await _append(buf, "ok", 2)
+    await fwd.forward_once()
+    assert set(fwd.stats.backing_off) == {"busy"}
+    assert fwd.stats.backing_off["busy"].code == 0x97
+    pub.refuse_topic("edge/gw/busy", None)
+    # While it backs off, its newer records wait behind the refused one; others flow.
+    for seq in range(3, 13, 2):
+        await _append(buf, "busy", seq)
+        await _append(buf, "ok", seq + 1)
+        await fwd.forward_once()
+    assert [b.samples[0].seq for b in _bodies(pub)] == [2, 4, 6, 8, 10, 12]
+    assert [r.first_seq for r in await buf.take(100)] == [1, 3, 5, 7, 9, 11]
+    # Backoff over: the device's records go out oldest first.
+    fwd.stats.backing_off["busy"].retry_at = 0
+    await fwd.forward_once()
+    assert [b.samples[0].seq for b in _bodies(pub)][6:] == [1, 3, 5, 7, 9, 11]
+    assert fwd.stats.backing_off == {}
+    assert buf.stats().records == 0
+    assert fwd.stats.dead_lettered_records == 0
+
+
+async def test_idle_forwarder_wakes_when_a_device_backoff_ends() -> None:
+    buf, pub, fwd = await _setup(device_backoff_min_s=0.05, device_backoff_max_s=0.05)
+    pub.refuse_topic("edge/gw/busy", "Quota exceeded", 0x97)
+    await _append(buf, "busy", 1)
+    await fwd.forward_once()
+    pub.refuse_topic("edge/gw/busy", None)
+    assert not await fwd.forward_once()  # backing off: nothing to send now
+    fwd._next_replay_check = float("inf")
+    await fwd._idle()  # returns when the backoff ends (no new record arrives)
+    assert await fwd.forward_once()
+    assert [b.samples[0].seq for b in _bodies(pub)] == [1]
+
+
+async def test_oversize_batch_is_split_with_exact_seq_ranges() -> None:
+    buf, pub, fwd = await _setup()
+    pub.max_packet_size = 4096
+    await _append(buf, "big", 1, 200)
+    await _append(buf, "small", 201)
+    await fwd.forward_once()
+    bodies = _bodies(pub)
+    assert all(packet_size(m) <= 4096 for m in pub.published)
+    big = [b for b in bodies if b.device == "big"]
+    assert len(big) > 1
+    seqs = [s.seq for b in big for s in b.samples]
+    assert seqs == list(range(1, 201))
+    assert [b.device for b in bodies][-1] == "small"
+    assert buf.stats().records == 0
+    assert fwd.stats.split_records == 1
+    assert fwd.stats.split_parts == len(big)
+    assert fwd.stats.dead_lettered_records == 0
+
+
+async def test_a_single_sample_larger_than_the_limit_is_dead_lettered() -> None:
+    buf, pub, fwd = await _setup(max_message_bytes=150)
+    await _append(buf, "big", 1)
+    await fwd.forward_once()
+    [letter] = await fwd.dead_letters.all()
+    assert letter.code == 0x95
+    assert letter.reason.startswith("too large: one sample needs a")
+    assert pub.published == []
+
+
+async def test_broker_refusing_as_too_large_makes_the_next_attempt_split() -> None:
+    # The publisher learnt no limit, the broker refuses with 0x95: split and send again.
+    buf, pub, fwd = await _setup()
+    await _append(buf, "big", 1, 100)
+    pub.fail_next(1, "Packet too large", 0x95)
+    await fwd.forward_once()
+    await fwd.forward_once()
+    seqs = [s.seq for b in _bodies(pub) for s in b.samples]
+    assert seqs == list(range(1, 101))
+    assert len(pub.published) >= 2
+    assert buf.stats().records == 0
+
+
+@pytest.mark.parametrize("count", [2, 3, 7, 64, 101])
+def test_halves_cover_the_record_exactly(count: int) -> None:
+    samples = [wire_sample("d", s) for s in range(10, 10 + count)]
+    data = orjson.dumps([dict(s) for s in samples])
+    record = Record(1, "d", 10, 9 + count, count, 0.0, data)
+    left, right = _halves(record)
+    assert (left.first_seq, left.last_seq + 1, right.first_seq, right.last_seq) == (
+        10,
+        right.first_seq,
+        10 + count // 2,
+        9 + count,
+    )
+    assert left.count + right.count == count
+    assert orjson.loads(left.data) + orjson.loads(right.data) == orjson.loads(data)
+
+
+async def test_replay_publishes_dead_letters_with_their_seqs(tmp_path: Path) -> None:
+    store = DeadLetters(str(tmp_path / "dl.sqlite"))
+    buf, pub, fwd = await _setup(dead_letters=store)
+    pub.refuse_topic("edge/gw/denied", "Not authorized", 0x87)
+    await _append(buf, "denied", 1, 2)
+    await _append(buf, "denied", 3)
+    await fwd.forward_once()
+    assert await fwd.replay_once() == 0  # nothing queued
+    pub.refuse_topic("edge/gw/denied", None)  # the ACL was fixed
+    # `edge-agent deadletter replay` runs in another process, on its own connection.
+    other = DeadLetters(str(tmp_path / "dl.sqlite"))
+    assert await other.request_replay(None, device="denied") == 2
+    other.close()
+    await fwd._replay_if_due()
+    bodies = _bodies(pub)
+    assert [[s.seq for s in b.samples] for b in bodies] == [[1, 2], [3]]
+    assert all(b.historical for b in bodies)
+    assert await store.all() == []
+    assert fwd.stats.replayed_samples == 3
+    store.close()
+
+
+async def test_replay_refused_again_stays_a_dead_letter() -> None:
+    buf, pub, fwd = await _setup()
+    pub.refuse_topic("edge/gw/denied", "Not authorized", 0x87)
+    await _append(buf, "denied", 1)
+    await fwd.forward_once()
+    [letter] = await fwd.dead_letters.all()
+    assert await fwd.dead_letters.request_replay([letter.id]) == 1
+    assert await fwd.replay_once() == 0
+    [again] = await fwd.dead_letters.all()
+    assert (again.id, again.tries, again.replay) == (letter.id, 2, False)
+
+
+async def test_dead_letter_store_is_bounded_in_bytes_dropping_the_oldest(tmp_path: Path) -> None:
+    store = DeadLetters(str(tmp_path / "dl.sqlite"), max_bytes=1000)
+    records = [
+        Record(i, "d", i, i, 1, 0.0, orjson.dumps([{"seq": i, "pad": "x" * 280}]))
+        for i in range(1, 6)
+    ]
+    with capture_logs() as logs:
+        for r in records:
+            await store.add(r, "Not authorized", 0x87, 1)
+    stats = store.stats()
+    assert [d.first_seq for d in await store.all()] == [3, 4, 5]
+    assert stats.bytes <= 1000
+    assert stats.entries == 3
+    assert (stats.dropped_records, stats.dropped_samples) == (2, 2)
+    assert [(e["event"], e["records"]) for e in logs] == [
+        ("deadletter.dropped", 1),
+        ("deadletter.dropped", 1),
+    ]
+    # One entry larger than the whole bound is still kept (it is the newest).
+    await store.add(Record(9, "d", 9, 9, 1, 0.0, b"[" + b"0," * 800 + b"0]"), "x", None, 1)
+    assert [d.first_seq for d in await store.all()] == [9]
+    store.close()
