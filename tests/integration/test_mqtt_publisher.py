@@ -239,7 +239,7 @@ async def test_mqtt311_publishes_and_cannot_see_acl_denials(
         assert all(r.ok for r in await pub.publish(batch))
         received = await asyncio.to_thread(sub.wait_count, len(batch))
         assert [m.payload for m in received] == [m.payload for m in batch]
-        # FIELD-NOTES: with 3.1.1 mosquitto acks a denied publish as a success.
+        # With 3.1.1 mosquitto acks a denied publish as a success (docs/mqtt.md).
         assert await pub.publish([Message("denied/x", b"lost")]) == [PublishResult(True)]
         assert await pub.publish([Message("allowed/end", b"end")]) == [PublishResult(True)]
         received = await asyncio.to_thread(sub.wait_count, len(batch) + 1)
