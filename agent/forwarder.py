@@ -48,6 +48,7 @@ and are cleared from the buffer once that message was acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Coroutine, Sequence
@@ -77,6 +78,7 @@ DEAD_LETTER_GAP = "dead_letter"
 #: How often the forwarder looks for dead letters queued for replay.
 REPLAY_CHECK_S = 2.0
 _REPLAY_BATCH = 100
+_STORE_FAILED = PublishResult(False, "dead-letter store failed")
 
 
 @dataclass
@@ -171,6 +173,9 @@ class Forwarder:
         self._next_replay_check = 0.0
         self._rng = random.Random()
         self._stopping = asyncio.Event()
+        #: time.monotonic() of the loop's last turn; run() turns at least every
+        #: replay_check_s (plus one round), so a stale heartbeat means a stuck forwarder.
+        self.heartbeat = time.monotonic()
 
     # ------------------------------------------------------------------ loop
 
@@ -178,11 +183,19 @@ class Forwarder:
         """Forward until `request_stop()` (returns after the round in progress, so
         nothing acknowledged is left uncommitted and sent twice) or cancellation."""
         while not self._stopping.is_set():
-            if not await self._unless_stopping(self.publisher.wait_connected()):
-                return
+            self.heartbeat = time.monotonic()
+            if not self.publisher.connected:
+                await self._unless_stopping(self._wait_connected())
+                continue
             await self._replay_if_due()
             if not await self.forward_once():
                 await self._unless_stopping(self._idle())
+
+    async def _wait_connected(self) -> None:
+        """Wait for the publisher, at most replay_check_s (so the heartbeat stays fresh)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.replay_check_s):
+                await self.publisher.wait_connected()
 
     def request_stop(self) -> None:
         """Finish the round in progress, then return from run()."""
@@ -324,24 +337,29 @@ class Forwarder:
             record = records[i]
             bad = poison.get(i)
             if bad is not None:
-                await self._dead_letter(record, bad.reason, bad.code, 1)
-                dead.append(record.id)
+                if await self._dead_letter(record, bad.reason, bad.code, 1):
+                    dead.append(record.id)
+                else:
+                    refused_devices.setdefault(record.device, (_STORE_FAILED, 1))
                 continue
             result, message = failed[i]
             verdict = self._verdict(record, result, message)
             if verdict == "dead":
-                tries = self._refusals.pop(record.id, 0) + 1
+                tries = self._refusals.get(record.id, 0) + 1
                 reason = result.reason or "refused"
-                await self._dead_letter(record, reason, result.code, tries)
-                dead.append(record.id)
+                if await self._dead_letter(record, reason, result.code, tries):
+                    dead.append(record.id)
+                else:
+                    refused_devices.setdefault(record.device, (_STORE_FAILED, tries))
             elif verdict == "split":
                 continue  # sent again at once, in smaller parts
             elif verdict == "refused":
                 tries = self._refusals.get(record.id, 0) + 1
                 self._refusals[record.id] = tries
-                if tries >= self.max_refusals:
-                    self._refusals.pop(record.id, None)
-                    await self._dead_letter(record, result.reason or "refused", result.code, tries)
+                reason = result.reason or "refused"
+                if tries >= self.max_refusals and await self._dead_letter(
+                    record, reason, result.code, tries
+                ):
                     dead.append(record.id)
                 else:
                     refused_devices.setdefault(record.device, (result, tries))
@@ -461,11 +479,26 @@ class Forwarder:
         if device in self._backoff_logged:
             self._backoff_logged.discard(device)
             log.info("forward.device.recovered", device=device)
-        self._logged = {k for k in self._logged if k[0] != device}
+        self._logged = {k for k in self._logged if device not in k}
 
-    async def _dead_letter(self, record: Record, reason: str, code: int | None, tries: int) -> None:
-        """Move `record` to the store (before the caller deletes it from the buffer)."""
-        letter_id = await self.dead_letters.add(record, reason, code, tries)
+    async def _dead_letter(self, record: Record, reason: str, code: int | None, tries: int) -> bool:
+        """Move `record` to the store (before the caller deletes it from the buffer).
+        False when the store failed: the record then stays in the buffer."""
+        try:
+            letter_id = await self.dead_letters.add(record, reason, code, tries)
+        except Exception as exc:
+            if ("store", record.device) not in self._logged:
+                self._logged.add(("store", record.device))
+                log.error(
+                    "forward.dead_letter.failed",
+                    device=record.device,
+                    first_seq=record.first_seq,
+                    reason=reason,
+                    error=f"{type(exc).__name__}: {exc}",
+                    store=self.dead_letters.path or "memory",
+                    note="kept in the buffer; the device backs off and it is tried again",
+                )
+            return False
         self._refusals.pop(record.id, None)
         self._split_limit.pop(record.id, None)
         self.stats.dead_lettered_records += 1
@@ -509,6 +542,7 @@ class Forwarder:
                 **fields,
                 note="logged once per device and reason; all are counted",
             )
+        return True
 
     # ------------------------------------------------------------------ gaps, replay
 

@@ -4,6 +4,7 @@ dead-letter store's byte bound."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +314,44 @@ async def test_dead_letter_store_is_bounded_in_bytes_dropping_the_oldest(tmp_pat
     await store.add(Record(9, "d", 9, 9, 1, 0.0, b"[" + b"0," * 800 + b"0]"), "x", None, 1)
     assert [d.first_seq for d in await store.all()] == [9]
     store.close()
+
+
+class _BrokenStore(DeadLetters):
+    broken = True
+
+    async def add(self, record: Record, reason: str, code: int | None, tries: int) -> int:
+        if self.broken:
+            raise OSError(28, "No space left on device")
+        return await super().add(record, reason, code, tries)
+
+
+async def test_a_failing_dead_letter_store_keeps_the_record_and_backs_off_the_device() -> None:
+    store = _BrokenStore(None)
+    buf, pub, fwd = await _setup(dead_letters=store)
+    pub.refuse_topic("edge/gw/denied", "Not authorized", 0x87)
+    await _append(buf, "denied", 1)
+    await _append(buf, "ok", 2)
+    with capture_logs() as logs:
+        await fwd.forward_once()
+    assert [r.device for r in await buf.take(10)] == ["denied"]  # nothing lost
+    assert set(fwd.stats.backing_off) == {"denied"}
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["forward.dead_letter.failed"]
+    assert [b.samples[0].seq for b in _bodies(pub)] == [2]
+    store.broken = False
+    await fwd.forward_once()
+    assert buf.stats().records == 0
+    assert [d.first_seq for d in await store.all()] == [1]
+
+
+async def test_heartbeat_advances_while_the_broker_is_down() -> None:
+    _buf, pub, fwd = await _setup(replay_check_s=0.01)
+    pub.set_connected(False)
+    task = asyncio.create_task(fwd.run())
+    try:
+        first = fwd.heartbeat
+        async with asyncio.timeout(5):
+            while fwd.heartbeat == first:
+                await asyncio.sleep(0.01)
+    finally:
+        fwd.request_stop()
+        await task
