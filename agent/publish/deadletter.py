@@ -188,8 +188,9 @@ class DeadLetters:
         await self._call(self._replay_failed_sync, letter_id, reason, code)
 
     async def refresh(self) -> DeadLetterStats:
-        """Re-read the counters from the store (another process may have changed it)."""
-        await self._call(self._count)
+        """Re-read how many entries are queued for replay: the one thing another process
+        (``edge-agent deadletter replay``) changes in the store."""
+        await self._call(self._count_replay)
         return self.stats()
 
     def stats(self) -> DeadLetterStats:
@@ -241,10 +242,12 @@ class DeadLetters:
         self._entries, self._samples, self._bytes = int(entries), int(samples), int(size)
         self._replay_pending = int(replay)
 
-    def _count(self) -> None:
+    def _count_replay(self) -> None:
         with self._lock:
-            self._db()
-            self._count_locked()
+            (replay,) = (
+                self._db().execute("select count(*) from dead_letters where replay = 1").fetchone()
+            )
+            self._replay_pending = int(replay)
 
     def _add_sync(
         self, record: Record, reason: str, code: int | None, tries: int
