@@ -69,7 +69,7 @@ from agent.publish import (
     PublishResult,
     packet_size,
 )
-from agent.publish.deadletter import DeadLetter, DeadLetters
+from agent.publish.deadletter import DeadLetters
 
 log = structlog.get_logger()
 
@@ -160,7 +160,10 @@ class Forwarder:
         self._split_limit: dict[int, int] = {}  # record id → packet limit learnt from 0x95
         self._gaps: list[Gap] = []
         self._gaps_dropped_seen: int | None = None
-        self._dead_gaps: list[DeadLetter] | None = None  # None: not loaded from the store
+        # Dead letters not yet announced, folded into one gap per device (None: not yet
+        # loaded from the store), and the highest dead-letter id they cover.
+        self._dead_pending: dict[str, Gap] | None = None
+        self._dead_max_id = 0
         self._logged: set[tuple[str, str]] = set()  # (device, reason) dead letters logged
         self._backoff_logged: set[str] = set()  # devices whose backoff episode was logged
         self.publisher = publisher
@@ -275,7 +278,8 @@ class Forwarder:
         self._split_limit = {i: n for i, n in self._split_limit.items() if i >= first_id}
         buffer_gaps = await self._pending_gaps()
         dead_gaps = await self._pending_dead_gaps()
-        gaps = [*buffer_gaps, *(_gap_of(d) for d in dead_gaps)]
+        dead_through = self._dead_max_id
+        gaps = [*buffer_gaps, *dead_gaps]
         since = self.publisher.connected_since
         limit = self._limit()
         parts: list[_Part] = []
@@ -323,9 +327,10 @@ class Forwarder:
             if buffer_gaps:
                 await self.buffer.clear_gaps(max(g.last_seq for g in buffer_gaps))
             if dead_gaps:
-                await self.dead_letters.mark_announced([d.id for d in dead_gaps])
-                announced = {d.id for d in dead_gaps}
-                self._dead_gaps = [d for d in self._dead_gaps or [] if d.id not in announced]
+                # Dead letters of this round are added below, after this: all pending
+                # ones were in the notice.
+                await self.dead_letters.mark_announced_through(dead_through)
+                self._dead_pending = {}
             self._gaps = []
             self.stats.gap_notices_delivered += 1
 
@@ -412,6 +417,13 @@ class Forwarder:
             messages = self.encoder.encode(record, historical=historical, gaps=gaps)
         except Exception as exc:  # the encoder's bug or a value it cannot carry
             raise _Poison(f"cannot encode: {type(exc).__name__}: {exc}") from None
+        if not isinstance(messages, list):
+            raise _Poison(f"cannot encode: the encoder returned a {type(messages).__name__}")
+        for m in messages:
+            if not isinstance(m, Message) or not isinstance(m.payload, bytes):
+                raise _Poison(
+                    f"cannot encode: the encoder returned a {type(m).__name__}, not a Message"
+                )
         if limit is None or all(packet_size(m) <= limit for m in messages):
             return [_Part(0, record, messages)]
         if record.count < 2:
@@ -505,24 +517,8 @@ class Forwarder:
         self.stats.dead_lettered_samples += record.count
         key = _reason_key(reason)
         self.stats.dead_lettered_by_reason[key] = self.stats.dead_lettered_by_reason.get(key, 0) + 1
-        if self._dead_gaps is not None:
-            self._dead_gaps.append(
-                DeadLetter(
-                    id=letter_id,
-                    moved_at=time.time(),
-                    device=record.device,
-                    first_seq=record.first_seq,
-                    last_seq=record.last_seq,
-                    count=record.count,
-                    created=record.created,
-                    reason=reason,
-                    code=code,
-                    tries=tries,
-                    announced=False,
-                    replay=False,
-                    data=b"",
-                )
-            )
+        if self._dead_pending is not None:
+            self._fold(record.device, record.first_seq, record.last_seq, record.count, letter_id)
         fields: dict[str, Any] = {
             "device": record.device,
             "first_seq": record.first_seq,
@@ -554,11 +550,42 @@ class Forwarder:
             self._gaps = await self.buffer.take_gaps()
         return self._gaps
 
-    async def _pending_dead_gaps(self) -> list[DeadLetter]:
-        """Dead letters whose gap notice is not delivered yet (loaded once per run)."""
-        if self._dead_gaps is None:
-            self._dead_gaps = await self.dead_letters.unannounced()
-        return list(self._dead_gaps)
+    async def _pending_dead_gaps(self) -> list[Gap]:
+        """Gap notices for dead letters not announced yet (loaded once per run)."""
+        if self._dead_pending is None:
+            self._dead_pending = {}
+            for d in await self.dead_letters.unannounced():
+                self._fold(d.device, d.first_seq, d.last_seq, d.count, d.id)
+        gaps = sorted(self._dead_pending.values(), key=lambda g: g.first_seq)
+        if len(gaps) > MAX_DEAD_LETTER_GAPS:
+            gaps = [
+                Gap(
+                    min(g.first_seq for g in gaps),
+                    max(g.last_seq for g in gaps),
+                    sum(g.count for g in gaps),
+                    DEAD_LETTER_GAP,
+                )
+            ]
+        return gaps
+
+    def _fold(self, device: str, first_seq: int, last_seq: int, count: int, letter_id: int) -> None:
+        """Add one dead letter to its device's pending notice: one range per device, whose
+        seqs need not be contiguous (the range then also covers seqs delivered in between,
+        which a Gap allows). So the notice stays small however many records were set aside
+        before a message could carry it (e.g. an ACL that denies every topic)."""
+        assert self._dead_pending is not None
+        g = self._dead_pending.get(device)
+        self._dead_pending[device] = (
+            Gap(first_seq, last_seq, count, DEAD_LETTER_GAP)
+            if g is None
+            else Gap(
+                min(g.first_seq, first_seq),
+                max(g.last_seq, last_seq),
+                g.count + count,
+                DEAD_LETTER_GAP,
+            )
+        )
+        self._dead_max_id = max(self._dead_max_id, letter_id)
 
     async def _replay_if_due(self) -> None:
         """Publish the dead letters an operator queued for replay."""
@@ -627,8 +654,9 @@ class Forwarder:
         return self.buffer.stats().records
 
 
-def _gap_of(letter: DeadLetter) -> Gap:
-    return Gap(letter.first_seq, letter.last_seq, letter.count, DEAD_LETTER_GAP)
+#: At most this many dead-letter gaps ride on one message; with more devices they are
+#: announced as one range.
+MAX_DEAD_LETTER_GAPS = 16
 
 
 def _reason_key(reason: str) -> str:

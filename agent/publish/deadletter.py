@@ -162,12 +162,13 @@ class DeadLetters:
         return await self._call(self._select, "1", ())
 
     async def unannounced(self) -> list[DeadLetter]:
-        """Dead letters whose gap notice was not yet delivered, oldest first."""
-        return await self._call(self._select, "announced = 0", ())
+        """Dead letters whose gap notice was not yet delivered, oldest first (their
+        `data` is left out: only the seqs are needed)."""
+        return await self._call(self._select, "announced = 0", (), -1, False)
 
-    async def mark_announced(self, ids: Sequence[int]) -> None:
-        if ids:
-            await self._call(self._update_many, "update dead_letters set announced = 1", ids)
+    async def mark_announced_through(self, last_id: int) -> None:
+        """The gap notices of every entry with id <= last_id were delivered."""
+        await self._call(self._announced_through, last_id)
 
     async def request_replay(self, ids: Sequence[int] | None, device: str | None = None) -> int:
         """Queue entries for replay: `ids` (None: all), optionally only `device`'s.
@@ -289,8 +290,11 @@ class DeadLetters:
             self._count_locked()
             return letter_id, dropped
 
-    def _select(self, where: str, params: tuple[Any, ...], limit: int = -1) -> list[DeadLetter]:
-        sql = f"select {_COLUMNS} from dead_letters where {where} order by id limit ?"
+    def _select(
+        self, where: str, params: tuple[Any, ...], limit: int = -1, data: bool = True
+    ) -> list[DeadLetter]:
+        columns = _COLUMNS if data else _COLUMNS.replace(", data", ", x''")
+        sql = f"select {columns} from dead_letters where {where} order by id limit ?"
         with self._lock:
             rows = self._db().execute(sql, (*params, limit)).fetchall()
         return [
@@ -318,6 +322,15 @@ class DeadLetters:
             with con:
                 con.executemany(f"{statement} where id = ?", [(i,) for i in ids])
             self._count_locked()
+
+    def _announced_through(self, last_id: int) -> None:
+        with self._lock:
+            con = self._db()
+            with con:
+                con.execute(
+                    "update dead_letters set announced = 1 where announced = 0 and id <= ?",
+                    (last_id,),
+                )
 
     def _request_replay_sync(self, ids: Sequence[int] | None, device: str | None) -> int:
         where = ["replay = 0"]

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from agent.buffer import Record
-from agent.cli import main
+from agent.cli import build_parser
 from agent.publish.deadletter import DeadLetters
 
 DEVICE = """\
@@ -21,6 +21,14 @@ devices:
     tags:
       - {name: t, address: 0, type: int16}
 """
+
+
+def main(argv: list[str]) -> int:
+    """The CLI without agent.cli.main's logging set-up (which would bind structlog to the
+    captured stdout of this test, closed once it ends)."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
 
 
 def _config(tmp_path: Path, buffer: str) -> Path:

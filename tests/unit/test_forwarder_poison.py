@@ -355,3 +355,40 @@ async def test_heartbeat_advances_while_the_broker_is_down() -> None:
     finally:
         fwd.request_stop()
         await task
+
+
+async def test_many_dead_letters_are_announced_as_one_range_per_device() -> None:
+    buf, pub, fwd = await _setup()
+    pub.refuse_topic("edge/gw/a", "Not authorized", 0x87)
+    pub.refuse_topic("edge/gw/b", "Not authorized", 0x87)
+    seq = 0
+    for _ in range(50):  # nothing is delivered meanwhile: the notices pile up
+        for device in ("a", "b"):
+            seq += 1
+            await _append(buf, device, seq)
+        await fwd.forward_once()
+    await _append(buf, "ok", 101)
+    await fwd.forward_once()
+    [body] = _bodies(pub)
+    assert body.gaps is not None
+    assert [(g.first_seq, g.last_seq, g.count, g.reason) for g in body.gaps] == [
+        (1, 99, 50, "dead_letter"),
+        (2, 100, 50, "dead_letter"),
+    ]
+    assert all(d.announced for d in await fwd.dead_letters.all())
+
+
+async def test_encoder_returning_garbage_is_a_dead_letter() -> None:
+    class Garbage(_Encoder):
+        def encode(self, record: Record, *, historical: bool = False, gaps: Any = ()) -> Any:
+            return [b"not a message"] if record.device == "bad" else super().encode(record)
+
+    buf, pub, fwd = await _setup()
+    fwd.encoder = Garbage(AgentSection(id="gw"), MqttConfig.model_validate({}))
+    fwd.encoder.poisoned = set()
+    await _append(buf, "bad", 1)
+    await _append(buf, "ok", 2)
+    await fwd.forward_once()
+    [letter] = await fwd.dead_letters.all()
+    assert letter.reason == "cannot encode: the encoder returned a bytes, not a Message"
+    assert len(pub.published) == 1
