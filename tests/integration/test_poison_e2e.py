@@ -102,7 +102,7 @@ def test_one_denied_device_does_not_slow_nine_others_and_is_replayed_after_the_f
                 time.sleep(0.5)
                 got = _by_device(sub.messages())
                 lags.append(max(_newest_lag_s(got[d]) for d in HEALTHY))
-            assert max(lags) < 2.5, lags
+            assert max(lags) < 3.0, lags
             got = _by_device(sub.messages())
             assert "d0" not in got
             # A gap notice announced d0's dead letters on some other device's message.
@@ -196,7 +196,7 @@ def test_batch_above_the_broker_packet_size_is_split_and_a_small_device_keeps_it
             for _ in range(6):
                 time.sleep(0.5)
                 lags.append(_newest_lag_s(_by_device(sub.messages())["small"]))
-            assert max(lags) < 2.5, lags
+            assert max(lags) < 3.0, lags
             assert agent.terminate() == 0
         got = _by_device(sub.messages())
         assert all(len(m.payload) < 16384 for m in sub.messages())

@@ -392,3 +392,17 @@ async def test_encoder_returning_garbage_is_a_dead_letter() -> None:
     [letter] = await fwd.dead_letters.all()
     assert letter.reason == "cannot encode: the encoder returned a bytes, not a Message"
     assert len(pub.published) == 1
+
+
+async def test_a_split_record_stays_until_every_part_was_acknowledged() -> None:
+    buf, pub, fwd = await _setup()
+    pub.max_packet_size = 4096
+    await _append(buf, "big", 1, 200)
+    pub.fail_next(1, "disconnected before ack")  # the first part is lost
+    await fwd.forward_once()
+    assert [r.first_seq for r in await buf.take(10)] == [1]  # kept whole
+    first_try = len(pub.published)
+    await fwd.forward_once()
+    assert buf.stats().records == 0
+    again = [s.seq for b in _bodies(pub)[first_try:] for s in b.samples]
+    assert again == list(range(1, 201))  # sent again in full, oldest first
