@@ -20,10 +20,13 @@ Records that cannot be published as they are (docs/mqtt.md, "Poison records"):
   `max_message_bytes` is set), a record whose message would exceed it is split into
   sub-records — halves of its sample array, recursively — each published as its own
   message with exact first_seq/last_seq/count. The record is committed once every part was
-  acknowledged. A single sample that still does not fit is dead-lettered.
-- **Permanent.** The encoder raises, paho rejects the message (a topic with ``+``/``#``),
-  or the broker refuses it with a reason that will not change by itself (0x87 Not
-  authorized, 0x90 Topic name invalid, 0x99 Payload format invalid): dead-lettered at once.
+  acknowledged. A single sample that still does not fit is dead-lettered alone.
+- **Cannot be encoded.** The encoder raises (or returns something that is not a list of
+  messages): the record is split the same way until only the samples it fails on are
+  left; those are dead-lettered at once, the others are sent.
+- **Permanent.** paho rejects the message (a topic with ``+``/``#``), or the broker
+  refuses it with a reason that will not change by itself (0x87 Not authorized, 0x90
+  Topic name invalid, 0x99 Payload format invalid): dead-lettered at once.
 - **Transient refusal** (any other PUBACK reason >= 0x80, e.g. 0x97 Quota exceeded): the
   *device* backs off (exponential, with jitter); after `max_refusals` refusals of the same
   record it is dead-lettered. While a device backs off its records wait in the buffer and
@@ -128,6 +131,7 @@ class _Part:
     index: int  # of the record in the round
     record: Record  # the record itself, or a sub-record of it
     messages: list[Message]
+    poison: _Poison | None = None  # set: this (sub-)record cannot be sent, no messages
 
 
 class Forwarder:
@@ -284,6 +288,7 @@ class Forwarder:
         limit = self._limit()
         parts: list[_Part] = []
         poison: dict[int, _Poison] = {}
+        bad_parts: dict[int, list[_Part]] = {}  # record index → its parts that cannot go
         gaps_at: int | None = None  # index of the part whose first message carries gaps
         for i, record in enumerate(records):
             historical = record.id in self._attempted or (
@@ -294,15 +299,22 @@ class Forwarder:
             record_limit = self._split_limit.get(record.id, limit)
             try:
                 encoded = self._encode_fitting(record, historical, carry, record_limit)
-            except _Poison as exc:
+            except _Poison as exc:  # not even splittable
                 poison[i] = exc
                 continue
-            if carry and encoded and encoded[0].messages:
+            sendable = [p for p in encoded if p.poison is None]
+            unsendable = [p for p in encoded if p.poison is not None]
+            if len(encoded) == 1 and encoded[0].poison is not None:
+                poison[i] = encoded[0].poison
+                continue
+            if unsendable:
+                bad_parts[i] = unsendable
+            if carry and sendable and sendable[0].messages:
                 gaps_at = len(parts)
             if len(encoded) > 1:
                 self.stats.split_records += 1
                 self.stats.split_parts += len(encoded)
-            parts.extend(_Part(i, p.record, p.messages) for p in encoded)
+            parts.extend(_Part(i, p.record, p.messages) for p in sendable)
 
         messages = [m for p in parts for m in p.messages]
         results = await self.publisher.publish(messages) if messages else []
@@ -338,6 +350,20 @@ class Forwarder:
         lost_connection: PublishResult | None = None
         now = time.time()
         refused_devices: dict[str, tuple[PublishResult, int]] = {}
+        kept: set[int] = set()  # records whose set-aside parts could not be stored
+        set_aside = 0  # samples of delivered records that went to the dead letters instead
+        for i, bad_list in sorted(bad_parts.items()):
+            if i in failed:
+                continue  # the whole record is sent again; its parts are re-derived then
+            for part in bad_list:
+                assert part.poison is not None
+                if not await self._dead_letter(
+                    part.record, part.poison.reason, part.poison.code, 1
+                ):
+                    kept.add(i)
+                    refused_devices.setdefault(records[i].device, (_STORE_FAILED, 1))
+                    break
+                set_aside += part.record.count
         for i in sorted(poison.keys() | failed.keys()):
             record = records[i]
             bad = poison.get(i)
@@ -372,12 +398,16 @@ class Forwarder:
                 lost_connection = lost_connection or result
             self._attempted.add(record.id)
 
-        delivered = [r for i, r in enumerate(records) if i not in failed and i not in poison]
+        delivered = [
+            r
+            for i, r in enumerate(records)
+            if i not in failed and i not in poison and i not in kept
+        ]
         if delivered or dead:
             await self.buffer.commit([r.id for r in delivered] + dead)
         if delivered:
             self.stats.records_sent += len(delivered)
-            self.stats.samples_delivered += sum(r.count for r in delivered)
+            self.stats.samples_delivered += sum(r.count for r in delivered) - set_aside
             self.stats.last_delivery = now
             self.stats.last_latency_s = now - delivered[-1].created
         for device in {r.device for r in delivered} - refused_devices.keys():
@@ -412,7 +442,30 @@ class Forwarder:
     def _encode_fitting(
         self, record: Record, historical: bool, gaps: Sequence[Gap], limit: int | None
     ) -> list[_Part]:
-        """The record's messages, split into sub-records until each fits `limit`."""
+        """The record's messages, split into sub-records until each fits `limit`. A
+        record the encoder fails on is split too, so that only the samples it cannot
+        encode are set aside: parts with `poison` set carry no messages."""
+        try:
+            messages = self._encode(record, historical, gaps)
+        except _Poison as exc:
+            if record.count < 2:
+                return [_Part(0, record, [], exc)]
+        else:
+            if limit is None or all(packet_size(m) <= limit for m in messages):
+                return [_Part(0, record, messages)]
+            if record.count < 2:
+                biggest = max(packet_size(m) for m in messages)
+                reason = (
+                    f"too large: one sample needs a {biggest}-byte packet, the limit is {limit}"
+                )
+                return [_Part(0, record, [], _Poison(reason, PACKET_TOO_LARGE))]
+        left, right = _halves(record)
+        head = self._encode_fitting(left, historical, gaps, limit)
+        # The gap notices ride on the first part that is sent.
+        carried = any(p.poison is None for p in head)
+        return head + self._encode_fitting(right, historical, () if carried else gaps, limit)
+
+    def _encode(self, record: Record, historical: bool, gaps: Sequence[Gap]) -> list[Message]:
         try:
             messages = self.encoder.encode(record, historical=historical, gaps=gaps)
         except Exception as exc:  # the encoder's bug or a value it cannot carry
@@ -424,18 +477,7 @@ class Forwarder:
                 raise _Poison(
                     f"cannot encode: the encoder returned a {type(m).__name__}, not a Message"
                 )
-        if limit is None or all(packet_size(m) <= limit for m in messages):
-            return [_Part(0, record, messages)]
-        if record.count < 2:
-            biggest = max(packet_size(m) for m in messages)
-            raise _Poison(
-                f"too large: one sample needs a {biggest}-byte packet, the limit is {limit}",
-                PACKET_TOO_LARGE,
-            )
-        left, right = _halves(record)
-        return self._encode_fitting(left, historical, gaps, limit) + self._encode_fitting(
-            right, historical, (), limit
-        )
+        return messages
 
     @staticmethod
     def _is_connection_failure(result: PublishResult) -> bool:
@@ -609,7 +651,13 @@ class Forwarder:
             try:
                 encoded = self._encode_fitting(letter.as_record(), True, (), limit)
             except _Poison as exc:
-                await self.dead_letters.replay_failed(letter.id, exc.reason, exc.code)
+                encoded = [_Part(i, letter.as_record(), [], exc)]
+            unsendable = next((p.poison for p in encoded if p.poison is not None), None)
+            if unsendable is not None:
+                # Still not publishable as it is: it stays, whole, with its new reason.
+                await self.dead_letters.replay_failed(
+                    letter.id, unsendable.reason, unsendable.code
+                )
                 continue
             parts.extend(_Part(i, p.record, p.messages) for p in encoded)
         messages = [m for p in parts for m in p.messages]

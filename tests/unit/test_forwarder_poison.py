@@ -406,3 +406,43 @@ async def test_a_split_record_stays_until_every_part_was_acknowledged() -> None:
     assert buf.stats().records == 0
     again = [s.seq for b in _bodies(pub)[first_try:] for s in b.samples]
     assert again == list(range(1, 201))  # sent again in full, oldest first
+
+
+async def test_only_the_samples_the_encoder_fails_on_are_set_aside() -> None:
+    class FailsOnSeq7(_Encoder):
+        def encode(
+            self, record: Record, *, historical: bool = False, gaps: Any = ()
+        ) -> list[Message]:
+            if any(s["seq"] == 7 for s in orjson.loads(record.data)):
+                raise OverflowError("date value out of range")
+            return super().encode(record, historical=historical, gaps=gaps)
+
+    buf, pub, fwd = await _setup()
+    fwd.encoder = FailsOnSeq7(AgentSection(id="gw"), MqttConfig.model_validate({}))
+    fwd.encoder.poisoned = set()
+    await _append(buf, "d", 1, 10)
+    await fwd.forward_once()
+    delivered = [s.seq for b in _bodies(pub) for s in b.samples]
+    assert delivered == [1, 2, 3, 4, 5, 6, 8, 9, 10]
+    [letter] = await fwd.dead_letters.all()
+    assert (letter.first_seq, letter.last_seq, letter.count) == (7, 7, 1)
+    assert [s["seq"] for s in orjson.loads(letter.data)] == [7]
+    assert buf.stats().records == 0
+    assert fwd.stats.samples_delivered == 9
+    await _append(buf, "d", 11)
+    await fwd.forward_once()
+    gaps = _bodies(pub)[-1].gaps
+    assert gaps is not None
+    assert [(g.first_seq, g.last_seq, g.reason) for g in gaps] == [(7, 7, "dead_letter")]
+
+
+async def test_one_oversize_sample_is_set_aside_and_the_rest_of_its_batch_delivered() -> None:
+    buf, pub, fwd = await _setup(max_message_bytes=2048)
+    samples = [wire_sample("d", s, tag=f"t{s}") for s in range(1, 9)]
+    samples[4] = {**samples[4], "value": "x" * 5000}
+    await buf.append("d", samples)
+    await fwd.forward_once()
+    assert [s.seq for b in _bodies(pub) for s in b.samples] == [1, 2, 3, 4, 6, 7, 8]
+    [letter] = await fwd.dead_letters.all()
+    assert (letter.first_seq, letter.count, letter.code) == (5, 1, 0x95)
+    assert buf.stats().records == 0
