@@ -463,7 +463,11 @@ class Forwarder:
         head = self._encode_fitting(left, historical, gaps, limit)
         # The gap notices ride on the first part that is sent.
         carried = any(p.poison is None for p in head)
-        return head + self._encode_fitting(right, historical, () if carried else gaps, limit)
+        parts = head + self._encode_fitting(right, historical, () if carried else gaps, limit)
+        if all(p.poison is not None for p in parts):
+            # Nothing in it can go: one dead letter for the record, not one per sample.
+            return [_Part(0, record, [], parts[0].poison)]
+        return parts
 
     def _encode(self, record: Record, historical: bool, gaps: Sequence[Gap]) -> list[Message]:
         try:
@@ -655,9 +659,7 @@ class Forwarder:
             unsendable = next((p.poison for p in encoded if p.poison is not None), None)
             if unsendable is not None:
                 # Still not publishable as it is: it stays, whole, with its new reason.
-                await self.dead_letters.replay_failed(
-                    letter.id, unsendable.reason, unsendable.code
-                )
+                await self.dead_letters.replay_failed(letter.id, unsendable.reason, unsendable.code)
                 continue
             parts.extend(_Part(i, p.record, p.messages) for p in encoded)
         messages = [m for p in parts for m in p.messages]

@@ -446,3 +446,14 @@ async def test_one_oversize_sample_is_set_aside_and_the_rest_of_its_batch_delive
     [letter] = await fwd.dead_letters.all()
     assert (letter.first_seq, letter.count, letter.code) == (5, 1, 0x95)
     assert buf.stats().records == 0
+
+
+async def test_a_record_the_encoder_fails_on_entirely_is_one_dead_letter() -> None:
+    buf, pub, fwd = await _setup()
+    assert isinstance(fwd.encoder, _Encoder)
+    fwd.encoder.poisoned.add("bad")
+    await _append(buf, "bad", 1, 64)
+    await fwd.forward_once()
+    [letter] = await fwd.dead_letters.all()
+    assert (letter.first_seq, letter.last_seq, letter.count) == (1, 64, 64)
+    assert pub.published == []
