@@ -170,6 +170,7 @@ class Forwarder:
         self._dead_max_id = 0
         self._logged: set[tuple[str, str]] = set()  # (device, reason) dead letters logged
         self._backoff_logged: set[str] = set()  # devices whose backoff episode was logged
+        self._round_dead: set[str] = set()  # devices with a dead letter in this round
         self.publisher = publisher
         self.encoder = encoder
         self.max_records = max_records
@@ -410,8 +411,9 @@ class Forwarder:
             self.stats.samples_delivered += sum(r.count for r in delivered) - set_aside
             self.stats.last_delivery = now
             self.stats.last_latency_s = now - delivered[-1].created
-        for device in {r.device for r in delivered} - refused_devices.keys():
+        for device in {r.device for r in delivered} - refused_devices.keys() - self._round_dead:
             self._device_recovered(device)
+        self._round_dead.clear()
         for device, (result, tries) in refused_devices.items():
             self._device_backs_off(device, result, tries, now)
         if refused_devices or dead:
@@ -559,6 +561,7 @@ class Forwarder:
             return False
         self._refusals.pop(record.id, None)
         self._split_limit.pop(record.id, None)
+        self._round_dead.add(record.device)
         self.stats.dead_lettered_records += 1
         self.stats.dead_lettered_samples += record.count
         key = _reason_key(reason)

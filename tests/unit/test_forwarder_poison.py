@@ -457,3 +457,27 @@ async def test_a_record_the_encoder_fails_on_entirely_is_one_dead_letter() -> No
     [letter] = await fwd.dead_letters.all()
     assert (letter.first_seq, letter.last_seq, letter.count) == (1, 64, 64)
     assert pub.published == []
+
+
+async def test_a_device_with_one_bad_sample_per_poll_is_logged_once() -> None:
+    class FailsOnTagBad(_Encoder):
+        def encode(
+            self, record: Record, *, historical: bool = False, gaps: Any = ()
+        ) -> list[Message]:
+            if any(s["tag"] == "bad" for s in orjson.loads(record.data)):
+                raise OverflowError("date value out of range")
+            return super().encode(record, historical=historical, gaps=gaps)
+
+    buf, _pub, fwd = await _setup()
+    fwd.encoder = FailsOnTagBad(AgentSection(id="gw"), MqttConfig.model_validate({}))
+    fwd.encoder.poisoned = set()
+    with capture_logs() as logs:
+        for poll in range(5):
+            seq = 1 + 2 * poll
+            await buf.append(
+                "d", [wire_sample("d", seq, tag="good"), wire_sample("d", seq + 1, tag="bad")]
+            )
+            await fwd.forward_once()
+    assert fwd.stats.dead_lettered_samples == 5
+    assert fwd.stats.samples_delivered == 5
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["forward.dead_letter"]
