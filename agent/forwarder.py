@@ -72,7 +72,7 @@ from agent.publish import (
     PublishResult,
     packet_size,
 )
-from agent.publish.deadletter import DeadLetters
+from agent.publish.deadletter import DeadLetters, DeadLetterStats
 
 log = structlog.get_logger()
 
@@ -115,6 +115,24 @@ class ForwarderStats:
     gap_notices_delivered: int = 0
     #: device → its backoff, while the broker's refusals hold that device back.
     backing_off: dict[str, DeviceBackoff] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PoisonSnapshot:
+    """What the status page, /api/status and metrics show about records set aside: a
+    copy, safe to read from the HTTP layer while the forwarder runs."""
+
+    dead_lettered_records: int
+    dead_lettered_samples: int
+    dead_lettered_by_reason: dict[str, int]
+    split_records: int
+    split_parts: int
+    replayed_records: int
+    replayed_samples: int
+    #: device → (reason, code, refusals, seconds until its next attempt)
+    backing_off: dict[str, tuple[str, int | None, int, float]]
+    store: DeadLetterStats
+    store_path: str | None
 
 
 class _Poison(Exception):
@@ -184,6 +202,26 @@ class Forwarder:
         #: time.monotonic() of the loop's last turn; run() turns at least every
         #: replay_check_s (plus one round), so a stale heartbeat means a stuck forwarder.
         self.heartbeat = time.monotonic()
+
+    def poison_snapshot(self) -> PoisonSnapshot:
+        """Dead letters, splits and per-device backoff, as plain values (no I/O)."""
+        st = self.stats
+        now = time.time()
+        return PoisonSnapshot(
+            dead_lettered_records=st.dead_lettered_records,
+            dead_lettered_samples=st.dead_lettered_samples,
+            dead_lettered_by_reason=dict(st.dead_lettered_by_reason),
+            split_records=st.split_records,
+            split_parts=st.split_parts,
+            replayed_records=st.replayed_records,
+            replayed_samples=st.replayed_samples,
+            backing_off={
+                d: (b.reason, b.code, b.refusals, max(0.0, round(b.retry_at - now, 3)))
+                for d, b in st.backing_off.items()
+            },
+            store=self.dead_letters.stats(),
+            store_path=self.dead_letters.path,
+        )
 
     # ------------------------------------------------------------------ loop
 

@@ -481,3 +481,19 @@ async def test_a_device_with_one_bad_sample_per_poll_is_logged_once() -> None:
     assert fwd.stats.dead_lettered_samples == 5
     assert fwd.stats.samples_delivered == 5
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["forward.dead_letter"]
+
+
+async def test_poison_snapshot_shows_backoff_dead_letters_and_the_store() -> None:
+    buf, pub, fwd = await _setup(device_backoff_min_s=60, device_backoff_max_s=60)
+    pub.refuse_topic("edge/gw/busy", "Quota exceeded", 0x97)
+    pub.refuse_topic("edge/gw/denied", "Not authorized", 0x87)
+    await _append(buf, "busy", 1)
+    await _append(buf, "denied", 2, 3)
+    await fwd.forward_once()
+    snap = fwd.poison_snapshot()
+    assert snap.dead_lettered_by_reason == {"Not authorized": 1}
+    assert (snap.dead_lettered_records, snap.dead_lettered_samples) == (1, 3)
+    [(device, (reason, code, refusals, retry_in_s))] = snap.backing_off.items()
+    assert (device, reason, code, refusals) == ("busy", "Quota exceeded", 0x97, 1)
+    assert 0 < retry_in_s <= 60
+    assert (snap.store.entries, snap.store.samples, snap.store_path) == (1, 3, None)
