@@ -26,7 +26,9 @@ Records that cannot be published as they are (docs/mqtt.md, "Poison records"):
   left; those are dead-lettered at once, the others are sent.
 - **Permanent.** paho rejects the message (a topic with ``+``/``#``), or the broker
   refuses it with a reason that will not change by itself (0x87 Not authorized, 0x90
-  Topic name invalid, 0x99 Payload format invalid): dead-lettered at once.
+  Topic name invalid, 0x99 Payload format invalid): dead-lettered at once. When only some
+  of a record's messages are refused so (layout tag: one tag's topic), it is sent again
+  one part per sample, so that only the refused samples are dead-lettered.
 - **Transient refusal** (any other PUBACK reason >= 0x80, e.g. 0x97 Quota exceeded): the
   *device* backs off (exponential, with jitter); after `max_refusals` refusals of the same
   record it is dead-lettered. While a device backs off its records wait in the buffer and
@@ -180,6 +182,9 @@ class Forwarder:
         self._refusals: dict[int, int] = {}  # record id → refusals so far
         self._attempted: set[int] = set()  # record ids with a failed attempt
         self._split_limit: dict[int, int] = {}  # record id → packet limit learnt from 0x95
+        # Records sent as one part per sample, to find which samples the broker refuses
+        # (set when some of a record's messages were refused for good and others not).
+        self._singles: set[int] = set()
         self._gaps: list[Gap] = []
         self._gaps_dropped_seen: int | None = None
         # Dead letters not yet announced, folded into one gap per device (None: not yet
@@ -319,6 +324,7 @@ class Forwarder:
         self._attempted = {i for i in self._attempted if i >= first_id}
         self._refusals = {i: n for i, n in self._refusals.items() if i >= first_id}
         self._split_limit = {i: n for i, n in self._split_limit.items() if i >= first_id}
+        self._singles = {i for i in self._singles if i >= first_id}
         buffer_gaps = await self._pending_gaps()
         dead_gaps = await self._pending_dead_gaps()
         dead_through = self._dead_max_id
@@ -337,7 +343,10 @@ class Forwarder:
             carry = gaps if gaps and gaps_at is None else []
             record_limit = self._split_limit.get(record.id, limit)
             try:
-                encoded = self._encode_fitting(record, historical, carry, record_limit)
+                if record.id in self._singles:
+                    encoded = self._encode_singles(record, historical, carry, record_limit)
+                else:
+                    encoded = self._encode_fitting(record, historical, carry, record_limit)
             except _Poison as exc:  # not even splittable
                 poison[i] = exc
                 continue
@@ -364,13 +373,31 @@ class Forwarder:
         failed: dict[int, tuple[PublishResult, Message]] = {}  # record index → first failure
         at = 0
         gaps_delivered = False
+        some_ok: set[int] = set()  # record indexes with at least one message acked
         for n, part in enumerate(parts):
+            part_failure: tuple[PublishResult, Message] | None = None
             for message, result in zip(
                 part.messages, results[at : at + len(part.messages)], strict=True
             ):
-                if not result.ok:
+                if result.ok:
+                    some_ok.add(part.index)
+                else:
                     self._count_failure(result)
-                    failed.setdefault(part.index, (result, message))
+                    part_failure = part_failure or (result, message)
+            if part_failure is not None:
+                if records[part.index].id in self._singles and _permanent(part_failure[0]):
+                    # Sent alone: exactly this sample is refused for good.
+                    result = part_failure[0]
+                    bad_parts.setdefault(part.index, []).append(
+                        _Part(
+                            part.index,
+                            part.record,
+                            [],
+                            _Poison(result.reason or "refused", result.code),
+                        )
+                    )
+                else:
+                    failed.setdefault(part.index, part_failure)
             if n == gaps_at and results[at].ok:
                 gaps_delivered = True
             at += len(part.messages)
@@ -414,6 +441,16 @@ class Forwarder:
                 continue
             result, message = failed[i]
             verdict = self._verdict(record, result, message)
+            if (
+                verdict == "dead"
+                and record.count > 1
+                and i in some_ok
+                and record.id not in self._singles
+            ):
+                # Some of its messages went, some were refused for good (e.g. an ACL on
+                # one tag's topic): find out which samples, one part per sample.
+                self._singles.add(record.id)
+                verdict = "split"
             if verdict == "dead":
                 tries = self._refusals.get(record.id, 0) + 1
                 reason = result.reason or "refused"
@@ -509,6 +546,21 @@ class Forwarder:
             return [_Part(0, record, [], parts[0].poison)]
         return parts
 
+    def _encode_singles(
+        self, record: Record, historical: bool, gaps: Sequence[Gap], limit: int | None
+    ) -> list[_Part]:
+        """One part per sample (each possibly a poison part)."""
+        try:
+            samples: list[dict[str, Any]] = orjson.loads(record.data)
+            singles = [_sub(record, [s]) for s in samples]
+        except (orjson.JSONDecodeError, TypeError, KeyError, IndexError) as exc:
+            raise _Poison(f"cannot split: {type(exc).__name__}: {exc}") from None
+        out: list[_Part] = []
+        for single in singles:
+            carried = any(p.poison is None for p in out)
+            out += self._encode_fitting(single, historical, () if carried else gaps, limit)
+        return out
+
     def _encode(self, record: Record, historical: bool, gaps: Sequence[Gap]) -> list[Message]:
         try:
             messages = self.encoder.encode(record, historical=historical, gaps=gaps)
@@ -537,7 +589,7 @@ class Forwarder:
             current = self._split_limit.get(record.id, size)
             self._split_limit[record.id] = max(1, min(current, size) // 2)
             return "split"
-        if result.permanent or result.code in PERMANENT_CODES:
+        if _permanent(result):
             return "dead"
         if result.code is not None and result.code >= 0x80:
             return "refused"
@@ -748,6 +800,11 @@ class Forwarder:
 #: At most this many dead-letter gaps ride on one message; with more devices they are
 #: announced as one range.
 MAX_DEAD_LETTER_GAPS = 16
+
+
+def _permanent(result: PublishResult) -> bool:
+    """Refused for good: sending the same message again would fail the same way."""
+    return result.permanent or result.code in PERMANENT_CODES
 
 
 def _reason_key(reason: str) -> str:

@@ -497,3 +497,23 @@ async def test_poison_snapshot_shows_backoff_dead_letters_and_the_store() -> Non
     assert (device, reason, code, refusals) == ("busy", "Quota exceeded", 0x97, 1)
     assert 0 < retry_in_s <= 60
     assert (snap.store.entries, snap.store.samples, snap.store_path) == (1, 3, None)
+
+
+async def test_tag_layout_sets_aside_only_the_tag_whose_topic_is_refused() -> None:
+    buf, pub, fwd = await _setup()
+    fwd.encoder = _Encoder(
+        AgentSection(id="gw"),
+        MqttConfig.model_validate({"layout": "tag", "topic_tag": "edge/gw/{device}/{tag}"}),
+    )
+    fwd.encoder.poisoned = set()
+    pub.refuse_topic("edge/gw/d/t2", "Not authorized", 0x87)
+    await _append(buf, "d", 1, 4)  # tags t1..t4, seqs 1..4
+    await fwd.forward_once()  # t2 refused, the others acked: find out which sample
+    assert buf.stats().records == 1
+    await fwd.forward_once()  # one part per sample: only t2 is set aside
+    assert buf.stats().records == 0
+    [letter] = await fwd.dead_letters.all()
+    assert (letter.first_seq, letter.count, letter.code) == (2, 1, 0x87)
+    delivered = {orjson.loads(m.payload)["seq"] for m in pub.published}
+    assert delivered == {1, 3, 4}
+    assert fwd.stats.samples_delivered == 3
