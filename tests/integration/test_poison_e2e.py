@@ -261,3 +261,40 @@ async def test_bad_topic_and_raising_encoder_are_dead_lettered_while_others_flow
         assert letters[1].reason == "cannot encode: ValueError: year 0 is out of range"
         assert buffer.stats().records == 0
         await buffer.close()
+
+
+async def test_tag_layout_with_one_tag_denied_by_the_acl_delivers_the_others() -> None:
+    acl = "topic write edge/gw/d/ok1\ntopic write edge/gw/d/ok2\ntopic read #\n"
+    with MosquittoBroker(binary=require_mosquitto(), acl=acl) as broker:
+        mqtt = MqttConfig.model_validate(
+            {
+                "host": broker.host,
+                "port": broker.port,
+                "layout": "tag",
+                "topic_tag": "edge/gw/{device}/{tag}",
+            }
+        )
+        buffer = MemoryBuffer(BufferConfig.model_validate({"kind": "memory"}))
+        await buffer.open()
+        publisher = MqttPublisher(mqtt, "tag-acl-test")
+        forwarder = Forwarder(buffer, publisher, PayloadEncoder(AgentSection(id="gw"), mqtt))
+        with Subscriber(broker.host, broker.port, "edge/gw/#") as sub:
+            await publisher.start()
+            try:
+                async with asyncio.timeout(WAIT_S):
+                    await publisher.wait_connected()
+                    samples = [
+                        wire_sample("d", 1, tag="ok1"),
+                        wire_sample("d", 2, tag="denied"),
+                        wire_sample("d", 3, tag="ok2"),
+                    ]
+                    await buffer.append("d", samples)
+                    while buffer.stats().records:
+                        await forwarder.forward_once()
+            finally:
+                await publisher.close()
+            received = await asyncio.to_thread(sub.wait_count, 4)  # ok1, ok2 twice
+        assert {m.topic for m in received} == {"edge/gw/d/ok1", "edge/gw/d/ok2"}
+        letters = await forwarder.dead_letters.all()
+        assert [(d.first_seq, d.count, d.code) for d in letters] == [(2, 1, 0x87)]
+        await buffer.close()
