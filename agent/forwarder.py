@@ -32,9 +32,10 @@ Records that cannot be published as they are (docs/mqtt.md, "Poison records"):
 - **Transient refusal** (any other PUBACK reason >= 0x80, e.g. 0x97 Quota exceeded): the
   *device* backs off (exponential, with jitter); after `max_refusals` refusals of the same
   record it is dead-lettered. While a device backs off its records wait in the buffer and
-  every other device's records flow at full rate. No later record of that device is sent
-  before the earlier one was delivered or dead-lettered (records of the device that were
-  in flight beside the refused one in the same round are kept as delivered).
+  every other device's records flow at full rate; when its backoff ends only its oldest
+  record is sent (a probe), the rest follow once that one was delivered or set aside. So
+  no later record of that device overtakes the refused one, except those that were in
+  flight beside it in the round of the first refusal (kept as delivered).
 - **A lost connection or a timeout** is nobody's fault in particular: nothing is counted
   against a record; the round backs off as a whole and waits for the publisher.
 
@@ -283,11 +284,14 @@ class Forwarder:
         """The oldest records of devices that are not backing off (at most max_records).
         Pages past the records of devices that are; remembers the last id looked at."""
         now = time.time()
+        probing: set[str] = set()
         for device, state in list(self.stats.backing_off.items()):
             if state.retry_at <= now:
-                # Due again: its head record goes out in this round (and if the device
-                # has no records left, nothing waits for it).
+                # Due again: only its head record goes out in this round (a probe), so
+                # none of its later records can overtake it if it is refused again. If
+                # the device has no records left, nothing waits for it.
                 del self.stats.backing_off[device]
+                probing.add(device)
         blocked = set(self.stats.backing_off)
         out: list[Record] = []
         after = 0
@@ -298,6 +302,8 @@ class Forwarder:
             for record in page:
                 if record.device not in blocked:
                     out.append(record)
+                    if record.device in probing:
+                        blocked.add(record.device)
                     if len(out) == self.max_records:
                         after = record.id
                         break

@@ -178,8 +178,10 @@ async def test_transient_refusal_backs_off_only_that_device_and_keeps_its_order(
         await fwd.forward_once()
     assert [b.samples[0].seq for b in _bodies(pub)] == [2, 4, 6, 8, 10, 12]
     assert [r.first_seq for r in await buf.take(100)] == [1, 3, 5, 7, 9, 11]
-    # Backoff over: the device's records go out oldest first.
+    # Backoff over: first the refused record alone (a probe), then the rest, in order.
     fwd.stats.backing_off["busy"].retry_at = 0
+    await fwd.forward_once()
+    assert [b.samples[0].seq for b in _bodies(pub)][6:] == [1]
     await fwd.forward_once()
     assert [b.samples[0].seq for b in _bodies(pub)][6:] == [1, 3, 5, 7, 9, 11]
     assert fwd.stats.backing_off == {}
@@ -517,3 +519,18 @@ async def test_tag_layout_sets_aside_only_the_tag_whose_topic_is_refused() -> No
     delivered = {orjson.loads(m.payload)["seq"] for m in pub.published}
     assert delivered == {1, 3, 4}
     assert fwd.stats.samples_delivered == 3
+
+
+async def test_a_probe_refused_again_lets_no_later_record_of_its_device_through() -> None:
+    buf, pub, fwd = await _setup(device_backoff_min_s=3600, device_backoff_max_s=3600)
+    pub.refuse_topic("edge/gw/busy", "Quota exceeded", 0x97)
+    await _append(buf, "busy", 1)
+    await fwd.forward_once()
+    await _append(buf, "busy", 2)
+    await _append(buf, "busy", 3)
+    fwd.stats.backing_off["busy"].retry_at = 0
+    await fwd.forward_once()  # the probe (seq 1) is refused again
+    refused = [a.message for a in pub.attempts if not a.result.ok]
+    assert [orjson.loads(m.payload)["samples"][0]["seq"] for m in refused] == [1, 1]
+    assert pub.published == []
+    assert fwd.stats.backing_off["busy"].refusals == 2
