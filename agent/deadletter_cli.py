@@ -116,7 +116,8 @@ def cmd_list(config: Config, args: argparse.Namespace) -> int:
     for line in format_table(letters):
         print(line)
     samples = sum(d.count for d in letters)
-    print(f"{len(letters)} dead letters, {samples} samples ({path})")
+    n = len(letters)
+    print(f"{n} dead letter{'s' if n != 1 else ''}, {samples} samples ({path})")
     return EXIT_OK
 
 

@@ -527,7 +527,13 @@ class Forwarder:
     ) -> list[_Part]:
         """The record's messages, split into sub-records until each fits `limit`. A
         record the encoder fails on is split too, so that only the samples it cannot
-        encode are set aside: parts with `poison` set carry no messages."""
+        encode are set aside: parts with `poison` set carry no messages.
+
+        A record whose samples alone are larger than the limit is split before it is
+        encoded: the encoder runs once per part that is sent, which matters for an
+        encoder with state (Sparkplug marks a device born when it makes its DBIRTH)."""
+        if limit is not None and record.count > 1 and len(record.data) > limit:
+            return self._split_encode(record, historical, gaps, limit)
         try:
             messages = self._encode(record, historical, gaps)
         except _Poison as exc:
@@ -542,6 +548,11 @@ class Forwarder:
                     f"too large: one sample needs a {biggest}-byte packet, the limit is {limit}"
                 )
                 return [_Part(0, record, [], _Poison(reason, PACKET_TOO_LARGE))]
+        return self._split_encode(record, historical, gaps, limit)
+
+    def _split_encode(
+        self, record: Record, historical: bool, gaps: Sequence[Gap], limit: int | None
+    ) -> list[_Part]:
         left, right = _halves(record)
         head = self._encode_fitting(left, historical, gaps, limit)
         # The gap notices ride on the first part that is sent.

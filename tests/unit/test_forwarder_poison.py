@@ -534,3 +534,20 @@ async def test_a_probe_refused_again_lets_no_later_record_of_its_device_through(
     assert [orjson.loads(m.payload)["samples"][0]["seq"] for m in refused] == [1, 1]
     assert pub.published == []
     assert fwd.stats.backing_off["busy"].refusals == 2
+
+
+async def test_sparkplug_batch_is_split_before_encoding_so_its_dbirth_goes_out() -> None:
+    from agent.config import SparkplugConfig
+
+    buf, pub, fwd = await _setup()
+    cfg = MqttConfig(layout="sparkplug", sparkplug=SparkplugConfig(group_id="plant"))
+    fwd.encoder = PayloadEncoder(AgentSection(id="gw"), cfg)
+    pub.max_packet_size = 8192
+    await buf.append("press", [wire_sample("press", s, tag=f"t{s}") for s in range(1, 101)])
+    await fwd.forward_once()
+    kinds = [m.topic.split("/")[2] for m in pub.published]
+    assert kinds[0] == "DBIRTH"  # the device is declared before its first DDATA
+    assert kinds.count("DDATA") > 1  # split
+    assert all(packet_size(m) <= 8192 for m in pub.published)
+    assert buf.stats().records == 0
+    assert fwd.stats.dead_lettered_records == 0
