@@ -407,6 +407,11 @@ class Forwarder:
             if n == gaps_at and results[at].ok:
                 gaps_delivered = True
             at += len(part.messages)
+        for i, unsendable_parts in list(bad_parts.items()):
+            if records[i].id in self._singles and i not in some_ok and i not in failed:
+                # Sent one part per sample and every one refused: one dead letter.
+                poison[i] = unsendable_parts[0].poison or _Poison("refused")
+                del bad_parts[i]
         if gaps_delivered:
             if buffer_gaps:
                 await self.buffer.clear_gaps(max(g.last_seq for g in buffer_gaps))

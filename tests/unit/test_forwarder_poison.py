@@ -551,3 +551,21 @@ async def test_sparkplug_batch_is_split_before_encoding_so_its_dbirth_goes_out()
     assert all(packet_size(m) <= 8192 for m in pub.published)
     assert buf.stats().records == 0
     assert fwd.stats.dead_lettered_records == 0
+
+
+async def test_a_record_refused_sample_by_sample_is_still_one_dead_letter() -> None:
+    buf, pub, fwd = await _setup()
+    fwd.encoder = _Encoder(
+        AgentSection(id="gw"),
+        MqttConfig.model_validate({"layout": "tag", "topic_tag": "edge/gw/{device}/{tag}"}),
+    )
+    fwd.encoder.poisoned = set()
+    pub.refuse_topic("edge/gw/d/t2", "Not authorized", 0x87)
+    await _append(buf, "d", 1, 3)
+    await fwd.forward_once()  # mixed: t2 refused → sent one part per sample next
+    for tag in ("t1", "t3"):
+        pub.refuse_topic(f"edge/gw/d/{tag}", "Not authorized", 0x87)  # now all are denied
+    await fwd.forward_once()
+    [letter] = await fwd.dead_letters.all()
+    assert (letter.first_seq, letter.last_seq, letter.count) == (1, 3, 3)
+    assert buf.stats().records == 0
