@@ -347,7 +347,8 @@ class Forwarder:
             )
             self.stats.historical_records += historical
             carry = gaps if gaps and gaps_at is None else []
-            record_limit = self._split_limit.get(record.id, limit)
+            learnt = self._split_limit.get(record.id)
+            record_limit = learnt if limit is None else min(limit, learnt or limit)
             try:
                 if record.id in self._singles:
                     encoded = self._encode_singles(record, historical, carry, record_limit)
