@@ -443,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=30.0, help="HTTP timeout (default 30)")
     p.set_defaults(func=cmd_reload)
 
+    from agent.deadletter_cli import add_deadletter_commands
+
+    add_deadletter_commands(sub, _load)
     _add_optional_commands(sub)
     return parser
 

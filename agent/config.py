@@ -234,8 +234,21 @@ class MqttConfig(ConfigModel):
     max_refusals: int = Field(
         default=5,
         ge=1,
-        description="A record the broker refuses (PUBACK reason >= 0x80) this many times is "
-        "moved to the dead-letter store instead of being retried forever.",
+        description="A record the broker refuses with a reason that may pass (e.g. 0x97 "
+        "Quota exceeded) this many times is moved to the dead-letter store; permanent "
+        "refusals (0x87 Not authorized, 0x90, 0x99) are moved at once.",
+    )
+    max_message_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="Largest MQTT packet to send (e.g. a cloud broker's message limit); "
+        "larger batches are split. The broker's own Maximum Packet Size always applies.",
+    )
+    dead_letter_max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=65536,
+        description="Bound of the dead-letter store (sample data, bytes); when full its "
+        "oldest entries are deleted, counted and logged.",
     )
 
     @model_validator(mode="after")

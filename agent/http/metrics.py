@@ -35,6 +35,7 @@ class AgentCollector(Collector):
         yield from self._devices(snap)
         yield from self._buffer(snap)
         yield from self._mqtt(snap)
+        yield from self._poison(snap)
 
     def _agent(self, a: AgentSnapshot) -> Iterator[Metric]:
         info = InfoMetricFamily("edge_agent", "The agent's identity.")
@@ -154,6 +155,35 @@ class AgentCollector(Collector):
             for s in DEVICE_STATES:
                 state.add_metric([name, s], 1 if st.state == s else 0)
         yield from (polls, failed, skipped, connects, errors, duration, up, state)
+
+    def _poison(self, a: AgentSnapshot) -> Iterator[Metric]:
+        p = a.forwarder.poison
+        if p is None:
+            return
+        dead = CounterMetricFamily(
+            "edge_agent_dead_lettered_records",
+            "Records (or parts of records) set aside in the dead-letter store, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(p.dead_lettered_by_reason.items()):
+            dead.add_metric([reason], count)
+        yield dead
+        yield CounterMetricFamily(
+            "edge_agent_split_records",
+            "Records sent as several messages (too large for the broker).",
+            value=p.split_records,
+        )
+        backoff = GaugeMetricFamily(
+            "edge_agent_device_backoff",
+            "1 while the device's records wait for a refusal's backoff.",
+            labels=["device"],
+        )
+        for device in sorted(p.backing_off):
+            backoff.add_metric([device], 1)
+        yield backoff
+        yield GaugeMetricFamily(
+            "edge_agent_dead_letter_bytes", "Size of the dead-letter store.", value=p.store.bytes
+        )
 
     def _buffer(self, a: AgentSnapshot) -> Iterator[Metric]:
         b = a.buffer

@@ -14,6 +14,7 @@ from typing import Any
 
 from agent import __version__
 from agent.buffer import Salvage
+from agent.forwarder import PoisonSnapshot
 from agent.runtime.snapshot import AgentSnapshot, degraded, health, readiness
 
 
@@ -157,6 +158,7 @@ def status_json(snap: AgentSnapshot) -> dict[str, Any]:
             },
             "dead_lettered": f.dead_lettered_samples,
         },
+        "dead_letters": None if f.poison is None else _poison(f.poison),
         "tasks": [
             {
                 "name": t.name,
@@ -188,4 +190,30 @@ def _salvage(s: Salvage) -> dict[str, Any]:
         "recovered_samples": s.recovered_samples,
         "lost_samples": s.lost_samples,
         "lost_seq_ranges": list(s.lost_seq_ranges),
+    }
+
+
+def _poison(p: PoisonSnapshot) -> dict[str, Any]:
+    return {
+        "records": p.dead_lettered_records,
+        "samples": p.dead_lettered_samples,
+        "by_reason": dict(p.dead_lettered_by_reason),
+        "split_records": p.split_records,
+        "split_parts": p.split_parts,
+        "replayed_records": p.replayed_records,
+        "replayed_samples": p.replayed_samples,
+        "backing_off": {
+            device: {"reason": reason, "code": code, "refusals": refusals, "retry_in_s": wait}
+            for device, (reason, code, refusals, wait) in sorted(p.backing_off.items())
+        },
+        "store": {
+            "path": p.store_path,
+            "entries": p.store.entries,
+            "samples": p.store.samples,
+            "bytes": p.store.bytes,
+            "max_bytes": p.store.max_bytes,
+            "replay_pending": p.store.replay_pending,
+            "dropped_records": p.store.dropped_records,
+            "dropped_samples": p.store.dropped_samples,
+        },
     }

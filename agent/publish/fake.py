@@ -9,6 +9,8 @@ broker's behaviour:
     pub.fail_next(3, "Not authorized", code=0x87)
     pub.set_ack_delay(0.05)                # acks arrive after 50 ms
     pub.set_connected(False)               # broker outage: publish() → 'not connected'
+    pub.refuse_topic("edge/gw/press", "Not authorized", 0x87)  # an ACL that denies a topic
+    pub.max_packet_size = 16384            # as the broker's CONNACK would announce
     pub.published                          # every message acknowledged, in order
 
 Messages that are acknowledged are appended to `published`; `attempts` records every
@@ -22,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.publish import Message, PublishResult
+from agent.publish import PACKET_TOO_LARGE, Message, PublishResult, packet_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,10 @@ class FakePublisher:
         self._closed = False
         self._inflight = 0
         self._generation = 0
+        self._refused: dict[str, tuple[str, int | None]] = {}
+        #: Messages whose PUBLISH packet is larger fail with 'Packet too large' (0x95),
+        #: as MqttPublisher does for the limit from the broker's CONNACK.
+        self.max_packet_size: int | None = None
 
     # ------------------------------------------------------------------ scripting
 
@@ -77,6 +83,13 @@ class FakePublisher:
         if count < 0:
             raise ValueError("count must be >= 0")
         self._fail_next.extend([(reason, code)] * count)
+
+    def refuse_topic(self, topic: str, reason: str | None, code: int | None = None) -> None:
+        """Every message on `topic` fails with reason/code (None: stop refusing it)."""
+        if reason is None:
+            self._refused.pop(topic, None)
+        else:
+            self._refused[topic] = (reason, code)
 
     def set_ack_delay(self, seconds: float) -> None:
         """Every message is acknowledged this long after it was sent."""
@@ -133,8 +146,19 @@ class FakePublisher:
             finally:
                 self._inflight -= len(window)
             for m in window:
+                refused = self._refused.get(m.topic)
                 if generation != self._generation:
                     results.append(self._record(m, PublishResult(False, "disconnected before ack")))
+                elif "+" in m.topic or "#" in m.topic:
+                    # paho raises ValueError for these; MqttPublisher reports it so.
+                    reason = "invalid message: Publish topic cannot contain wildcards."
+                    results.append(self._record(m, PublishResult(False, reason, permanent=True)))
+                elif self.max_packet_size is not None and packet_size(m) > self.max_packet_size:
+                    results.append(
+                        self._record(m, PublishResult(False, "Packet too large", PACKET_TOO_LARGE))
+                    )
+                elif refused is not None:
+                    results.append(self._record(m, PublishResult(False, *refused)))
                 elif self._fail_next:
                     reason, code = self._fail_next.pop(0)
                     results.append(self._record(m, PublishResult(False, reason, code)))

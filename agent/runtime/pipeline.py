@@ -32,12 +32,12 @@ from agent import __version__
 from agent.buffer import Buffer
 from agent.buffer.common import open_buffer
 from agent.config import Config
+from agent.deadletter_cli import open_store
 from agent.forwarder import Forwarder
 from agent.normalize import Normalizer, SeqCounter
 from agent.payload import PayloadEncoder
 from agent.poller import DevicePoller, DeviceStatus
 from agent.publish import Publisher
-from agent.publish.deadletter import DeadLetters
 from agent.publish.sparkplug import SparkplugNode, sparkplug_node
 from agent.publish.status import DeviceStatusSync, StatusMessages
 from agent.runtime.reload import ReloadResult, plan_reload, read_config
@@ -273,8 +273,9 @@ class Agent:
             PayloadEncoder(
                 config.agent, config.mqtt, sparkplug=self.sparkplug, epoch=self.buffer.epoch
             ),
-            dead_letters=_dead_letters(config),
+            dead_letters=open_store(config),
             max_refusals=config.mqtt.max_refusals,
+            max_message_bytes=config.mqtt.max_message_bytes,
         )
         sup = self.supervisor
         try:
@@ -321,6 +322,7 @@ class Agent:
                     async with asyncio.timeout(2.0):
                         await publisher.publish([self.sparkplug.clean_death()])
             await publisher.close()
+            forwarder.dead_letters.close()
             await self.buffer.close()
             log.info(
                 "agent.stopped",
@@ -349,8 +351,10 @@ class Agent:
             return publisher.connected and self.buffer.stats().records > 0
 
         def progress() -> int:
+            # Deliveries, records set aside, or its loop going round (devices held back
+            # by their own backoff are not a stuck forwarder).
             st = forwarder.stats
-            return st.records_sent + st.dead_lettered_records
+            return st.records_sent + st.dead_lettered_records + int(forwarder.heartbeat * 1000)
 
         return Probe(
             FORWARDER_TASK,
@@ -686,10 +690,3 @@ def _status_messages(config: Config, started: float) -> StatusMessages:
         config_hash=config_hash(config.model_dump_json()),
         started=started,
     )
-
-
-def _dead_letters(config: Config) -> DeadLetters:
-    """Next to the buffer file; in memory for a memory buffer."""
-    if config.buffer.kind == "sqlite":
-        return DeadLetters(f"{config.buffer.path}.deadletter.sqlite")
-    return DeadLetters(None)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.buffer import BufferStats
+from agent.forwarder import PoisonSnapshot
 
 if TYPE_CHECKING:
     from agent.runtime.pipeline import Agent
@@ -101,6 +102,8 @@ class ForwarderView:
     failures_by_reason: tuple[tuple[str, int], ...]
     dead_lettered_records: int
     dead_lettered_samples: int
+    #: records set aside, splits, replays and per-device backoff (None before start)
+    poison: PoisonSnapshot | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +249,7 @@ def take_snapshot(agent: Agent) -> AgentSnapshot:
             failures_by_reason=_pairs(f.failures_by_reason) if f else (),
             dead_lettered_records=f.dead_lettered_records if f else 0,
             dead_lettered_samples=f.dead_lettered_samples if f else 0,
+            poison=agent.forwarder.poison_snapshot() if agent.forwarder is not None else None,
         ),
         devices=tuple(devices),
         tasks=tasks,

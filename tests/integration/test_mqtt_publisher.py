@@ -116,6 +116,8 @@ async def test_message_over_broker_maximum_packet_size_fails_alone(
         received = await asyncio.to_thread(sub.wait_count, 2)
         assert [m.topic for m in received] == ["t/a", "t/b"]
         assert pub.stats().disconnects == 0
+        assert pub.max_packet_size == 2000  # from the CONNACK, for the forwarder to split
+        assert pub.stats().max_packet_size == 2000
 
 
 async def test_broker_down_fails_fast_then_reconnects_without_resending(
@@ -227,6 +229,26 @@ async def test_acl_denied_topic_fails_with_mqtt5_reason_code(
         received = await asyncio.to_thread(sub.wait_count, 1)
         assert [m.topic for m in received] == ["allowed/x"]
         assert pub.stats().failed == {"Not authorized": 2}
+        # A refusal concerns the message only: the connection stays up.
+        assert pub.connected
+        assert pub.stats().disconnects == 0
+        assert pub.stats().connects == 1
+
+
+async def test_topic_paho_rejects_fails_permanently_and_alone(
+    broker: MosquittoBroker, subscriber_factory: SubscriberFactory
+) -> None:
+    sub = subscriber_factory(broker, "t/#")
+    async with _publisher(_config(broker)) as pub:
+        results = await pub.publish([Message("t/a+b", b"no"), Message("t/ok", b"yes")])
+        assert not results[0].ok
+        assert results[0].permanent
+        assert (results[0].reason or "").startswith("invalid message: ")
+        assert results[1] == PublishResult(True)
+        received = await asyncio.to_thread(sub.wait_count, 1)
+        assert [m.topic for m in received] == ["t/ok"]
+        assert pub.connected
+        assert pub.stats().disconnects == 0
 
 
 async def test_mqtt311_publishes_and_cannot_see_acl_denials(
@@ -239,7 +261,7 @@ async def test_mqtt311_publishes_and_cannot_see_acl_denials(
         assert all(r.ok for r in await pub.publish(batch))
         received = await asyncio.to_thread(sub.wait_count, len(batch))
         assert [m.payload for m in received] == [m.payload for m in batch]
-        # FIELD-NOTES: with 3.1.1 mosquitto acks a denied publish as a success.
+        # With 3.1.1 mosquitto acks a denied publish as a success (docs/mqtt.md).
         assert await pub.publish([Message("denied/x", b"lost")]) == [PublishResult(True)]
         assert await pub.publish([Message("allowed/end", b"end")]) == [PublishResult(True)]
         received = await asyncio.to_thread(sub.wait_count, len(batch) + 1)
@@ -321,9 +343,9 @@ async def test_birth_on_every_connect_and_will_on_abrupt_loss(
         await asyncio.to_thread(sub.wait_for, lambda ms: [m.payload for m in ms] == [b"online"])
         # Cut the TCP connection under the publisher: no DISCONNECT, so the broker
         # publishes the will; the publisher reconnects and announces itself again.
-        session = pub._session
-        assert session is not None
-        session.sock.shutdown(socket.SHUT_RDWR)
+        link = pub._link
+        assert link is not None
+        link.session.sock.shutdown(socket.SHUT_RDWR)
         await asyncio.to_thread(
             sub.wait_for,
             lambda ms: [m.payload for m in ms] == [b"online", b"offline", b"online"],

@@ -176,11 +176,11 @@ async def test_acl_refusal_is_counted_and_dead_lettered_without_blocking_others(
                 await publisher.close()
             received = await asyncio.to_thread(sub.wait_count, 1)
         assert [m.topic for m in received] == ["edge/gw/ok"]
-        assert forwarder.stats.refusals == 2
-        assert forwarder.stats.refusals_by_reason == {"Not authorized": 2}
+        assert forwarder.stats.refusals == 1  # permanent: dead-lettered at the first refusal
+        assert forwarder.stats.refusals_by_reason == {"Not authorized": 1}
         assert forwarder.stats.dead_lettered_records == 1
         letters = await forwarder.dead_letters.all()
         assert [(d.device, d.first_seq, d.code, d.tries) for d in letters] == [
-            ("denied", 1, 0x87, 2)
+            ("denied", 1, 0x87, 1)
         ]
         await buffer.close()

@@ -25,6 +25,8 @@ async def _setup(
     pub = FakePublisher(connect_on_start=False)
     await pub.start()
     cfg = MqttConfig.model_validate(mqtt or {})
+    kw.setdefault("device_backoff_min_s", 0.0)
+    kw.setdefault("device_backoff_max_s", 0.0)
     fwd = Forwarder(buf, pub, PayloadEncoder(AgentSection(id="gw"), cfg), **kw)
     fwd._backoff.min_s = fwd._backoff.max_s = 0.001
     return buf, pub, fwd
@@ -76,21 +78,35 @@ async def test_gap_notice_rides_on_next_message_until_acked() -> None:
     assert BatchPayload.model_validate_json(pub.published[1].payload).gaps is None
 
 
-async def test_refused_record_is_dead_lettered_and_others_flow() -> None:
+async def test_transiently_refused_record_is_dead_lettered_after_max_refusals() -> None:
+    buf, pub, fwd = await _setup(max_refusals=3)
+    pub.set_connected(True)
+    await buf.append("a", [wire_sample("a", 1)])
+    await buf.append("b", [wire_sample("b", 2)])
+    pub.fail_next(1, "Quota exceeded", code=0x97)
+    await fwd.forward_once()  # a refused (1), b delivered
+    pub.fail_next(2, "Quota exceeded", code=0x97)
+    await fwd.forward_once()  # a refused (2)
+    await fwd.forward_once()  # a refused (3) → dead letter
+    assert buf.stats().records == 0
+    letters = await fwd.dead_letters.all()
+    assert [(d.device, d.tries, d.code) for d in letters] == [("a", 3, 0x97)]
+    assert fwd.stats.refusals == 3
+    assert fwd.stats.dead_lettered_samples == 1
+    assert [orjson.loads(m.payload)["device"] for m in pub.published] == ["b"]
+
+
+async def test_permanently_refused_record_is_dead_lettered_at_once() -> None:
     buf, pub, fwd = await _setup(max_refusals=3)
     pub.set_connected(True)
     await buf.append("a", [wire_sample("a", 1)])
     await buf.append("b", [wire_sample("b", 2)])
     pub.fail_next(1, "Not authorized", code=0x87)
-    await fwd.forward_once()  # a refused (1), b delivered
-    pub.fail_next(2, "Not authorized", code=0x87)
-    await fwd.forward_once()  # a refused (2)
-    await fwd.forward_once()  # a refused (3) → dead letter
+    await fwd.forward_once()
     assert buf.stats().records == 0
     letters = await fwd.dead_letters.all()
-    assert [(d.device, d.tries, d.code) for d in letters] == [("a", 3, 0x87)]
-    assert fwd.stats.refusals == 3
-    assert fwd.stats.dead_lettered_samples == 1
+    assert [(d.device, d.tries, d.code) for d in letters] == [("a", 1, 0x87)]
+    assert fwd.stats.dead_lettered_by_reason == {"Not authorized": 1}
     assert [orjson.loads(m.payload)["device"] for m in pub.published] == ["b"]
 
 

@@ -291,3 +291,48 @@ async def test_a_salvaged_buffer_and_its_loss_are_shown(tmp_path: Path) -> None:
     finally:
         agent.stop()
         await task
+
+
+async def test_dead_letters_and_device_backoff_are_shown(tmp_path: Path) -> None:
+    """A record the broker refuses for good (0x87) is set aside at once; /api/status and
+    /metrics say so, by reason."""
+    config = parse_config(
+        f"""\
+agent: {{id: gw-http}}
+buffer: {{kind: memory, path: {tmp_path / "b.db"}, max_bytes: 1048576}}
+http: {{port: 0}}
+devices:
+  - name: plc-1
+    protocol: modbus
+    host: 127.0.0.1
+    port: {free_port()}
+    interval_s: 0.05
+    timeout_s: 0.2
+    backoff_min_s: 0.05
+    backoff_max_s: 0.1
+    down_report_interval_s: 0.05
+    tags:
+      - {{name: t1, address: 0, type: uint16}}
+"""
+    )
+    publisher = FakePublisher()
+    publisher.fail_next(5, "Not authorized", code=0x87)  # status messages share the link
+    agent = Agent(config, publisher=publisher, grace_s=0.5)
+    task = asyncio.create_task(agent.run())
+    try:
+        async with asyncio.timeout(20):
+            while agent.forwarder is None or agent.forwarder.stats.dead_lettered_records == 0:
+                await asyncio.sleep(0.02)
+        assert agent.http_address is not None
+        _, body = await get(agent.http_address[1], "/api/status")
+        dead = orjson.loads(body)["dead_letters"]
+        assert dead["records"] >= 1
+        assert sum(dead["by_reason"].values()) == dead["records"]
+        assert dead["store"]["entries"] >= 1
+        _, metrics = await get(agent.http_address[1], "/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(metrics.decode())}
+        assert sum(s.value for s in families["edge_agent_dead_lettered_records"].samples) >= 1
+        assert families["edge_agent_dead_letter_bytes"].samples[0].value > 0
+    finally:
+        agent.stop()
+        await task
