@@ -146,13 +146,22 @@ class ModbusTag(TagCommon):
 
 
 class ModbusDevice(DeviceCommon):
-    """A Modbus server (slave) reached over TCP."""
+    """A Modbus server (slave): reached over its own TCP connection (`host`), or as one
+    unit on a shared link (`link`: a serial line, a serial device server, a TCP gateway;
+    see drivers/links.py)."""
 
     protocol: Literal["modbus"]
-    transport: Literal["tcp"] = Field(
-        default="tcp", description="tcp (rtu and rtu_over_tcp are planned)."
+    transport: Literal["tcp", "rtu", "rtu_over_tcp"] | None = Field(
+        default=None,
+        description="Optional check: tcp for a device with `host` or on a `tcp` link, rtu on "
+        "a `serial` link, rtu_over_tcp on an `rtu_over_tcp` link.",
     )
-    host: str = Field(description="Host name or IP address of the device.")
+    link: str | None = Field(
+        default=None, min_length=1, description="Name of the link (under `links:`) the unit is on."
+    )
+    host: str | None = Field(
+        default=None, description="Host name or IP address of the device (without `link`)."
+    )
     port: int = Field(
         default=502, ge=0, le=65535, description="TCP port (0 in simulator mode: any free port)."
     )
@@ -182,3 +191,18 @@ class ModbusDevice(DeviceCommon):
         default=0.0, ge=0, description="Pause between requests, for devices that need one."
     )
     tags: list[ModbusTag] = Field(min_length=1, description="The values to read.")
+
+    @model_validator(mode="after")
+    def _reached(self) -> ModbusDevice:
+        if self.link is None and self.host is None:
+            raise ValueError("give `host` (own TCP connection) or `link` (a shared link)")
+        if self.link is not None and self.host is not None:
+            raise ValueError(f"`host` and `link` exclude each other (link {self.link!r})")
+        if self.link is None and self.transport not in (None, "tcp"):
+            raise ValueError(f"transport {self.transport} needs a `link`")
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        """`host:port`, or `link NAME` for a unit on a shared link."""
+        return f"link {self.link}" if self.link is not None else f"{self.host}:{self.port}"
