@@ -284,6 +284,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 return EXIT_CONFIG
         else:
             print(f"{device.name}: {getattr(device, 'protocol', '?')} (no request plan)")
+    if config.links:
+        from drivers.modbus.plan import format_link_plans
+
+        modbus = [d for d in config.devices if isinstance(d, ModbusDevice)]
+        text, warnings = format_link_plans(dict(config.links), modbus)
+        print(text)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -415,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub: Any) -> None:
+    from drivers.modbus.probe import add_probe_command
+
+    add_probe_command(sub)
     try:
         from drivers.opcua.cli import add_opcua_commands
     except ImportError:

@@ -25,6 +25,7 @@ from pydantic_core import ErrorDetails
 
 from agent.yamlsafe import YamlProblem, load_yaml
 from drivers.base import ConfigModel, DeviceCommon
+from drivers.links import LinkConfig, check_link_references
 from drivers.modbus.config import ModbusDevice
 from drivers.opcua.config import OpcUaDevice
 
@@ -295,6 +296,11 @@ class Config(ConfigModel):
     agent: AgentSection
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    links: dict[str, LinkConfig] = Field(
+        default_factory=dict,
+        description="Shared serial lines, serial device servers and TCP gateways by name; "
+        "devices on one give `link: NAME` and their `unit_id`.",
+    )
     devices: list[Device] = Field(min_length=1)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     http: HttpConfig | None = Field(
@@ -413,6 +419,7 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
                 out.extend(
                     (("mqtt", key), msg) for msg in _check_template(mqtt[key], allowed, agent)
                 )
+    out.extend(check_link_references(data))
     devices = data.get("devices")
     if not isinstance(devices, list):
         return out
@@ -543,6 +550,8 @@ def _describe_error(err: ErrorDetails) -> tuple[tuple[Any, ...], str]:
     if len(loc) >= 3 and loc[0] == "devices" and loc[2] in DEVICE_MODELS:
         protocol = str(loc[2])
         loc = loc[:2] + loc[3:]
+    if len(loc) >= 3 and loc[0] == "links" and loc[2] in ("serial", "rtu_over_tcp", "tcp"):
+        loc = loc[:2] + loc[3:]  # the link union puts the type into the path too
     kind = err["type"]
     msg = err["msg"]
     if kind == "extra_forbidden":
@@ -561,6 +570,9 @@ def _describe_error(err: ErrorDetails) -> tuple[tuple[Any, ...], str]:
         msg = f"unknown key {key!r}{hint}"
     elif kind == "missing":
         msg = "required key is missing"
+    elif kind.startswith("union_tag") and loc[:1] == ("links",):
+        msg = "link type must be one of: serial, rtu_over_tcp, tcp"
+        loc = (*loc, "type")
     elif kind == "union_tag_invalid":
         ctx = err.get("ctx") or {}
         msg = f"unknown protocol {ctx.get('tag')!r}; allowed: {', '.join(DEVICE_MODELS)}"

@@ -266,6 +266,8 @@ class _SerialTransport(_Transport):
         self._fd = -1
 
     async def open(self) -> None:
+        import termios
+
         import serial
 
         cfg = self.config
@@ -291,7 +293,7 @@ class _SerialTransport(_Transport):
                     delay_before_tx=rs.delay_before_tx_s,
                     delay_before_rx=rs.delay_before_rx_s,
                 )
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except (serial.SerialException, OSError, ValueError, termios.error) as exc:
             with contextlib.suppress(Exception):
                 port.close()
             raise LinkError("unavailable", "port unavailable", f"{cfg.port}: {exc}") from None
@@ -631,3 +633,63 @@ class Link:
         if state is not None and state.silent:
             self._log.info("link.unit.resumed", unit=unit)
             del self._units[unit]
+
+
+# ------------------------------------------------------------------ config cross-checks
+
+_TRANSPORT_OF: Final[dict[str, str]] = {
+    "serial": "rtu",
+    "rtu_over_tcp": "rtu_over_tcp",
+    "tcp": "tcp",
+}
+
+
+def check_link_references(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """Problems of the raw config `data` across devices and links, as (path, message):
+    a device's `link` that is not defined, two enabled devices with the same unit id on
+    one link, a `transport` that does not match its link's type."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    links_raw = data.get("links")
+    links: dict[str, Any] = links_raw if isinstance(links_raw, dict) else {}
+    devices = data.get("devices")
+    if not isinstance(devices, list):
+        return out
+    claimed: dict[tuple[str, object], int] = {}
+    for i, dev in enumerate(devices):
+        if not isinstance(dev, dict) or not isinstance(dev.get("link"), str):
+            continue
+        name = dev["link"]
+        if name not in links:
+            defined = ", ".join(sorted(str(k) for k in links)) or "none"
+            out.append((("devices", i, "link"), f"unknown link {name!r}; defined: {defined}"))
+            continue
+        link = links[name]
+        kind = link.get("type") if isinstance(link, dict) else None
+        transport = dev.get("transport")
+        if (
+            isinstance(kind, str)
+            and kind in _TRANSPORT_OF
+            and isinstance(transport, str)
+            and transport != _TRANSPORT_OF[kind]
+        ):
+            out.append(
+                (
+                    ("devices", i, "transport"),
+                    f"transport {transport} does not match link {name!r} of type {kind} "
+                    f"(use {_TRANSPORT_OF[kind]}, or leave transport out)",
+                )
+            )
+        if dev.get("enabled", True) is False:
+            continue
+        unit = dev.get("unit_id", 1)
+        key = (name, unit)
+        if key in claimed:
+            out.append(
+                (
+                    ("devices", i, "unit_id"),
+                    f"unit {unit} on link {name!r} is already used by devices[{claimed[key]}]",
+                )
+            )
+        else:
+            claimed[key] = i
+    return out

@@ -562,7 +562,12 @@ class LinkSimulator:
             for name, line in self._lines.items():
                 cfg = self.source[name]
                 if cfg.type == "serial":
-                    self.links[name] = cfg.model_copy(update={"port": self._open_pty(line)})
+                    update: dict[str, Any] = {"port": self._open_pty(line)}
+                    if cfg.parity != "N":
+                        # Linux ptys refuse PARENB once set (EINVAL from the second
+                        # tcsetattr): serve 8E1/8O1 as 8N2, the same 11 bits per character.
+                        update.update(parity="N", stop_bits=2)
+                    self.links[name] = cfg.model_copy(update=update)
                 else:
                     port = await self._open_tcp(line, _loopback(cfg.host), cfg.port)
                     self.links[name] = cfg.model_copy(
