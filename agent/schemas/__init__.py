@@ -76,6 +76,7 @@ def reference_markdown() -> str:
         MqttConfig,
     )
     from drivers.base import PollGroup, SimulateSpec
+    from drivers.links import Rs485Settings, RtuOverTcpLink, SerialLink, TcpGatewayLink
     from drivers.modbus.config import ModbusDevice, ModbusTag
 
     sections: list[tuple[str, type[BaseModel], str]] = [
@@ -83,7 +84,11 @@ def reference_markdown() -> str:
         ("buffer", BufferConfig, "The durable store-and-forward buffer."),
         ("mqtt", MqttConfig, "The broker samples are published to."),
         ("logging", LoggingConfig, "Logging (to stderr)."),
-        ("devices[] (protocol: modbus)", ModbusDevice, "A Modbus/TCP device."),
+        ("links.NAME (type: serial)", SerialLink, "An RS-485/RS-232 line on a serial port."),
+        ("links.NAME.rs485", Rs485Settings, "Linux RS-485 mode (adapters switched by RTS)."),
+        ("links.NAME (type: rtu_over_tcp)", RtuOverTcpLink, "A serial device server."),
+        ("links.NAME (type: tcp)", TcpGatewayLink, "A Modbus/TCP gateway, many unit ids."),
+        ("devices[] (protocol: modbus)", ModbusDevice, "A Modbus device (TCP or on a link)."),
         ("devices[].tags[] (modbus)", ModbusTag, "A Modbus tag."),
         ("devices[].poll_groups.NAME", PollGroup, "A poll group."),
         ("devices[].tags[].simulate", SimulateSpec, "Simulated value (simulator mode)."),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from drivers.base import DeviceCommon, TagCommon
 
@@ -160,7 +160,9 @@ class ModbusDevice(DeviceCommon):
         default=None, min_length=1, description="Name of the link (under `links:`) the unit is on."
     )
     host: str | None = Field(
-        default=None, description="Host name or IP address of the device (without `link`)."
+        default=None,
+        validate_default=True,
+        description="Host name or IP address of the device (without `link`).",
     )
     port: int = Field(
         default=502, ge=0, le=65535, description="TCP port (0 in simulator mode: any free port)."
@@ -192,12 +194,20 @@ class ModbusDevice(DeviceCommon):
     )
     tags: list[ModbusTag] = Field(min_length=1, description="The values to read.")
 
+    @field_validator("host")
+    @classmethod
+    def _reached(cls, host: str | None, info: ValidationInfo) -> str | None:
+        if "link" not in info.data:
+            return host  # the link is invalid: reported there
+        link = info.data["link"]
+        if link is None and host is None:
+            raise ValueError("`host` is required (or `link` for a unit on a shared link)")
+        if link is not None and host is not None:
+            raise ValueError(f"`host` and `link` exclude each other (link {link!r})")
+        return host
+
     @model_validator(mode="after")
-    def _reached(self) -> ModbusDevice:
-        if self.link is None and self.host is None:
-            raise ValueError("give `host` (own TCP connection) or `link` (a shared link)")
-        if self.link is not None and self.host is not None:
-            raise ValueError(f"`host` and `link` exclude each other (link {self.link!r})")
+    def _transport(self) -> ModbusDevice:
         if self.link is None and self.transport not in (None, "tcp"):
             raise ValueError(f"transport {self.transport} needs a `link`")
         return self
