@@ -58,6 +58,8 @@ __all__ = [
     "RtuOverTcpLink",
     "SerialLink",
     "TcpGatewayLink",
+    "Transport",
+    "check_link_references",
     "link_timing",
 ]
 
@@ -211,8 +213,12 @@ class LinkError(Exception):
         self.detail = detail
 
 
-class _Transport:
-    """Bytes in and out; received bytes collect in `rx`."""
+class Transport:
+    """Bytes in and out of one port or connection; received bytes collect in `rx`.
+
+    Subclasses implement `open`, `write` and `close` and feed what they receive to
+    `_received` (and a loss to `_closed`); a test can pass its own to `Link` to script
+    a line's faults."""
 
     def __init__(self) -> None:
         self.rx = bytearray()
@@ -258,7 +264,7 @@ class _Transport:
         raise NotImplementedError
 
 
-class _SerialTransport(_Transport):
+class _SerialTransport(Transport):
     def __init__(self, config: SerialLink) -> None:
         super().__init__()
         self.config = config
@@ -357,7 +363,7 @@ class _TcpProtocol(asyncio.Protocol):
         self.owner._closed(f"connection lost: {exc}" if exc else "connection closed")
 
 
-class _TcpTransport(_Transport):
+class _TcpTransport(Transport):
     def __init__(self, host: str, port: int, connect_timeout_s: float) -> None:
         super().__init__()
         self.host, self.port, self.connect_timeout_s = host, port, connect_timeout_s
@@ -421,13 +427,20 @@ class Link:
     `release()`: the last release closes the port.
     """
 
-    def __init__(self, name: str, config: SerialLink | RtuOverTcpLink | TcpGatewayLink) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: SerialLink | RtuOverTcpLink | TcpGatewayLink,
+        *,
+        transport_factory: Callable[[], Transport] | None = None,
+    ) -> None:
         self.name = name
         self.config = config
+        self._factory = transport_factory
         self.timing = link_timing(config)
         self.stats = LinkStats()
         self._lock = asyncio.Lock()
-        self._transport: _Transport | None = None
+        self._transport: Transport | None = None
         self._quiet_at = 0.0
         self._units: dict[int, _UnitState] = {}
         self._users = 0
@@ -489,14 +502,16 @@ class Link:
             with contextlib.suppress(Exception):
                 transport.close()
 
-    async def _ensure_open(self) -> _Transport:
+    async def _ensure_open(self) -> Transport:
         transport = self._transport
         if transport is not None and transport.lost is None:
             return transport
         self._drop()
         cfg = self.config
-        new: _Transport
-        if isinstance(cfg, SerialLink):
+        new: Transport
+        if self._factory is not None:
+            new = self._factory()
+        elif isinstance(cfg, SerialLink):
             new = _SerialTransport(cfg)
         else:
             new = _TcpTransport(cfg.host, cfg.port, cfg.connect_timeout_s)
@@ -559,7 +574,7 @@ class Link:
         self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
 
     async def _exchange(
-        self, transport: _Transport, request: bytes, check: FrameCheck, timeout_s: float
+        self, transport: Transport, request: bytes, check: FrameCheck, timeout_s: float
     ) -> bytes:
         loop = asyncio.get_running_loop()
         wait = self._quiet_at - loop.time()
@@ -595,7 +610,7 @@ class Link:
                     )
                 raise LinkError("timeout", "timeout", f"no answer within {timeout_s} s")
 
-    async def _resync(self, transport: _Transport) -> None:
+    async def _resync(self, transport: Transport) -> None:
         """After a malformed answer: wait until the line is quiet for a silence (at most
         a second of continuous noise), then drop what was received. A TCP gateway's
         stream cannot be resynchronised: its connection is closed instead."""
