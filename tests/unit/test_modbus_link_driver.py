@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from drivers.base import DriverUnavailable
+from drivers.base import DriverUnavailable, Scalar
 from drivers.links import Link, SerialLink, TcpGatewayLink
 from drivers.modbus.codec import ValueSpec, encode
 from drivers.modbus.config import ModbusDevice
@@ -23,7 +23,7 @@ TAGS: list[dict[str, Any]] = [
     {"name": "s", "address": 9, "type": "string", "length": 2},
     {"name": "c", "table": "coil", "address": 3, "type": "bool"},
 ]
-VALUES = {"f": 12.5, "d": -1.25, "i": -7, "u": 123456789, "s": "OK", "c": True}
+VALUES: dict[str, Scalar] = {"f": 12.5, "d": -1.25, "i": -7, "u": 123456789, "s": "OK", "c": True}
 
 
 def image() -> list[int]:
