@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from drivers.base import DriverUnavailable
-from drivers.modbus.codec import CodecError, ValueSpec, decode
+from drivers.modbus.codec import ValueSpec, decode
 from drivers.modbus.config import ByteOrder, DataType, ModbusDevice, Table, parse_classic_address
 
-__all__ = ["add_probe_command", "format_decodings", "parse_units"]
+__all__ = ["ORDERS", "add_probe_command", "decode_all", "format_decodings", "parse_units"]
 
 ORDERS: tuple[ByteOrder, ...] = ("ABCD", "CDAB", "BADC", "DCBA")
 _WIDE: tuple[tuple[str, tuple[DataType, ...], int], ...] = (
@@ -54,6 +54,19 @@ def _ascii(data: bytes) -> str:
     return "".join(chr(b) if 32 <= b < 127 else "." for b in data)
 
 
+def decode_all(start: int, words: Sequence[int]) -> dict[tuple[int, str, ByteOrder], Any]:
+    """Every multi-register decoding of `words` read at `start`: (address, type, byte
+    order) → value, for u32/i32/f32 and u64/i64/f64 from every start address."""
+    out: dict[tuple[int, str, ByteOrder], Any] = {}
+    for _, types, size in _WIDE:
+        for i in range(len(words) - size + 1):
+            regs = list(words[i : i + size])
+            for t in types:
+                for order in ORDERS:
+                    out[(start + i, t, order)] = decode(ValueSpec(t, order), regs)
+    return out
+
+
 def format_decodings(start: int, words: Sequence[int], table: Table = "holding") -> str:
     """Every decoding of `words` read from `table` at 0-based address `start`."""
     if table in ("coil", "discrete_input"):
@@ -76,6 +89,7 @@ def format_decodings(start: int, words: Sequence[int], table: Table = "holding")
             f"{_ascii(bytes((hi, lo))):>2} {_ascii(bytes((lo, hi))):>2}  "
             f"{bits[:4]} {bits[4:8]} {bits[8:12]} {bits[12:]}"
         )
+    values = decode_all(start, words)
     for title, types, size in _WIDE:
         if len(words) < size:
             continue
@@ -83,14 +97,8 @@ def format_decodings(start: int, words: Sequence[int], table: Table = "holding")
         header = f"  {'addr':>5}  {'type':<4}" + "".join(f"  {o:>22}" for o in ORDERS)
         lines.append(header)
         for i in range(len(words) - size + 1):
-            regs = list(words[i : i + size])
             for t in types:
-                cells = []
-                for order in ORDERS:
-                    try:
-                        cells.append(_fmt(decode(ValueSpec(t, order), regs)))
-                    except CodecError as exc:  # pragma: no cover - numbers always decode
-                        cells.append(f"({exc})")
+                cells = [_fmt(values[(start + i, t, order)]) for order in ORDERS]
                 addr = f"{start + i:>5}" if t == types[0] else " " * 5
                 lines.append(f"  {addr}  {_SHORT[t]:<4}" + "".join(f"  {c:>22}" for c in cells))
     be = b"".join(w.to_bytes(2, "big") for w in words)
