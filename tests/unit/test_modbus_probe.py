@@ -80,7 +80,8 @@ def test_sixteen_bit_ascii_and_bits_columns() -> None:
 
 
 def test_strings_in_both_byte_orders() -> None:
-    for order, shown in (("ABCD", "'PUMP-7'"), ("BADC", "'UPPM7-'")):
+    cases: list[tuple[ByteOrder, str]] = [("ABCD", "'PUMP-7'"), ("BADC", "'UPPM7-'")]
+    for order, shown in cases:
         words = encode(ValueSpec("string", order, length=3), "PUMP-7")
         text = format_decodings(0, words)
         assert f"ascii ABCD/CDAB (high byte first): {shown}" in text
