@@ -546,7 +546,8 @@ class Link:
         while True:
             async with self._lock:
                 transport = await self._ensure_open()
-                started = loop.time()
+                # The bus is taken from the end of the previous silence and turnaround.
+                started = max(loop.time(), self._quiet_at)
                 try:
                     answer = await self._exchange(transport, request, check, timeout_s)
                 except LinkError as exc:

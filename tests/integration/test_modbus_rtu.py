@@ -1,0 +1,433 @@
+"""Modbus RTU on real pty pairs and RTU over TCP, with real framing end to end.
+
+The done-when of shared links: 8 units on one serial line (a pty pair) and 8 behind one
+RTU-over-TCP device server, all delivering; the measured bus time per cycle matches
+`plan`; a silent unit costs the others at most its timeout, once; noise never yields a
+good wrong value. Peers: our LinkSimulator (an RTU slave on the pty's master side, with
+the line's timing) and pymodbus' own RTU server (a third party) on a socat pty pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.base import DriverUnavailable
+from drivers.links import Link, RtuOverTcpLink, SerialLink
+from drivers.modbus.config import ModbusDevice
+from drivers.modbus.driver import ModbusDriver
+from drivers.modbus.plan import link_plan, plan_device
+from drivers.modbus.simulator import LinkSimulator
+
+pytestmark = pytest.mark.integration
+
+LINKS: dict[str, Any] = {
+    "line1": SerialLink(type="serial", port="/dev/ttyUSB0", baud=19200, parity="E"),
+    "nport": RtuOverTcpLink(type="rtu_over_tcp", host="10.1.2.3", port=4001, baud=9600, parity="N"),
+}
+
+
+def unit(link: str, unit_id: int, timeout_s: float = 0.2, retries: int = 0) -> ModbusDevice:
+    """A meter whose values are constants derived from its unit id (exact in float)."""
+    return ModbusDevice.model_validate(
+        {
+            "name": f"{link}-u{unit_id}",
+            "protocol": "modbus",
+            "link": link,
+            "unit_id": unit_id,
+            "timeout_s": timeout_s,
+            "retries": retries,
+            "byte_order": "CDAB",
+            "tags": [
+                {
+                    "name": "power",
+                    "address": 0,
+                    "type": "float32",
+                    "simulate": {"generator": "constant", "value": 10.5 + unit_id},
+                },
+                {
+                    "name": "energy",
+                    "address": 2,
+                    "type": "uint32",
+                    "simulate": {"generator": "constant", "value": 100_000 + unit_id},
+                },
+                {
+                    "name": "temp",
+                    "address": 4,
+                    "type": "int16",
+                    "table": "input",
+                    "simulate": {"generator": "constant", "value": -unit_id},
+                },
+                {
+                    "name": "on",
+                    "address": unit_id,
+                    "type": "bool",
+                    "table": "coil",
+                    "simulate": {"generator": "constant", "value": True},
+                },
+            ],
+        }
+    )
+
+
+def expected(device: ModbusDevice) -> dict[str, Any]:
+    u = device.unit_id
+    return {"power": 10.5 + u, "energy": 100_000 + u, "temp": -u, "on": True}
+
+
+DEVICES = [unit("line1", u) for u in range(1, 9)] + [unit("nport", u) for u in range(1, 9)]
+
+
+class Bench:
+    def __init__(self, sim: LinkSimulator, devices: list[ModbusDevice]) -> None:
+        self.sim = sim
+        self.links = {name: Link(name, cfg) for name, cfg in sim.links.items()}
+        self.drivers = [ModbusDriver(d, link=self.links[d.link or ""]) for d in devices]
+
+    async def cycle(self, link: str) -> tuple[float, list[Any]]:
+        """Poll every unit of `link` once, in turn; (seconds, results)."""
+        out: list[Any] = []
+        started = time.perf_counter()
+        for driver in self.drivers:
+            if driver.device.link != link:
+                continue
+            try:
+                out.append((driver.device, await driver.read("default")))
+            except DriverUnavailable as exc:
+                out.append((driver.device, exc))
+        return time.perf_counter() - started, out
+
+
+@pytest.fixture
+async def bench_factory() -> AsyncIterator[Any]:
+    made: list[tuple[LinkSimulator, Bench]] = []
+
+    async def make(devices: list[ModbusDevice] = DEVICES, **knobs: Any) -> Bench:
+        sim = LinkSimulator(LINKS, devices, **knobs)
+        await sim.start()
+        bench = Bench(sim, devices)
+        made.append((sim, bench))
+        for driver in bench.drivers:
+            await driver.connect()
+        return bench
+
+    yield make
+    for sim, bench in made:
+        for driver in bench.drivers:
+            await driver.close()
+        await sim.stop()
+
+
+@pytest.mark.parametrize("link", ["line1", "nport"])
+async def test_eight_units_deliver_and_bus_time_matches_plan(bench_factory: Any, link: str) -> None:
+    bench = await bench_factory()
+    plan = link_plan(link, LINKS[link], DEVICES)  # planned from the config as written
+    requests = sum(
+        len(g.requests) for d in DEVICES if d.link == link for g in plan_device(d).groups.values()
+    )
+    await bench.cycle(link)  # warm-up: ports open, first refresh
+    stats = bench.links[link].stats
+    busy0 = stats.busy_s
+    times = []
+    for _ in range(3):
+        seconds, results = await bench.cycle(link)
+        times.append(seconds)
+        assert len(results) == 8
+        for device, readings in results:
+            assert not isinstance(readings, Exception), readings
+            assert {r.tag: r.value for r in readings} == expected(device)
+            assert {r.quality for r in readings} == {"good"}
+    measured = sum(times) / len(times)
+    busy = (stats.busy_s - busy0) / len(times)
+    print(
+        f"\n{link}: plan {plan.cycle_s * 1000:.1f} ms per cycle; measured: link busy "
+        f"{busy * 1000:.1f} ms, wall {measured * 1000:.1f} ms ({requests} requests)"
+    )
+    # The plan counts the wire time and the silences; the measurement adds the units'
+    # reaction (0.5 ms each in the simulator) and the event loop's scheduling.
+    assert plan.cycle_s <= busy
+    for seconds in (busy, measured):
+        assert seconds - plan.cycle_s <= 0.15 * plan.cycle_s + 0.003 * requests
+
+
+async def test_a_silent_unit_costs_the_others_its_timeout_once(bench_factory: Any) -> None:
+    bench = await bench_factory(silent_units={"line1": {3}})
+    timeout = 0.2
+    base, _ = await bench.cycle("line1")  # includes the first timeout
+    # Cycle with the silent unit after its first timeout: it is suspended and costs
+    # nothing; the seven others deliver as usual.
+    costs = []
+    for _ in range(3):
+        seconds, results = await bench.cycle("line1")
+        costs.append(seconds)
+        for device, readings in results:
+            if device.unit_id == 3:
+                assert isinstance(readings, DriverUnavailable)
+                assert readings.reason == "timeout"
+                assert "suspended" in str(readings)
+            else:
+                assert {r.tag: r.value for r in readings} == expected(device)
+    healthy = await bench_factory([d for d in DEVICES if d.link == "line1"])
+    await healthy.cycle("line1")
+    clean = min([(await healthy.cycle("line1"))[0] for _ in range(3)])
+    print(
+        f"\nfirst cycle {base * 1000:.1f} ms, then {min(costs) * 1000:.1f} ms; "
+        f"all units answering {clean * 1000:.1f} ms; timeout {timeout * 1000:.0f} ms"
+    )
+    assert base - clean <= timeout + 0.02  # the timeout, once
+    assert max(costs) - clean <= 0.02  # and then nothing (suspended, not re-sent)
+    assert bench.links["line1"].stats.timeouts == 1
+
+
+async def test_noise_on_the_line_never_yields_a_good_wrong_value(bench_factory: Any) -> None:
+    devices = [unit("line1", u, timeout_s=0.1) for u in range(1, 5)]
+    bench = await bench_factory(devices, noise_every=3)
+    good = bad = 0
+    reasons: set[str] = set()
+    for _ in range(10):
+        _, results = await bench.cycle("line1")
+        for device, readings in results:
+            assert not isinstance(readings, Exception), readings
+            for r in readings:
+                if r.quality == "good":
+                    assert r.value == expected(device)[r.tag]
+                    good += 1
+                else:
+                    assert r.value is None
+                    reasons.add(r.reason or "")
+                    bad += 1
+    assert bench.sim.spoiled >= 10
+    print(f"\n{good} good, {bad} bad readings; {bench.sim.spoiled} answers damaged; {reasons}")
+    assert reasons <= {
+        "crc error",
+        "protocol error: wrong unit id",
+        "protocol error: incomplete frame",
+        "protocol error: wrong byte count",
+        "protocol error: wrong function code",
+    }
+    assert "crc error" in reasons and "protocol error: incomplete frame" in reasons
+    assert good > bad > 0
+
+
+async def test_retries_hide_noise_from_the_data(bench_factory: Any) -> None:
+    devices = [unit("line1", u, timeout_s=0.1, retries=2) for u in range(1, 5)]
+    bench = await bench_factory(devices, noise_every=4)
+    for _ in range(5):
+        _, results = await bench.cycle("line1")
+        for device, readings in results:
+            assert {r.tag: r.value for r in readings} == expected(device)
+    assert bench.links["line1"].stats.frame_errors >= 3
+
+
+async def test_the_tcp_gateway_link_serves_many_units_over_one_connection() -> None:
+    from drivers.links import TcpGatewayLink
+
+    links: dict[str, Any] = {"gw": TcpGatewayLink(type="tcp", host="127.0.0.1", port=0)}
+    devices = [unit("gw", u) for u in range(1, 9)]
+    async with LinkSimulator(links, devices) as sim:
+        link = Link("gw", sim.links["gw"])
+        drivers = [ModbusDriver(d, link=link) for d in devices]
+        for driver in drivers:
+            await driver.connect()
+        try:
+            for _ in range(2):
+                for driver in drivers:
+                    readings = await driver.read("default")
+                    assert {r.tag: r.value for r in readings} == expected(driver.device)
+            assert link.stats.answered == 2 * 8 * 3
+        finally:
+            for driver in drivers:
+                await driver.close()
+
+
+# ------------------------------------------------------------------ pymodbus as the peer
+
+
+@pytest.fixture
+def socat_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two linked ptys from socat: (server end, client end)."""
+    socat = shutil.which("socat")
+    if socat is None:
+        pytest.skip("socat is not installed (scripts/bootstrap installs it)")
+    a, b = tmp_path / "server", tmp_path / "client"
+    proc = subprocess.Popen(
+        [socat, "-d", "-d", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while not (a.exists() and b.exists()):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("socat did not create its pty pair")
+            time.sleep(0.02)
+        yield str(a), str(b)
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+async def test_pymodbus_rtu_server_is_read_over_a_pty(socat_pair: tuple[str, str]) -> None:
+    from pymodbus.server import ModbusSerialServer
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    server_end, client_end = socat_pair
+    devices = []
+    for unit_id in (1, 2, 5):
+        regs = SimData(
+            0, values=[0x4148, 0x0000, unit_id, 0xFFFF - unit_id], datatype=DataType.REGISTERS
+        )
+        devices.append(
+            SimDevice(
+                unit_id,
+                simdata=(
+                    [SimData(0, values=[True] * 8, datatype=DataType.BITS)],
+                    [SimData(0, values=[False], datatype=DataType.BITS)],
+                    [regs],
+                    [regs],
+                ),
+            )
+        )
+    server = ModbusSerialServer(devices, port=server_end, baudrate=19200, parity="N")
+    await server.serve_forever(background=True)
+    try:
+        link = Link("peer", SerialLink(type="serial", port=client_end, baud=19200, parity="N"))
+        found = {}
+        for unit_id in (1, 2, 5, 7):
+            dev = ModbusDevice.model_validate(
+                {
+                    "name": f"peer{unit_id}",
+                    "protocol": "modbus",
+                    "link": "peer",
+                    "unit_id": unit_id,
+                    "timeout_s": 0.3,
+                    "tags": [
+                        {"name": "f", "address": 0, "type": "float32"},
+                        {"name": "u", "address": 2, "type": "uint16"},
+                        {"name": "i", "address": 3, "type": "int16"},
+                    ],
+                }
+            )
+            driver = ModbusDriver(dev, link=link)
+            await driver.connect()
+            try:
+                found[unit_id] = await driver.read("default")
+            except DriverUnavailable as exc:
+                found[unit_id] = exc
+            finally:
+                await driver.close()
+        for unit_id in (1, 2, 5):
+            readings = found[unit_id]
+            assert not isinstance(readings, Exception)
+            assert [r.value for r in readings] == [12.5, unit_id, -1 - unit_id]
+        # pymodbus' serial server answers a unit id it does not serve with exception 4
+        # where a real RS-485 line stays silent.
+        stray = found[7]
+        assert not isinstance(stray, Exception)
+        assert {(r.reason, r.code) for r in stray} == {
+            ("modbus exception 4 (server device failure)", 4)
+        }
+    finally:
+        await server.shutdown()  # type: ignore[no-untyped-call]
+
+
+async def test_pymodbus_rtu_framer_over_tcp_is_a_device_server() -> None:
+    from pymodbus import FramerType
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    regs = SimData(0, values=[0x4148, 0x0000, 7], datatype=DataType.REGISTERS)
+    bits = [SimData(0, values=[False], datatype=DataType.BITS)]
+    server = ModbusTcpServer(
+        [SimDevice(4, simdata=(bits, bits, [regs], [regs]))],
+        address=("127.0.0.1", 0),
+        framer=FramerType.RTU,
+    )
+    await server.serve_forever(background=True)
+    try:
+        port = server.transport.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        link = Link("srv", RtuOverTcpLink(type="rtu_over_tcp", host="127.0.0.1", port=port))
+        dev = ModbusDevice.model_validate(
+            {
+                "name": "srv4",
+                "protocol": "modbus",
+                "link": "srv",
+                "unit_id": 4,
+                "tags": [
+                    {"name": "f", "address": 0, "type": "float32"},
+                    {"name": "u", "address": 2, "type": "uint16"},
+                ],
+            }
+        )
+        driver = ModbusDriver(dev, link=link)
+        await driver.connect()
+        try:
+            assert [r.value for r in await driver.read("default")] == [12.5, 7]
+        finally:
+            await driver.close()
+    finally:
+        await server.shutdown()  # type: ignore[no-untyped-call]
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+async def test_probe_reads_decodes_and_scans_a_serial_line() -> None:
+    devices = [unit("line1", u) for u in (2, 5, 6)]
+    async with LinkSimulator(LINKS, devices, silent_units={"line1": {6}}) as sim:
+        cfg = sim.links["line1"]
+        line = [
+            "--serial",
+            cfg.port,
+            "--baud",
+            str(cfg.baud),
+            "--parity",
+            cfg.parity,
+            "--stop-bits",
+            str(cfg.stop_bits),
+        ]
+        read = await _cli("probe", *line, "--unit", "5", "--count", "4")
+        assert read.returncode == 0, read.stderr
+        text = read.stdout
+        assert "unit 5 on " in text
+        # power = 15.5 as float32 CDAB at 0; energy = 100005 as uint32 CDAB at 2.
+        row_f32 = next(x for x in text.splitlines() if x.split()[:2] == ["0", "u32"])
+        assert row_f32  # the 32-bit table starts at address 0
+        f32 = next(x for x in text.splitlines() if x.split()[:1] == ["f32"])
+        assert f32.split()[2] == "15.5"  # the CDAB column
+        u32_at_2 = next(x for x in text.splitlines() if x.split()[:2] == ["2", "u32"])
+        assert u32_at_2.split()[3] == "100005"
+        scan = await _cli("probe", *line, "--scan", "--units", "1-8", "--timeout-s", "0.05")
+        assert scan.returncode == 0, scan.stderr
+        assert scan.stdout.splitlines()[-1] == "2 units answered: 2, 5"
+        silent = await _cli("probe", *line, "--unit", "6", "--timeout-s", "0.05")
+        assert silent.returncode == 1
+        assert silent.stderr.startswith("probe: unit 6: timeout")
+
+
+async def test_plan_prints_each_links_bus_time() -> None:
+    root = Path(__file__).parents[2]
+    result = await _cli("plan", str(root / "configs" / "modbus-serial-line.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "link line1 (serial /dev/ttyUSB0, 19200 baud, 8 units)" in result.stdout
+    assert "line load" in result.stdout
+
+
+async def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
