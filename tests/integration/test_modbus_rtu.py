@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -300,7 +300,7 @@ async def test_pymodbus_rtu_server_is_read_over_a_pty(socat_pair: tuple[str, str
     await server.serve_forever(background=True)
     try:
         link = Link("peer", SerialLink(type="serial", port=client_end, baud=19200, parity="N"))
-        found = {}
+        found: dict[int, Any] = {}
         for unit_id in (1, 2, 5, 7):
             dev = ModbusDevice.model_validate(
                 {
@@ -353,7 +353,7 @@ async def test_pymodbus_rtu_framer_over_tcp_is_a_device_server() -> None:
     )
     await server.serve_forever(background=True)
     try:
-        port = server.transport.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = cast(asyncio.Server, server.transport).sockets[0].getsockname()[1]
         link = Link("srv", RtuOverTcpLink(type="rtu_over_tcp", host="127.0.0.1", port=port))
         dev = ModbusDevice.model_validate(
             {
