@@ -130,8 +130,12 @@ class TcpGatewayLink(ConfigModel):
     host: str = Field(min_length=1, description="Host name or IP of the gateway.")
     port: int = Field(default=502, ge=0, le=65535, description="TCP port (0: simulator only).")
     connect_timeout_s: float = Field(default=3.0, gt=0, description="TCP connect timeout.")
-    max_transactions: Literal[1] = Field(
-        default=1, description="Requests in flight at once (1: one after the other)."
+    max_transactions: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Requests in flight at once on the connection (1: one after the other; "
+        "more only for gateways that queue requests per serial port).",
     )
     turnaround_s: float = Field(
         default=0.0, ge=0, le=10, description="Pause after every answer, before the next request."
@@ -224,17 +228,22 @@ class Transport:
         self.rx = bytearray()
         self.last_rx = 0.0
         self.lost: str | None = None
+        self.listener: Callable[[], None] | None = None
         self._wake: asyncio.Event = asyncio.Event()
 
     def _received(self, data: bytes) -> None:
         self.rx += data
         self.last_rx = asyncio.get_running_loop().time()
         self._wake.set()
+        if self.listener is not None:
+            self.listener()
 
     def _closed(self, reason: str) -> None:
         if self.lost is None:
             self.lost = reason
         self._wake.set()
+        if self.listener is not None:
+            self.listener()
 
     async def wait_data(self, deadline: float) -> bool:
         """Wait until more bytes arrive (True) or `deadline` passes (False)."""
@@ -412,6 +421,7 @@ class LinkStats:
 
     transactions: int = 0
     answered: int = 0
+    peak_in_flight: int = 0
     timeouts: int = 0
     frame_errors: int = 0
     suspended: int = 0
@@ -445,6 +455,13 @@ class Link:
         self._units: dict[int, _UnitState] = {}
         self._users = 0
         self._tid = 0
+        # Pipelined TCP gateways (max_transactions > 1): answers matched by transaction id.
+        self._pipelined = isinstance(config, TcpGatewayLink) and config.max_transactions > 1
+        self._slots = asyncio.Semaphore(
+            config.max_transactions if isinstance(config, TcpGatewayLink) else 1
+        )
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._late: dict[int, None] = {}  # transaction ids whose answers came too late
         self._log = log.bind(link=name)
 
     def next_tid(self) -> int:
@@ -516,6 +533,8 @@ class Link:
         else:
             new = _TcpTransport(cfg.host, cfg.port, cfg.connect_timeout_s)
         await new.open()
+        if self._pipelined:
+            new.listener = lambda: self._demux(new)
         self._transport = new
         self._quiet_at = asyncio.get_running_loop().time() + self.silence_s
         self._log.info("link.opened", where=self.where)
@@ -542,6 +561,8 @@ class Link:
             raise LinkError(
                 "suspended", "timeout", f"unit {unit} suspended for {left:.1f} s after no answer"
             )
+        if self._pipelined:
+            return await self._transact_pipelined(unit, request, check, timeout_s, retries)
         attempt = 0
         while True:
             async with self._lock:
@@ -570,6 +591,112 @@ class Link:
                 self.stats.answered += 1
                 self._answered(unit)
                 return answer
+
+    async def _transact_pipelined(
+        self, unit: int, request: bytes, check: FrameCheck, timeout_s: float, retries: int
+    ) -> bytes:
+        """Up to `max_transactions` requests in flight on one Modbus/TCP connection, each
+        answer matched to its request by the transaction id (MBAP bytes 0-1)."""
+        loop = asyncio.get_running_loop()
+        tid = int.from_bytes(request[0:2], "big")
+        attempt = 0
+        while True:
+            async with self._slots:
+                async with self._lock:
+                    transport = await self._ensure_open()
+                    wait = self._quiet_at - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    future: asyncio.Future[bytes] = loop.create_future()
+                    self._pending[tid] = future
+                    self._late.pop(tid, None)
+                    try:
+                        transport.write(request)
+                    except LinkError:
+                        self._pending.pop(tid, None)
+                        self._drop()
+                        raise
+                    self._quiet_at = loop.time() + self.config.turnaround_s
+                    in_flight = len(self._pending)
+                    self.stats.peak_in_flight = max(self.stats.peak_in_flight, in_flight)
+                started = loop.time()
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        frame = await future
+                except TimeoutError:
+                    exc = LinkError("timeout", "timeout", f"no answer within {timeout_s} s")
+                    self._count(exc.reason)
+                    self._suspend(unit, exc)
+                    raise exc from None
+                except LinkError as exc:
+                    self._count(exc.reason)
+                    if exc.kind == "frame":
+                        self.stats.frame_errors += 1
+                        if attempt < retries:
+                            attempt += 1
+                            continue
+                    raise
+                finally:
+                    if self._pending.get(tid) is future:  # timed out or cancelled
+                        del self._pending[tid]
+                        self._late[tid] = None  # its answer may still come: drop it then
+                        while len(self._late) > 256:
+                            self._late.pop(next(iter(self._late)))
+                    self.stats.transactions += 1
+                    self.stats.busy_s += loop.time() - started
+            verdict = check(frame, request)
+            if verdict == FRAME_OK:
+                self.stats.answered += 1
+                self._answered(unit)
+                return frame
+            self._count(verdict)
+            self.stats.frame_errors += 1
+            if attempt >= retries:
+                raise LinkError("frame", verdict, f"{self.where}: {len(frame)} bytes")
+            attempt += 1
+
+    def _demux(self, transport: Transport) -> None:
+        """Hand every complete MBAP frame in `transport.rx` to the request it answers.
+        A frame no request waits for (other than a late one) means the stream is out of
+        step: the connection is closed and every request in flight fails."""
+        rx = transport.rx
+        while len(rx) >= 6:
+            length = int.from_bytes(rx[4:6], "big")
+            if rx[2:4] != b"\x00\x00":
+                self._desync(transport, "protocol error: wrong protocol id")
+                return
+            if not 3 <= length <= 254:
+                self._desync(transport, "protocol error: bad length")
+                return
+            total = 6 + length
+            if len(rx) < total:
+                break
+            frame = bytes(rx[:total])
+            del rx[:total]
+            tid = int.from_bytes(frame[0:2], "big")
+            future = self._pending.pop(tid, None)
+            if future is None:
+                if tid in self._late:
+                    del self._late[tid]
+                    continue
+                self._desync(transport, "protocol error: wrong transaction id")
+                return
+            if not future.done():
+                future.set_result(frame)
+        if transport.lost is not None:
+            self._fail_pending(LinkError("unavailable", "connection lost", transport.lost))
+
+    def _desync(self, transport: Transport, reason: str) -> None:
+        transport.listener = None
+        self._fail_pending(LinkError("frame", reason, f"{self.where}: stream out of step"))
+        if self._transport is transport:
+            self._drop()
+
+    def _fail_pending(self, exc: LinkError) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
 
     def _count(self, reason: str) -> None:
         self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1

@@ -585,7 +585,11 @@ class LinkSimulator:
                 await sim.start()
                 self._tcp_sims.append(sim)
                 served = sim.endpoints[copies[0].name]
-                self.links[name] = cfg.model_copy(update={"host": served[0], "port": served[1]})
+                # pymodbus 3.16's TCP server answers only the first of several requests
+                # that arrive in one TCP segment: the simulated gateway takes one at a time.
+                self.links[name] = cfg.model_copy(
+                    update={"host": served[0], "port": served[1], "max_transactions": 1}
+                )
         except BaseException:
             await self.stop()
             raise

@@ -10,6 +10,7 @@ the line's timing) and pymodbus' own RTU server (a third party) on a socat pty p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -247,6 +248,75 @@ async def test_the_tcp_gateway_link_serves_many_units_over_one_connection() -> N
         finally:
             for driver in drivers:
                 await driver.close()
+
+
+async def test_a_tcp_gateway_link_pipelines_up_to_max_transactions() -> None:
+    """A gateway that queues requests (answers each after a delay, in any order) over a
+    real TCP connection: answers are matched by transaction id."""
+    import random
+
+    from drivers.links import TcpGatewayLink
+
+    rng = random.Random(7)
+    seen = {"max": 0, "now": 0}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def answer(req: bytes) -> None:
+            seen["now"] += 1
+            seen["max"] = max(seen["max"], seen["now"])
+            await asyncio.sleep(rng.uniform(0.001, 0.02))
+            count = int.from_bytes(req[10:12], "big")
+            unit_id = req[6]
+            if req[7] in (3, 4):
+                payload = b"".join(unit_id.to_bytes(2, "big") for _ in range(count))
+            else:
+                payload = bytes((count + 7) // 8)
+            pdu = bytes((req[7], len(payload))) + payload
+            writer.write(req[0:4] + (len(pdu) + 1).to_bytes(2, "big") + bytes((unit_id,)) + pdu)
+            seen["now"] -= 1
+
+        tasks = set()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                req = await reader.readexactly(12)
+                task = asyncio.create_task(answer(req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = TcpGatewayLink(type="tcp", host="127.0.0.1", port=port, max_transactions=4)
+    link = Link("gw", cfg)
+    devices = [
+        ModbusDevice.model_validate(
+            {
+                "name": f"g{u}",
+                "protocol": "modbus",
+                "link": "gw",
+                "unit_id": u,
+                "tags": [{"name": "a", "address": 0}, {"name": "b", "address": 1}],
+            }
+        )
+        for u in range(1, 9)
+    ]
+    drivers = [ModbusDriver(d, link=link) for d in devices]
+    try:
+        for driver in drivers:
+            await driver.connect()
+        for _ in range(5):
+            results = await asyncio.gather(*(d.read("default") for d in drivers))
+            for driver, readings in zip(drivers, results, strict=True):
+                u = driver.device.unit_id
+                assert [(r.value, r.quality) for r in readings] == [(u, "good"), (u, "good")]
+        assert link.stats.answered == 5 * 8
+        assert 2 <= link.stats.peak_in_flight <= 4
+        assert seen["max"] <= 4
+    finally:
+        for driver in drivers:
+            await driver.close()
+        server.close()
+        await server.wait_closed()
 
 
 # ------------------------------------------------------------------ pymodbus as the peer

@@ -208,3 +208,70 @@ def test_verdicts_are_the_tcp_ones() -> None:
     from drivers.modbus.driver import FRAME_OK as TCP_OK
 
     assert (FRAME_OK, FRAME_INCOMPLETE) == (TCP_OK, TCP_INCOMPLETE)
+
+
+# ------------------------------------------------------------------ pipelined TCP gateway
+
+
+def gateway(reply: Callable[[bytes], list[bytes] | None], n: int = 4) -> tuple[Link, ScriptedLine]:
+    from drivers.links import TcpGatewayLink
+
+    line = ScriptedLine(reply)
+    config = TcpGatewayLink(type="tcp", host="127.0.0.1", max_transactions=n, suspend_min_s=0.05)
+    return Link("gw", config, transport_factory=lambda: line), line
+
+
+def mbap_answer(request: bytes, value: int) -> bytes:
+    return request[0:4] + b"\x00\x05" + request[6:8] + b"\x02" + value.to_bytes(2, "big")
+
+
+async def read_tcp(link: Link, unit: int, timeout_s: float = 0.2) -> bytes:
+    from drivers.modbus.driver import check_frame, mbap_read_request
+
+    request = mbap_read_request(link.next_tid(), unit, 3, 0, 1)
+    return await link.transact(unit, request, check_frame, timeout_s)
+
+
+async def test_pipelined_answers_are_matched_by_transaction_id() -> None:
+    held: list[bytes] = []
+
+    def reply(req: bytes) -> list[bytes] | None:
+        held.append(req)
+        if len(held) < 3:
+            return None  # answered later, all at once, in reverse order
+        return [mbap_answer(r, r[6]) for r in reversed(held)]
+
+    link, line = gateway(reply)
+    answers = await asyncio.gather(*(read_tcp(link, unit) for unit in (1, 2, 3)))
+    assert [a[-1] for a in answers] == [1, 2, 3]
+    assert link.stats.peak_in_flight == 3
+    assert len(line.writes) == 3
+
+
+async def test_a_late_answer_is_dropped_and_a_stray_one_resets_the_stream() -> None:
+    held: list[bytes] = []
+
+    def reply(req: bytes) -> list[bytes] | None:
+        if req[6] in (5, 9):  # units 5 and 9 answer only when the test says so
+            held.append(req)
+            return None
+        return [mbap_answer(req, 7)]
+
+    link, line = gateway(reply)
+    with pytest.raises(LinkError) as err:
+        await read_tcp(link, 9, timeout_s=0.02)
+    assert err.value.kind == "timeout"
+    line._received(mbap_answer(held[0], 1))  # the late answer to unit 9: dropped quietly
+    assert (await read_tcp(link, 1))[-1] == 7
+    assert line.closed == 0
+    waiting = asyncio.ensure_future(read_tcp(link, 5, timeout_s=1.0))
+    while len(held) < 2:
+        await asyncio.sleep(0.001)
+    stray = b"\x12\x34" + mbap_answer(held[1], 1)[2:]  # a transaction id nobody used
+    line._received(stray)
+    with pytest.raises(LinkError) as out:
+        await waiting
+    assert (out.value.kind, out.value.reason) == ("frame", "protocol error: wrong transaction id")
+    assert line.closed == 1  # the stream was out of step: closed, reopened on the next request
+    assert (await read_tcp(link, 1))[-1] == 7
+    assert line.opened == 2
