@@ -450,7 +450,7 @@ async def test_pymodbus_rtu_framer_over_tcp_is_a_device_server() -> None:
 # ------------------------------------------------------------------ the CLI
 
 
-async def test_probe_reads_decodes_and_scans_a_serial_line() -> None:
+async def test_probe_reads_decodes_and_scans_a_serial_line(tmp_path: Path) -> None:
     devices = [unit("line1", u) for u in (2, 5, 6)]
     async with LinkSimulator(LINKS, devices, silent_units={"line1": {6}}) as sim:
         cfg = sim.links["line1"]
@@ -481,6 +481,22 @@ async def test_probe_reads_decodes_and_scans_a_serial_line() -> None:
         silent = await _cli("probe", *line, "--unit", "6", "--timeout-s", "0.05")
         assert silent.returncode == 1
         assert silent.stderr.startswith("probe: unit 6: timeout")
+        # A device of a config: its link, unit id and timeout.
+        config = tmp_path / "line.yaml"
+        config.write_text(
+            "agent: {id: gw-1}\n"
+            f"links: {{line1: {{type: serial, port: {cfg.port}, baud: {cfg.baud}, "
+            f"parity: {cfg.parity}, stop_bits: {cfg.stop_bits}}}}}\n"
+            "devices:\n"
+            "  - {name: meter-5, protocol: modbus, link: line1, unit_id: 5,"
+            " tags: [{name: t, address: 0}]}\n"
+        )
+        by_name = await _cli("probe", str(config), "--device", "meter-5", "--count", "2")
+        assert by_name.returncode == 0, by_name.stderr
+        assert by_name.stdout.startswith(f"unit 5 on {cfg.port}")
+        missing = await _cli("probe", str(config), "--device", "nope")
+        assert missing.returncode == 2
+        assert missing.stderr == f"probe: no Modbus device 'nope' in {config}\n"
 
 
 async def test_plan_prints_each_links_bus_time() -> None:
@@ -502,3 +518,53 @@ async def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
+
+
+# ------------------------------------------------------------------ the example configs
+
+
+@pytest.mark.parametrize("name", ["modbus-serial-line.yaml", "modbus-serial-gateway.yaml"])
+async def test_example_configs_deliver_against_the_link_simulator(name: str) -> None:
+    """What simulator mode does with a serial config, wired as the runtime will: the
+    LinkSimulator serves the config's links, one Link per link, the agent's DevicePoller
+    with ModbusDriver per device; every device delivers all its tags good."""
+    from agent.config import load_config
+    from agent.poller import DevicePoller
+
+    config = load_config(Path(__file__).parents[2] / "configs" / name)
+    devices = [d for d in config.devices if isinstance(d, ModbusDevice)]
+    polls: dict[str, list[bool]] = {}
+
+    def sink_for(device: str) -> Any:
+        async def sink(readings: Any) -> None:
+            polls.setdefault(device, []).append(all(r.quality == "good" for r in readings))
+
+        return sink
+
+    async with LinkSimulator(dict(config.links), devices) as sim:
+        links = {n: Link(n, c) for n, c in sim.links.items()}
+        pollers = [
+            DevicePoller(
+                d,
+                "modbus",
+                ModbusDriver(d, link=links[d.link or ""]),
+                {g: [t.name for t in d.tags if t.group == g] for g in d.group_intervals()},
+                sink_for(d.name),
+            )
+            for d in devices
+        ]
+        tasks = [asyncio.create_task(p.run()) for p in pollers]
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while len([d for d in devices if any(polls.get(d.name, []))]) < len(devices):
+                assert asyncio.get_running_loop().time() < deadline, polls
+                await asyncio.sleep(0.05)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for link in links.values():
+                await link.close()
+    assert len(devices) == 8
+    for device in devices:
+        assert all(polls[device.name]), (device.name, polls[device.name])
