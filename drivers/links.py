@@ -716,6 +716,10 @@ class Link:
         on_wire = self.timing.wire_s(len(request)) if self.timing and self.is_serial else 0.0
         deadline = sent + on_wire + timeout_s
         turnaround = self.config.turnaround_s
+        # Until this exchange ends the line belongs to this answer: if the caller is
+        # cancelled meanwhile, the next request still waits out the answer's window, so
+        # a late answer is flushed and never read as the answer to another request.
+        self._quiet_at = deadline + self.silence_s + turnaround
         while True:
             data = bytes(transport.rx)
             verdict = check(data, request)
@@ -729,7 +733,10 @@ class Link:
             if not await transport.wait_data(deadline):
                 self._quiet_at = loop.time() + self.silence_s + turnaround
                 if transport.lost is not None:
-                    raise LinkError("unavailable", "connection lost", transport.lost)
+                    reason = (
+                        "port error" if isinstance(self.config, SerialLink) else ("connection lost")
+                    )
+                    raise LinkError("unavailable", reason, transport.lost)
                 if transport.rx:
                     raise LinkError(
                         "frame",
@@ -822,9 +829,17 @@ def check_link_references(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], s
                     f"(use {_TRANSPORT_OF[kind]}, or leave transport out)",
                 )
             )
+        unit = dev.get("unit_id", 1)
+        if kind in ("serial", "rtu_over_tcp") and isinstance(unit, int) and not 1 <= unit <= 247:
+            out.append(
+                (
+                    ("devices", i, "unit_id"),
+                    f"unit {unit} on a serial line: units are 1-247 (0 is broadcast, which "
+                    "no unit answers; 248-255 are reserved)",
+                )
+            )
         if dev.get("enabled", True) is False:
             continue
-        unit = dev.get("unit_id", 1)
         key = (name, unit)
         if key in claimed:
             out.append(

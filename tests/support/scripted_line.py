@@ -23,6 +23,7 @@ class ScriptedLine(Transport):
         self.opened = 0
         self.closed = 0
         self.fail_write = False
+        self.delay_s = 0.001  # between the request and each chunk of its answer
 
     async def open(self) -> None:
         self.opened += 1
@@ -35,7 +36,7 @@ class ScriptedLine(Transport):
         self.writes.append((loop.time(), data))
         chunks = self.reply(data)
         for n, chunk in enumerate(chunks or ()):
-            loop.call_later(0.001 * (n + 1), self._received, chunk)
+            loop.call_later(self.delay_s * (n + 1), self._received, chunk)
 
     def flush_input(self) -> None:
         self.flushes += 1

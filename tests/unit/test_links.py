@@ -130,6 +130,25 @@ async def test_noise_after_a_good_answer_does_not_spoil_the_next_one() -> None:
     assert link.stats.frame_errors == 0
 
 
+async def test_a_cancelled_request_leaves_its_late_answer_to_be_flushed() -> None:
+    def reply(req: bytes) -> list[bytes] | None:
+        start = int.from_bytes(req[2:4], "big")
+        return [encode_answer(req, [start, start])]
+
+    link, line = make_link(reply)
+    line.delay_s = 0.03  # the unit answers after 30 ms
+    first = asyncio.ensure_future(link.transact(1, read_request(1, 3, 0, 2), check_rtu_frame, 0.1))
+    await asyncio.sleep(0.005)
+    first.cancel()  # e.g. the poller stops while the answer is on its way
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    line.delay_s = 0.05  # slower than the late answer still on its way
+    # Same unit, function and size, another address: it must get its own answer.
+    request = read_request(1, 3, 100, 2)
+    answer = await link.transact(1, request, check_rtu_frame, 0.1)
+    assert answer == encode_answer(request, [100, 100])
+
+
 async def test_retries_repeat_a_request_after_noise() -> None:
     calls = {"n": 0}
 
@@ -161,7 +180,7 @@ async def test_a_lost_transport_is_unavailable_and_reopened() -> None:
     drop["on"] = True
     with pytest.raises(LinkError) as err:
         await read(link, 1, timeout_s=5)
-    assert (err.value.kind, err.value.reason) == ("unavailable", "connection lost")
+    assert (err.value.kind, err.value.reason) == ("unavailable", "port error")
     assert link.suspended_for(1) == 0  # the line failed, not the unit
     drop["on"] = False
     assert await read(link, 1)

@@ -49,6 +49,23 @@ def test_every_link_problem_is_reported_at_its_line() -> None:
     ]
 
 
+def test_serial_units_are_1_to_247() -> None:
+    text = HEAD + (
+        "links:\n  line1: {type: serial, port: /dev/ttyUSB0}\n  gw: {type: tcp, host: h}\n"
+        "devices:\n"
+        "  - {name: a, protocol: modbus, link: line1, unit_id: 0, tags: [{name: t, address: 0}]}\n"
+        "  - {name: b, protocol: modbus, link: line1, unit_id: 248, tags: [{name: t, address: 1}]}"
+        "\n"
+        "  - {name: c, protocol: modbus, link: gw, unit_id: 255, tags: [{name: t, address: 0}]}\n"
+    )
+    assert problems(text) == [
+        "line4.yaml:6 devices[0].unit_id: unit 0 on a serial line: units are 1-247 (0 is "
+        "broadcast, which no unit answers; 248-255 are reserved)",
+        "line4.yaml:7 devices[1].unit_id: unit 248 on a serial line: units are 1-247 (0 is "
+        "broadcast, which no unit answers; 248-255 are reserved)",
+    ]
+
+
 def test_a_disabled_device_may_share_a_unit_id() -> None:
     text = HEAD + (
         "links:\n  line1: {type: serial, port: /dev/ttyUSB0}\n"
