@@ -568,3 +568,25 @@ async def test_example_configs_deliver_against_the_link_simulator(name: str) -> 
     assert len(devices) == 8
     for device in devices:
         assert all(polls[device.name]), (device.name, polls[device.name])
+
+
+async def test_a_port_that_refuses_rs485_mode_is_unavailable_with_the_reason() -> None:
+    """A pty has no RS-485 ioctl, like an adapter whose driver lacks TIOCSRS485."""
+    from drivers.links import LinkError, Rs485Settings
+
+    devices = [unit("line1", 1)]
+    async with LinkSimulator(LINKS, devices) as sim:
+        cfg = sim.links["line1"].model_copy(update={"rs485": Rs485Settings()})
+        link = Link("line1", cfg)
+        with pytest.raises(LinkError) as err:
+            await link.acquire()
+        assert (err.value.kind, err.value.reason) == ("unavailable", "port unavailable")
+        assert "RS485" in str(err.value)
+        # Without it the same port works.
+        plain = Link("line1", sim.links["line1"])
+        driver = ModbusDriver(devices[0], link=plain)
+        await driver.connect()
+        try:
+            assert {r.tag: r.value for r in await driver.read("default")} == expected(devices[0])
+        finally:
+            await driver.close()
