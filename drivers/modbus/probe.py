@@ -223,7 +223,12 @@ def _address(args: argparse.Namespace) -> tuple[Table, int]:
         if args.table is not None and args.table != table:
             raise ValueError(f"address {text} is in table {table}, not {args.table}")
         return table, address
-    address = int(text, 0)
+    try:
+        address = int(text, 0)
+    except ValueError:
+        raise ValueError(
+            f"--address {text!r}: a 0-based number, or a classic address like 40001"
+        ) from None
     if not 0 <= address <= 65535:
         raise ValueError(f"address {text}: 0-65535")
     return args.table or "holding", address
@@ -259,7 +264,18 @@ def _probe_main(args: argparse.Namespace) -> int:
     # The probe's output is its report; a silent unit during a scan is expected, not a
     # warning worth a log line.
     setup_logging("error")
-    target = _target(args)
+    if args.unit is not None and not 0 <= args.unit <= 255:
+        return _fail(f"--unit {args.unit}: unit ids are 0-255")
+    if args.timeout_s is not None and not args.timeout_s > 0:
+        return _fail(f"--timeout-s {args.timeout_s:g}: must be more than 0")
+    from pydantic import ValidationError
+
+    try:
+        target = _target(args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return _fail(f"{where}: {first['msg']}")
     if isinstance(target, str):
         return _fail(target)
     try:

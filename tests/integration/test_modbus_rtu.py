@@ -374,6 +374,74 @@ def socat_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
         proc.wait(5)
 
 
+def pymodbus_unit(device: ModbusDevice) -> Any:
+    """pymodbus' own datastore holding `expected(device)`, encoded with our codec."""
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    from drivers.modbus.codec import ValueSpec, encode
+
+    values = expected(device)
+    holding = encode(ValueSpec("float32", "CDAB"), values["power"]) + encode(
+        ValueSpec("uint32", "CDAB"), values["energy"]
+    )
+    temp = encode(ValueSpec("int16"), values["temp"])
+    u = device.unit_id
+    return SimDevice(
+        u,
+        simdata=(
+            [SimData(u, values=[True], datatype=DataType.BITS)],
+            [SimData(0, values=[False], datatype=DataType.BITS)],
+            [SimData(0, values=holding, datatype=DataType.REGISTERS)],
+            [SimData(4, values=temp, datatype=DataType.REGISTERS)],
+        ),
+    )
+
+
+async def test_eight_units_on_pymodbus_rtu_servers(socat_pair: tuple[str, str]) -> None:
+    """The done-when against a third-party peer: 8 units on one pty line served by
+    pymodbus' serial server, 8 behind pymodbus' TCP server with RTU framing."""
+    from pymodbus import FramerType
+    from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+
+    server_end, client_end = socat_pair
+    line = [unit("line1", u) for u in range(1, 9)]
+    nport = [unit("nport", u) for u in range(1, 9)]
+    serial_server = ModbusSerialServer(
+        [pymodbus_unit(d) for d in line], port=server_end, baudrate=19200, parity="N"
+    )
+    tcp_server = ModbusTcpServer(
+        [pymodbus_unit(d) for d in nport], address=("127.0.0.1", 0), framer=FramerType.RTU
+    )
+    await serial_server.serve_forever(background=True)
+    await tcp_server.serve_forever(background=True)
+    drivers: list[ModbusDriver] = []
+    try:
+        port = cast(asyncio.Server, tcp_server.transport).sockets[0].getsockname()[1]
+        links = {
+            "line1": Link(
+                "line1",
+                SerialLink(type="serial", port=client_end, baud=19200, parity="N", stop_bits=2),
+            ),
+            "nport": Link(
+                "nport", RtuOverTcpLink(type="rtu_over_tcp", host="127.0.0.1", port=port)
+            ),
+        }
+        drivers = [ModbusDriver(d, link=links[d.link or ""]) for d in line + nport]
+        for driver in drivers:
+            await driver.connect()
+        for _ in range(2):
+            for driver in drivers:
+                readings = await driver.read("default")
+                assert {r.tag: r.value for r in readings} == expected(driver.device)
+                assert {r.quality for r in readings} == {"good"}
+        assert links["line1"].stats.answered == links["nport"].stats.answered == 2 * 8 * 3
+    finally:
+        for driver in drivers:
+            await driver.close()
+        await serial_server.shutdown()  # type: ignore[no-untyped-call]
+        await tcp_server.shutdown()  # type: ignore[no-untyped-call]
+
+
 async def test_pymodbus_rtu_server_is_read_over_a_pty(socat_pair: tuple[str, str]) -> None:
     from pymodbus.server import ModbusSerialServer
     from pymodbus.simulator import DataType, SimData, SimDevice

@@ -105,3 +105,42 @@ def test_unit_ranges() -> None:
     assert parse_units("1-3,7, 10-11") == [1, 2, 3, 7, 10, 11]
     with pytest.raises(ValueError, match="units are 0-255"):
         parse_units("250-260")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--host", "h", "--unit", "999"], "probe: --unit 999: unit ids are 0-255"),
+        (
+            ["--serial", "/dev/x", "--address", "abc"],
+            "probe: --address 'abc': a 0-based number, or a classic address like 40001",
+        ),
+        (["--host", "h", "--timeout-s", "0"], "probe: --timeout-s 0: must be more than 0"),
+        (
+            ["--serial", "/dev/x", "--baud", "5"],
+            "probe: baud: Input should be greater than or equal to 300",
+        ),
+        (["--rtu-over-tcp", "nohost"], "probe: --rtu-over-tcp 'nohost': give HOST:PORT"),
+        (
+            [],
+            "probe: say where the device is: --host, --serial, --rtu-over-tcp, or "
+            "CONFIG --device/--link",
+        ),
+        (["--device", "d"], "probe: --device and --link need the CONFIG file"),
+        (
+            ["--host", "h", "--address", "40001", "--table", "input"],
+            "probe: address 40001 is in table holding, not input",
+        ),
+        (
+            ["--host", "h", "--scan", "--units", "1-300"],
+            "probe: unit range '1-300': units are 0-255",
+        ),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    assert main(["probe", *args]) == 2
+    assert capsys.readouterr().err == message + "\n"
