@@ -687,3 +687,37 @@ async def test_a_port_that_refuses_rs485_mode_is_unavailable_with_the_reason() -
             assert {r.tag: r.value for r in await driver.read("default")} == expected(devices[0])
         finally:
             await driver.close()
+
+
+async def test_pymodbus_serial_server_answers_unknown_units_even_when_told_not_to(
+    socat_pair: tuple[str, str],
+) -> None:
+    """pymodbus 3.16 with its SimDevice datastore answers a unit id it does not serve
+    with exception 4 even with ignore_missing_devices=True (its SimCore looks the unit
+    up with a fallback to unit 0 and raises KeyError, not NoSuchIdException). The agent
+    reports exactly that for the stray unit; the served unit is unaffected."""
+    from pymodbus.server import ModbusSerialServer
+
+    server_end, client_end = socat_pair
+    served = unit("line1", 1)
+    server = ModbusSerialServer(
+        [pymodbus_unit(served)],
+        port=server_end,
+        baudrate=19200,
+        parity="N",
+        ignore_missing_devices=True,
+    )
+    await server.serve_forever(background=True)
+    try:
+        link = Link("line1", SerialLink(type="serial", port=client_end, parity="N", stop_bits=2))
+        stray = ModbusDriver(unit("line1", 7, timeout_s=0.1), link=link)
+        good = ModbusDriver(served, link=link)
+        for driver in (stray, good):
+            await driver.connect()
+        readings = await stray.read("default")
+        assert {(r.quality, r.code) for r in readings} == {("bad", 4)}
+        assert {r.tag: r.value for r in await good.read("default")} == expected(served)
+        for driver in (stray, good):
+            await driver.close()
+    finally:
+        await server.shutdown()  # type: ignore[no-untyped-call]
