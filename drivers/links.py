@@ -523,6 +523,8 @@ class Link:
         transport = self._transport
         if transport is not None and transport.lost is None:
             return transport
+        if transport is not None:
+            self._log.warning("link.lost", where=self.where, reason=transport.lost)
         self._drop()
         cfg = self.config
         new: Transport
