@@ -294,3 +294,22 @@ async def test_a_late_answer_is_dropped_and_a_stray_one_resets_the_stream() -> N
     assert line.closed == 1  # the stream was out of step: closed, reopened on the next request
     assert (await read_tcp(link, 1))[-1] == 7
     assert line.opened == 2
+
+
+async def test_suspension_and_resumption_are_logged_once_each() -> None:
+    from structlog.testing import capture_logs
+
+    silent = {"on": True}
+    link, _ = make_link(lambda req: None if silent["on"] else registers(req), suspend_min_s=0.02)
+    with capture_logs() as logs:
+        for _ in range(3):
+            with pytest.raises(LinkError):
+                await read(link, 4, timeout_s=0.01)
+            await asyncio.sleep(0.05)  # past the suspension: asked again, silent again
+        silent["on"] = False
+        await asyncio.sleep(0.2)
+        assert await read(link, 4)
+        assert await read(link, 4)
+    events = [(e["event"], e.get("unit")) for e in logs if e["event"].startswith("link.unit")]
+    assert events == [("link.unit.suspended", 4), ("link.unit.resumed", 4)]
+    assert link.stats.timeouts == 3
