@@ -259,11 +259,6 @@ def _probe_device(unit: int, table: Table, start: int, count: int, timeout: floa
 
 
 def _probe_main(args: argparse.Namespace) -> int:
-    from agent.logs import setup_logging
-
-    # The probe's output is its report; a silent unit during a scan is expected, not a
-    # warning worth a log line.
-    setup_logging("error")
     if args.unit is not None and not 0 <= args.unit <= 255:
         return _fail(f"--unit {args.unit}: unit ids are 0-255")
     if args.timeout_s is not None and not args.timeout_s > 0:
@@ -290,6 +285,11 @@ def _probe_main(args: argparse.Namespace) -> int:
     if count > 16 * limit:
         return _fail(f"--count {count}: at most {16 * limit} per probe")
     link_config, unit, timeout = target
+    from agent.logs import setup_logging
+
+    # The probe's output is its report; a silent unit during a scan is expected, not a
+    # warning worth a log line.
+    setup_logging("error")
     try:
         if args.scan:
             return asyncio.run(_scan(link_config, units, table, start, timeout))

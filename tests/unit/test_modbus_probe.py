@@ -140,7 +140,9 @@ def test_unit_ranges() -> None:
 def test_bad_arguments_exit_2_with_one_line(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.cli import main
+    from agent.cli import build_parser
 
-    assert main(["probe", *args]) == 2
+    # Through the parser, not main(): main() configures the process' logging.
+    parsed = build_parser().parse_args(["probe", *args])
+    assert parsed.func(parsed) == 2
     assert capsys.readouterr().err == message + "\n"
