@@ -92,7 +92,13 @@ def _keep_simulated_endpoints(original: Config, simulated: Config) -> Callable[[
             else d
             for d in config.devices
         ]
-        return config.model_copy(update={"devices": devices})
+        # Shared links the simulator serves (a pty for a serial line): kept as served
+        # while the file's link is the one simulated.
+        links = {
+            name: simulated.links.get(name, link) if original.links.get(name) == link else link
+            for name, link in config.links.items()
+        }
+        return config.model_copy(update={"devices": devices, "links": links})
 
     return adapt
 
@@ -108,11 +114,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 async def _simulate(config: Config) -> None:
     from agent.runtime import wait_for_signal
     from agent.simulate import simulators
+    from drivers.links import link_address
 
     async with simulators(config) as simulated:
         for device in simulated.devices:
             protocol = getattr(device, "protocol", "?")
-            print(f"{device.name}\t{protocol}\t{device.endpoint_text()}", flush=True)
+            where = device.endpoint_text()
+            link = getattr(device, "link", None)
+            if isinstance(link, str) and link in simulated.links:
+                unit = getattr(device, "unit_id", "?")
+                where = f"{link_address(simulated.links[link])} (link {link}, unit {unit})"
+            print(f"{device.name}\t{protocol}\t{where}", flush=True)
         await wait_for_signal()
 
 
@@ -294,6 +306,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        # Resources the protocol's devices share (serial lines, gateways): bus time.
+        plan_links = registry.get(name).plan_links
+        if config.links and plan_links is not None:
+            text, warnings = plan_links(dict(config.links), devices)
+            if text:
+                print(text)
+            for warning in warnings:
+                print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

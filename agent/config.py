@@ -40,6 +40,7 @@ from agent.profiles import Expanded, Located, expand_profiles, merge_located
 from agent.yamlsafe import YamlProblem, load_yaml
 from drivers import registry
 from drivers.base import ConfigModel, DeviceCommon
+from drivers.links import LinkConfig, check_link_references
 
 
 def read_secret(value: SecretStr | None, file: str | None) -> str | None:
@@ -355,6 +356,11 @@ class Config(ConfigModel):
     agent: AgentSection
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    links: dict[str, LinkConfig] = Field(
+        default_factory=dict,
+        description="Shared serial lines, serial device servers and TCP gateways by name; "
+        "devices on one give `link: NAME` and their `unit_id`.",
+    )
     devices: list[DeviceCommon] = Field(min_length=1)
     profiles: dict[str, str] = Field(
         default_factory=dict,
@@ -590,6 +596,7 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
                 out.extend(
                     (("mqtt", key), msg) for msg in _check_template(mqtt[key], allowed, agent)
                 )
+    out.extend(check_link_references(data))
     devices = data.get("devices")
     if not isinstance(devices, list):
         return out
@@ -1040,6 +1047,8 @@ def _describe_error(err: ErrorDetails) -> tuple[tuple[Any, ...], str]:
     if len(loc) >= 3 and loc[0] == "devices" and loc[2] in DEVICE_MODELS:
         protocol = str(loc[2])
         loc = loc[:2] + loc[3:]
+    if len(loc) >= 3 and loc[0] == "links" and loc[2] in ("serial", "rtu_over_tcp", "tcp"):
+        loc = loc[:2] + loc[3:]  # the link union puts the type into the path too
     kind = err["type"]
     msg = err["msg"]
     if kind == "extra_forbidden":
@@ -1058,6 +1067,9 @@ def _describe_error(err: ErrorDetails) -> tuple[tuple[Any, ...], str]:
         msg = f"unknown key {key!r}{hint}"
     elif kind == "missing":
         msg = "required key is missing"
+    elif kind.startswith("union_tag") and loc[:1] == ("links",):
+        msg = "link type must be one of: serial, rtu_over_tcp, tcp"
+        loc = (*loc, "type")
     elif kind == "union_tag_invalid":
         ctx = err.get("ctx") or {}
         msg = f"unknown protocol {ctx.get('tag')!r}; allowed: {', '.join(DEVICE_MODELS)}"

@@ -45,6 +45,11 @@ async def simulators(config: Config) -> AsyncIterator[Config]:
             "disable those devices (enabled: false) or run without --simulate"
         )
     async with AsyncExitStack() as stack:
+        links = dict(config.links)
+        for name, devices in by_protocol.items():
+            simulate_links = entries[name].simulate_links
+            if config.links and simulate_links is not None:
+                links.update(await stack.enter_async_context(simulate_links(config.links, devices)))
         replaced: dict[str, DeviceCommon] = {}
         for name, devices in by_protocol.items():
             simulate = entries[name].simulate
@@ -58,4 +63,4 @@ async def simulators(config: Config) -> AsyncIterator[Config]:
                 replaced[device.name] = served[device.name]
         log.info("simulator.started", devices=sorted(replaced))
         devices = [replaced.get(d.name, d) for d in config.devices]
-        yield config.model_copy(update={"devices": devices})
+        yield config.model_copy(update={"devices": devices, "links": links})

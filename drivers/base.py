@@ -12,7 +12,7 @@ the boundary (inside `drivers/<proto>/driver.py`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol, TypeVar, cast, runtime_checkable
@@ -130,7 +130,10 @@ class DriverContext:
     when it returns an awaitable). A failing close does not stop the others; `aclose`
     never raises, and afterwards `shared` refuses to make anything."""
 
-    def __init__(self) -> None:
+    def __init__(self, links: Mapping[str, Any] | None = None) -> None:
+        #: The config's shared links by name (`links:`; drivers/links.py), for drivers
+        #: whose device names one.
+        self.links: Mapping[str, Any] = dict(links or {})
         self._objects: dict[Hashable, object] = {}
         self._closed = False
         #: What failed while closing, as (key, "Type: message"), for logs and tests.

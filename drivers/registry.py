@@ -64,6 +64,18 @@ PlanFormatter = Callable[[Sequence[Any]], str]
 (all of them at once, so requests sharing a link can be summed). Raises ValueError for a
 config that validates but cannot be planned; the CLI prints it and exits 2."""
 
+LinkPlanFormatter = Callable[[Mapping[str, Any], Sequence[Any]], tuple[str, list[str]]]
+"""`plan_links(links, devices) -> (text, warnings)`: what `edge-agent plan` adds for the
+config's shared links (`links:`, see drivers/links.py) that the protocol's devices use —
+bus time per cycle against their intervals; each warning is printed as `warning: ...`."""
+
+LinkSimulatorFactory = Callable[
+    [Mapping[str, Any], Sequence[Any]], AbstractAsyncContextManager[Mapping[str, Any]]
+]
+"""`simulate_links(links, devices)`: serves the shared links the given devices use and
+yields link name → the link config rewritten to reach the simulator (a pty for a serial
+line, a loopback port for a device server or gateway); stops serving on exit."""
+
 CommandsHook = Callable[["argparse._SubParsersAction[Any]"], None]
 """`add_commands(subparsers)`: adds the protocol's own subcommands (`edge-agent opcua
 browse ...`); each parser sets `func`, taking the parsed arguments, returning the exit
@@ -80,6 +92,8 @@ class Protocol:
     simulate: SimulatorFactory | None = None
     plan: PlanFormatter | None = None
     add_commands: CommandsHook | None = None
+    plan_links: LinkPlanFormatter | None = None
+    simulate_links: LinkSimulatorFactory | None = None
     capabilities: frozenset[str] = frozenset()
     #: One line for people: `edge-agent protocols` and the config reference print it.
     summary: str = ""

@@ -177,7 +177,7 @@ class Agent:
         self.writer = BufferWriter(self.buffer, self._stored, self._append_retrying)
         # What drivers share (one serial line or gateway connection for many units):
         # lent by this run, closed once every poller has stopped.
-        self.driver_context = DriverContext()
+        self.driver_context = DriverContext(config.links)
         self._stop = asyncio.Event()
         self._running = False
         self._seq: SeqCounter | None = None

@@ -78,6 +78,7 @@ def reference_markdown() -> str:
         SupervisionConfig,
     )
     from drivers.base import PollGroup, SimulateSpec
+    from drivers.links import Rs485Settings, RtuOverTcpLink, SerialLink, TcpGatewayLink
 
     sections: list[tuple[str, type[BaseModel], str]] = [
         ("agent", AgentSection, "Who this agent is."),
@@ -90,6 +91,10 @@ def reference_markdown() -> str:
             SupervisionConfig,
             "How the agent treats a task that fails or stops making progress.",
         ),
+        ("links.NAME (type: serial)", SerialLink, "An RS-485/RS-232 line on a serial port."),
+        ("links.NAME.rs485", Rs485Settings, "Linux RS-485 mode (adapters switched by RTS)."),
+        ("links.NAME (type: rtu_over_tcp)", RtuOverTcpLink, "A serial device server."),
+        ("links.NAME (type: tcp)", TcpGatewayLink, "A Modbus/TCP gateway, many unit ids."),
         *_protocol_sections(),
         ("devices[].poll_groups.NAME", PollGroup, "A poll group."),
         ("devices[].tags[].simulate", SimulateSpec, "Simulated value (simulator mode)."),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from drivers.base import DeviceCommon, TagCommon
 
@@ -146,13 +146,24 @@ class ModbusTag(TagCommon):
 
 
 class ModbusDevice(DeviceCommon):
-    """A Modbus server (slave) reached over TCP."""
+    """A Modbus server (slave): reached over its own TCP connection (`host`), or as one
+    unit on a shared link (`link`: a serial line, a serial device server, a TCP gateway;
+    see drivers/links.py)."""
 
     protocol: Literal["modbus"]
-    transport: Literal["tcp"] = Field(
-        default="tcp", description="tcp (rtu and rtu_over_tcp are planned)."
+    transport: Literal["tcp", "rtu", "rtu_over_tcp"] | None = Field(
+        default=None,
+        description="Optional check: tcp for a device with `host` or on a `tcp` link, rtu on "
+        "a `serial` link, rtu_over_tcp on an `rtu_over_tcp` link.",
     )
-    host: str = Field(description="Host name or IP address of the device.")
+    link: str | None = Field(
+        default=None, min_length=1, description="Name of the link (under `links:`) the unit is on."
+    )
+    host: str | None = Field(
+        default=None,
+        validate_default=True,
+        description="Host name or IP address of the device (without `link`).",
+    )
     port: int = Field(
         default=502, ge=0, le=65535, description="TCP port (0 in simulator mode: any free port)."
     )
@@ -192,14 +203,17 @@ class ModbusDevice(DeviceCommon):
         from drivers.modbus.plan import MAX_BITS, MAX_REGISTERS, plan_device, plan_requests
 
         out: list[tuple[tuple[str | int, ...], str]] = []
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            label = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
-            name = self.host.removesuffix(".")
-            if not (0 < len(name) <= 253 and all(label.match(x) for x in name.split("."))):
-                out.append((("host",), f"{self.host!r} is neither an IP address nor a host name"))
-        if simulate is False and self.port == 0:
+        if self.host is not None:  # None: a unit on a shared link (checked with links)
+            try:
+                ipaddress.ip_address(self.host)
+            except ValueError:
+                label = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+                name = self.host.removesuffix(".")
+                if not (0 < len(name) <= 253 and all(label.match(x) for x in name.split("."))):
+                    out.append(
+                        (("host",), f"{self.host!r} is neither an IP address nor a host name")
+                    )
+        if simulate is False and self.link is None and self.port == 0:
             out.append((("port",), "port 0 is only for simulator mode (run --simulate)"))
         if simulate:
             out.extend(self._simulate_problems())
@@ -253,3 +267,26 @@ class ModbusDevice(DeviceCommon):
             except ValueError as exc:
                 out.append((("tags", index, "simulate"), str(exc)))
         return out
+
+    @field_validator("host")
+    @classmethod
+    def _reached(cls, host: str | None, info: ValidationInfo) -> str | None:
+        if "link" not in info.data:
+            return host  # the link is invalid: reported there
+        link = info.data["link"]
+        if link is None and host is None:
+            raise ValueError("`host` is required (or `link` for a unit on a shared link)")
+        if link is not None and host is not None:
+            raise ValueError(f"`host` and `link` exclude each other (link {link!r})")
+        return host
+
+    @model_validator(mode="after")
+    def _transport(self) -> ModbusDevice:
+        if self.link is None and self.transport not in (None, "tcp"):
+            raise ValueError(f"transport {self.transport} needs a `link`")
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        """`host:port`, or `link NAME` for a unit on a shared link."""
+        return f"link {self.link}" if self.link is not None else f"{self.host}:{self.port}"

@@ -1,4 +1,14 @@
-"""Modbus/TCP driver: block reads planned once, decoded with our codec.
+"""Modbus driver: block reads planned once, decoded with our codec.
+
+A device with `host` has its own Modbus/TCP connection (pymodbus' client, below). A
+device with `link` is one unit on a shared `drivers.links.Link` (a serial line, a
+serial device server carrying RTU over TCP, or a Modbus/TCP gateway): its requests are
+framed here (RTU: `drivers.modbus.rtu`; TCP gateway: MBAP, checked by `check_frame`)
+and sent through the link, which serialises them with the line's timing. On a link a
+malformed answer (CRC error, garbage, a partial frame) fails only the tags of that
+block, with the reason, after the link resynchronised and retried `retries` times; a
+unit that does not answer raises DriverUnavailable("timeout") and is suspended by the
+link, so it costs the other units on the line at most its timeout.
 
 pymodbus is imported here and in `simulator.py` only; its exceptions never leave this
 module. Ownership of reconnection: the agent's poller. pymodbus 3.16 starts its own
@@ -30,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -39,6 +49,8 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
 from drivers.base import DriverUnavailable, RawReading, Value
+from drivers.links import Link, LinkError
+from drivers.modbus import rtu
 from drivers.modbus.codec import CodecError, DecodeFailure
 from drivers.modbus.config import ModbusDevice
 from drivers.modbus.plan import (
@@ -60,6 +72,8 @@ __all__ = [
     "ModbusDriver",
     "check_frame",
     "exception_reason",
+    "mbap_read_request",
+    "parse_mbap_answer",
 ]
 
 log = structlog.get_logger(__name__)
@@ -226,9 +240,24 @@ class ModbusDriver:
         *,
         endpoint: tuple[str, int] | None = None,
         isolation_retry_s: float | None = None,
+        link: Link | None = None,
     ) -> None:
         self.device = device
-        self.host, self.port = endpoint if endpoint is not None else (device.host, device.port)
+        if device.link is not None and link is None:
+            raise ValueError(
+                f"device {device.name!r} is on link {device.link!r}: pass the shared Link"
+            )
+        if link is not None and device.transport is not None:
+            expected = {"serial": "rtu", "rtu_over_tcp": "rtu_over_tcp", "tcp": "tcp"}
+            if expected[link.config.type] != device.transport:
+                raise ValueError(
+                    f"device {device.name!r}: transport {device.transport} does not match "
+                    f"link {link.name!r} of type {link.config.type}"
+                )
+        self.link = link
+        self._acquired = False
+        host = device.host or ""
+        self.host, self.port = endpoint if endpoint is not None else (host, device.port)
         self.plan: DevicePlan = plan_device(device)
         self.isolation_retry_s = (
             device.isolation_retry_s if isolation_retry_s is None else isolation_retry_s
@@ -245,7 +274,9 @@ class ModbusDriver:
 
     @property
     def endpoint(self) -> str:
-        """`host:port` for logs and error details."""
+        """`host:port` (or `link NAME unit N`) for logs and error details."""
+        if self.link is not None:
+            return f"link {self.link.name} unit {self.device.unit_id}"
         return f"{self.host}:{self.port}"
 
     def group_plan(self, group: str) -> GroupPlan:
@@ -269,8 +300,16 @@ class ModbusDriver:
 
     async def connect(self) -> None:
         """Open the TCP connection. Raises DriverUnavailable ("connection refused" or
-        "timeout")."""
+        "timeout"). On a link: borrow the link (opened on first use; "port unavailable"
+        when the serial port cannot be opened)."""
         await self.close()
+        if self.link is not None:
+            try:
+                await self.link.acquire()
+            except LinkError as exc:
+                raise DriverUnavailable(exc.reason, f"{self.endpoint}: {exc.detail}") from None
+            self._acquired = True
+            return
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[None] = loop.create_future()
         guard = _FrameGuard(loop)
@@ -345,6 +384,10 @@ class ModbusDriver:
 
     async def close(self) -> None:
         """Close the connection; never raises."""
+        if self._acquired and self.link is not None:
+            self._acquired = False
+            with contextlib.suppress(Exception):
+                await self.link.release()
         client, self._client = self._client, None
         self._lost = None
         self._guard = None
@@ -471,6 +514,8 @@ class ModbusDriver:
         return await self._execute(request)
 
     async def _execute(self, request: Request) -> Any:
+        if self.link is not None:
+            return await self._execute_on_link(self.link, request)
         client, lost, guard = self._client, self._lost, self._guard
         if client is None or lost is None or guard is None or lost.done() or not client.connected:
             raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
@@ -525,7 +570,39 @@ class ModbusDriver:
             raise DriverUnavailable("protocol error", f"{self.endpoint}: {exc}") from None
         raise exc
 
+    async def _execute_on_link(self, link: Link, request: Request) -> Any:
+        if not self._acquired:
+            raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
+        unit = self.device.unit_id
+        fc = request.function_code
+        check: Callable[[bytes, bytes], str]
+        if link.is_serial:
+            frame = rtu.read_request(unit, fc, request.start, request.count)
+            check = rtu.check_rtu_frame
+        else:
+            frame = mbap_read_request(link.next_tid(), unit, fc, request.start, request.count)
+            check = check_frame
+        try:
+            answer = await link.transact(
+                unit, frame, check, self.device.timeout_s, retries=self.device.retries
+            )
+        except LinkError as exc:
+            if exc.kind == "frame":
+                return _Answer(fc, [], frame_error=exc.reason)
+            raise DriverUnavailable(
+                exc.reason, f"{self.endpoint}: {request.describe()}: {exc.detail}"
+            ) from None
+        if link.is_serial:
+            code, words = rtu.parse_answer(answer, frame)
+        else:
+            code, words = parse_mbap_answer(answer, frame)
+        return _Answer(fc, words, exception_code=code)
+
     def _fill(self, request: Request, response: Any, out: _Columns) -> None:
+        if isinstance(response, _Answer) and response.frame_error:
+            for slot in request.slots:
+                out.bad[slot.index] = RawReading(slot.tag, None, "bad", response.frame_error)
+            return
         code = _code(response)
         if code is not None:
             _fill_bad(request.slots, code, out)
@@ -570,6 +647,51 @@ class ModbusDriver:
 
 
 _SLOT_CACHE_MAX = 4096
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A decoded answer received through a link, shaped like pymodbus' responses."""
+
+    function_code: int
+    words: list[int]
+    exception_code: int | None = None
+    frame_error: str = ""
+
+    def isError(self) -> bool:
+        return self.exception_code is not None
+
+    @property
+    def registers(self) -> list[int]:
+        return self.words
+
+    @property
+    def bits(self) -> list[int]:
+        return self.words
+
+
+def mbap_read_request(tid: int, unit: int, function_code: int, start: int, count: int) -> bytes:
+    """A Modbus/TCP read request (MBAP header + PDU)."""
+    pdu = bytes((function_code,)) + start.to_bytes(2, "big") + count.to_bytes(2, "big")
+    return (
+        tid.to_bytes(2, "big")
+        + b"\x00\x00"
+        + (len(pdu) + 1).to_bytes(2, "big")
+        + bytes((unit,))
+        + pdu
+    )
+
+
+def parse_mbap_answer(frame: bytes, request: bytes) -> tuple[int | None, list[int]]:
+    """(exception code, []) or (None, values) of a Modbus/TCP answer that passed
+    `check_frame`: registers for function 3/4, exactly `count` bits for 1/2."""
+    if frame[7] & 0x80:
+        return frame[8], []
+    count = int.from_bytes(request[10:12], "big")
+    payload = frame[9:]
+    if request[7] in (3, 4):
+        return None, [int.from_bytes(payload[i : i + 2], "big") for i in range(0, 2 * count, 2)]
+    return None, [(payload[i // 8] >> (i % 8)) & 1 for i in range(count)]
 
 
 @dataclass(slots=True)

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from drivers.links import LinkConfig, link_timing
+from drivers.modbus import rtu
 from drivers.modbus.codec import BlockDecoder, ValueSpec
 from drivers.modbus.config import ByteOrder, ModbusDevice, ModbusTag, Table
 
@@ -26,10 +28,13 @@ __all__ = [
     "MAX_REGISTERS",
     "DevicePlan",
     "GroupPlan",
+    "LinkPlan",
     "Request",
     "TagSlot",
     "clusters",
+    "format_link_plans",
     "format_plan",
+    "link_plan",
     "plan_device",
     "plan_requests",
     "sub_request",
@@ -270,7 +275,7 @@ def format_plan(devices: ModbusDevice | Sequence[ModbusDevice]) -> str:
     for device in devices:
         plan = plan_device(device)
         lines.append(
-            f"device {device.name} (modbus {device.host}:{device.port} unit {device.unit_id}, "
+            f"device {device.name} (modbus {device.endpoint} unit {device.unit_id}, "
             f"{len(device.tags)} tags)"
         )
         per_second = 0.0
@@ -284,3 +289,107 @@ def format_plan(devices: ModbusDevice | Sequence[ModbusDevice]) -> str:
             lines.extend(f"    {request.describe()}" for request in group.requests)
         lines.append(f"  total: {per_second:.3g} requests/s")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ links
+
+
+@dataclass(frozen=True, slots=True)
+class LinkPlan:
+    """Bus time of the units on one link.
+
+    `per_group[(device, group)]` is the bus time of one poll of that group (seconds, 0
+    when the link has no serial timing); `cycle_s` the bus time of one poll of every
+    group of every unit; `load` the fraction of the line's time the configured
+    intervals need (Σ poll time / interval). Above 1 the polls cannot fit the baud rate.
+    """
+
+    link: str
+    baud: int | None
+    per_group: dict[tuple[str, str], tuple[float, float, int]]  # (bus s, interval s, requests)
+    cycle_s: float
+    load: float
+    requests_per_s: float
+    worst_timeout_s: float
+
+    @property
+    def fits(self) -> bool:
+        """False when the configured intervals need more than the line's time."""
+        return self.load <= 1.0
+
+
+def link_plan(name: str, config: LinkConfig, devices: Sequence[ModbusDevice]) -> LinkPlan:
+    """The bus time of every poll group of `devices` (the units on link `name`)."""
+    timing = link_timing(config)
+    turnaround = config.turnaround_s
+    per_group: dict[tuple[str, str], tuple[float, float, int]] = {}
+    cycle = load = rate = 0.0
+    worst = 0.0
+    for device in devices:
+        if device.link != name or not device.enabled:
+            continue
+        worst = max(worst, device.timeout_s)
+        for group in plan_device(device).groups.values():
+            bus = 0.0
+            if timing is not None:
+                bus = sum(
+                    rtu.exchange_s(timing, r.function_code, r.count, turnaround)
+                    for r in group.requests
+                )
+            per_group[(device.name, group.group)] = (bus, group.interval_s, len(group.requests))
+            cycle += bus
+            load += bus / group.interval_s
+            rate += len(group.requests) / group.interval_s
+    return LinkPlan(
+        link=name,
+        baud=timing.baud if timing is not None else None,
+        per_group=per_group,
+        cycle_s=cycle,
+        load=load,
+        requests_per_s=rate,
+        worst_timeout_s=worst,
+    )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def format_link_plans(
+    links: dict[str, LinkConfig], devices: Sequence[ModbusDevice]
+) -> tuple[str, list[str]]:
+    """(text, warnings) for `edge-agent plan`: per link, the bus time of each unit's
+    poll groups against their intervals, one whole cycle, the line's load, and a warning
+    for every link whose intervals cannot fit its baud rate."""
+    lines: list[str] = []
+    warnings: list[str] = []
+    for name, config in links.items():
+        plan = link_plan(name, config, devices)
+        units = len({d for d, _ in plan.per_group})
+        where = getattr(config, "port", "")
+        if not isinstance(where, str):
+            where = f"{getattr(config, 'host', '')}:{where}"
+        speed = f", {plan.baud} baud" if plan.baud is not None else ""
+        lines.append(f"link {name} ({config.type} {where}{speed}, {units} units)")
+        if plan.baud is None:
+            lines.append(
+                f"  {plan.requests_per_s:.3g} requests/s (no serial timing: give `baud` for a "
+                "gateway in front of a serial line)"
+            )
+            continue
+        for (device, group), (bus, interval, n) in plan.per_group.items():
+            lines.append(
+                f"  {device} {group}: {n} request{'' if n == 1 else 's'}, {_ms(bus)} of bus "
+                f"time every {_fmt_interval(interval)} ({100 * bus / interval:.1f}%)"
+            )
+        lines.append(
+            f"  one cycle of every group: {_ms(plan.cycle_s)}; line load {100 * plan.load:.0f}%; "
+            f"a silent unit costs up to {_fmt_interval(plan.worst_timeout_s)} once per suspension"
+        )
+        if not plan.fits:
+            warnings.append(
+                f"link {name}: the configured intervals need {100 * plan.load:.0f}% of the "
+                f"line's time at {plan.baud} baud; polls will overrun and be skipped "
+                "(raise the baud rate, lengthen intervals or split the line)"
+            )
+    return "\n".join(lines), warnings

@@ -24,8 +24,10 @@ the address on the wire; register "40001" is holding address 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -41,7 +43,7 @@ from drivers.generators import Generator, Kind, default_spec, make_generator
 from drivers.modbus.codec import CodecError, ValueSpec, encode, type_range
 from drivers.modbus.config import ModbusDevice, ModbusTag, Table
 
-__all__ = ["ModbusSimulator"]
+__all__ = ["LinkSimulator", "ModbusSimulator"]
 
 log = structlog.get_logger(__name__)
 
@@ -199,11 +201,13 @@ class ModbusSimulator:
         self._started = False
         by_endpoint: dict[tuple[str, int], _Server] = {}
         for number, device in enumerate(devices):
+            if device.link is not None:
+                continue  # a unit on a shared link: served by LinkSimulator
             if device.name in self._units:
                 raise ValueError(f"device {device.name!r} is configured twice")
             unit = _build_unit(device, seed + 1000 * number)
             self._units[device.name] = unit
-            host = _loopback(device.host)
+            host = _loopback(device.host or "127.0.0.1")
             if device.port == 0:
                 self._servers.append(_Server(host, 0, {device.unit_id: unit}))
                 continue
@@ -359,3 +363,331 @@ class ModbusSimulator:
                 registers[index] = (registers[index] & ~mask) | words[0]
             else:
                 registers[index : index + len(words)] = words
+
+
+# ------------------------------------------------------------------ serial links
+#
+# Units on a shared link (`link:` devices) are served by `LinkSimulator`: our own RTU
+# slave (framing from drivers/modbus/rtu.py, the same datastore and generators as the
+# TCP simulator above) on a pty pair for a `serial` link, or on a TCP port for an
+# `rtu_over_tcp` link (a simulated serial device server); a `tcp` gateway link is
+# served by a ModbusSimulator holding all its units. Unlike pymodbus' serial server,
+# a unit id nobody serves stays silent, as on a real RS-485 line.
+
+
+_REQUEST_FIXED = {1: 8, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8}
+
+
+class _RtuUnits:
+    """The RTU slaves of one line: parses requests, answers with the line's timing."""
+
+    def __init__(
+        self,
+        name: str,
+        units: dict[int, _Unit],
+        timing: Any,
+        sim: LinkSimulator,
+    ) -> None:
+        self.name = name
+        self.units = units
+        self.timing = timing
+        self.sim = sim
+        self.rx = bytearray()
+        self.regs: dict[tuple[int, Table], list[int]] = {}
+        for unit_id in units:
+            for table in _TABLES:
+                size = 4096 if table in ("coil", "discrete_input") else 65536
+                self.regs[(unit_id, table)] = [0] * size
+        self.answers = 0
+        self._busy: asyncio.Lock = asyncio.Lock()
+
+    def frames(self, data: bytes) -> list[bytes]:
+        """Split received bytes into request frames; drop what cannot be one."""
+        from drivers.modbus.rtu import crc16
+
+        self.rx += data
+        out: list[bytes] = []
+        while len(self.rx) >= 2:
+            fc = self.rx[1]
+            size = _REQUEST_FIXED.get(fc)
+            if size is None and fc in (15, 16):
+                if len(self.rx) < 7:
+                    break
+                size = 9 + self.rx[6]
+            if size is None:
+                self.rx.clear()
+                break
+            if len(self.rx) < size:
+                break
+            frame = bytes(self.rx[:size])
+            if crc16(frame[:-2]) != int.from_bytes(frame[-2:], "little"):
+                self.rx.clear()  # a slave ignores a corrupted frame
+                break
+            del self.rx[:size]
+            out.append(frame)
+        return out
+
+    def answer(self, frame: bytes) -> bytes | None:
+        """The answer to one request frame, or None (silence)."""
+        from drivers.modbus.rtu import encode_answer
+
+        unit_id, fc = frame[0], frame[1]
+        unit = self.units.get(unit_id)
+        if unit is None or unit_id in self.sim.silent_units.get(self.name, ()):
+            return None
+        unit.requests += 1
+        table = _READ_FC.get(fc)
+        if table is None:
+            return encode_answer(frame[:2], None, exception=1)
+        start = int.from_bytes(frame[2:4], "big")
+        count = int.from_bytes(frame[4:6], "big")
+        limit = 2000 if table in ("coil", "discrete_input") else 125
+        if not 1 <= count <= limit:
+            return encode_answer(frame, None, exception=3)
+        if start + count > 65536 or unit.masks[table].find(0, start, start + count) != -1:
+            return encode_answer(frame, None, exception=2)
+        regs = self.regs[(unit_id, table)]
+        now = asyncio.get_running_loop().time()
+        if now - unit.refreshed.get(table, -math.inf) >= self.sim.update_interval_s:
+            unit.refreshed[table] = now
+            ModbusSimulator._refresh(unit, table, regs, 0, now - self.sim.t0)
+        if table in ("coil", "discrete_input"):
+            values = [(regs[a // 16] >> (a % 16)) & 1 for a in range(start, start + count)]
+        else:
+            values = regs[start : start + count]
+        return encode_answer(frame, values)
+
+    def spoil(self, answer: bytes) -> bytes:
+        """Line noise for tests: every `noise_every`-th answer is damaged, in turn by a
+        flipped bit (CRC error), leading garbage, or a cut-off end."""
+        self.answers += 1
+        every = self.sim.noise_every
+        if not every or self.answers % every:
+            return answer
+        kind = (self.answers // every) % 3
+        self.sim.spoiled += 1
+        if kind == 0:
+            return answer[:3] + bytes((answer[3] ^ 0x10,)) + answer[4:]
+        if kind == 1:
+            return b"\xff\x00\x13" + answer
+        return answer[: len(answer) // 2]
+
+    async def serve(self, data: bytes, send: Callable[[bytes], None]) -> None:
+        for frame in self.frames(data):
+            reply = self.answer(frame)
+            if reply is None:
+                continue
+            reply = self.spoil(reply)
+            # The line's timing: the request on the wire, the silence that ends it, the
+            # unit's reaction, then the answer on the wire.
+            if self.timing is not None:
+                delay = (
+                    self.timing.wire_s(len(frame))
+                    + self.timing.silence_s
+                    + self.sim.reaction_s
+                    + self.timing.wire_s(len(reply))
+                )
+                await asyncio.sleep(delay)
+            send(reply)
+
+
+class LinkSimulator:
+    """Serves the units of every link in `links` that `devices` use (async context
+    manager). Afterwards `links[name]` is the link config rewritten to reach its
+    simulator: a `serial` link's port becomes the pty the simulator holds the other end
+    of; `rtu_over_tcp` and `tcp` links get 127.0.0.1 and the port served.
+
+    Test knobs: `silent_units[link] = {unit ids}` never answer; every `noise_every`-th
+    answer on a serial line is damaged (see `_RtuUnits.spoil`); `reaction_s` is each
+    unit's reaction time.
+    """
+
+    def __init__(
+        self,
+        links: dict[str, Any],
+        devices: Sequence[ModbusDevice],
+        *,
+        update_interval_s: float = 0.1,
+        seed: int = 0,
+        reaction_s: float = 0.0005,
+        silent_units: dict[str, set[int]] | None = None,
+        noise_every: int = 0,
+    ) -> None:
+        from drivers.links import link_timing
+
+        self.update_interval_s = update_interval_s
+        self.reaction_s = reaction_s
+        self.silent_units = silent_units or {}
+        self.noise_every = noise_every
+        self.spoiled = 0
+        self.t0 = 0.0
+        self.source = dict(links)
+        self.links: dict[str, Any] = dict(links)
+        self._lines: dict[str, _RtuUnits] = {}
+        self._gateways: dict[str, list[ModbusDevice]] = {}
+        self._units: dict[str, _Unit] = {}
+        self._cleanup: list[Callable[[], Any]] = []
+        self._tcp_sims: list[ModbusSimulator] = []
+        by_link: dict[str, dict[int, _Unit]] = {}
+        for number, device in enumerate(devices):
+            if device.link is None or not device.enabled:
+                continue
+            if device.link not in links:
+                raise ValueError(f"device {device.name!r}: link {device.link!r} is not defined")
+            cfg = links[device.link]
+            if cfg.type == "tcp":
+                self._gateways.setdefault(device.link, []).append(device)
+                continue
+            units = by_link.setdefault(device.link, {})
+            if device.unit_id in units:
+                raise ValueError(
+                    f"devices {units[device.unit_id].device.name!r} and {device.name!r} "
+                    f"both use link {device.link} unit {device.unit_id}"
+                )
+            unit = _build_unit(device, seed + 1000 * number)
+            units[device.unit_id] = unit
+            self._units[device.name] = unit
+        for name, units in by_link.items():
+            self._lines[name] = _RtuUnits(name, units, link_timing(links[name]), self)
+
+    def request_count(self, device_name: str) -> int:
+        """Requests a unit on a serial link received (answered or refused)."""
+        return self._units[device_name].requests
+
+    async def start(self) -> None:
+        """Open the ptys and servers; afterwards `links` is complete."""
+        loop = asyncio.get_running_loop()
+        self.t0 = loop.time()
+        try:
+            for name, line in self._lines.items():
+                cfg = self.source[name]
+                if cfg.type == "serial":
+                    update: dict[str, Any] = {"port": self._open_pty(line)}
+                    if cfg.parity != "N":
+                        # Linux ptys refuse PARENB once set (EINVAL from the second
+                        # tcsetattr): serve 8E1/8O1 as 8N2, the same 11 bits per character.
+                        update.update(parity="N", stop_bits=2)
+                    self.links[name] = cfg.model_copy(update=update)
+                else:
+                    port = await self._open_tcp(line, _loopback(cfg.host), cfg.port)
+                    self.links[name] = cfg.model_copy(
+                        update={"host": _loopback(cfg.host), "port": port}
+                    )
+                log.info("modbus.simulator.link", link=name, where=str(self.links[name]))
+            for name, members in self._gateways.items():
+                cfg = self.source[name]
+                host = _loopback(cfg.host)
+                port = cfg.port or _free_port(host)
+                copies = [
+                    d.model_copy(update={"link": None, "host": host, "port": port}) for d in members
+                ]
+                sim = ModbusSimulator(copies, update_interval_s=self.update_interval_s)
+                await sim.start()
+                self._tcp_sims.append(sim)
+                served = sim.endpoints[copies[0].name]
+                # pymodbus 3.16's TCP server answers only the first of several requests
+                # that arrive in one TCP segment: the simulated gateway takes one at a time.
+                self.links[name] = cfg.model_copy(
+                    update={"host": served[0], "port": served[1], "max_transactions": 1}
+                )
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _open_pty(self, line: _RtuUnits) -> str:
+        import tty
+
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        path = os.ttyname(slave)
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+
+        def send(data: bytes) -> None:
+            with contextlib.suppress(OSError):
+                os.write(master, data)
+
+        def readable() -> None:
+            try:
+                data = os.read(master, 4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EIO: no process has the other end open right now
+                return
+            task = loop.create_task(self._serve_locked(line, data, send))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        loop.add_reader(master, readable)
+
+        def cleanup() -> None:
+            loop.remove_reader(master)
+            for task in tasks:
+                task.cancel()
+            os.close(master)
+            os.close(slave)
+
+        self._cleanup.append(cleanup)
+        return path
+
+    @staticmethod
+    async def _serve_locked(line: _RtuUnits, data: bytes, send: Callable[[bytes], None]) -> None:
+        async with line._busy:  # one line: answers never overlap
+            await line.serve(data, send)
+
+    async def _open_tcp(self, line: _RtuUnits, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        sim = self
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = cast(asyncio.Transport, transport)
+                self.tasks: set[asyncio.Task[None]] = set()
+
+            def data_received(self, data: bytes) -> None:
+                task = loop.create_task(sim._serve_locked(line, data, self.send))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+            def send(self, data: bytes) -> None:
+                if not self.transport.is_closing():
+                    self.transport.write(data)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                for task in self.tasks:
+                    task.cancel()
+
+        server = await loop.create_server(Proto, host, port)
+        self._cleanup.append(server.close)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Close every pty and server."""
+        for cleanup in reversed(self._cleanup):
+            with contextlib.suppress(Exception):
+                cleanup()
+        self._cleanup.clear()
+        for sim in self._tcp_sims:
+            await sim.stop()
+        self._tcp_sims.clear()
+
+    async def __aenter__(self) -> LinkSimulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

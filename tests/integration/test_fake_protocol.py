@@ -149,7 +149,8 @@ async def test_runtime_turns_scripted_failures_into_bad_samples_and_others_keep_
                 await task
     reasons = [s["reason"] for s in of(sub, "oven") if s["quality"] == "bad"]
     assert reasons[0] == "refused"
-    assert "timeout" in reasons
+    # Still down when the read timed out: reported with the outage, not again per poll.
+    assert set(reasons) <= {"refused", "timeout"}
     assert of(sub, "oven")[-1]["value"] == 21.5
     outcomes = [(c.op, c.outcome) for c in bench.calls_of("oven") if c.op != "close"][:3]
     assert outcomes == [

@@ -137,7 +137,7 @@ def test_start_checks_come_with_the_other_problems() -> None:
         "c.yaml:5 devices[0].tags[0].type: tag 'f': a float32 of 2 registers is larger than "
         "the 1 registers this device allows per request: raise the device's "
         "max_registers_per_request to at least 2",
-        "c.yaml:6 devices[1].host: required key is missing",
+        "c.yaml:6 devices[1]: `host` is required (or `link` for a unit on a shared link)",
         "c.yaml:6 devices[1].tags: List should have at least 1 item after validation, not 0",
     ]
 

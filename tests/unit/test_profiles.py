@@ -111,7 +111,9 @@ def test_device_and_profile_problems_together_in_file_order(tmp_path: Path) -> N
     assert out[0].startswith(
         f"{path}:5 devices[0].prot: unknown key 'prot'; did you mean 'port'? (allowed: "
     )
-    assert out[1] == f"{path}:6 devices[1].host: required key is missing"
+    assert out[1] == (
+        f"{path}:6 devices[1]: `host` is required (or `link` for a unit on a shared link)"
+    )
     assert out[2] == f"{shown}:8 tags[1].address: required key is missing (profile of a, b)"
     assert out[3].startswith(f"{shown}:8 tags[1].adress: unknown key 'adress'; did you mean")
     assert out[3].endswith("(profile of a, b)")

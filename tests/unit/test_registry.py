@@ -171,8 +171,9 @@ def test_entry_points_load_and_a_broken_plugin_is_logged_and_skipped(
 
 
 def test_agent_imports_no_protocol_by_name() -> None:
-    """agent/ asks drivers.registry; only the shared driver modules may be imported."""
-    allowed = {"drivers", "drivers.base", "drivers.registry", "drivers.generators"}
+    """agent/ asks drivers.registry; only the shared driver modules (contract, registry,
+    generators, the links every serial protocol shares) may be imported."""
+    allowed = {"drivers", "drivers.base", "drivers.registry", "drivers.generators", "drivers.links"}
     offenders = []
     for path in sorted((ROOT / "agent").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -336,7 +337,7 @@ def test_protocols_command_and_protocol_subcommands(
         assert run_cli(["protocols"]) == 0
         assert run_cli(["fake", "ping"]) == 0
     out = capsys.readouterr().out
-    assert "modbus\tcolumns,simulate\t" in out
+    assert "modbus\tcolumns,shared_links,simulate\t" in out
     assert "fake\t-\tfakes\n" in out
     assert calls == ["ping"]
 
