@@ -238,6 +238,16 @@ class OpcUaSimulator:
         """Client sessions currently open on the device's server."""
         return len(self._served[device].server.iserver._external_sessions)
 
+    async def drop_subscriptions(self, device: str) -> int:
+        """Delete every subscription on the device's server, as a server that lost them
+        would (a restart of its subscription engine, a lifetime expiry it did not
+        report): the client gets no error, its Publish requests just stop being
+        answered. Returns how many were deleted."""
+        service = self._served[device].server.iserver.subscription_service
+        ids = list(service.subscriptions)
+        await service.delete_subscriptions(ids)
+        return len(ids)
+
     async def set_value(self, device: str, tag: str, value: Any) -> None:
         """Write a tag's value (until its generator next changes it)."""
         var = self._served[device].variables[tag]
