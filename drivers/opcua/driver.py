@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import enum
 import math
@@ -113,9 +114,8 @@ _HINTS = {
     "BadUserAccessDenied": "the server refused the user name or password",
     "BadIdentityTokenRejected": "the server does not accept this kind of login",
     "BadIdentityTokenInvalid": "the server could not read the login token",
-    "BadSecurityChecksFailed": "the server does not trust our client certificate; trust "
-    "<cert_dir>/own/cert.der on the server (see drivers/opcua/README.md)",
-    "BadCertificateUntrusted": "the server does not trust our client certificate",
+    "BadSecurityChecksFailed": "the server does not trust our client certificate; {trust}",
+    "BadCertificateUntrusted": "the server does not trust our client certificate; {trust}",
     "BadCertificateUriInvalid": "the certificate's SubjectAltName URI differs from the "
     "ApplicationUri (check application_uri)",
     "BadTooManySessions": "the server has no free session; sessions of dead connections "
@@ -262,14 +262,48 @@ def reading_from_datavalue(
     )
 
 
-def map_error(exc: BaseException, endpoint: str) -> DriverError:
-    """Any exception from asyncua or the network as one of our driver exceptions."""
+def trust_hint(own_cert: Path | None) -> str:
+    """What to do when a server does not trust our certificate, naming the file."""
+    if own_cert is None:
+        return "trust <cert_dir>/own/cert.der on the server (see drivers/opcua/README.md)"
+    where = f"trust {own_cert}"
+    with contextlib.suppress(OSError, ValueError):
+        where += f" (SHA-1 {certs.sha1_thumbprint(own_cert.read_bytes())})"
+    return (
+        f"{where} on the server (copy it to the server's trusted client certificates, or "
+        "accept it in the server's rejected certificates list), then connect again"
+    )
+
+
+def _rejected_at_open(exc: BaseException) -> bool:
+    """asyncua 2.1 fails on an `assert` in open_secure_channel when a server answers
+    OpenSecureChannel with a fault (a strict server refusing our certificate)."""
+    if not isinstance(exc, AssertionError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "open_secure_channel":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def map_error(exc: BaseException, endpoint: str, *, own_cert: Path | None = None) -> DriverError:
+    """Any exception from asyncua or the network as one of our driver exceptions.
+    `own_cert`: our client certificate, named in the hint when a server refuses it."""
     if isinstance(exc, DriverError):
         return exc
+    if _rejected_at_open(exc):
+        return DriverConfigError(
+            "client certificate rejected",
+            f"{endpoint} refused the secure channel: the server does not trust our client "
+            f"certificate; {trust_hint(own_cert)}",
+            StatusCodes.BadSecurityChecksFailed,
+        )
     if isinstance(exc, UaStatusCodeError):
         code = int(exc.code)
         name = status_name(code)
-        hint = _HINTS.get(name, "")
+        hint = _HINTS.get(name, "").replace("{trust}", trust_hint(own_cert))
         detail = f"{endpoint}: {hint}" if hint else endpoint
         if name in _CONFIG_CODES:
             return DriverConfigError(name, detail, code)
@@ -426,7 +460,10 @@ class OpcUaDriver:
             await self._discard(client)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise map_error(exc, dev.endpoint) from exc
+            own = (
+                certs.CertPaths(Path(dev.cert_dir)).cert if dev.security_policy != "None" else None
+            )
+            raise map_error(exc, dev.endpoint, own_cert=own) from exc
         self._client = client
         try:
             async with asyncio.timeout(dev.timeout_s * 10 + 1):
@@ -556,7 +593,7 @@ class OpcUaDriver:
                 )
             paths = certs.CertPaths(Path(dev.cert_dir))
             if not certs.is_trusted(server_der, paths.trusted, dev.server_certificate_thumbprint):
-                raise certs.untrusted_error(server_der, dev.endpoint, paths.trusted)
+                raise certs.untrusted_error(server_der, dev.endpoint, paths.trusted, dev.cert_dir)
         if dev.username is not None and dev.password is not None:
             self._check_password_protected(endpoint, policy, mode)
             client.set_user(dev.username)
