@@ -97,3 +97,46 @@ def test_connection_level_errors_carry_a_status_code() -> None:
         err = map_error(exc, "opc.tcp://x:4840")
         assert isinstance(err, DriverUnavailable)
         assert err.code == code, (exc, err)
+
+
+_times = st.none() | st.datetimes(min_value=datetime(1601, 1, 1), max_value=datetime(9999, 12, 31))
+_values = (
+    st.none()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.text(max_size=10)
+    | st.booleans()
+)
+_codes = st.sampled_from(
+    [0, StatusCodes.UncertainLastUsableValue, StatusCodes.BadNodeIdUnknown, 0x00000400]
+)
+
+
+@given(value=_values, code=_codes, src=_times, srv=_times, aware=st.booleans())
+def test_any_datavalue_gives_a_consistent_reading(
+    value: object, code: int, src: datetime | None, srv: datetime | None, aware: bool
+) -> None:
+    if aware:
+        src = src.replace(tzinfo=UTC) if src is not None else None
+        srv = srv.replace(tzinfo=UTC) if srv is not None else None
+    data = ua.DataValue(
+        ua.Variant(value),
+        StatusCode=ua.StatusCode(code),  # type: ignore[arg-type]
+        SourceTimestamp=src,  # type: ignore[arg-type]
+        ServerTimestamp=srv,  # type: ignore[arg-type]
+    )
+    for choice in ("source", "server", "agent"):
+        r = reading_from_datavalue("t", decoded(data), choice)
+        assert r.quality in ("good", "uncertain", "bad")
+        if r.value is None:
+            assert r.quality == "bad"
+            assert r.reason
+        if r.quality == "bad":
+            assert r.value is None
+        if r.ts_source is not None:
+            assert r.ts_source.tzinfo is not None
+            assert (
+                datetime(1970, 1, 1, tzinfo=UTC)
+                <= r.ts_source
+                < datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+            )
