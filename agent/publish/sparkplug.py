@@ -362,7 +362,12 @@ class SparkplugNode:
         if self._latest is None:
             return {}
         try:
-            return self._latest(device)
+            found = self._latest(device)
+            if not isinstance(found, Mapping):
+                raise TypeError(f"latest() returned {type(found).__name__}, not a mapping")
+            return {
+                str(tag): s for tag, s in found.items() if isinstance(s, Mapping) and "quality" in s
+            }
         except Exception as exc:  # births fall back to the node's own samples
             self.stats.latest_failed += 1
             log.warning("sparkplug.latest.failed", device=device, error=repr(exc))

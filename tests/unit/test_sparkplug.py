@@ -491,6 +491,16 @@ def test_latest_that_raises_falls_back_to_the_nodes_own_samples(pb: ModuleType) 
     dbirth, _ = node.encode(record([sample("a", 4)]))
     assert decode(pb, dbirth.payload).metrics[0].long_value == 4
     assert node.stats.latest_failed == 1
+    # Garbage instead of samples: ignored the same way, the birth still goes out.
+    garbage: Any = {"a": 17, "b": None}
+    for returned in (garbage, ["not", "a", "mapping"]):
+
+        def odd(device: str, r: Any = returned) -> Any:
+            return r
+
+        node = SparkplugNode(AGENT, mqtt(), latest=odd)
+        dbirth, _ = node.encode(record([sample("a", 4)]))
+        assert [(m.name, m.long_value) for m in decode(pb, dbirth.payload).metrics] == [("a", 4)]
 
 
 def test_nbirth_carries_the_buffer_epoch(pb: ModuleType) -> None:
