@@ -227,3 +227,31 @@ async def test_notifications_survive_a_reconnect_in_order(
     values = [float(r.value) for r in sink.readings if isinstance(r.value, int | float)]
     assert len(values) == len(sink.readings)
     assert values == sorted(values)
+
+
+async def test_a_sink_that_raises_loses_only_its_batch_counted(
+    tmp_path: Path, sim: OpcUaSimulator
+) -> None:
+    drv = OpcUaDriver(at(device(tmp_path), sim.endpoints["oven"]))
+    sink = Collector()
+    calls = 0
+
+    async def flaky(batch: Sequence[RawReading]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("writer bug")
+        await sink(batch)
+
+    try:
+        await drv.connect()
+        await drv.subscribe("default", flaky)
+        async with asyncio.timeout(20):
+            while calls < 4:
+                await asyncio.sleep(0.05)
+        assert drv.stats.dropped >= 1
+        await drv.close()
+        assert drv.stats.delivered + drv.stats.dropped == drv.stats.received
+        assert drv.stats.delivered == len(sink.readings)
+    finally:
+        await drv.close()
