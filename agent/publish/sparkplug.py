@@ -79,26 +79,20 @@ BDSEQ_METRIC = "bdSeq"
 
 EPOCH_METRIC = "Node Info/Buffer Epoch"
 
-# A value the JSON layouts cannot carry (NaN, ±Inf) reaches the node as its text and one of
-# these reasons; in Sparkplug the float itself is legal, so it goes out as the float.
-_NON_FINITE_REASONS = frozenset({"not a number", "infinite"})
-_NOT_VALUES = frozenset({"device", "tag", "quality", "reason", "unit"})
-
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
 def _value(s: Mapping[str, Any]) -> Any:
-    """A sample's value for Sparkplug: a non-finite float kept as text (with its reason)
-    becomes the float again."""
+    """A sample's value for Sparkplug. A value JSON cannot carry is stored as null with
+    its text in ``value_text`` (NaN, ±Inf, integers beyond 64 bits, ...): NaN and ±Inf
+    go out as the float itself (legal in Sparkplug), anything else as that text."""
     v = s.get("value")
-    if (v is None or isinstance(v, str)) and s.get("reason") in _NON_FINITE_REASONS:
-        if isinstance(v, str) and v in SPECIAL_FLOATS:
-            return SPECIAL_FLOATS[v]
-        for key, x in s.items():
-            if key not in _NOT_VALUES and isinstance(x, str) and x in SPECIAL_FLOATS:
-                return SPECIAL_FLOATS[x]
+    if v is None:
+        text = s.get("value_text")
+        if isinstance(text, str):
+            return SPECIAL_FLOATS.get(text, text)
     return v
 
 

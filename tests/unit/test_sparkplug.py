@@ -529,11 +529,13 @@ def test_nbirth_carries_the_buffer_epoch(pb: ModuleType) -> None:
 
 
 def stored(s: dict[str, Any]) -> dict[str, Any]:
-    """A sample as the JSON layouts keep a non-finite float: bad, the reason, the text."""
+    """A sample as the buffer keeps a non-finite float (docs/mqtt.md): value null, bad,
+    the reason, the text in value_text."""
     v = s["value"]
     if isinstance(v, float) and not math.isfinite(v):
         text = "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
-        return {**s, "value": text, "quality": "bad", "reason": "not a number"}
+        reason = "not a number" if math.isnan(v) else "infinite"
+        return {**s, "value": None, "quality": "bad", "reason": reason, "value_text": text}
     return s
 
 
@@ -547,11 +549,9 @@ def test_nan_and_infinity_go_out_as_the_float(pb: ModuleType) -> None:
     node = SparkplugNode(AGENT, mqtt(), latest=lambda d: {s["tag"]: s for s in raw})
     node.next_will()
     node.on_connect()
-    # ... and from the buffer, where the JSON layouts keep them as text.
+    # ... and from the buffer, where they are null with their text in value_text.
     text = [stored(s) for s in raw]
-    text[1]["reason"] = "infinite"
-    nan2 = sample("nan2", None, "bad", seq=4, reason="not a number")
-    nan2["raw"] = "NaN"  # the text in a field of its own
+    nan2 = stored(sample("nan2", math.nan, seq=4))
     dbirth, ddata = node.encode(record([*text, nan2]))
     defs = {m.name: m for m in decode(pb, dbirth.payload).metrics}
     assert {n: m.datatype for n, m in defs.items()} == dict.fromkeys(defs, DOUBLE)
@@ -585,6 +585,20 @@ def test_timestamps_out_of_range_never_make_the_encoder_raise(pb: ModuleType) ->
     assert timestamp_ms(datetime(1969, 12, 31, 23, 59, tzinfo=UTC)) is None
 
 
+def test_other_values_json_cannot_carry_travel_as_their_text(pb: ModuleType) -> None:
+    node, _ = connected_node()
+    big = sample("big", None, "bad", reason="out of range")
+    big["value_text"] = str(1 << 70)
+    nested = sample("curve", None, "bad", reason="not a number")
+    nested["value_text"] = "[1.0, NaN]"
+    dbirth, ddata = node.encode(record([big, nested]))
+    defs = {m.name: m for m in decode(pb, dbirth.payload).metrics}
+    assert {n: m.datatype for n, m in defs.items()} == {"big": STRING, "curve": STRING}
+    data = decode(pb, ddata.payload).metrics
+    assert [m.string_value for m in data] == [str(1 << 70), "[1.0, NaN]"]
+    assert [properties(m)["Reason"] for m in data] == ["out of range", "not a number"]
+
+
 def test_integers_beyond_64_bits_travel_as_text(pb: ModuleType) -> None:
     raw = {"big": sample("big", 1 << 70), "neg": sample("neg", -(1 << 64))}
     node = SparkplugNode(AGENT, mqtt(), latest=lambda d: raw)
@@ -598,8 +612,9 @@ def test_integers_beyond_64_bits_travel_as_text(pb: ModuleType) -> None:
 
 
 def as_buffered(samples: list[dict[str, Any]]) -> bytes:
-    """Samples as the buffer stores them (orjson): non-finite floats as the JSON layouts
-    keep them, integers beyond 64 bits as text (orjson cannot write them)."""
+    """Samples as the buffer stores them (orjson, docs/mqtt.md): non-finite floats and
+    integers beyond 64 bits null with their value_text; inside lists, big integers as
+    text (orjson cannot write them)."""
 
     def fix(v: Any) -> Any:
         if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < 1 << 64:
@@ -610,7 +625,14 @@ def as_buffered(samples: list[dict[str, Any]]) -> bytes:
             return {k: fix(x) for k, x in v.items()}
         return v
 
-    return orjson.dumps([fix(stored(s)) for s in samples])
+    def as_stored(s: dict[str, Any]) -> dict[str, Any]:
+        v = s["value"]
+        if isinstance(v, int) and not isinstance(v, bool) and fix(v) != v:
+            return {**s, "value": None, "quality": "bad", "reason": "out of range",
+                    "value_text": str(v)}  # fmt: skip
+        return {**stored(s), "value": fix(stored(s)["value"])}
+
+    return orjson.dumps([as_stored(s) for s in samples])
 
 
 _scalars = (
