@@ -47,7 +47,8 @@ class Sample(_Wire):
         description="Typed value (bool, int, float, str, list, or object for structures) "
         "after scale and offset; null when quality is bad and no value was read, when "
         "the value cannot be carried exactly (quality bad, value_text holds it), or when "
-        "the device's value itself is empty (an OPC UA null Variant, quality as given)."
+        "the device's value itself is empty (an OPC UA null Variant: quality bad, reason "
+        "'null value'). A good sample always has a value."
     )
     value_text: str | None = Field(
         default=None,

@@ -17,19 +17,26 @@ this is how the pieces fit:
   is then unborn for the session. ``run`` (a task of the runtime) publishes a DBIRTH for
   each live device with known metrics, and the encoder emits a DBIRTH itself before the
   first DDATA of an unborn device, or when a record brings a metric (or a datatype) its
-  birth did not have. Metrics are defined by the first non-null value seen: a metric with
-  no value yet is left out of births and data (its bad samples are not sent) until it has
-  one. NCMD ``Node Control/Rebirth`` = true re-sends NBIRTH and every DBIRTH.
+  birth did not have. A metric's datatype is that of its first non-null value (widened
+  when later values need it, with a new DBIRTH). NCMD ``Node Control/Rebirth`` = true
+  re-sends NBIRTH and every DBIRTH.
 - **DDEATH** when a device goes down (the poller's state hook). While a device is dead
   its all-bad records are not published (the DDEATH says it); a record of a dead device
   that holds real values (backlog from before it died) goes out as DBIRTH, DDATA, DDEATH.
-- **Data.** One DDATA per buffered record, metrics by alias, each with the sample's
-  timestamp (ts_source, else ts_agent), ``is_historical`` for backlog, and a ``Quality``
-  property (192 good, 64 uncertain, 0 bad: the Ignition convention).
+- **Data.** One DDATA per buffered record, metrics by alias and without datatype (the
+  birth said it), each with the sample's timestamp (ts_source, else ts_agent),
+  ``is_historical`` for backlog, and a ``Quality`` property (192 good, 64 uncertain, 0
+  bad: the Ignition convention). NaN and ±Inf go out as the float itself.
+- **Births are complete.** A DBIRTH carries every metric the device has: its current
+  value, timestamp and quality, read from ``latest`` (the runtime's newest sample per
+  device and tag) when the node has it, else the newest sample the node encoded. A tag
+  that has had no value yet (bad from the start) is declared too, with ``is_null`` and
+  the placeholder datatype String; its first value brings a DBIRTH with the real type.
+- **Epoch.** NBIRTH carries the buffer's epoch (``Node Info/Buffer Epoch``, String), read
+  from ``epoch`` at every NBIRTH (the buffer can make a new one while the agent runs).
 
-The protobuf wire format is written by hand (varints and length-delimited fields): the
-encoder is on the hot path and needs nothing but ``struct``. The tests decode every kind
-of message with bindings generated from the published ``sparkplug_b.proto``.
+The protobuf encoding is `agent.publish.sparkplug_wire` (pure, no state): this module is
+the node's state machine only.
 """
 
 from __future__ import annotations
@@ -37,11 +44,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +56,20 @@ import structlog
 from agent.buffer import Record
 from agent.config import AgentSection, MqttConfig, SparkplugConfig
 from agent.publish import Message, PublishResult
+from agent.publish import sparkplug_wire as wire
+from agent.publish.sparkplug_wire import (
+    BOOLEAN,
+    DOUBLE,
+    INT64,
+    QUALITY_CODES,
+    SPECIAL_FLOATS,
+    STRING,
+    UINT64,
+    CommandMetric,
+    datatype_of,
+    decode_command,
+    timestamp_ms,
+)
 
 log = structlog.get_logger()
 
@@ -58,245 +77,29 @@ NAMESPACE = "spBv1.0"
 REBIRTH_METRIC = "Node Control/Rebirth"
 BDSEQ_METRIC = "bdSeq"
 
-# Sparkplug B datatypes used by the agent (the full table is in sparkplug_b.proto).
-INT32 = 3
-INT64 = 4
-UINT64 = 8
-DOUBLE = 10
-BOOLEAN = 11
-STRING = 12
-
-# Quality codes (Ignition convention, the de-facto standard for Sparkplug quality).
-QUALITY_CODES = {"good": 192, "uncertain": 64, "bad": 0}
-
-_U64 = (1 << 64) - 1
-_I64_MIN = -(1 << 63)
-_I64_MAX = (1 << 63) - 1
-_DOUBLE = struct.Struct("<d")
-
-
-# ---------------------------------------------------------------------- wire format
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _key(field_no: int, wire_type: int) -> bytes:
-    return _varint((field_no << 3) | wire_type)
-
-
-def _len_field(field_no: int, data: bytes) -> bytes:
-    return _key(field_no, 2) + _varint(len(data)) + data
-
-
-def _uint_field(field_no: int, n: int) -> bytes:
-    return _key(field_no, 0) + _varint(n)
-
-
-_SEQ_KEY = _key(3, 0)
-_TRUE = {f: _uint_field(f, 1) for f in (5, 7, 14)}  # is_historical, is_null, boolean true
-_FALSE_BOOL = _uint_field(14, 0)
-
-
-def _property_set(items: Sequence[tuple[str, int, int | str]]) -> bytes:
-    """A PropertySet of (key, type, value) with Int32 or String values."""
-    keys = b"".join(_len_field(1, k.encode()) for k, _, _ in items)
-    values = b""
-    for _, ptype, value in items:
-        if isinstance(value, str):
-            pv = _uint_field(1, ptype) + _len_field(8, value.encode())
-        else:
-            pv = _uint_field(1, ptype) + _uint_field(3, value)
-        values += _len_field(2, pv)
-    return _len_field(9, keys + values)
-
-
-_QUALITY_PROPS = {q: _property_set([("Quality", INT32, code)]) for q, code in QUALITY_CODES.items()}
-
-
-def datatype_of(value: object) -> int | None:
-    """The Sparkplug datatype a value is published as (None for a null value).
-
-    bool → Boolean, int → Int64 (UInt64 above the Int64 range), float → Double,
-    str → String; lists and structures (dicts) → String holding their JSON."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return BOOLEAN
-    if isinstance(value, int):
-        return INT64 if _I64_MIN <= value <= _I64_MAX else UINT64
-    if isinstance(value, float):
-        return DOUBLE
-    return STRING
-
-
-def _fits(datatype: int, value: object) -> bool:
-    """Whether `value` can be published under a metric born as `datatype`."""
-    if value is None:
-        return True
-    actual = datatype_of(value)
-    if actual == datatype:
-        return True
-    if datatype == DOUBLE and actual in (INT64, UINT64):
-        return True
-    return datatype == UINT64 and actual == INT64 and isinstance(value, int) and value >= 0
-
-
-def _widen(old: int | None, value: object) -> int | None:
-    """The datatype of a metric born as `old` that now has `value`."""
-    new = datatype_of(value)
-    if old is None or new is None:
-        return old if new is None else new
-    if {old, new} <= {INT64, UINT64, DOUBLE}:
-        return DOUBLE if DOUBLE in (old, new) else UINT64
-    return new
-
-
-def _value_field(datatype: int, value: object) -> bytes:
-    if datatype == BOOLEAN:
-        return _TRUE[14] if value else _FALSE_BOOL
-    if datatype in (INT64, UINT64):
-        assert isinstance(value, int)
-        return _uint_field(11, value & _U64)
-    if datatype == DOUBLE:
-        assert isinstance(value, int | float)
-        return _key(13, 1) + _DOUBLE.pack(float(value))
-    text = value if isinstance(value, str) else orjson.dumps(value).decode()
-    return _len_field(15, text.encode())
-
-
-def _metric(
-    *,
-    name: str | None,
-    alias: int | None,
-    timestamp: int | None,
-    datatype: int,
-    value: object,
-    historical: bool = False,
-    props: bytes = b"",
-) -> bytes:
-    body = b""
-    if name is not None:
-        body += _len_field(1, name.encode())
-    if alias is not None:
-        body += _uint_field(2, alias)
-    if timestamp is not None:
-        body += _uint_field(3, timestamp)
-    body += _uint_field(4, datatype)
-    if historical:
-        body += _TRUE[5]
-    if value is None:
-        body += _TRUE[7]
-    body += props
-    if value is not None:
-        body += _value_field(datatype, value)
-    return _len_field(2, body)
-
-
-def _payload(timestamp_ms: int, metrics: bytes = b"") -> bytes:
-    """Payload without seq: the publisher's `stamp` appends it."""
-    return _uint_field(1, timestamp_ms) + metrics
+EPOCH_METRIC = "Node Info/Buffer Epoch"
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-_ts_cache: dict[str, int] = {}
+def _value(s: Mapping[str, Any]) -> Any:
+    """A sample's value for Sparkplug. A value JSON cannot carry is stored as null with
+    its text in ``value_text`` (NaN, ±Inf, integers beyond 64 bits, ...): NaN and ±Inf
+    go out as the float itself (legal in Sparkplug), anything else as that text."""
+    v = s.get("value")
+    if v is None:
+        text = s.get("value_text")
+        if isinstance(text, str):
+            return SPECIAL_FLOATS.get(text, text)
+    return v
 
 
-def _ms(iso: str | None) -> int | None:
-    """Epoch milliseconds of an ISO timestamp as stored in the buffer."""
-    if iso is None:
-        return None
-    cached = _ts_cache.get(iso)
-    if cached is None:
-        cached = int(datetime.fromisoformat(iso).timestamp() * 1000)
-        if len(_ts_cache) > 4096:
-            _ts_cache.clear()
-        _ts_cache[iso] = cached
-    return cached
-
-
-# ---------------------------------------------------------------------- NCMD decoding
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _fields(buf: bytes) -> list[tuple[int, int | bytes]]:
-    """(field number, value) of one protobuf message: ints for varint / fixed fields,
-    bytes for length-delimited ones."""
-    out: list[tuple[int, int | bytes]] = []
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        field_no, wire = key >> 3, key & 7
-        if wire == 0:
-            n, pos = _read_varint(buf, pos)
-            out.append((field_no, n))
-        elif wire == 1:
-            out.append((field_no, int.from_bytes(buf[pos : pos + 8], "little")))
-            pos += 8
-        elif wire == 2:
-            n, pos = _read_varint(buf, pos)
-            if pos + n > len(buf):
-                raise ValueError("truncated field")
-            out.append((field_no, buf[pos : pos + n]))
-            pos += n
-        elif wire == 5:
-            out.append((field_no, int.from_bytes(buf[pos : pos + 4], "little")))
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class CommandMetric:
-    """One metric of an NCMD: name or alias, and its boolean/integer value if any."""
-
-    name: str | None
-    alias: int | None
-    value: int | None
-
-
-def decode_command(payload: bytes) -> list[CommandMetric]:
-    """The metrics of an NCMD payload (only what the agent acts on). Raises ValueError."""
-    metrics = []
-    for field_no, value in _fields(payload):
-        if field_no != 2 or not isinstance(value, bytes):
-            continue
-        name: str | None = None
-        alias: int | None = None
-        number: int | None = None
-        for f, v in _fields(value):
-            if f == 1 and isinstance(v, bytes):
-                name = v.decode("utf-8", errors="replace")
-            elif f == 2 and isinstance(v, int):
-                alias = v
-            elif f in (10, 11, 14) and isinstance(v, int):
-                number = v
-        metrics.append(CommandMetric(name, alias, number))
-    return metrics
+def _ts(s: Mapping[str, Any]) -> int | None:
+    """A sample's metric timestamp: ts_source if it is a valid one, else ts_agent."""
+    ms = timestamp_ms(s.get("ts_source"))
+    return ms if ms is not None else timestamp_ms(s.get("ts_agent"))
 
 
 # ---------------------------------------------------------------------- bdSeq store
@@ -357,7 +160,8 @@ class _Metric:
     name: str
     alias: int
     datatype: int
-    sample: dict[str, Any] | None = None  # the newest sample published (or to be)
+    typed: bool = True  # False: no value seen yet, `datatype` is the String placeholder
+    sample: Mapping[str, Any] | None = None  # the newest sample encoded
 
 
 @dataclass(slots=True)
@@ -377,6 +181,11 @@ class SparkplugStats:
     records_skipped_dead: int = 0  # all-bad records of a dead device (the DDEATH said it)
     records_dropped_backlog: int = 0  # backlog: drop
     bad_commands: int = 0
+    latest_failed: int = 0  # `latest` raised: the birth used the node's own samples
+
+
+#: device name → tag → its newest sample (a WireSample, or a sample as stored).
+LatestSamples = Callable[[str], Mapping[str, Mapping[str, Any]]]
 
 
 class SparkplugNode:
@@ -386,10 +195,19 @@ class SparkplugNode:
     ``on_connect_messages=on_connect``, ``prepare=stamp`` and subscribes ``ncmd_topic``
     to ``on_command``; the payload encoder calls ``encode``; the poller's state hook
     calls ``device_state``; ``run`` is a task publishing births, deaths and rebirths.
+
+    latest: the newest sample of every tag of a device (``Agent.latest[device]``), so
+    that births carry current values; epoch: the buffer's epoch, carried by NBIRTH.
     """
 
     def __init__(
-        self, agent: AgentSection, mqtt: MqttConfig, *, bdseq_path: str | Path | None = None
+        self,
+        agent: AgentSection,
+        mqtt: MqttConfig,
+        *,
+        bdseq_path: str | Path | None = None,
+        latest: LatestSamples | None = None,
+        epoch: Callable[[], str | None] | None = None,
     ) -> None:
         config = mqtt.sparkplug or SparkplugConfig(group_id=agent.id)
         self.config = config
@@ -399,6 +217,8 @@ class SparkplugNode:
         self.ncmd_topic = self._topic("NCMD")
         self._bdseq = BdSeqStore(bdseq_path)
         self._current_bdseq = self._bdseq.last if self._bdseq.last is not None else 0
+        self._latest = latest
+        self._epoch = epoch
         self._seq = 0
         self._devices: dict[str, _Device] = {}
         self._next_alias = 2  # 1 is Node Control/Rebirth
@@ -428,14 +248,14 @@ class SparkplugNode:
         return self._death_message()
 
     def _death_message(self) -> Message:
-        metric = _metric(
+        m = wire.metric(
             name=BDSEQ_METRIC,
             alias=None,
             timestamp=None,
             datatype=INT64,
             value=self._current_bdseq,
         )
-        return Message(self._topic("NDEATH"), _payload(_now_ms(), metric), qos=1)
+        return Message(self._topic("NDEATH"), wire.payload(_now_ms(), m), qos=1)
 
     def clean_death(self) -> Message:
         """The NDEATH the agent publishes itself before a clean disconnect (a clean
@@ -461,7 +281,7 @@ class SparkplugNode:
             self._seq = 0
         seq = self._seq
         self._seq = (seq + 1) % 256
-        return Message(msg.topic, msg.payload + _SEQ_KEY + _varint(seq), msg.qos, msg.retain)
+        return Message(msg.topic, msg.payload + wire.seq_field(seq), msg.qos, msg.retain)
 
     def on_command(self, topic: str, payload: bytes) -> None:
         """An NCMD arrived: `Node Control/Rebirth` = true re-sends every birth."""
@@ -512,46 +332,92 @@ class SparkplugNode:
     def _nbirth(self) -> Message:
         self.stats.births += 1
         now = _now_ms()
-        metrics = _metric(
+        metrics = wire.metric(
             name=BDSEQ_METRIC, alias=None, timestamp=now, datatype=INT64, value=self._current_bdseq
-        ) + _metric(name=REBIRTH_METRIC, alias=1, timestamp=now, datatype=BOOLEAN, value=False)
-        return Message(self._topic("NBIRTH"), _payload(now, metrics), qos=self.config.qos)
+        ) + wire.metric(name=REBIRTH_METRIC, alias=1, timestamp=now, datatype=BOOLEAN, value=False)
+        epoch = self._read_epoch()
+        if epoch is not None:
+            metrics += wire.metric(
+                name=EPOCH_METRIC, alias=None, timestamp=now, datatype=STRING, value=epoch
+            )
+        return Message(self._topic("NBIRTH"), wire.payload(now, metrics), qos=self.config.qos)
+
+    def _read_epoch(self) -> str | None:
+        if self._epoch is None:
+            return None
+        try:
+            epoch = self._epoch()
+        except Exception as exc:  # a birth must go out whatever the buffer says
+            log.warning("sparkplug.epoch.unavailable", error=repr(exc))
+            return None
+        return epoch if isinstance(epoch, str) else None
+
+    def _latest_of(self, device: str) -> Mapping[str, Mapping[str, Any]]:
+        if self._latest is None:
+            return {}
+        try:
+            found = self._latest(device)
+            if not isinstance(found, Mapping):
+                raise TypeError(f"latest() returned {type(found).__name__}, not a mapping")
+            return {
+                str(tag): s for tag, s in found.items() if isinstance(s, Mapping) and "quality" in s
+            }
+        except Exception as exc:  # births fall back to the node's own samples
+            self.stats.latest_failed += 1
+            log.warning("sparkplug.latest.failed", device=device, error=repr(exc))
+            return {}
+
+    def _declare(self, dev: _Device, tag: str, value: object) -> _Metric:
+        datatype = wire.datatype_of(value)
+        m = _Metric(tag, self._next_alias, datatype or STRING, typed=datatype is not None)
+        self._next_alias += 1
+        dev.metrics[tag] = m
+        return m
 
     def _dbirth(self, dev: _Device) -> Message:
+        """Every metric of the device with its current value (from `latest` first), its
+        timestamp and quality; a metric without a value is declared with is_null."""
         self.stats.device_births += 1
         dev.born = True
+        latest = self._latest_of(dev.name)
+        for tag, newest in latest.items():
+            if tag not in dev.metrics:
+                self._declare(dev, tag, _value(newest))
         parts = []
         for m in dev.metrics.values():
-            s = m.sample
+            s: Mapping[str, Any] | None = latest.get(m.name) or m.sample
             if s is None:
                 parts.append(
-                    _metric(
+                    wire.metric(
                         name=m.name, alias=m.alias, timestamp=None, datatype=m.datatype, value=None
                     )
                 )
                 continue
-            props: list[tuple[str, int, int | str]] = [
-                ("Quality", INT32, QUALITY_CODES.get(s["quality"], 0))
-            ]
-            if s.get("unit"):
-                props.append(("engUnit", STRING, str(s["unit"])))
-            value = s["value"] if _fits(m.datatype, s["value"]) else None
+            value = _value(s)
+            if value is not None and not m.typed:
+                m.datatype = wire.datatype_of(value) or STRING
+                m.typed = True
+            elif not wire.fits(m.datatype, value):
+                m.datatype = wire.widen(m.datatype, value) or m.datatype
+            unit = s.get("unit")
             parts.append(
-                _metric(
+                wire.metric(
                     name=m.name,
                     alias=m.alias,
-                    timestamp=_ms(s.get("ts_source") or s.get("ts_agent")),
+                    timestamp=_ts(s),
                     datatype=m.datatype,
                     value=value,
-                    props=_property_set(props),
+                    props=wire.quality_props(
+                        str(s.get("quality")), s.get("reason"), unit if unit else None
+                    ),
                 )
             )
-        payload = _payload(_now_ms(), b"".join(parts))
-        return Message(self._topic("DBIRTH", dev.name), payload, qos=self.config.qos)
+        data = wire.payload(_now_ms(), b"".join(parts))
+        return Message(self._topic("DBIRTH", dev.name), data, qos=self.config.qos)
 
     def _ddeath(self, device: str) -> Message:
         self.stats.device_deaths += 1
-        return Message(self._topic("DDEATH", device), _payload(_now_ms()), qos=self.config.qos)
+        return Message(self._topic("DDEATH", device), wire.payload(_now_ms()), qos=self.config.qos)
 
     def pending(self) -> list[Message]:
         """What `run` publishes now: NBIRTH (rebirth), DDEATHs, then the DBIRTHs of live
@@ -567,7 +433,7 @@ class SparkplugNode:
             out.append(self._ddeath(name))
         self._deaths.clear()
         for dev in self._devices.values():
-            if not dev.born and not dev.dead and dev.metrics:
+            if not dev.born and not dev.dead and (dev.metrics or self._latest_of(dev.name)):
                 out.append(self._dbirth(dev))
         return out
 
@@ -596,80 +462,83 @@ class SparkplugNode:
             return []
         dev = self._device(record.device)
         samples: list[dict[str, Any]] = orjson.loads(record.data)
-        if dev.dead and all(s["quality"] == "bad" for s in samples):
+        if dev.dead and all(s.get("quality") == "bad" for s in samples):
             self.stats.records_skipped_dead += 1
             return []
         need_birth = not dev.born
-        for s in samples:
-            value = s["value"]
-            m = dev.metrics.get(s["tag"])
+        values = [_value(s) for s in samples]
+        for s, value in zip(samples, values, strict=True):
+            tag = str(s.get("tag"))
+            m = dev.metrics.get(tag)
             if m is None:
-                datatype = datatype_of(value)
-                if datatype is None:
-                    continue
-                dev.metrics[s["tag"]] = _Metric(s["tag"], self._next_alias, datatype)
-                self._next_alias += 1
+                m = self._declare(dev, tag, value)
                 need_birth = True
-            elif not _fits(m.datatype, value):
-                widened = _widen(m.datatype, value)
-                assert widened is not None
-                m.datatype = widened
+            elif value is not None and not m.typed:
+                m.datatype = wire.datatype_of(value) or STRING
+                m.typed = True
                 need_birth = True
+            elif not wire.fits(m.datatype, value):
+                m.datatype = wire.widen(m.datatype, value) or m.datatype
+                need_birth = True
+            m.sample = s
         out: list[Message] = []
         if need_birth:
             out.append(self._dbirth(dev))
-        out.append(self._ddata(dev, samples, historical))
+        out.append(self._ddata(dev, samples, values, historical))
         if dev.dead:
             # Backlog of a device that has since died: deliver it, then say it is dead.
             dev.born = False
             out.append(self._ddeath(dev.name))
         return out
 
-    def _ddata(self, dev: _Device, samples: list[dict[str, Any]], historical: bool) -> Message:
+    def _ddata(
+        self,
+        dev: _Device,
+        samples: list[dict[str, Any]],
+        values: list[Any],
+        historical: bool,
+    ) -> Message:
         parts = []
-        for s in samples:
-            m = dev.metrics.get(s["tag"])
-            if m is None:
-                continue
-            value = s["value"]
-            props = _QUALITY_PROPS.get(s["quality"], _QUALITY_PROPS["bad"])
-            if s.get("reason"):
-                props = _property_set(
-                    [
-                        ("Quality", INT32, QUALITY_CODES.get(s["quality"], 0)),
-                        ("Reason", STRING, str(s["reason"])),
-                    ]
-                )
+        for s, value in zip(samples, values, strict=True):
+            m = dev.metrics[str(s.get("tag"))]
             parts.append(
-                _metric(
+                wire.metric(
                     name=None,
                     alias=m.alias,
-                    timestamp=_ms(s.get("ts_source") or s.get("ts_agent")),
+                    timestamp=_ts(s),
                     datatype=m.datatype,
-                    value=value,
+                    declare=False,
+                    # A value a birth of this session could not declare (the datatype
+                    # changed since) is never sent under the wrong type.
+                    value=value if wire.fits(m.datatype, value) else None,
                     historical=historical,
-                    props=props,
+                    props=wire.quality_props(str(s.get("quality")), s.get("reason")),
                 )
             )
-            m.sample = s
-        payload = _payload(_now_ms(), b"".join(parts))
-        return Message(self._topic("DDATA", dev.name), payload, qos=self.config.qos)
+        data = wire.payload(_now_ms(), b"".join(parts))
+        return Message(self._topic("DDATA", dev.name), data, qos=self.config.qos)
 
 
 def sparkplug_node(
-    agent: AgentSection, mqtt: MqttConfig, buffer_path: str | None
+    agent: AgentSection,
+    mqtt: MqttConfig,
+    buffer_path: str | None,
+    *,
+    latest: LatestSamples | None = None,
+    epoch: Callable[[], str | None] | None = None,
 ) -> SparkplugNode | None:
     """The edge node of a config with layout sparkplug (None for other layouts); bdSeq
     is kept in ``<buffer.path>.sparkplug-bdseq`` (in memory for a memory buffer)."""
     if mqtt.layout != "sparkplug":
         return None
     path = f"{buffer_path}.sparkplug-bdseq" if buffer_path is not None else None
-    return SparkplugNode(agent, mqtt, bdseq_path=path)
+    return SparkplugNode(agent, mqtt, bdseq_path=path, latest=latest, epoch=epoch)
 
 
 __all__ = [
     "BOOLEAN",
     "DOUBLE",
+    "EPOCH_METRIC",
     "INT64",
     "NAMESPACE",
     "QUALITY_CODES",
@@ -678,6 +547,7 @@ __all__ = [
     "UINT64",
     "BdSeqStore",
     "CommandMetric",
+    "LatestSamples",
     "SparkplugNode",
     "SparkplugStats",
     "datatype_of",

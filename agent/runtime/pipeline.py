@@ -255,10 +255,14 @@ class Agent:
             await self.driver_context.aclose()
             await self.buffer.close()
             raise
+        buffer = self.buffer
         self.sparkplug = sparkplug_node(
             config.agent,
             config.mqtt,
             config.buffer.path if config.buffer.kind == "sqlite" else None,
+            # Births carry every metric's current value: the newest sample per tag.
+            latest=lambda device: self.latest.get(device, {}),
+            epoch=lambda: buffer.epoch,
         )
         if self.sparkplug is None:
             self._status_msgs = _status_messages(config, self.status.started)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,12 +189,18 @@ def trust_certificate(der: bytes, trust_dir: str | Path) -> Path:
     return path
 
 
-def untrusted_error(der: bytes, endpoint: str, trust_dir: str | Path) -> DriverConfigError:
-    """The error telling an operator which certificate was refused and how to trust it."""
+def untrusted_error(
+    der: bytes, endpoint: str, trust_dir: str | Path, cert_dir: str | Path | None = None
+) -> DriverConfigError:
+    """The error telling an operator which certificate was refused and how to trust it
+    (the trust command names `cert_dir`, the device's certificate directory)."""
+    command = f"edge-agent opcua trust {shlex.quote(endpoint)}"
+    if cert_dir is not None:
+        command += f" --cert-dir {shlex.quote(str(cert_dir))}"
     return DriverConfigError(
         "untrusted server certificate",
         f"{endpoint} presented a certificate with SHA-1 thumbprint {sha1_thumbprint(der)} "
         f"(SHA-256 {sha256_thumbprint(der)}) that is not in {trust_dir}; after checking the "
-        f"thumbprint on the server, trust it with `edge-agent opcua trust {endpoint}` or set "
+        f"thumbprint on the server, trust it with `{command}` or set "
         "server_certificate_thumbprint",
     )

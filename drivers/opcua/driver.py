@@ -8,6 +8,22 @@ auto_reconnect off it only probes the server state every `watchdog_interval_s` a
 failed probe or a dropped socket, calls our `connection_lost_callback` once, which makes
 `wait_closed()` raise DriverUnavailable.
 
+A subscription can stop without any error reaching us (asyncua's publish loop simply
+returns on BadNoSubscription, for example after the server deleted it). Our own
+staleness watchdog therefore watches the time since the last Publish response (data or
+keep-alive): none within `stale_after_s` (a few keep-alive periods) makes `wait_closed()`
+raise DriverUnavailable("subscription stale"), so the poller closes, reconnects and
+subscribes again; asyncua's own stale-subscription watchdog, which would recreate it
+behind our back, only knows subscriptions made by `Client.create_subscription`.
+
+Notifications go to the sink through a bounded outbox: when the sink (the agent's
+writer) is slow, the Publish callback waits for room, which stops asyncua's publish
+loop from asking for more, and the server queues (backpressure, never an unbounded
+list). Time spent waiting for our own consumer is not staleness. `close()` hands every
+notification already received to its sink before it returns; only a sink that does not
+take them within `DRAIN_TIMEOUT_S` loses them (counted in `stats.dropped`, logged as
+`driver.outbox.dropped`).
+
 Every connect starts from nothing: a new asyncua Client, a fresh endpoint and trust
 check, fresh OperationLimits, namespace indexes, browse-path translation and data type
 definitions (a PLC download may have changed any of them). `close()` closes the session
@@ -19,12 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import enum
+import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +53,7 @@ from asyncua.common.subscription import Subscription
 from asyncua.crypto import security_policies
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
 from drivers.base import (
@@ -95,9 +114,8 @@ _HINTS = {
     "BadUserAccessDenied": "the server refused the user name or password",
     "BadIdentityTokenRejected": "the server does not accept this kind of login",
     "BadIdentityTokenInvalid": "the server could not read the login token",
-    "BadSecurityChecksFailed": "the server does not trust our client certificate; trust "
-    "<cert_dir>/own/cert.der on the server (see drivers/opcua/README.md)",
-    "BadCertificateUntrusted": "the server does not trust our client certificate",
+    "BadSecurityChecksFailed": "the server does not trust our client certificate; {trust}",
+    "BadCertificateUntrusted": "the server does not trust our client certificate; {trust}",
     "BadCertificateUriInvalid": "the certificate's SubjectAltName URI differs from the "
     "ApplicationUri (check application_uri)",
     "BadTooManySessions": "the server has no free session; sessions of dead connections "
@@ -180,21 +198,56 @@ class _UndecodedStructure(Exception):
     """An ExtensionObject whose type definition the server did not provide."""
 
 
+#: OPC UA's MinDateTime (a DateTime of 0, decoded as 1601-01-01) and MaxDateTime mean
+#: "no time"; a timestamp before 1970 cannot be a device's clock either, and cannot be
+#: said by every payload (Sparkplug: unsigned epoch milliseconds).
+_TS_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+_TS_MAX = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+def checked_timestamp(ts: object) -> tuple[datetime | None, str | None]:
+    """(timestamp, why it was dropped): a usable UTC datetime, or None and the reason.
+
+    A naive datetime is UTC (the OPC UA DateTime is UTC by definition)."""
+    if ts is None:
+        return None, None
+    if not isinstance(ts, datetime):
+        return None, f"ts_source invalid ({type(ts).__name__})"
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    try:
+        in_range = _TS_MIN <= ts < _TS_MAX
+    except (OverflowError, ValueError):
+        in_range = False
+    if not in_range:
+        return None, f"ts_source out of range ({ts.isoformat()})"
+    return ts, None
+
+
 def reading_from_datavalue(
     tag: str, dv: ua.DataValue, timestamp: TimestampChoice = "source"
 ) -> RawReading:
-    """One tag's RawReading from a DataValue; never puts an error text into the value."""
+    """One tag's RawReading from a DataValue; never puts an error text into the value.
+
+    A null Variant with a status that is not bad becomes a bad reading with reason
+    `null value` (a value the server did not give cannot be good); an unusable
+    timestamp (see `checked_timestamp`) becomes ts_source None, its reason in `reason`
+    when the reading has none of its own."""
     code = int(dv.StatusCode.value) if dv.StatusCode is not None else 0
     quality, reason, raw_code = quality_of(code)
-    ts: datetime | None = None
+    raw_ts: object = None
     if timestamp == "source":
-        ts = dv.SourceTimestamp
+        raw_ts = dv.SourceTimestamp
     elif timestamp == "server":
-        ts = dv.ServerTimestamp
+        raw_ts = dv.ServerTimestamp
+    ts, ts_problem = checked_timestamp(raw_ts)
     value: Value | None = None
-    if quality != "bad" and dv.Value is not None:
+    if quality != "bad":
+        raw = dv.Value.Value if dv.Value is not None else None
+        if raw is None:
+            return RawReading(tag, None, "bad", "null value", raw_code, ts)
         try:
-            value = convert_value(dv.Value.Value)
+            value = convert_value(raw)
         except _UndecodedStructure:
             # The server gave no definition of this structure type: no value we could
             # publish honestly.
@@ -203,33 +256,77 @@ def reading_from_datavalue(
         tag=tag,
         value=value,
         quality=quality,  # type: ignore[arg-type]
-        reason=reason,
+        reason=reason if reason is not None else ts_problem,
         code=raw_code,
         ts_source=ts,
     )
 
 
-def map_error(exc: BaseException, endpoint: str) -> DriverError:
-    """Any exception from asyncua or the network as one of our driver exceptions."""
+def trust_hint(own_cert: Path | None) -> str:
+    """What to do when a server does not trust our certificate, naming the file."""
+    if own_cert is None:
+        return "trust <cert_dir>/own/cert.der on the server (see drivers/opcua/README.md)"
+    where = f"trust {own_cert}"
+    with contextlib.suppress(OSError, ValueError):
+        where += f" (SHA-1 {certs.sha1_thumbprint(own_cert.read_bytes())})"
+    return (
+        f"{where} on the server (copy it to the server's trusted client certificates, or "
+        "accept it in the server's rejected certificates list), then connect again"
+    )
+
+
+def _rejected_at_open(exc: BaseException) -> bool:
+    """asyncua 2.1 fails on an `assert` in open_secure_channel when a server answers
+    OpenSecureChannel with a fault (a strict server refusing our certificate)."""
+    if not isinstance(exc, AssertionError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "open_secure_channel":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def map_error(exc: BaseException, endpoint: str, *, own_cert: Path | None = None) -> DriverError:
+    """Any exception from asyncua or the network as one of our driver exceptions.
+    `own_cert`: our client certificate, named in the hint when a server refuses it."""
     if isinstance(exc, DriverError):
         return exc
+    if _rejected_at_open(exc):
+        return DriverConfigError(
+            "client certificate rejected",
+            f"{endpoint} refused the secure channel: the server does not trust our client "
+            f"certificate; {trust_hint(own_cert)}",
+            StatusCodes.BadSecurityChecksFailed,
+        )
     if isinstance(exc, UaStatusCodeError):
         code = int(exc.code)
         name = status_name(code)
-        hint = _HINTS.get(name, "")
+        hint = _HINTS.get(name, "").replace("{trust}", trust_hint(own_cert))
         detail = f"{endpoint}: {hint}" if hint else endpoint
         if name in _CONFIG_CODES:
             return DriverConfigError(name, detail, code)
         return DriverUnavailable(name, detail, code)
+    # Connection-level failures carry the OPC UA status code that says the same, so the
+    # bad samples they cause have a code like every other bad OPC UA sample.
     if isinstance(exc, TimeoutError):
-        return DriverUnavailable("timeout", f"{endpoint}: no answer in time")
+        return DriverUnavailable(
+            "timeout", f"{endpoint}: no answer in time", StatusCodes.BadTimeout
+        )
     if isinstance(exc, ConnectionRefusedError):
-        return DriverUnavailable("connection refused", endpoint)
+        return DriverUnavailable("connection refused", endpoint, StatusCodes.BadNotConnected)
     if isinstance(exc, OSError):
-        return DriverUnavailable("connection lost", f"{endpoint}: {exc}")
+        return DriverUnavailable(
+            "connection lost", f"{endpoint}: {exc}", StatusCodes.BadConnectionClosed
+        )
     if isinstance(exc, UaError):
-        return DriverConfigError("protocol error", f"{endpoint}: {exc}")
-    return DriverUnavailable(type(exc).__name__, f"{endpoint}: {exc}")
+        return DriverConfigError(
+            "protocol error", f"{endpoint}: {exc}", StatusCodes.BadCommunicationError
+        )
+    return DriverUnavailable(
+        type(exc).__name__, f"{endpoint}: {exc}", StatusCodes.BadCommunicationError
+    )
 
 
 def _ns0(identifier: int) -> ua.NodeId:
@@ -251,21 +348,43 @@ class _Resolved:
 
 
 class _BatchSubscription(Subscription):
-    """A subscription that hands every Publish response to one callback as a whole,
-    instead of asyncua's task per notification."""
+    """A subscription that hands every Publish response to one coroutine as a whole,
+    instead of asyncua's task per notification. asyncua's publish loop awaits it, so
+    it waiting for room in the outbox holds the next PublishRequest back."""
 
     def __init__(
         self,
         session: Any,
         params: ua.CreateSubscriptionParameters,
-        on_publish: Callable[[ua.PublishResult], None],
+        on_publish: Callable[[ua.PublishResult], Awaitable[None]],
     ) -> None:
         super().__init__(session, params, None, queue_maxsize=1)
         self._on_publish = on_publish
 
     async def publish_callback(self, publish_result: ua.PublishResult) -> None:
         self.last_publish_at = time.monotonic()
-        self._on_publish(publish_result)
+        await self._on_publish(publish_result)
+
+
+#: How long `close()` waits for the sink to take the notifications already received.
+DRAIN_TIMEOUT_S = 10.0
+#: Publish responses (one batch each) waiting for the sink before the callback waits.
+OUTBOX_BATCHES = 64
+#: The keep-alive period asked for: at least this, at least one publishing interval.
+KEEPALIVE_MIN_S = 1.0
+#: Keep-alive periods without any Publish response before the subscription is stale.
+STALE_KEEPALIVES = 3
+
+
+@dataclasses.dataclass
+class SubscriptionStats:
+    """What went through the outbox (tests and metrics)."""
+
+    received: int = 0  # readings taken from Publish responses
+    delivered: int = 0  # readings handed to their sink
+    dropped: int = 0  # readings a sink did not take before close gave up (logged)
+    full_waits: int = 0  # times the Publish callback waited for room (backpressure)
+    stale: int = 0  # times the watchdog declared the subscription stale
 
 
 class OpcUaDriver:
@@ -274,7 +393,7 @@ class OpcUaDriver:
     Implements drivers.base.Driver and SubscribingDriver.
     """
 
-    def __init__(self, device: OpcUaDevice) -> None:
+    def __init__(self, device: OpcUaDevice, *, outbox_batches: int = OUTBOX_BATCHES) -> None:
         self.device = device
         self._client: Client | None = None
         self._resolved: dict[str, list[_Resolved]] = {}
@@ -285,8 +404,19 @@ class OpcUaDriver:
         self._subscription: _BatchSubscription | None = None
         self._handles: dict[int, tuple[str, SampleSink]] = {}
         self._next_handle = 1
-        self._outbox: asyncio.Queue[tuple[SampleSink, list[RawReading]]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[SampleSink, list[RawReading]]] = asyncio.Queue(
+            outbox_batches
+        )
+        self._stranded: list[tuple[SampleSink, list[RawReading]]] = []
         self._deliver_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._last_response = 0.0
+        self._waiting_for_room = False
+        self._handing = 0  # readings of the batch the deliver task is handing over
+        self.stale_after_s = 0.0
+        """Seconds without a Publish response after which the subscription is stale
+        (set by subscribe from the server's revised intervals)."""
+        self.stats = SubscriptionStats()
         self.read_calls = 0
         """Read service calls made so far (tests and metrics)."""
         self.loaded_type_definitions = False
@@ -303,6 +433,11 @@ class OpcUaDriver:
     def max_monitored_items_per_call(self) -> int:
         """Monitored items per CreateMonitoredItems call in use (0: no limit)."""
         return self._max_items_per_call
+
+    @property
+    def outbox_size(self) -> int:
+        """Publish responses waiting for their sink (at most `outbox_batches`)."""
+        return self._outbox.qsize()
 
     async def connect(self) -> None:
         """Open a session (security, trust and login checked first), then read the
@@ -325,7 +460,10 @@ class OpcUaDriver:
             await self._discard(client)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise map_error(exc, dev.endpoint) from exc
+            own = (
+                certs.CertPaths(Path(dev.cert_dir)).cert if dev.security_policy != "None" else None
+            )
+            raise map_error(exc, dev.endpoint, own_cert=own) from exc
         self._client = client
         try:
             async with asyncio.timeout(dev.timeout_s * 10 + 1):
@@ -338,22 +476,61 @@ class OpcUaDriver:
         log.info("driver.connect.ok", device=dev.name, endpoint=dev.endpoint)
 
     async def close(self) -> None:
-        """Close the session (deleting its subscription) and the connection; never raises."""
+        """Close the session (deleting its subscription) and the connection, then hand
+        the notifications already received to their sinks; never raises."""
         client, self._client = self._client, None
-        task, self._deliver_task = self._deliver_task, None
+        watchdog, self._watchdog_task = self._watchdog_task, None
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.wait([watchdog])
         self._subscription = None
-        self._handles = {}
-        if task is not None:
-            task.cancel()
-            # wait() neither raises the task's CancelledError nor swallows our own.
-            await asyncio.wait([task])
-        self._outbox = asyncio.Queue()
         if client is not None:
             client.connection_lost_callback = None
-            await self._discard(client)
+            await self._discard(client)  # ends the publish loop: nothing more arrives
+        await self._drain()
+        self._handles = {}
         if not self._lost.is_set():
             self._lost_reason = DriverUnavailable("closed")
             self._lost.set()
+
+    async def _drain(self) -> None:
+        """Deliver what the outbox and a cancelled Publish callback still hold, oldest
+        first, within DRAIN_TIMEOUT_S; count and log whatever is left."""
+        task, self._deliver_task = self._deliver_task, None
+        pending, self._stranded = self._stranded, []
+        if task is None and not pending:
+            return
+        done = 0
+        in_pending = False
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                if task is not None and not task.done():
+                    await self._outbox.join()
+                in_pending = True
+                for sink, batch in pending:
+                    await self._hand(sink, batch)
+                    done += 1
+        except TimeoutError:
+            pass
+        finally:
+            if task is not None:
+                task.cancel()
+                # wait() neither raises the task's CancelledError nor swallows our own.
+                await asyncio.wait([task])
+            # A batch cut off in the sink: the deliver task's, or one of `pending`.
+            left = (0 if in_pending else self._handing) + sum(len(b) for _, b in pending[done:])
+            self._handing = 0
+            while not self._outbox.empty():
+                left += len(self._outbox.get_nowait()[1])
+                self._outbox.task_done()
+            if left:
+                self.stats.dropped += left
+                log.error(
+                    "driver.outbox.dropped",
+                    device=self.device.name,
+                    n=left,
+                    reason=f"the sink took nothing for {DRAIN_TIMEOUT_S:g} s after close",
+                )
 
     async def _discard(self, client: Client) -> None:
         try:
@@ -416,7 +593,7 @@ class OpcUaDriver:
                 )
             paths = certs.CertPaths(Path(dev.cert_dir))
             if not certs.is_trusted(server_der, paths.trusted, dev.server_certificate_thumbprint):
-                raise certs.untrusted_error(server_der, dev.endpoint, paths.trusted)
+                raise certs.untrusted_error(server_der, dev.endpoint, paths.trusted, dev.cert_dir)
         if dev.username is not None and dev.password is not None:
             self._check_password_protected(endpoint, policy, mode)
             client.set_user(dev.username)
@@ -659,16 +836,30 @@ class OpcUaDriver:
                 params = ua.CreateSubscriptionParameters(
                     RequestedPublishingInterval=publishing,
                     RequestedLifetimeCount=10000,
-                    RequestedMaxKeepAliveCount=client.get_keepalive_count(publishing),
+                    # A keep-alive at least every KEEPALIVE_MIN_S (or publishing interval)
+                    # when nothing changes: what the staleness watchdog listens for.
+                    RequestedMaxKeepAliveCount=max(
+                        1, math.ceil(KEEPALIVE_MIN_S * 1000 / publishing)
+                    ),
                     MaxNotificationsPerPublish=10000,
                     PublishingEnabled=True,
                     Priority=0,
                 )
                 sub = _BatchSubscription(client.uaclient.session, params, self._on_publish)
-                await sub.init()
+                revised = await sub.init()
                 self._subscription = sub
+                keepalive_s = (
+                    float(revised.RevisedPublishingInterval)
+                    * max(1, int(revised.RevisedMaxKeepAliveCount))
+                    / 1000
+                )
+                self.stale_after_s = STALE_KEEPALIVES * keepalive_s + dev.timeout_s
+                self._last_response = time.monotonic()
                 self._deliver_task = asyncio.create_task(
                     self._deliver(), name=f"opcua-deliver-{dev.name}"
+                )
+                self._watchdog_task = asyncio.create_task(
+                    self._watch_publishing(), name=f"opcua-stale-watchdog-{dev.name}"
                 )
             sub = self._subscription
             requests: list[ua.MonitoredItemCreateRequest] = []
@@ -720,10 +911,36 @@ class OpcUaDriver:
         if failed:
             await sink(failed)
 
-    def _on_publish(self, result: ua.PublishResult) -> None:
+    async def _on_publish(self, result: ua.PublishResult) -> None:
+        """asyncua's publish loop awaits this for every Publish response (keep-alives
+        too). Never raises: asyncua would only log it."""
+        self._last_response = time.monotonic()
+        try:
+            batches = self._batches(result)
+        except Exception as exc:  # a reading we cannot convert must not stop the loop
+            log.error("driver.publish.unreadable", device=self.device.name, error=repr(exc))
+            return
+        for i, item in enumerate(batches):
+            self.stats.received += len(item[1])
+            if self._outbox.full():
+                self.stats.full_waits += 1
+            self._waiting_for_room = True
+            try:
+                await self._outbox.put(item)
+            except asyncio.CancelledError:
+                # close() ended the publish loop while we waited: these were received
+                # and are handed over by close(), not dropped.
+                self._stranded.extend(batches[i:])
+                raise
+            finally:
+                self._waiting_for_room = False
+        # Waiting for our own consumer is not the server being silent.
+        self._last_response = time.monotonic()
+
+    def _batches(self, result: ua.PublishResult) -> list[tuple[SampleSink, list[RawReading]]]:
         data = result.NotificationMessage.NotificationData
         if not data:
-            return
+            return []
         batches: dict[int, tuple[SampleSink, list[RawReading]]] = {}
         ts_choice = self.device.timestamp
         for notif in data:
@@ -738,22 +955,63 @@ class OpcUaDriver:
             elif isinstance(notif, ua.StatusChangeNotification):
                 code = int(notif.Status.value)
                 if code >> 30:
-                    self._lost_reason = DriverUnavailable(
-                        status_name(code), f"{self.device.endpoint}: subscription ended", code
+                    self._set_lost(
+                        DriverUnavailable(
+                            status_name(code), f"{self.device.endpoint}: subscription ended", code
+                        )
                     )
-                    self._lost.set()
-        for sink, batch in batches.values():
-            self._outbox.put_nowait((sink, batch))
+        return list(batches.values())
+
+    def _set_lost(self, reason: DriverUnavailable) -> None:
+        if not self._lost.is_set():
+            self._lost_reason = reason
+            self._lost.set()
+
+    async def _watch_publishing(self) -> None:
+        """The staleness watchdog: no Publish response (data or keep-alive) for
+        `stale_after_s` while we were not ourselves holding the loop back → lost."""
+        period = max(0.05, self.stale_after_s / 4)
+        while not self._lost.is_set():
+            await asyncio.sleep(period)
+            if self._waiting_for_room:
+                continue
+            silent = time.monotonic() - self._last_response
+            if silent >= self.stale_after_s:
+                self.stats.stale += 1
+                log.warning(
+                    "driver.subscription.stale",
+                    device=self.device.name,
+                    endpoint=self.device.endpoint,
+                    silent_s=round(silent, 1),
+                )
+                self._set_lost(
+                    DriverUnavailable(
+                        "subscription stale",
+                        f"{self.device.endpoint}: no publish response or keep-alive for "
+                        f"{silent:.1f} s",
+                        StatusCodes.BadTimeout,
+                    )
+                )
+                return
 
     async def _deliver(self) -> None:
         while True:
             sink, batch = await self._outbox.get()
             try:
-                await sink(batch)
-            except Exception as exc:
-                log.error(
-                    "driver.sink.failed", device=self.device.name, error=repr(exc), n=len(batch)
-                )
+                await self._hand(sink, batch)
+            finally:
+                self._outbox.task_done()
+
+    async def _hand(self, sink: SampleSink, batch: list[RawReading]) -> None:
+        self._handing = len(batch)
+        try:
+            await sink(batch)
+        except Exception as exc:
+            self.stats.dropped += len(batch)
+            log.error("driver.sink.failed", device=self.device.name, error=repr(exc), n=len(batch))
+        else:
+            self.stats.delivered += len(batch)
+        self._handing = 0
 
 
 def _as_unavailable(err: DriverError) -> DriverUnavailable:

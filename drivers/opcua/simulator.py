@@ -14,11 +14,20 @@ default would also offer no security), with the simulator's own certificate kept
 `max_nodes_per_read` sets the OperationLimits node *and enforces it*: a larger Read is
 refused with BadTooManyOperations, as a strict PLC would.
 
+`trusted_clients` (a directory of client certificates) makes the servers strict about
+client certificates, as real PLCs are: an OpenSecureChannel whose certificate is not in
+that directory is refused with BadSecurityChecksFailed, either as a ServiceFault in the
+OpenSecureChannel reply (`rejection="service_fault"`, what several PLC stacks send) or
+as a transport ERR message (`"error_message"`, what the specification asks for); the
+connection is then closed. asyncua's server alone checks client certificates only at
+CreateSession, so the check is added to each connection's message processor.
+
 Diagnostics for tests running the simulator in another process: namespace
 `urn:edge-agent:simulator` holds `s=Sim.Sessions`, `s=Sim.Subscriptions` and
 `s=Sim.ReadCalls` under Objects/Simulator.
 
-Run it alone: ``python -m drivers.opcua.simulator CONFIG [--cert-dir DIR]`` prints one
+Run it alone: ``python -m drivers.opcua.simulator CONFIG [--cert-dir DIR]
+[--trusted-clients DIR]`` prints one
 JSON line per device (name, endpoint, certificate) and serves until SIGTERM/SIGINT.
 """
 
@@ -38,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from asyncua import ua
@@ -51,6 +60,7 @@ from asyncua.server.server import Server
 from asyncua.server.user_managers import UserManager
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.ua_binary import struct_from_binary, uatcp_to_binary
 
 from drivers.base import Scalar
 from drivers.generators import Generator, Kind, default_spec, make_generator
@@ -190,12 +200,63 @@ def _free_port(wanted: int) -> int:
     raise OSError("no free port")
 
 
+Rejection = Literal["service_fault", "error_message"]
+
+
+class _StrictClients(list[Any]):
+    """The server's list of connections; each new one (appended right after its message
+    processor is made, before any data is read) gets a processor that refuses
+    OpenSecureChannel from a client certificate not in `trusted`."""
+
+    def __init__(self, trusted: Path, rejection: Rejection) -> None:
+        super().__init__()
+        self._trusted = trusted
+        self._rejection = rejection
+        self.rejected = 0
+
+    def append(self, protocol: Any) -> None:
+        processor = protocol.processor
+        if processor is not None:
+            processor.open_secure_channel = self._strict(processor, protocol.transport)
+        super().append(protocol)
+
+    def _strict(self, processor: Any, transport: Any) -> Any:
+        original = processor.open_secure_channel
+
+        def open_secure_channel(algohdr: Any, seqhdr: Any, body: Any) -> None:
+            der = algohdr.SenderCertificate
+            if not der or certs.is_trusted(certs.first_certificate(der), self._trusted):
+                original(algohdr, seqhdr, body)
+                return
+            self.rejected += 1
+            code = ua.StatusCode(StatusCodes.BadSecurityChecksFailed)  # type: ignore[arg-type]
+            if self._rejection == "error_message":
+                err = ua.ErrorMessage(code, "client certificate not trusted")  # type: ignore[arg-type]
+                transport.write(uatcp_to_binary(ua.MessageType.Error, err))  # type: ignore[arg-type]
+            else:
+                request = struct_from_binary(ua.OpenSecureChannelRequest, body)
+                # The reply must be secured with the client's key like any OPN reply.
+                processor._connection.select_policy(
+                    algohdr.SecurityPolicyURI, der, request.Parameters.SecurityMode
+                )
+                fault = ua.ServiceFault()
+                fault.ResponseHeader.ServiceResult = code
+                processor.send_response(
+                    request.RequestHeader.RequestHandle, seqhdr, fault, ua.MessageType.SecureOpen
+                )
+            transport.close()
+
+        return open_secure_channel
+
+
 class OpcUaSimulator:
     """Async context manager serving `devices` (OPC UA devices only) on 127.0.0.1.
 
     `cert_dir`: where the simulator keeps its own certificate (generated once);
     `max_nodes_per_read`: announce and enforce this OperationLimit (None: asyncua's);
-    `update_interval_s`: how often generated values are refreshed.
+    `update_interval_s`: how often generated values are refreshed;
+    `trusted_clients`: accept only client certificates in this directory (strict
+    servers, see the module docstring), refused the `rejection` way.
     """
 
     def __init__(
@@ -205,8 +266,12 @@ class OpcUaSimulator:
         cert_dir: str | Path = "pki/simulator",
         max_nodes_per_read: int | None = None,
         update_interval_s: float = 0.1,
+        trusted_clients: str | Path | None = None,
+        rejection: Rejection = "service_fault",
     ) -> None:
         self._devices = list(devices)
+        self._trusted_clients = Path(trusted_clients) if trusted_clients is not None else None
+        self._rejection: Rejection = rejection
         self._cert_dir = Path(cert_dir)
         self._max_nodes_per_read = max_nodes_per_read
         self._interval = update_interval_s
@@ -226,6 +291,12 @@ class OpcUaSimulator:
         path = self._served[device].certificate
         return path.read_bytes() if path is not None else None
 
+    def rejected_clients(self, device: str) -> int:
+        """OpenSecureChannel requests refused for an untrusted client certificate."""
+        clients = self._served[device].server.bserver
+        listed = clients.clients if clients is not None else None
+        return listed.rejected if isinstance(listed, _StrictClients) else 0
+
     def read_calls(self, device: str) -> list[int]:
         """Sizes of the external Read requests served so far, in order."""
         return list(self._served[device].read_calls)
@@ -237,6 +308,16 @@ class OpcUaSimulator:
     def session_count(self, device: str) -> int:
         """Client sessions currently open on the device's server."""
         return len(self._served[device].server.iserver._external_sessions)
+
+    async def drop_subscriptions(self, device: str) -> int:
+        """Delete every subscription on the device's server, as a server that lost them
+        would (a restart of its subscription engine, a lifetime expiry it did not
+        report): the client gets no error, its Publish requests just stop being
+        answered. Returns how many were deleted."""
+        service = self._served[device].server.iserver.subscription_service
+        ids = list(service.subscriptions)
+        await service.delete_subscriptions(ids)
+        return len(ids)
 
     async def set_value(self, device: str, tag: str, value: Any) -> None:
         """Write a tag's value (until its generator next changes it)."""
@@ -361,6 +442,9 @@ class OpcUaSimulator:
 
         server.subscribe_server_callback(CallbackType.PreRead, pre_read)
         await server.start()
+        if self._trusted_clients is not None and server.bserver is not None:
+            # No connection exists yet: every one will be made with the strict list.
+            server.bserver.clients = _StrictClients(self._trusted_clients, self._rejection)
         return served
 
     async def _ns(self, server: Server, index: int | None, uri: str | None) -> int:
@@ -533,7 +617,10 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with OpcUaSimulator(
-        devices, cert_dir=args.cert_dir, max_nodes_per_read=args.max_nodes_per_read
+        devices,
+        cert_dir=args.cert_dir,
+        max_nodes_per_read=args.max_nodes_per_read,
+        trusted_clients=args.trusted_clients,
     ) as sim:
         for name, url in sim.endpoints.items():
             cert = sim._served[name].certificate
@@ -549,6 +636,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("config", help="agent config file (its OPC UA devices are served)")
     parser.add_argument("--cert-dir", default="pki/simulator", help="simulator certificate dir")
     parser.add_argument("--max-nodes-per-read", type=int, default=None)
+    parser.add_argument(
+        "--trusted-clients",
+        default=None,
+        help="strict: accept only client certificates in this directory",
+    )
     return asyncio.run(_serve(parser.parse_args(argv)))
 
 

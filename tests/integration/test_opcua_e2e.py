@@ -208,7 +208,10 @@ devices:
             assert agent.terminate() == 0
     values = latest(sub.messages())
     assert values["oven_temperature"]["quality"] == "good"
-    assert {s["quality"] for s in values.values()} == {"good"}
+    # Variables of the server object that hold a null Variant (Auditing, LocalTime, ...)
+    # are bad with the reason; every other browsed tag is good.
+    bad = {(s["reason"], s["value"]) for s in values.values() if s["quality"] != "good"}
+    assert bad <= {("null value", None)}
 
 
 def _indent(text: str, n: int) -> str:

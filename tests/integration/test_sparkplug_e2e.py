@@ -91,7 +91,8 @@ def nbirths(msgs: list[Received]) -> list[int]:
 
 def check_session(pb: ModuleType, session: list[Received]) -> None:
     """seq runs 0, 1, 2, ... (mod 256) from the NBIRTH; every DDATA metric's alias was
-    defined by that device's DBIRTH, with the datatype the DDATA uses."""
+        defined by that device's DBIRTH; births carry datatypes and current values, data only
+    aliases."""
     seqs = [decode(pb, m).seq for m in session]
     assert seqs == [i % 256 for i in range(len(seqs))], seqs
     defined: dict[str, dict[int, int]] = {}
@@ -102,6 +103,12 @@ def check_session(pb: ModuleType, session: list[Received]) -> None:
         if kind(m) == "DBIRTH":
             assert dev is not None
             assert all(x.name for x in payload.metrics)
+            assert all(x.HasField("datatype") for x in payload.metrics)
+            for x in payload.metrics:
+                props = dict(zip(x.properties.keys, x.properties.values, strict=True))
+                # Births are complete: a good metric carries its current value.
+                assert x.is_null == (props["Quality"].int_value == 0), x
+                assert x.timestamp > 0
             defined[dev] = {x.alias: x.datatype for x in payload.metrics}
             for other, table in defined.items():
                 if other != dev:
@@ -111,7 +118,8 @@ def check_session(pb: ModuleType, session: list[Received]) -> None:
             assert dev in defined, f"DDATA for {dev} before its DBIRTH"
             assert payload.metrics
             for x in payload.metrics:
-                assert defined[dev][x.alias] == x.datatype
+                assert x.alias in defined[dev]
+                assert not x.HasField("datatype")  # only births carry it
                 assert x.timestamp > 0
                 qualities = dict(zip(x.properties.keys, x.properties.values, strict=True))
                 assert qualities["Quality"].int_value in (0, 64, 192)
