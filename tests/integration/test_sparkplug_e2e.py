@@ -144,7 +144,9 @@ def test_demo_births_data_rebirth_and_death(
         b0 = bdseq(pb, nbirth)
         assert b0 == 0  # a fresh buffer directory: the first bdSeq
         names = {m.name for m in decode(pb, nbirth).metrics}
-        assert names == {"bdSeq", "Node Control/Rebirth"}
+        assert names == {"bdSeq", "Node Control/Rebirth", "Node Info/Buffer Epoch"}
+        [epoch] = [m for m in decode(pb, nbirth).metrics if m.name == "Node Info/Buffer Epoch"]
+        assert len(epoch.string_value) == 32  # the buffer's epoch, wired by the runtime
         check_session(pb, session_after(msgs, start))
         births = {
             device(m): {x.name for x in decode(pb, m).metrics}
