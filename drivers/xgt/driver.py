@@ -259,7 +259,8 @@ class XgtDriver:
         self, request: Request, response: ReadResponse, out: _Columns
     ) -> tuple[list[Request], list[tuple[tuple[TagSlot, ...], int]]]:
         """Bisect `request` by clusters to find the refused tags; then try each run of good
-        parts between two refused clusters as one request. Fills `out` for this poll."""
+        parts between two refused clusters (every good variable, for an individual read) as
+        one request. Fills `out` for this poll."""
         found: list[tuple[Request | None, ReadResponse | None, tuple[TagSlot, ...], int]] = []
 
         async def split(group: list[tuple[TagSlot, ...]], code: int) -> None:
@@ -302,7 +303,8 @@ class XgtDriver:
             if sub is not None and answer is not None:
                 run.append((sub, answer))
                 continue
-            await close_run()
+            if request.kind == "continuous":  # variables of an individual read need no run
+                await close_run()
             bad.append((cluster, code))
             _fill_bad(cluster, code, out)
         await close_run()

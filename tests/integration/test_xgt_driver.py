@@ -1,0 +1,341 @@
+"""XgtDriver against XgtSimulator on loopback: values of every type, planned requests, and
+faults (refused addresses isolated, malformed frames, timeouts, lost connections)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from drivers.base import DriverUnavailable, RawReading
+from drivers.xgt.codec import HEADER_LEN, bcc
+from drivers.xgt.config import XgtDevice
+from drivers.xgt.driver import XgtDriver
+from drivers.xgt.simulator import XgtSimulator
+
+pytestmark = pytest.mark.integration
+
+FLOAT32 = struct.unpack("<f", struct.pack("<f", 123.456))[0]
+
+
+def const(value: Any) -> dict[str, Any]:
+    return {"generator": "constant", "value": value}
+
+
+def make_device(tags: list[dict[str, Any]], **extra: Any) -> XgtDevice:
+    fields: dict[str, Any] = {
+        "name": "plc",
+        "protocol": "xgt",
+        "host": "127.0.0.1",
+        "port": 0,
+        "timeout_s": 0.5,
+        "tags": tags,
+    }
+    fields.update(extra)
+    return XgtDevice.model_validate(fields)
+
+
+TYPED: list[tuple[dict[str, Any], Any]] = [
+    ({"address": "%MW0"}, 54321),
+    ({"address": "%MW1", "type": "int16"}, -1234),
+    ({"address": "%MW2", "type": "int32"}, -123456789),
+    ({"address": "%MW4", "type": "uint32"}, 3_000_000_000),
+    ({"address": "%MW6", "type": "float32"}, FLOAT32),
+    ({"address": "%MW8", "type": "float64"}, -273.15),
+    ({"address": "%MW12", "type": "int64"}, -1_234_567_890_123),
+    ({"address": "%ML4", "type": "uint64"}, 1 << 60),
+    ({"address": "%MB40", "type": "int8"}, -7),
+    ({"address": "%MB41"}, 200),
+    ({"address": "%MB42", "type": "string", "length": 6}, "HELLO"),
+    ({"address": "%MX384"}, True),  # bit 0 of byte 48
+    ({"address": "%MX385"}, False),
+    ({"address": "%MX399"}, True),  # bit 15 of word 24
+    ({"address": "%MW25", "type": "bit", "bit": 9}, True),
+    ({"address": "%DD100"}, 123_456),
+    ({"address": "%DW900", "type": "int16", "scale": 0.1}, -12.5),
+    ({"address": "%PX17"}, True),
+    ({"address": "%TX3"}, True),  # timer contact: individual read
+    ({"address": "%TW3"}, 77),  # its current value
+    ({"address": "%CX9"}, False),
+    ({"address": "%KW8"}, 4096),
+    ({"address": "%LW3", "type": "int16"}, -2),
+    ({"address": "%RW10"}, 11),
+]
+
+
+def typed_tags() -> list[dict[str, Any]]:
+    return [
+        {"name": f"t{i}", **fields, "simulate": const(value)}
+        for i, (fields, value) in enumerate(TYPED)
+    ]
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[XgtSimulator, XgtDevice]]:
+    device = make_device(typed_tags())
+    async with XgtSimulator([device]) as sim:
+        yield sim, device
+
+
+async def connected(sim: XgtSimulator, device: XgtDevice, **kw: Any) -> XgtDriver:
+    driver = XgtDriver(device, endpoint=sim.endpoints[device.name], **kw)
+    await driver.connect()
+    return driver
+
+
+def by_tag(readings: list[RawReading]) -> dict[str, RawReading]:
+    return {r.tag: r for r in readings}
+
+
+async def test_every_type_and_area_reads_exactly(
+    served: tuple[XgtSimulator, XgtDevice],
+) -> None:
+    sim, device = served
+    driver = await connected(sim, device)
+    try:
+        readings = await driver.read("default")
+    finally:
+        await driver.close()
+    for reading, (fields, value) in zip(readings, TYPED, strict=True):
+        assert reading.quality == "good", reading
+        raw = round(value / fields["scale"]) if "scale" in fields else value  # before scaling
+        assert reading.value == raw, (fields, reading)
+        assert type(reading.value) is type(raw), (fields, reading)
+
+
+async def test_one_poll_makes_exactly_the_planned_requests(
+    served: tuple[XgtSimulator, XgtDevice],
+) -> None:
+    sim, device = served
+    driver = await connected(sim, device)
+    try:
+        planned = len(driver.plan.groups["default"].requests)
+        before = sim.request_count("plc")
+        await driver.read("default")
+        assert sim.request_count("plc") - before == planned == driver.requests_sent
+    finally:
+        await driver.close()
+
+
+async def test_xgi_cpu_serves_i_q_areas() -> None:
+    device = make_device(
+        [
+            {"name": "in", "address": "%IX5", "simulate": const(True)},
+            {"name": "out", "address": "%QW2", "simulate": const(513)},
+            {"name": "m", "address": "%MD1", "type": "float32", "simulate": const(2.5)},
+        ],
+        cpu="XGI",
+    )
+    async with XgtSimulator([device]) as sim:
+        driver = await connected(sim, device)
+        try:
+            values = {r.tag: r.value for r in await driver.read("default")}
+        finally:
+            await driver.close()
+    assert values == {"in": True, "out": 513, "m": 2.5}
+
+
+# ---------------------------------------------------------------- refused addresses
+
+
+async def test_refused_addresses_are_isolated_to_their_tags() -> None:
+    served_tags = [
+        {"name": "a", "address": "%DW0", "simulate": const(1)},
+        {"name": "c", "address": "%DW4", "simulate": const(3)},
+        {"name": "w1", "address": "%MW100", "simulate": const(10)},
+        {"name": "w2", "address": "%MW300", "simulate": const(30)},
+    ]
+    polled_tags = [
+        {"name": "a", "address": "%DW0"},
+        {"name": "missing", "address": "%DW2"},  # not served: the block has a hole
+        {"name": "c", "address": "%DW4"},
+        {"name": "w1", "address": "%MW100"},
+        {"name": "gone", "address": "%MW200"},
+        {"name": "w2", "address": "%MW300"},
+    ]
+    served_device = make_device(served_tags)
+    polled = make_device(polled_tags, max_gap_bytes=4)
+    async with XgtSimulator([served_device]) as sim:
+        driver = XgtDriver(polled, endpoint=sim.endpoints["plc"])
+        await driver.connect()
+        try:
+            with capture_logs() as logs:
+                first = by_tag(await driver.read("default"))
+            again = by_tag(await driver.read("default"))
+        finally:
+            await driver.close()
+    for readings in (first, again):
+        assert {t: r.value for t, r in readings.items() if r.quality == "good"} == {
+            "a": 1,
+            "c": 3,
+            "w1": 10,
+            "w2": 30,
+        }
+        for name in ("missing", "gone"):
+            assert readings[name].quality == "bad"
+            assert readings[name].code == 4
+            assert readings[name].reason == "xgt error 0x0004 (address beyond the device area)"
+    isolated = [e for e in logs if e["event"] == "xgt.block.isolated"]
+    assert sorted(t for e in isolated for t in e["bad_tags"]) == ["gone", "missing"]
+    # After isolation a poll reads only what the PLC serves, in as few requests as it can.
+    assert [r.describe() for r in driver.active_requests("default")] == [
+        "continuous %DB0 x 2 bytes (1 tag)",
+        "continuous %DB8 x 2 bytes (1 tag)",
+        "individual W x 2 (%MW100 %MW300; 2 tags)",
+    ]
+
+
+async def test_an_area_the_cpu_does_not_serve_is_error_3_for_that_tag_only() -> None:
+    served_device = make_device([{"name": "ok", "address": "%MW0", "simulate": const(5)}])
+    # The same config claims XGI: %MW is served there too, %QW is not served by the XGK sim.
+    polled = make_device(
+        [{"name": "ok", "address": "%MW0"}, {"name": "q", "address": "%QW0"}], cpu="XGI"
+    )
+    async with XgtSimulator([served_device]) as sim:
+        driver = XgtDriver(polled, endpoint=sim.endpoints["plc"])
+        await driver.connect()
+        try:
+            readings = by_tag(await driver.read("default"))
+        finally:
+            await driver.close()
+    assert readings["ok"].value == 5
+    assert (readings["q"].quality, readings["q"].code) == ("bad", 3)
+    assert "device not served by this CPU" in str(readings["q"].reason)
+
+
+# ---------------------------------------------------------------- malformed frames
+
+
+def _rewrite(
+    change: Callable[[bytearray], None], *, fix_bcc: bool = True
+) -> Callable[[bytes], bytes]:
+    def fault(answer: bytes) -> bytes:
+        frame = bytearray(answer)
+        change(frame)
+        if fix_bcc:
+            frame[16:18] = struct.pack("<H", len(frame) - HEADER_LEN)
+            frame[19] = bcc(bytes(frame))
+        return bytes(frame)
+
+    return fault
+
+
+def _set(index: int, value: int) -> Callable[[bytearray], None]:
+    def change(frame: bytearray) -> None:
+        frame[index] = value
+
+    return change
+
+
+MALFORMED: list[tuple[str, Callable[[bytes], bytes], str]] = [
+    ("invoke id", _rewrite(_set(14, 0x7F)), "protocol error: wrong invoke id"),
+    ("bcc", _rewrite(_set(19, 0x01), fix_bcc=False), "protocol error: wrong BCC"),
+    ("source", _rewrite(_set(13, 0x33)), "protocol error: wrong source of frame"),
+    ("company", _rewrite(_set(0, ord("X"))), "protocol error: wrong company id"),
+    ("command", _rewrite(_set(20, 0x59)), "protocol error: wrong command"),
+    ("data size", _rewrite(_set(30, 0x03)), "protocol error: wrong data size"),
+    ("trailing", _rewrite(lambda f: f.extend(b"\x00")), "protocol error: 1 unexpected bytes"),
+    (
+        "length",
+        _rewrite(_set(16, 0x40), fix_bcc=False),
+        "protocol error: incomplete frame",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "fault", "reason"), MALFORMED, ids=[m[0] for m in MALFORMED])
+async def test_malformed_answers_are_never_decoded(
+    name: str, fault: Callable[[bytes], bytes], reason: str
+) -> None:
+    device = make_device([{"name": "w", "address": "%MW0", "simulate": const(7)}])
+    async with XgtSimulator([device]) as sim:
+        driver = await connected(sim, device)
+        try:
+            assert (await driver.read("default"))[0].value == 7
+            sim.set_fault("plc", fault)
+            with pytest.raises(DriverUnavailable) as info:
+                await driver.read("default")
+            assert info.value.reason.startswith(reason), info.value
+            # The driver dropped the connection: nothing stale can be paired later.
+            with pytest.raises(DriverUnavailable, match="connection lost"):
+                await driver.read("default")
+        finally:
+            await driver.close()
+
+
+async def test_a_bit_answer_other_than_00_01_is_a_protocol_error() -> None:
+    device = make_device([{"name": "t", "address": "%TX1", "simulate": const(True)}])
+    async with XgtSimulator([device]) as sim:
+        sim.set_fault("plc", _rewrite(lambda f: f.__setitem__(-1, 2)))
+        driver = await connected(sim, device)
+        try:
+            with pytest.raises(DriverUnavailable, match="neither 00 nor 01"):
+                await driver.read("default")
+        finally:
+            await driver.close()
+
+
+# ---------------------------------------------------------------- timeouts and connections
+
+
+async def test_a_silent_plc_is_a_timeout_and_the_connection_is_closed() -> None:
+    device = make_device([{"name": "w", "address": "%MW0"}], timeout_s=0.3)
+    async with XgtSimulator([device]) as sim:
+        sim.set_fault("plc", lambda answer: None)
+        driver = await connected(sim, device)
+        try:
+            with pytest.raises(DriverUnavailable) as info:
+                await driver.read("default")
+            assert info.value.reason == "timeout"
+            with pytest.raises(DriverUnavailable, match="connection lost"):
+                await driver.read("default")
+            sim.set_fault("plc", None)
+            await driver.connect()  # what the poller does after backoff
+            assert (await driver.read("default"))[0].quality == "good"
+        finally:
+            await driver.close()
+
+
+async def test_an_answer_that_stops_short_is_an_incomplete_frame() -> None:
+    device = make_device([{"name": "w", "address": "%MW0"}], timeout_s=0.3)
+    async with XgtSimulator([device]) as sim:
+        sim.set_fault("plc", lambda answer: answer[:25])
+        driver = await connected(sim, device)
+        try:
+            with pytest.raises(DriverUnavailable) as info:
+                await driver.read("default")
+        finally:
+            await driver.close()
+    assert info.value.reason == "protocol error: incomplete frame"
+
+
+async def test_a_dropped_connection_is_connection_lost() -> None:
+    device = make_device([{"name": "w", "address": "%MW0"}])
+    async with XgtSimulator([device]) as sim:
+        driver = await connected(sim, device)
+        try:
+            await driver.read("default")
+            sim.drop_connections("plc")
+            await asyncio.sleep(0.05)
+            with pytest.raises(DriverUnavailable) as info:
+                await driver.read("default")
+            assert info.value.reason == "connection lost"
+        finally:
+            await driver.close()
+
+
+async def test_connection_refused() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    device = make_device([{"name": "w", "address": "%MW0"}], port=port)
+    driver = XgtDriver(device)
+    with pytest.raises(DriverUnavailable) as info:
+        await driver.connect()
+    assert info.value.reason == "connection refused"
+    await driver.close()
