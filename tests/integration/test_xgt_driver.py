@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from drivers.base import DriverUnavailable, RawReading
-from drivers.xgt.codec import HEADER_LEN, bcc
+from drivers.xgt.codec import HEADER_LEN, bcc, continuous_read, decode_header, encode_frame
 from drivers.xgt.config import XgtDevice
 from drivers.xgt.driver import XgtDriver
 from drivers.xgt.simulator import XgtSimulator
@@ -339,3 +339,52 @@ async def test_connection_refused() -> None:
         await driver.connect()
     assert info.value.reason == "connection refused"
     await driver.close()
+
+
+# ---------------------------------------------------------------- the simulator's strictness
+
+
+async def _exchange(port: int, frame: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(frame)
+        head = await asyncio.wait_for(reader.readexactly(HEADER_LEN), 2)
+        body = await asyncio.wait_for(reader.readexactly(int.from_bytes(head[16:18], "little")), 2)
+    finally:
+        writer.close()
+    return head + body
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        (lambda f: f.__setitem__(19, (f[19] + 1) & 0xFF), 0x77),  # wrong non-zero BCC
+        (lambda f: f.__setitem__(0, ord("X")), 0x75),  # not LS ELECTRIC's company id
+        (lambda f: f.__setitem__(13, 0x11), 0x75),  # source of a response
+        (lambda f: f.__setitem__(20, 0x58), 0x78),  # a write: the simulator is read-only
+    ],
+)
+async def test_the_simulator_refuses_what_the_manual_refuses(
+    change: Callable[[bytearray], None], code: int
+) -> None:
+    device = make_device([{"name": "w", "address": "%MW0"}])
+    async with XgtSimulator([device]) as sim:
+        frame = bytearray(encode_frame(continuous_read("%MB0", 2), invoke_id=9, cpu_info=0xA0))
+        change(frame)
+        answer = await _exchange(sim.endpoints["plc"][1], bytes(frame))
+    header = decode_header(answer)
+    assert (header.source, header.invoke_id, header.bcc_ok) == (0x11, 9, True)
+    assert header.bcc == bcc(answer)
+    status, error = struct.unpack_from("<HH", answer, 26)
+    assert (status, error) == (0xFFFF, code)
+
+
+async def test_the_simulator_answers_a_bcc_of_zero() -> None:
+    device = make_device([{"name": "w", "address": "%MW0", "simulate": const(0xBEEF)}])
+    async with XgtSimulator([device]) as sim:
+        frame = bytearray(encode_frame(continuous_read("%MB0", 2), invoke_id=3, cpu_info=0xA0))
+        frame[19] = 0
+        answer = await _exchange(sim.endpoints["plc"][1], bytes(frame))
+    assert answer[20:] == struct.pack("<HHHHHH", 0x55, 0x14, 0, 0, 1, 2) + b"\xef\xbe"
+    assert answer[12] == 0xA0  # CPU info of the configured XGK
+    assert answer[10:12] == b"\x01\x01"  # PLC info: XGK CPU type, RUN
