@@ -10,7 +10,7 @@ Made once when the driver starts (pure: no network). Two kinds of request exist:
 - an **individual read** of up to 16 variables of one data type, from any areas. Timer and
   counter contacts (`%TX`, `%CX`) can only be read this way (their bytes are the current
   values). Blocks left holding a single word (`%DW100` alone) or a single bit, when two or
-  more of the same kind exist, are packed into individual reads (W or X): 16 scattered
+  more of the same kind exist (contacts included), are packed into individual reads (W or X): 16 scattered
   words cost one request instead of 16.
 
 A value is never split across requests; a value larger than the block cap is a config
@@ -238,7 +238,8 @@ def plan_requests(
     packed: set[int] = set()
     individual: dict[str, list[_Entry]] = {"X": list(contacts), "W": []}
     for kind, found in singles.items():
-        if len(found) >= 2:
+        # Worth it when the singles share a request (with each other or with contacts).
+        if len(found) + len(individual[kind]) >= 2:
             packed.update(found)
             for number in found:
                 individual[kind].extend(blocks[number][1])
