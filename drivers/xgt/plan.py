@@ -9,9 +9,9 @@ Made once when the driver starts (pure: no network). Two kinds of request exist:
   blocks: bit n is bit n % 8 of byte n // 8 (XGT memory is little-endian);
 - an **individual read** of up to 16 variables of one data type, from any areas. Timer and
   counter contacts (`%TX`, `%CX`) can only be read this way (their bytes are the current
-  values). Blocks left holding a single word (`%DW100` alone) or a single bit, when two or
-  more of the same kind exist (contacts included), are packed into individual reads (W or X): 16 scattered
-  words cost one request instead of 16.
+  values). Blocks left holding a single word (`%DW100` alone) or a single bit, when two
+  or more of the same kind exist (contacts included), are packed into individual reads
+  (W or X): 16 scattered words cost one request instead of 16.
 
 A value is never split across requests; a value larger than the block cap is a config
 error (ValueError naming the tag). Groups are planned separately.

@@ -105,7 +105,7 @@ def test_run_simulate_delivers_exact_values(tmp_path: Path, broker: MosquittoBro
     msgs = sub.messages()
     assert {m.topic for m in msgs} == {"edge/gw-xgt/press"}
     latest = {str(s["tag"]): s for s in samples_of(msgs)}
-    for name, _, _, value, keys in TYPED:
+    for name, _, _, value, _ in TYPED:
         sample = latest[name]
         assert sample["quality"] == "good", sample
         if isinstance(value, float):
