@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from agent.config import ConfigError, parse_config
+from bench.xgt_poll import tags as bench_tags
 from drivers.xgt.config import Address, XgtDevice
 from drivers.xgt.plan import clusters, format_plan, plan_device, plan_requests, sub_request
 
@@ -222,3 +224,18 @@ def test_undeclared_poll_group_is_named() -> None:
     d = device([{"name": "t", "address": "%MW0", "group": "fast"}])
     with pytest.raises(ValueError, match="poll group 'fast' is not declared"):
         plan_device(d)
+
+
+def test_the_readme_plan_example_is_what_the_planner_prints() -> None:
+    readme = (Path(__file__).parents[2] / "drivers" / "xgt" / "README.md").read_text()
+    block = readme.split("```text\n", 1)[1].split("```", 1)[0].rstrip("\n")
+    d = XgtDevice.model_validate(
+        {
+            "name": "xgt1",
+            "protocol": "xgt",
+            "host": "127.0.0.1",
+            "interval_s": 0.1,
+            "tags": bench_tags(500),
+        }
+    )
+    assert format_plan(d) == block
