@@ -142,6 +142,8 @@ class XgtDriver:
         self._frames: dict[int, tuple[Request, bytes]] = {}
         self._status: str | None = None
         self.requests_sent = 0
+        # One exchange at a time on the stream, whoever calls (answers are not multiplexed).
+        self._lock = asyncio.Lock()
         self._log = log.bind(device=device.name)
 
     @property
@@ -327,6 +329,23 @@ class XgtDriver:
 
     async def _execute(self, request: Request) -> ReadResponse:
         """Send `request`, wait for its answer and check it (see check_answer)."""
+        async with self._lock:
+            try:
+                return await self._exchange(request)
+            except asyncio.CancelledError:
+                # Cancelled mid-exchange: the answer may still come and would be read as
+                # the answer to the next request. Drop the connection (the poller
+                # reconnects) and let the cancellation go on.
+                self._drop()
+                raise
+
+    def _drop(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _exchange(self, request: Request) -> ReadResponse:
         reader, writer = self._reader, self._writer
         if reader is None or writer is None or writer.is_closing():
             raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from bench.xgt_poll import tags as bench_tags
 from drivers.base import DriverUnavailable, RawReading
 from drivers.xgt.codec import HEADER_LEN, bcc, continuous_read, decode_header, encode_frame
 from drivers.xgt.config import XgtDevice
@@ -388,3 +389,48 @@ async def test_the_simulator_answers_a_bcc_of_zero() -> None:
     assert answer[20:] == struct.pack("<HHHHHH", 0x55, 0x14, 0, 0, 1, 2) + b"\xef\xbe"
     assert answer[12] == 0xA0  # CPU info of the configured XGK
     assert answer[10:12] == b"\x01\x01"  # PLC info: XGK CPU type, RUN
+
+
+async def test_a_read_cancelled_in_flight_drops_the_connection() -> None:
+    device = make_device([{"name": "w", "address": "%MW0"}], timeout_s=5)
+    async with XgtSimulator([device]) as sim:
+        sim.set_fault("plc", lambda answer: None)
+        driver = await connected(sim, device)
+        try:
+            task = asyncio.create_task(driver.read("default"))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The late answer can never be taken for the next request's: no connection.
+            with pytest.raises(DriverUnavailable, match="connection lost"):
+                await driver.read("default")
+        finally:
+            await driver.close()
+
+
+async def test_five_hundred_tags_read_exactly_in_the_planned_requests() -> None:
+    tags = bench_tags(500)
+    expected: dict[str, Any] = {}
+    for i, tag in enumerate(tags):
+        if tag.get("type") == "float32":
+            value: Any = float(i) + 0.25
+        elif tag.get("type") == "int16":
+            value = -i
+        else:
+            value = i % 3 == 0
+        tag["simulate"] = const(value)
+        expected[tag["name"]] = value
+    device = make_device(tags, interval_s=0.1)
+    async with XgtSimulator([device]) as sim:
+        driver = await connected(sim, device)
+        try:
+            before = sim.request_count("plc")
+            for _ in range(3):
+                readings = await driver.read("default")
+                assert {r.tag: r.value for r in readings} == expected
+                assert all(r.quality == "good" for r in readings)
+            assert sim.request_count("plc") - before == 3 * 5
+            assert len(driver.plan.groups["default"].requests) == 5
+        finally:
+            await driver.close()
