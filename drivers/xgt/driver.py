@@ -39,6 +39,7 @@ from drivers.xgt.codec import (
     CodecError,
     DecodeFailure,
     FrameError,
+    Header,
     ReadResponse,
     continuous_read,
     decode_header,
@@ -58,7 +59,7 @@ from drivers.xgt.plan import (
     sub_request,
 )
 
-__all__ = ["ISOLATE_CODES", "XgtDriver", "check_answer"]
+__all__ = ["ISOLATE_CODES", "XgtDriver", "check_answer", "check_header"]
 
 log = structlog.get_logger(__name__)
 
@@ -70,13 +71,9 @@ ISOLATE_CODES: Final = frozenset({0x03, 0x04, 0x21, 0x22})
 _MAX_BODY: Final = 1500
 
 
-def check_answer(
-    header_bytes: bytes, body: bytes, invoke_id: int, request: Request
-) -> ReadResponse:
-    """Check a whole answer (header and instruction) to `request` sent with `invoke_id`.
-
-    Returns the parsed answer (the data, or a NAK's code). Raises FrameError with the
-    first inconsistency; nothing of a frame that fails is ever decoded."""
+def check_header(header_bytes: bytes, invoke_id: int) -> Header:
+    """Check the 20-byte header of an answer to the request sent with `invoke_id`, before
+    its body is read: a foreign or stray frame is refused at once. Raises FrameError."""
     header = decode_header(header_bytes)
     if header.source != SOURCE_RESPONSE:
         raise FrameError(f"wrong source of frame 0x{header.source:02X}")
@@ -84,6 +81,19 @@ def check_answer(
         raise FrameError(f"wrong invoke id {header.invoke_id}, sent {invoke_id & 0xFFFF}")
     if not header.bcc_ok:
         raise FrameError("wrong BCC")
+    if header.length > _MAX_BODY:
+        raise FrameError(f"header length {header.length} is larger than any answer")
+    return header
+
+
+def check_answer(
+    header_bytes: bytes, body: bytes, invoke_id: int, request: Request
+) -> ReadResponse:
+    """Check a whole answer (header and instruction) to `request` sent with `invoke_id`.
+
+    Returns the parsed answer (the data, or a NAK's code). Raises FrameError with the
+    first inconsistency; nothing of a frame that fails is ever decoded."""
+    header = check_header(header_bytes, invoke_id)
     if header.length != len(body):
         raise FrameError(f"header length {header.length} but {len(body)} bytes follow")
     return parse_read_response(body, request.data_type, request.block_sizes)
@@ -364,10 +374,8 @@ class XgtDriver:
                 await writer.drain()
                 head = await reader.readexactly(HEADER_LEN)
                 got_header = True
-                length = int.from_bytes(head[16:18], "little")
-                if length > _MAX_BODY:
-                    raise FrameError(f"header length {length} is larger than any answer")
-                body = await reader.readexactly(length)
+                header = check_header(head, invoke_id)
+                body = await reader.readexactly(header.length)
             response = check_answer(head, body, invoke_id, request)
         except TimeoutError:
             await self.close()
@@ -393,11 +401,10 @@ class XgtDriver:
         except OSError as exc:
             await self.close()
             raise DriverUnavailable("connection lost", f"{self.endpoint}: {exc}") from None
-        self._note_status(head)
+        self._note_status(header)
         return response
 
-    def _note_status(self, head: bytes) -> None:
-        header = decode_header(head)
+    def _note_status(self, header: Header) -> None:
         status = header.system_status + (" with CPU error" if header.cpu_error else "")
         if status != self._status:
             if self._status is not None or status != "RUN":

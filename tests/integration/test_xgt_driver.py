@@ -233,6 +233,14 @@ def _set(index: int, value: int) -> Callable[[bytearray], None]:
     return change
 
 
+def _longer(answer: bytes, length: int = 0) -> bytes:
+    """The header announces more bytes than follow (32 more, or `length`; BCC kept right)."""
+    frame = bytearray(answer)
+    frame[16:18] = struct.pack("<H", length or len(frame) - HEADER_LEN + 32)
+    frame[19] = bcc(bytes(frame))
+    return bytes(frame)
+
+
 MALFORMED: list[tuple[str, Callable[[bytes], bytes], str]] = [
     ("invoke id", _rewrite(_set(14, 0x7F)), "protocol error: wrong invoke id"),
     ("bcc", _rewrite(_set(19, 0x01), fix_bcc=False), "protocol error: wrong BCC"),
@@ -241,11 +249,8 @@ MALFORMED: list[tuple[str, Callable[[bytes], bytes], str]] = [
     ("command", _rewrite(_set(20, 0x59)), "protocol error: wrong command"),
     ("data size", _rewrite(_set(30, 0x03)), "protocol error: wrong data size"),
     ("trailing", _rewrite(lambda f: f.extend(b"\x00")), "protocol error: 1 unexpected bytes"),
-    (
-        "length",
-        _rewrite(_set(16, 0x40), fix_bcc=False),
-        "protocol error: incomplete frame",
-    ),
+    ("length", _longer, "protocol error: incomplete frame"),
+    ("huge length", lambda a: _longer(a, 0xFFFF), "protocol error: header length 65535"),
 ]
 
 
