@@ -439,3 +439,36 @@ async def test_five_hundred_tags_read_exactly_in_the_planned_requests() -> None:
             assert len(driver.plan.groups["default"].requests) == 5
         finally:
             await driver.close()
+
+
+async def test_an_isolated_tag_recovers_when_the_plc_serves_it_again() -> None:
+    tags = [
+        {"name": "a", "address": "%DW0", "simulate": const(1)},
+        {"name": "b", "address": "%DW1", "simulate": const(2)},
+        {"name": "c", "address": "%DW2", "simulate": const(3)},
+    ]
+    device = make_device(tags)
+    async with XgtSimulator([device]) as sim:
+        # Test-only reach into the simulated memory map: D word 1 stops being served, as
+        # after a PLC download that shrank the area, then comes back.
+        mask = sim._plcs["plc"].mask["D"]
+        mask[2:4] = b"\x00\x00"
+        driver = XgtDriver(device, endpoint=sim.endpoints["plc"], isolation_retry_s=0.2)
+        await driver.connect()
+        try:
+            with capture_logs() as logs:
+                first = by_tag(await driver.read("default"))
+                assert (first["a"].value, first["b"].code, first["c"].value) == (1, 4, 3)
+                mask[2:4] = b"\x01\x01"
+                still = by_tag(await driver.read("default"))  # before the retry: not read
+                assert still["b"].code == 4
+                await asyncio.sleep(0.25)
+                back = by_tag(await driver.read("default"))
+        finally:
+            await driver.close()
+    assert {t: r.value for t, r in back.items()} == {"a": 1, "b": 2, "c": 3}
+    events = [e["event"] for e in logs if e["event"].startswith("xgt.block")]
+    assert events == ["xgt.block.isolated", "xgt.block.recovered"]
+    assert [r.describe() for r in driver.active_requests("default")] == [
+        "continuous %DB0 x 6 bytes (3 tags)"
+    ]

@@ -155,3 +155,43 @@ def test_plan_shows_the_requests_of_each_poll(tmp_path: Path, broker: MosquittoB
         "    individual X x 2 (%PX5 %TX4; 2 tags)",
         "  total: 60 requests/s",
     ]
+
+
+def test_plc_restart_gives_bad_samples_then_values_again(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    served = write_config(tmp_path, broker, xgt_device(), name="served.yaml")
+    sim = AgentProcess(tmp_path / "sim1.log", "simulate", str(served)).start()
+    try:
+        port = int(sim.read_line().split("\t")[2].rsplit(":", 1)[1])
+        polled = write_config(tmp_path, broker, xgt_device(port), name="polled.yaml")
+        with (
+            Subscriber("127.0.0.1", broker.port, "edge/#") as sub,
+            AgentProcess(tmp_path / "agent.log", "run", str(polled)) as agent,
+        ):
+            wait_until(lambda: len(sub.messages()) >= 3, 60, "first values", agent)
+            sim.kill()  # the PLC goes away
+            sim.close()
+            wait_until(lambda: '"device.down"' in agent.log(), 30, "device.down", agent)
+            seen = len(sub.messages())
+            wait_until(lambda: len(sub.messages()) > seen, 30, "bad samples", agent)
+            restarted = write_config(
+                tmp_path, broker, xgt_device(port), name="served2.yaml"
+            )  # same port: the PLC is back
+            sim = AgentProcess(tmp_path / "sim2.log", "simulate", str(restarted)).start()
+            sim.read_line()
+            wait_until(lambda: '"device.recovered"' in agent.log(), 60, "device.recovered", agent)
+            count = len(sub.messages())
+            wait_until(lambda: len(sub.messages()) >= count + 3, 30, "values again", agent)
+            assert agent.terminate() == 0
+    finally:
+        sim.close()
+    samples = [s for s in samples_of(sub.messages()) if s["tag"] == "speed"]
+    qualities = [s["quality"] for s in samples]
+    first_bad = qualities.index("bad")
+    assert "good" in qualities[first_bad:], qualities
+    bad = samples[first_bad]
+    assert bad["value"] is None
+    assert bad["reason"] in ("connection lost", "connection refused", "timeout"), bad
+    assert samples[-1]["quality"] == "good" and samples[-1]["value"] == 1480
+    assert_continuous(seqs(sub.messages()))
