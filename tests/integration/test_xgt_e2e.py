@@ -193,5 +193,5 @@ def test_plc_restart_gives_bad_samples_then_values_again(
     bad = samples[first_bad]
     assert bad["value"] is None
     assert bad["reason"] in ("connection lost", "connection refused", "timeout"), bad
-    assert samples[-1]["quality"] == "good" and samples[-1]["value"] == 1480
+    assert (samples[-1]["quality"], samples[-1]["value"]) == ("good", 1480)
     assert_continuous(seqs(sub.messages()))
