@@ -14,7 +14,8 @@ A frame is a 20-byte Application Header followed by the Application Instruction:
              per block: name length (2) + name ("%MW100"); continuous read: + count (2)
     response command (2) 0x0055 | data type (2) | reserved (2) | error status (2) |
              error status 0: number of blocks (2), per block: data size (2) + data
-             error status non-zero (NAK): error code (2; older modules send 1 byte)
+             error status non-zero (NAK): error code (2; older modules send 1 byte;
+             the code is the lower byte)
 
 Data types: 0x00 bit, 0x01 byte, 0x02 word, 0x03 double word, 0x04 long word (individual
 read: up to 16 variables of one data type) and 0x14 continuous (one block of bytes, at most
@@ -328,11 +329,10 @@ def parse_read_response(body: bytes, data_type: int, sizes: Sequence[int]) -> Re
         raise FrameError(f"wrong data type 0x{answered_type:04X}")
     if status != 0:
         rest = body[8:]
-        if len(rest) == 2:
-            return ReadResponse(data_type, status, _U16.unpack(rest)[0], ())
-        if len(rest) == 1:  # older modules: a 1-byte error code
-            return ReadResponse(data_type, status, rest[0], ())
-        raise FrameError(f"NAK with a {len(rest)}-byte error code")
+        if len(rest) not in (1, 2):  # 2 bytes; older modules send 1
+            raise FrameError(f"NAK with a {len(rest)}-byte error code")
+        # The manual: "if Error State is abnormal, the lower byte is the error code".
+        return ReadResponse(data_type, status, rest[0], ())
     if len(body) < 10:
         raise FrameError(f"answer of {len(body)} bytes is too short")
     (blocks,) = _U16.unpack_from(body, 8)

@@ -124,6 +124,9 @@ def test_individual_read_nak_is_the_manuals_example() -> None:
     assert encode_nak(0x0055, 0x0002, 0x0004) == nak2
     assert parse_read_response(nak2, 0x0002, [2]).error_code == 4
     assert error_reason(4) == "xgt error 0x0004 (address beyond the device area)"
+    # 8.2.1 response table: "If Error State is abnormal, the lower Byte is the error code".
+    upper_set = words(0x0055, 0x0002, 0x0000, 0xFFFF, 0x0104)
+    assert parse_read_response(upper_set, 0x0002, [2]).error_code == 4
 
 
 def test_individual_read_of_sixteen_variables_and_no_more() -> None:
