@@ -1,7 +1,8 @@
 """Simulated XGT PLCs speaking the FEnet dedicated protocol, serving exactly their config.
 
-Each device gets a TCP server of its own (asyncio) on loopback; a device whose port is 0
-or busy gets a free port from the OS, and `endpoints` tells where each one listens.
+Each device gets a TCP server of its own (asyncio) on loopback; a device whose port is 0,
+busy, or already used by another simulated device gets a free port from the OS, and
+`endpoints` tells where each one listens.
 
 It parses requests as the FEnet manual describes them and answers as a PLC does:
 
@@ -213,11 +214,11 @@ class XgtSimulator:
             plc = _build(device, seed + 1000 * number)
             plc.host, plc.port = _loopback(device.host), device.port
             if plc.port:
+                # PLCs on different hosts all land on loopback: the second one of a port
+                # gets a free port from the OS (said in `endpoints` and the log).
                 other = taken.setdefault((plc.host, plc.port), device.name)
                 if other != device.name:
-                    raise ValueError(
-                        f"devices {other!r} and {device.name!r} both use {plc.host}:{plc.port}"
-                    )
+                    plc.port = 0
             self._plcs[device.name] = plc
 
     async def start(self) -> None:

@@ -472,3 +472,25 @@ async def test_an_isolated_tag_recovers_when_the_plc_serves_it_again() -> None:
     assert [r.describe() for r in driver.active_requests("default")] == [
         "continuous %DB0 x 6 bytes (3 tags)"
     ]
+
+
+async def test_two_plcs_configured_on_one_port_are_both_served() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = make_device(
+        [{"name": "w", "address": "%MW0", "simulate": const(1)}], host="10.0.0.1", port=port
+    ).model_copy(update={"name": "press"})
+    second = make_device(
+        [{"name": "w", "address": "%MW0", "simulate": const(2)}], host="10.0.0.2", port=port
+    ).model_copy(update={"name": "feeder"})
+    async with XgtSimulator([first, second]) as sim:
+        assert sim.endpoints["press"] != sim.endpoints["feeder"]
+        values = []
+        for device in (first, second):
+            driver = await connected(sim, device)
+            try:
+                values.append((await driver.read("default"))[0].value)
+            finally:
+                await driver.close()
+    assert values == [1, 2]
