@@ -6,9 +6,10 @@ when first used. The protocol needs no third-party library.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -53,12 +54,19 @@ def _plan(devices: Sequence[XgtDevice]) -> str:
     return format_plan(devices)
 
 
+def _add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    from drivers.xgt.cli import add_xgt_commands
+
+    add_xgt_commands(subparsers)
+
+
 PROTOCOL = Protocol(
     name="xgt",
     device_model=XgtDevice,
     create_driver=_create_driver,
     simulate=_simulate,
     plan=_plan,
+    add_commands=_add_commands,
     capabilities=frozenset({"columns"}),
     summary="LS ELECTRIC XGT over FEnet (XGK/XGI/XGR/XGB): continuous and individual reads",
 )

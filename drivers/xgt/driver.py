@@ -151,6 +151,8 @@ class XgtDriver:
         self._isolated: dict[tuple[str, int], _Isolation] = {}
         self._frames: dict[int, tuple[Request, bytes]] = {}
         self._status: str | None = None
+        #: The header of the last answer (PLC info: CPU type, RUN/STOP), None before one.
+        self.last_header: Header | None = None
         self.requests_sent = 0
         # One exchange at a time on the stream, whoever calls (answers are not multiplexed).
         self._lock = asyncio.Lock()
@@ -405,6 +407,7 @@ class XgtDriver:
         return response
 
     def _note_status(self, header: Header) -> None:
+        self.last_header = header
         status = header.system_status + (" with CPU error" if header.cpu_error else "")
         if status != self._status:
             if self._status is not None or status != "RUN":

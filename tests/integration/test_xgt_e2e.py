@@ -195,3 +195,28 @@ def test_plc_restart_gives_bad_samples_then_values_again(
     assert bad["reason"] in ("connection lost", "connection refused", "timeout"), bad
     assert (samples[-1]["quality"], samples[-1]["value"]) == ("good", 1480)
     assert_continuous(seqs(sub.messages()))
+
+
+def test_probe_reads_addresses_and_shows_the_plc_state(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    served = write_config(tmp_path, broker, xgt_device(), name="served.yaml")
+    with AgentProcess(tmp_path / "sim.log", "simulate", str(served)) as sim:
+        port = sim.read_line().split("\t")[2].rsplit(":", 1)[1]
+        good = cli(
+            "xgt", "probe", "127.0.0.1", "--port", port, "--address", "%DW100", "--address", "%TX4"
+        )
+        refused = cli("xgt", "probe", "127.0.0.1", "--port", port, "--address", "%DW900")
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.splitlines() == [
+        f"127.0.0.1:{port}: connected, PLC RUN, CPU info 0xA0",
+        "%DW100\tgood\t1480",
+        "%TX4\tgood\tTrue",
+    ]
+    assert refused.returncode == 1
+    assert refused.stdout.splitlines()[1] == (
+        "%DW900\tbad\txgt error 0x0004 (address beyond the device area)"
+    )
+    wrong_area = cli("xgt", "probe", "127.0.0.1", "--address", "%IX0")
+    assert wrong_area.returncode == 2
+    assert "area I is not served by XGK" in wrong_area.stderr
