@@ -11,8 +11,10 @@ Fault behaviour (the table is in README.md):
   0/1. A frame that does not fit fails the request at once with
   `DriverUnavailable("protocol error: …")`; the poller closes the connection and
   reconnects, so a late or stray frame can never be taken for the answer to a later one.
-- A timeout raises DriverUnavailable("timeout") and so closes the connection. The
-  device's `retries` is not used: after a timeout the stream cannot be trusted.
+- A PLC silent for `timeout_s` gets the request again with a new invoke id, up to
+  `retries` times (a late answer to an earlier attempt is known by its invoke id and
+  skipped); then DriverUnavailable("timeout") closes the connection. An answer that
+  starts but stops short is "protocol error: incomplete frame" at once.
 - A NAK whose code concerns addresses (0x03 device not served, 0x04 beyond the device
   area, 0x21 variable not found, 0x22 address error) starts isolation: the request is
   split by tag (by variable for an individual read) to find the refused tags, which
@@ -112,6 +114,10 @@ class _Isolation:
 class _Columns:
     values: list[Value | None]
     bad: dict[int, RawReading]
+
+
+class _Incomplete(Exception):
+    """An answer started but did not finish within timeout_s."""
 
 
 class _NotIsolable(Exception):
@@ -358,38 +364,45 @@ class XgtDriver:
                 writer.close()
 
     async def _exchange(self, request: Request) -> ReadResponse:
+        """Send `request` and return its checked answer, resending it (new invoke id) up
+        to `retries` times when the PLC stays silent for `timeout_s`. A late answer to an
+        earlier attempt is recognised by its invoke id and skipped."""
         reader, writer = self._reader, self._writer
         if reader is None or writer is None or writer.is_closing():
             raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
-        invoke_id = next(self._invoke) & 0xFFFF
-        frame = encode_frame(
-            self._instruction(request),
-            invoke_id=invoke_id,
-            cpu_info=self._cpu_info,
-            position=self._position,
-        )
-        self.requests_sent += 1
-        got_header = False
+        instruction = self._instruction(request)
+        attempts = self.device.retries + 1
+        earlier: set[int] = set()
         try:
-            async with asyncio.timeout(self.device.timeout_s):
-                writer.write(frame)
-                await writer.drain()
-                head = await reader.readexactly(HEADER_LEN)
-                got_header = True
-                header = check_header(head, invoke_id)
-                body = await reader.readexactly(header.length)
-            response = check_answer(head, body, invoke_id, request)
-        except TimeoutError:
+            for attempt in range(1, attempts + 1):
+                invoke_id = next(self._invoke) & 0xFFFF
+                frame = encode_frame(
+                    instruction,
+                    invoke_id=invoke_id,
+                    cpu_info=self._cpu_info,
+                    position=self._position,
+                )
+                self.requests_sent += 1
+                answer = await self._attempt(reader, writer, frame, invoke_id, earlier)
+                if answer is not None:
+                    header, head, body = answer
+                    response = check_answer(head, body, invoke_id, request)
+                    self._note_status(header)
+                    return response
+                earlier.add(invoke_id)
+                if attempt < attempts:
+                    self._log.debug("xgt.request.retry", block=request.describe(), attempt=attempt)
             await self.close()
-            if got_header:
-                raise DriverUnavailable(
-                    "protocol error: incomplete frame",
-                    f"{self.endpoint}: answer to {request.describe()} stopped short",
-                ) from None
             raise DriverUnavailable(
                 "timeout",
                 f"{self.endpoint}: no answer to {request.describe()} within "
-                f"{self.device.timeout_s} s",
+                f"{self.device.timeout_s} s x {attempts}",
+            )
+        except _Incomplete:
+            await self.close()
+            raise DriverUnavailable(
+                "protocol error: incomplete frame",
+                f"{self.endpoint}: answer to {request.describe()} stopped short",
             ) from None
         except asyncio.IncompleteReadError as exc:
             await self.close()
@@ -403,8 +416,41 @@ class XgtDriver:
         except OSError as exc:
             await self.close()
             raise DriverUnavailable("connection lost", f"{self.endpoint}: {exc}") from None
-        self._note_status(header)
-        return response
+
+    async def _attempt(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        frame: bytes,
+        invoke_id: int,
+        earlier: set[int],
+    ) -> tuple[Header, bytes, bytes] | None:
+        """Send `frame` and read its answer within timeout_s: (header, header bytes, body),
+        or None when not one byte of an answer came (the caller may resend). Answers to
+        `earlier` attempts are read whole and dropped. Raises _Incomplete when an answer
+        stops short, FrameError for one that does not fit."""
+        started = False
+        try:
+            async with asyncio.timeout(self.device.timeout_s):
+                writer.write(frame)
+                await writer.drain()
+                while True:
+                    first = await reader.readexactly(1)
+                    started = True
+                    head = first + await reader.readexactly(HEADER_LEN - 1)
+                    header = decode_header(head)
+                    if header.invoke_id in earlier and header.invoke_id != invoke_id:
+                        check_header(head, header.invoke_id)  # a valid frame, only late
+                        await reader.readexactly(header.length)
+                        started = False
+                        continue
+                    header = check_header(head, invoke_id)
+                    body = await reader.readexactly(header.length)
+                    return header, head, body
+        except TimeoutError:
+            if started:
+                raise _Incomplete from None
+            return None
 
     def _note_status(self, header: Header) -> None:
         self.last_header = header

@@ -494,3 +494,57 @@ async def test_two_plcs_configured_on_one_port_are_both_served() -> None:
             finally:
                 await driver.close()
     assert values == [1, 2]
+
+
+async def test_a_silent_plc_gets_the_request_retries_times_more() -> None:
+    device = make_device([{"name": "w", "address": "%MW0"}], timeout_s=0.2, retries=2)
+    async with XgtSimulator([device]) as sim:
+        sim.set_fault("plc", lambda answer: None)
+        driver = await connected(sim, device)
+        try:
+            before = sim.request_count("plc")
+            with pytest.raises(DriverUnavailable) as info:
+                await driver.read("default")
+            await asyncio.sleep(0.05)
+            assert sim.request_count("plc") - before == 3
+        finally:
+            await driver.close()
+    assert info.value.reason == "timeout"
+    assert "within 0.2 s x 3" in info.value.detail
+
+
+async def test_a_late_answer_to_a_retried_request_is_skipped() -> None:
+    device = make_device(
+        [
+            {
+                "name": "w",
+                "address": "%MW0",
+                "simulate": {"generator": "counter", "step": 1, "period_s": 0.05},
+            }
+        ],
+        timeout_s=0.3,
+        retries=1,
+    )
+    held: list[bytes] = []
+
+    def late(answer: bytes) -> bytes | None:
+        if not held:
+            held.append(answer)  # the first answer is late: it comes with the second
+            return None
+        return held[0] + answer
+
+    async with XgtSimulator([device]) as sim:
+        driver = await connected(sim, device)
+        try:
+            sim.set_fault("plc", late)
+            (reading,) = await driver.read("default")
+            sim.set_fault("plc", None)
+            (after,) = await driver.read("default")  # same connection, still in step
+        finally:
+            await driver.close()
+    assert reading.quality == "good"
+    stale = int.from_bytes(held[0][-2:], "little")
+    # The value is the second answer's: the counter moved on while the first one waited.
+    assert isinstance(reading.value, int)
+    assert reading.value > stale
+    assert after.quality == "good"
