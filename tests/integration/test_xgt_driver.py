@@ -14,7 +14,14 @@ from structlog.testing import capture_logs
 
 from bench.xgt_poll import tags as bench_tags
 from drivers.base import DriverUnavailable, RawReading
-from drivers.xgt.codec import HEADER_LEN, bcc, continuous_read, decode_header, encode_frame
+from drivers.xgt.codec import (
+    HEADER_LEN,
+    bcc,
+    continuous_read,
+    decode_header,
+    encode_frame,
+    encode_nak,
+)
 from drivers.xgt.config import XgtDevice
 from drivers.xgt.driver import XgtDriver
 from drivers.xgt.simulator import XgtSimulator
@@ -548,3 +555,70 @@ async def test_a_late_answer_to_a_retried_request_is_skipped() -> None:
     assert isinstance(reading.value, int)
     assert reading.value > stale
     assert after.quality == "good"
+
+
+def _nak_instead(code: int) -> Callable[[bytes], bytes]:
+    """Answer every request with a NAK of `code` (same invoke id, data type and header)."""
+
+    def fault(answer: bytes) -> bytes:
+        invoke_id = int.from_bytes(answer[14:16], "little")
+        data_type = int.from_bytes(answer[22:24], "little")
+        return encode_frame(
+            encode_nak(0x55, data_type, code),
+            invoke_id=invoke_id,
+            cpu_info=answer[12],
+            source=0x11,
+            plc_info=int.from_bytes(answer[10:12], "little"),
+        )
+
+    return fault
+
+
+async def test_a_nak_about_the_request_makes_its_tags_bad_without_isolation() -> None:
+    device = make_device(
+        [
+            {"name": "a", "address": "%MW0", "simulate": const(1)},
+            {"name": "b", "address": "%MW1", "simulate": const(2)},
+        ]
+    )
+    async with XgtSimulator([device]) as sim:
+        driver = await connected(sim, device)
+        try:
+            sim.set_fault("plc", _nak_instead(0x05))
+            before = sim.request_count("plc")
+            with capture_logs() as logs:
+                readings = await driver.read("default")
+            assert sim.request_count("plc") - before == 1  # not split: no isolation
+            sim.set_fault("plc", None)
+            again = await driver.read("default")  # the connection is still fine
+        finally:
+            await driver.close()
+    assert [(r.quality, r.code) for r in readings] == [("bad", 5), ("bad", 5)]
+    assert readings[0].reason == "xgt error 0x0005 (more than 1,400 bytes in one block)"
+    assert not [e for e in logs if e["event"] == "xgt.block.isolated"]
+    assert [r.value for r in again] == [1, 2]
+
+
+async def test_a_change_of_the_plc_state_is_logged_once() -> None:
+    device = make_device([{"name": "w", "address": "%MW0", "simulate": const(9)}])
+
+    def stopped(answer: bytes) -> bytes:
+        frame = bytearray(answer)
+        frame[10:12] = (0x0201).to_bytes(2, "little")  # XGK CPU type, STOP
+        frame[19] = bcc(bytes(frame))
+        return bytes(frame)
+
+    async with XgtSimulator([device]) as sim:
+        driver = await connected(sim, device)
+        try:
+            with capture_logs() as logs:
+                await driver.read("default")
+                sim.set_fault("plc", stopped)
+                readings = [await driver.read("default") for _ in range(3)]
+        finally:
+            await driver.close()
+    changes = [(e["status"], e["previous"]) for e in logs if e["event"] == "xgt.cpu.status"]
+    assert changes == [("STOP", "RUN")]
+    assert all(r[0].value == 9 for r in readings)  # values are still read
+    assert driver.last_header is not None
+    assert driver.last_header.system_status == "STOP"
