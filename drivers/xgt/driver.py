@@ -457,7 +457,9 @@ class XgtDriver:
         status = header.system_status + (" with CPU error" if header.cpu_error else "")
         if status != self._status:
             if self._status is not None or status != "RUN":
-                self._log.info("xgt.cpu.status", status=status, previous=self._status)
+                # RUN is the normal state; STOP/ERROR/DEBUG means the values stand still.
+                emit = self._log.info if status == "RUN" else self._log.warning
+                emit("xgt.cpu.status", status=status, previous=self._status)
             self._status = status
 
     def _fill(self, request: Request, response: ReadResponse, out: _Columns) -> None:

@@ -617,8 +617,10 @@ async def test_a_change_of_the_plc_state_is_logged_once() -> None:
                 readings = [await driver.read("default") for _ in range(3)]
         finally:
             await driver.close()
-    changes = [(e["status"], e["previous"]) for e in logs if e["event"] == "xgt.cpu.status"]
-    assert changes == [("STOP", "RUN")]
+    changes = [
+        (e["status"], e["previous"], e["log_level"]) for e in logs if e["event"] == "xgt.cpu.status"
+    ]
+    assert changes == [("STOP", "RUN", "warning")]
     assert all(r[0].value == 9 for r in readings)  # values are still read
     assert driver.last_header is not None
     assert driver.last_header.system_status == "STOP"
