@@ -4,6 +4,8 @@ faults (refused addresses isolated, malformed frames, timeouts, lost connections
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -624,3 +626,27 @@ async def test_a_change_of_the_plc_state_is_logged_once() -> None:
     assert all(r[0].value == 9 for r in readings)  # values are still read
     assert driver.last_header is not None
     assert driver.last_header.system_status == "STOP"
+
+
+async def test_the_simulator_survives_garbage_and_keeps_serving() -> None:
+    rng = random.Random(11)
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+    device = make_device([{"name": "w", "address": "%MW0", "simulate": const(0x0102)}])
+    async with XgtSimulator([device]) as sim:
+        port = sim.endpoints["plc"][1]
+        for _ in range(40):
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))
+            head = bytearray(encode_frame(body, invoke_id=rng.randrange(65536), cpu_info=0xA0))
+            for _ in range(rng.randrange(3)):
+                head[rng.randrange(20)] = rng.randrange(256)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(bytes(head))
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.IncompleteReadError):
+                await asyncio.wait_for(reader.read(2000), 0.2)
+            writer.close()
+        answer = await _exchange(
+            port, encode_frame(continuous_read("%MB0", 2), invoke_id=1, cpu_info=0xA0)
+        )
+    assert answer[-2:] == b"\x02\x01"
+    assert errors == []  # no handler of the simulator failed
