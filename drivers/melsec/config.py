@@ -109,6 +109,7 @@ def radix_of(kind: DeviceKind, series: Series) -> Radix:
 
 
 _RADIX_NAME = {8: "octal", 10: "decimal", 16: "hexadecimal"}
+_ARTICLE = {8: "an", 10: "a", 16: "a"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +153,7 @@ def parse_address(text: str, series: Series) -> Address:
         if kind.name in ("X", "Y"):
             hint = f" (X and Y are {_RADIX_NAME[radix]} on {series})"
         raise ValueError(
-            f"address {text!r}: {digits!r} is not a {_RADIX_NAME[radix]} {kind.name} number{hint}"
+            f"address {text!r}: {digits!r} is not {_ARTICLE[radix]} {_RADIX_NAME[radix]} {kind.name} number{hint}"
         ) from None
     if number > MAX_DEVICE_NUMBER:
         raise ValueError(f"address {text!r}: device number is above {MAX_DEVICE_NUMBER:#X}")
