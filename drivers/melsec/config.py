@@ -153,7 +153,8 @@ def parse_address(text: str, series: Series) -> Address:
         if kind.name in ("X", "Y"):
             hint = f" (X and Y are {_RADIX_NAME[radix]} on {series})"
         raise ValueError(
-            f"address {text!r}: {digits!r} is not {_ARTICLE[radix]} {_RADIX_NAME[radix]} {kind.name} number{hint}"
+            f"address {text!r}: {digits!r} is not {_ARTICLE[radix]} {_RADIX_NAME[radix]} "
+            f"{kind.name} number{hint}"
         ) from None
     if number > MAX_DEVICE_NUMBER:
         raise ValueError(f"address {text!r}: device number is above {MAX_DEVICE_NUMBER:#X}")

@@ -50,9 +50,9 @@ def test_random_read_lists_words_before_dwords() -> None:
 
 def test_answer_header_checks_the_subheader() -> None:
     head = parse_answer_header("3e", bytes.fromhex("D000 00FF FF03 00 0400"))
-    assert head.route == Route() and head.length == 4 and head.serial == 0
+    assert (head.route, head.length, head.serial) == (Route(), 4, 0)
     head = parse_answer_header("4e", bytes.fromhex("D400 3412 0000 0102 E003 00 0200"))
-    assert head.serial == 0x1234 and head.route == Route(1, 2, 0x03E0, 0)
+    assert (head.serial, head.route) == (0x1234, Route(1, 2, 0x03E0, 0))
     with pytest.raises(CodecError, match="protocol error: wrong subheader"):
         parse_answer_header("3e", bytes.fromhex("D400 00FF FF03 00 0400"))
     with pytest.raises(CodecError, match="protocol error: wrong subheader"):

@@ -32,7 +32,9 @@ def five_hundred() -> list[dict[str, Any]]:
     """500 tags across word and bit areas: the issue's reference config."""
     tags: list[dict[str, Any]] = []
     tags += [{"name": f"d{i}", "address": f"D{i}"} for i in range(300)]
-    tags += [{"name": f"f{i}", "address": f"D{1000 + 2 * i}", "type": "float32"} for i in range(100)]
+    tags += [
+        {"name": f"f{i}", "address": f"D{1000 + 2 * i}", "type": "float32"} for i in range(100)
+    ]
     tags += [{"name": f"m{i}", "address": f"M{i}"} for i in range(50)]
     tags += [{"name": f"x{i}", "address": f"X{i:X}"} for i in range(50)]
     return tags
@@ -97,7 +99,7 @@ def test_random_read_pools_scattered_reads_and_respects_192_points() -> None:
 
 
 def test_strings_and_64_bit_values_stay_batch_reads() -> None:
-    tags = [
+    tags: list[dict[str, Any]] = [
         {"name": "s", "address": "D0", "type": "string", "length": 4},
         {"name": "q", "address": "D100", "type": "float64"},
         {"name": "a", "address": "D200"},
@@ -143,7 +145,7 @@ def test_a_value_larger_than_the_cap_is_a_config_error() -> None:
 
 
 def test_format_plan_shows_each_request() -> None:
-    tags = [
+    tags: list[dict[str, Any]] = [
         {"name": "a", "address": "D0"},
         {"name": "b", "address": "M0"},
         {"name": "s", "address": "D500", "type": "string", "length": 8, "group": "slow"},
