@@ -50,6 +50,9 @@ log = structlog.get_logger(__name__)
 #: room for the error information; anything above is garbage, not a big answer.
 MAX_ANSWER_LENGTH = 2 + 2 * 960 + 64
 
+# Serial numbers of retried 4E requests whose late answers are still discarded.
+_STALE_MAX = 8
+
 
 class _Link(asyncio.Protocol):
     """The TCP connection: collects bytes, wakes the waiting request, notes loss."""
@@ -126,7 +129,7 @@ class MelsecDriver:
         self._link: _Link | None = None
         self._serial = 0
         self._stale: set[int] = set()
-        self._frames3e: dict[int, bytes] = {}
+        self._frames3e: dict[int, tuple[Request, bytes]] = {}
         self._isolated: dict[tuple[str, int], _Isolation] = {}
         self._log = log.bind(device=device.name, endpoint=self.endpoint)
         #: Requests sent since connect (tests and the bench read it).
@@ -311,8 +314,10 @@ class MelsecDriver:
 
     def _frame_of(self, request: Request) -> bytes:
         if self._frame == "3e":
-            frame = self._frames3e.get(id(request))
-            if frame is None:
+            # Cached per request object; the object is kept with its frame, so an id()
+            # reused by a later (isolation) sub-request can never pick up this frame.
+            cached = self._frames3e.get(id(request))
+            if cached is None or cached[0] is not request:
                 frame = request_frame(
                     "3e",
                     self._route,
@@ -323,8 +328,8 @@ class MelsecDriver:
                 )
                 if len(self._frames3e) > 4096:
                     self._frames3e.clear()
-                self._frames3e[id(request)] = frame
-            return frame
+                cached = self._frames3e[id(request)] = (request, frame)
+            return cached[1]
         self._serial = (self._serial + 1) & 0xFFFF
         return request_frame(
             "4e",
@@ -361,6 +366,8 @@ class MelsecDriver:
                         f"{self.endpoint}: answer to {request.describe()} stopped short",
                     ) from None
                 if attempt + 1 < attempts:
+                    if len(self._stale) >= _STALE_MAX:
+                        self._stale.clear()  # so old that a late answer now means trouble
                     self._stale.add(serial)
                     continue
         raise DriverUnavailable(
