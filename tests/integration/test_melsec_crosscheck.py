@@ -77,7 +77,7 @@ async def test_pymcprotocol_reads_our_simulator() -> None:
     async with MelsecSimulator([device]) as sim:
         host, port = sim.endpoints["plc"]
 
-        def read() -> dict[str, object]:
+        def read() -> dict[str, Any]:
             client = pymc.Type3E(plctype="Q")
             client.connect(host, port)
             try:
