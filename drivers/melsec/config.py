@@ -265,7 +265,7 @@ class MelsecDevice(DeviceCommon):
     max_gap: int = Field(
         default=16,
         ge=0,
-        le=959,
+        le=7167,
         description="Unused words (bits) allowed between two tags merged into one batch read "
         "(a CPU reads unused numbers as 0, so a small gap only costs a few bytes).",
     )

@@ -42,13 +42,14 @@ from drivers.melsec.codec import (
 from drivers.melsec.config import MelsecDevice, Series
 from drivers.melsec.plan import DevicePlan, GroupPlan, Request, TagSlot, plan_device, sub_batch
 
-__all__ = ["MAX_ANSWER_LENGTH", "MelsecDriver"]
+__all__ = ["ERROR_ANSWER_MAX", "MelsecDriver"]
 
 log = structlog.get_logger(__name__)
 
-#: Largest answer length field we accept: 960 words of data plus the end code, with
-#: room for the error information; anything above is garbage, not a big answer.
-MAX_ANSWER_LENGTH = 2 + 2 * 960 + 64
+#: Largest length field of an answer with an end code (the end code and the request's
+#: route and command: 11 bytes; some modules add a little). An answer is accepted only up
+#: to max(its request's data + 2, this): anything longer is garbage, not a big answer.
+ERROR_ANSWER_MAX = 64
 
 # Serial numbers of retried 4E requests whose late answers are still discarded.
 _STALE_MAX = 8
@@ -409,7 +410,7 @@ class MelsecDriver:
                 header = parse_answer_header(self._frame, buf)
             except CodecError as exc:
                 self._protocol_error(str(exc), request)
-            if header.length < 2 or header.length > MAX_ANSWER_LENGTH:
+            if header.length < 2 or header.length > max(request.data_length + 2, ERROR_ANSWER_MAX):
                 self._protocol_error("protocol error: bad length", request)
             total = head + header.length
             if len(buf) < total:

@@ -156,6 +156,21 @@ async def test_a_500_tag_poll_makes_the_planned_requests_and_reads_exact_values(
     assert got == {t["name"]: t["simulate"]["value"] for t in tags}
 
 
+@pytest.mark.parametrize(("series", "requests"), [("q", 1), ("iq-f", 2)])
+async def test_the_largest_bit_read_of_the_series_is_one_request(
+    series: str, requests: int
+) -> None:
+    tags = [
+        {"name": "first", "address": "M0", "simulate": const(True)},
+        {"name": "last", "address": "M7167", "simulate": const(True)},
+        {"name": "off", "address": "M7166", "simulate": const(False)},
+    ]
+    device = make(tags, series=series, random_read=False, max_gap=7167)
+    async with served(device) as driver:
+        assert len(driver.group_plan("default").requests) == requests
+        assert values(await driver.read("default")) == {"first": True, "last": True, "off": False}
+
+
 async def test_a_refused_address_is_isolated_to_its_tag() -> None:
     # An FX5U has D0-D7999: D8000 is refused with 0xC056, D7990 and D7999 still report.
     tags = [
