@@ -51,6 +51,10 @@ log = structlog.get_logger(__name__)
 #: to max(its request's data + 2, this): anything longer is garbage, not a big answer.
 ERROR_ANSWER_MAX = 64
 
+#: End codes saying the random read command itself is not accepted (command not
+#: supported, not executable on this CPU): the driver falls back to batch reads.
+RANDOM_UNSUPPORTED = frozenset({0xC059, 0xC05F})
+
 # Serial numbers of retried 4E requests whose late answers are still discarded.
 _STALE_MAX = 8
 
@@ -97,6 +101,11 @@ class _Isolation:
     good: list[Request]
     bad: list[tuple[tuple[TagSlot, ...], int]]
     retry_at: float
+
+
+class _RandomUnsupported(Exception):
+    def __init__(self, answer: _Answer) -> None:
+        self.answer = answer
 
 
 class _NotIsolable(Exception):
@@ -185,8 +194,13 @@ class MelsecDriver:
         plan = self.group_plan(group)
         values: list[Value | None] = [None] * len(plan.tags)
         out = _Columns(values, {})
-        for number, request in enumerate(plan.requests):
-            await self._read_block((group, number), request, out)
+        try:
+            for number, request in enumerate(plan.requests):
+                await self._read_block((group, number), request, out)
+        except _RandomUnsupported as exc:
+            # Read this poll again with the batch reads the random reads stood for.
+            self._drop_random_reads(group, exc.answer.code)
+            return await self.read_columns(group)
         if None in values:
             for i, (tag, value) in enumerate(zip(plan.tags, values, strict=True)):
                 if value is None and i not in out.bad:
@@ -199,6 +213,23 @@ class MelsecDriver:
         if link is not None and link.transport is not None:
             with contextlib.suppress(Exception):
                 link.transport.abort()
+
+    def _drop_random_reads(self, group: str, code: int) -> None:
+        """The CPU (or module) does not take random reads: plan `group` with batch reads
+        only, for as long as this driver lives."""
+        plan = self.group_plan(group)
+        requests: list[Request] = []
+        for request in plan.requests:
+            requests.extend(request.parts if request.mode == "random" else (request,))
+        self.plan.groups[group] = GroupPlan(plan.group, plan.interval_s, plan.tags, tuple(requests))
+        for key in [k for k in self._isolated if k[0] == group]:
+            del self._isolated[key]
+        self._log.warning(
+            "melsec.random_read.unsupported",
+            group=group,
+            reason=end_code_reason(code),
+            requests=len(requests),
+        )
 
     # ------------------------------------------------------------------ isolation
 
@@ -215,6 +246,8 @@ class MelsecDriver:
                 _fill_bad(cluster, code, out)
             return
         answer = await self._exchange(request)
+        if request.mode == "random" and answer.code in RANDOM_UNSUPPORTED:
+            raise _RandomUnsupported(answer)
         if answer.code not in ADDRESS_CODES:
             if iso is not None:
                 if answer.code == 0:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from drivers.base import DriverUnavailable, RawReading
 from drivers.melsec.config import MelsecDevice
@@ -220,3 +221,27 @@ def test_garbage_never_becomes_a_good_value(data: bytes) -> None:
         good = [r for r in outcome if r.quality == "good"]
         if good:
             assert good == [RawReading("d", struct.unpack("<h", data[11:13])[0])]
+
+
+async def test_a_cpu_without_random_read_is_read_with_batch_reads() -> None:
+    tags = [{"name": "a", "address": "D0"}, {"name": "b", "address": "D100"}]
+    driver = MelsecDriver(device(tags=tags))
+    assert [r.mode for r in driver.group_plan("default").requests] == ["random"]
+
+    def answer(req: bytes) -> list[bytes]:
+        if req[11:13] == b"\x03\x04":  # 0403: this module does not know it
+            return [ok_answer(req, bytes(9), end=0xC059)]
+        number = int.from_bytes(req[15:18], "little")
+        return [ok_answer(req, struct.pack("<h", number + 1))]
+
+    transport = attach(driver, answer)
+    with capture_logs() as logs:
+        assert await driver.read("default") == [RawReading("a", 1), RawReading("b", 101)]
+        assert await driver.read("default") == [RawReading("a", 1), RawReading("b", 101)]
+    assert [r.describe() for r in driver.active_requests("default")] == [
+        "D0..D0 (1 word, 1 tag)",
+        "D100..D100 (1 word, 1 tag)",
+    ]
+    assert len(transport.written) == 1 + 2 + 2  # one refused random read, then batch reads
+    (event,) = [e for e in logs if e["event"] == "melsec.random_read.unsupported"]
+    assert event["reason"] == "end code 0xC059 (command or sub-command not supported by this CPU)"
