@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.melsec.config import MelsecDevice
 from drivers.melsec.plan import format_plan, plan_device
@@ -161,3 +163,55 @@ def test_format_plan_shows_each_request() -> None:
         "    D500..D507 (8 words, 1 tag)\n"
         "  total: 1.1 requests/s"
     )
+
+
+_FAMILIES = ["D", "W", "R", "M", "X", "B", "TN", "SD"]
+_TYPES = ["int16", "uint32", "float32", "float64", "bool", "string"]
+
+
+@st.composite
+def tag_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i in range(draw(st.integers(1, 40))):
+        family = draw(st.sampled_from(_FAMILIES))
+        number = draw(st.integers(0, 4000))
+        tag: dict[str, Any] = {"name": f"t{i}", "address": f"{family}{number:X}"}
+        if family in ("D", "W", "R", "TN", "SD"):
+            if family in ("D", "R", "TN", "SD"):
+                tag["address"] = f"{family}{number}"
+            t = draw(st.sampled_from(_TYPES))
+            if t == "bool":
+                tag["address"] += f".{draw(st.integers(0, 15)):X}"
+            elif t == "string":
+                tag.update(type=t, length=draw(st.integers(1, 8)))
+            else:
+                tag["type"] = t
+        elif family == "M":
+            tag["address"] = f"M{number}"
+        out.append(tag)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(tag_sets(), st.integers(0, 40), st.booleans(), st.integers(8, 960))
+def test_every_tag_is_read_once_within_the_frame_limits(
+    tags: list[dict[str, Any]], gap: int, random_read: bool, max_words: int
+) -> None:
+    device = make(tags, max_gap=gap, random_read=random_read, max_words_per_request=max_words)
+    requests = plan_device(device).groups["default"].requests
+    slots = [s for r in requests for s in r.slots]
+    assert sorted(s.index for s in slots) == list(range(len(tags)))
+    for r in requests:
+        if r.mode == "words":
+            assert r.count <= max_words
+        elif r.mode == "bits":
+            assert r.count <= 7168
+        else:
+            assert r.points <= 192
+            assert len(r.parts) >= 2
+        for s in r.slots:
+            assert s.codec.end() <= r.data_length
+    if random_read:
+        assert len(requests) <= len(plan_device(make(tags, max_gap=gap, random_read=False,
+                                                     max_words_per_request=max_words))
+                                    .groups["default"].requests)  # fmt: skip
