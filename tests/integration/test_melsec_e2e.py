@@ -4,6 +4,7 @@ refused address published as bad with the CPU's end code."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,54 @@ def test_a_refused_address_is_published_bad_with_its_end_code(
     assert "melsec.block.isolated" in log
     assert bad["reason"] == "end code 0xC056 (the read runs past the device's largest address)"
     assert bad["code"] == 0xC056
+
+
+def test_a_cpu_that_goes_away_is_bad_and_read_again_when_it_returns(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    lines = ["      - {name: count, address: D0, simulate: {generator: constant, value: 42}}"]
+    served = write_config(tmp_path, broker, lines)
+    sim = AgentProcess(tmp_path / "sim.log", "simulate", str(served)).start()
+    try:
+        name, protocol, endpoint = sim.read_line(60).split("\t")
+        assert (name, protocol) == ("fx5u", "melsec")
+        port = endpoint.rsplit(":", 1)[1]
+        config = tmp_path / "agent.yaml"
+        text = served.read_text(encoding="utf-8").replace("port: 0", f"port: {port}")
+        text = text.replace("interval_s: 0.1", "interval_s: 0.1\n    backoff_min_s: 0.1")
+        config.write_text(
+            text.replace("backoff_min_s: 0.1", "backoff_min_s: 0.1\n    backoff_max_s: 0.5")
+        )
+        with (
+            Subscriber("127.0.0.1", broker.port, "edge/#") as sub,
+            AgentProcess(tmp_path / "agent.log", "run", str(config)) as agent,
+        ):
+            wait_until(lambda: bool(samples_of(sub.messages())), 60, "good data", agent)
+            assert samples_of(sub.messages())[0]["value"] == 42
+            assert sim.proc is not None
+            sim.proc.send_signal(signal.SIGKILL)
+            sim.close()
+            n = len(sub.messages())
+            wait_until(
+                lambda: any(s["quality"] == "bad" for s in samples_of(sub.messages()[n:])),
+                60,
+                "bad while the CPU is away",
+                agent,
+            )
+            reasons = {s["reason"] for s in samples_of(sub.messages()[n:]) if s["quality"] == "bad"}
+            assert reasons <= {"connection lost", "connection refused"}, reasons
+            sim = AgentProcess(tmp_path / "sim2.log", "simulate", str(config)).start()
+            assert sim.read_line(60).split("\t")[2] == endpoint
+            n = len(sub.messages())
+            wait_until(
+                lambda: any(
+                    s["quality"] == "good" and s["value"] == 42
+                    for s in samples_of(sub.messages()[n:])
+                ),
+                60,
+                "data back after the restart",
+                agent,
+            )
+            assert agent.terminate() == 0
+    finally:
+        sim.close()
