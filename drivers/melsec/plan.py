@@ -9,8 +9,9 @@ Made once when the driver starts (pure: no network). Rules, per poll group:
 2. With `random_read` on, the small batch reads left over are pooled into random reads
    (0403, at most 192 word + double-word points each) when that saves requests: a batch
    read costs one point per 16-bit value, one per 32-bit value, one per 16 bits of a bit
-   device; reads holding 64-bit values or strings stay batch reads. Pooling is greedy,
-   smallest reads first, and a random read replaces only two or more batch reads.
+   device (from a multiple of 16); reads holding 64-bit values or strings stay batch
+   reads. Pooling is greedy, smallest reads first, and a random read replaces only two or
+   more batch reads.
 3. Groups are planned separately, so each group's poll reads only its own tags.
 """
 
@@ -204,7 +205,7 @@ def sub_batch(request: Request, slots: Sequence[TagSlot]) -> Request:
 def _random_cost(request: Request) -> int | None:
     """Random-read points that would read `request`'s tags, or None when it cannot."""
     if request.mode == "bits":
-        return (request.count + 15) // 16
+        return len({slot.address.number // 16 for slot in request.slots})
     points: set[tuple[int, int]] = set()
     for slot in request.slots:
         if slot.words > 2 or slot.data_type == "string":
@@ -224,13 +225,14 @@ def _random(requests: Sequence[Request], series: Series) -> Request:
         kind = request.kind
         for slot in request.slots:
             if request.mode == "bits":
-                rel = slot.address.number - request.start
-                base = request.start + 16 * (rel // 16)
+                # 16 points from a multiple of 16: a CPU's bit device ranges are whole
+                # multiples of 16 points, so the word never runs past the last point.
+                base = slot.address.number - slot.address.number % 16
                 key = (kind.code, base)
                 if key not in word_at:
                     word_at[key] = len(words)
                     words.append((base, kind))
-                placed.append((slot, "w", word_at[key], rel % 16))
+                placed.append((slot, "w", word_at[key], slot.address.number % 16))
             elif slot.words == 2:
                 key = (kind.code, slot.address.number)
                 if key not in dword_at:

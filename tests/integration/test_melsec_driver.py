@@ -326,3 +326,18 @@ async def test_a_silent_cpu_is_a_timeout_and_the_driver_reconnects_after() -> No
         finally:
             proxy.close()
             await proxy.wait_closed()
+
+
+async def test_random_reads_of_bits_near_the_end_of_a_range_stay_inside_it() -> None:
+    # An FX5U has X0-X1777 (1,024 inputs): 16 points from X1770 would run past X1777.
+    tags = [
+        {"name": "x1770", "address": "X1770", "simulate": const(True)},
+        {"name": "x1777", "address": "X1777", "simulate": const(True)},
+        {"name": "d", "address": "D0", "simulate": const(3)},
+    ]
+    device = make(tags, series="iq-f")
+    async with served(device) as driver:
+        (request,) = driver.group_plan("default").requests
+        assert request.mode == "random"
+        assert values(await driver.read("default")) == {"x1770": True, "x1777": True, "d": 3}
+        assert driver.requests_sent == 1
