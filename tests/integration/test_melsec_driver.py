@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from drivers.base import DriverUnavailable, RawReading
 from drivers.melsec.config import MelsecDevice
@@ -341,3 +343,30 @@ async def test_random_reads_of_bits_near_the_end_of_a_range_stay_inside_it() -> 
         assert request.mode == "random"
         assert values(await driver.read("default")) == {"x1770": True, "x1777": True, "d": 3}
         assert driver.requests_sent == 1
+
+
+async def test_an_isolated_request_recovers_when_the_cpu_accepts_it_again() -> None:
+    tags = [
+        {"name": "a", "address": "D7999", "simulate": const(1)},
+        {"name": "c", "address": "D8000", "simulate": const(3)},
+    ]
+    device = make(tags, series="iq-f", random_read=False)
+    async with MelsecSimulator([device]) as sim:
+        port = sim.endpoints["plc"][1]
+        driver = MelsecDriver(device.model_copy(update={"port": port}), isolation_retry_s=1e-9)
+        await driver.connect()
+        try:
+            with capture_logs() as logs:
+                first = await driver.read("default")
+                assert first[1].quality == "bad"
+                # A parameter change gives the CPU more data registers.
+                sim.cpu("plc").words[0xA8].extend(bytes(2 * 192))
+                sim.cpu("plc").refreshed = -math.inf
+                assert await driver.read("default") == [RawReading("a", 1), RawReading("c", 3)]
+            events = [e["event"] for e in logs if e["event"].startswith("melsec.block")]
+            assert events == ["melsec.block.isolated", "melsec.block.recovered"]
+            assert [r.describe() for r in driver.active_requests("default")] == [
+                "D7999..D8000 (2 words, 2 tags)"
+            ]
+        finally:
+            await driver.close()

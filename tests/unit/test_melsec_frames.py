@@ -245,3 +245,16 @@ async def test_a_cpu_without_random_read_is_read_with_batch_reads() -> None:
     assert len(transport.written) == 1 + 2 + 2  # one refused random read, then batch reads
     (event,) = [e for e in logs if e["event"] == "melsec.random_read.unsupported"]
     assert event["reason"] == "end code 0xC059 (command or sub-command not supported by this CPU)"
+
+
+async def test_a_connect_nobody_answers_is_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def hang(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(loop, "create_connection", hang)
+    driver = MelsecDriver(device(timeout_s=0.01))
+    with pytest.raises(DriverUnavailable) as info:
+        await driver.connect()
+    assert info.value.reason == "timeout"
