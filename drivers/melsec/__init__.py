@@ -6,9 +6,10 @@ imported when first used.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -53,12 +54,19 @@ def _plan(devices: Sequence[MelsecDevice]) -> str:
     return format_plan(devices)
 
 
+def _add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    from drivers.melsec.cli import add_melsec_commands
+
+    add_melsec_commands(subparsers)
+
+
 PROTOCOL = Protocol(
     name="melsec",
     device_model=MelsecDevice,
     create_driver=_create_driver,
     simulate=_simulate,
     plan=_plan,
+    add_commands=_add_commands,
     capabilities=frozenset({"columns"}),
     summary="MELSEC SLMP (MC protocol 3E/4E binary): D, W, R, ZR, M, L, B, X, Y, SM, SD, TN, CN",
 )

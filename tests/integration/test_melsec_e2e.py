@@ -197,3 +197,30 @@ def test_a_cpu_that_goes_away_is_bad_and_read_again_when_it_returns(
             assert agent.terminate() == 0
     finally:
         sim.close()
+
+
+def test_melsec_read_prints_values_and_end_codes(tmp_path: Path, broker: MosquittoBroker) -> None:
+    lines = [
+        "      - {name: a, address: D100, simulate: {generator: constant, value: -5}}",
+        "      - {name: f, address: D102, type: float32, simulate: {generator: constant, "
+        "value: 1.5}}",
+        "      - {name: x, address: X17, simulate: {generator: constant, value: true}}",
+    ]
+    served = write_config(tmp_path, broker, lines)
+    with AgentProcess(tmp_path / "sim.log", "simulate", str(served)) as sim:
+        endpoint = sim.read_line(60).split("\t")[2]
+        args = ("melsec", "read", endpoint, "--series", "iq-f")
+        done = cli(*args, "D100", "D102:float32", "X17", "X16", "D8000")
+        assert done.returncode == 1, done.stderr
+        assert done.stdout.splitlines() == [
+            "D100\tint16\t-5",
+            "D102\tfloat32\t1.5",
+            "X17\tbool\tTrue",
+            "X16\tbool\tFalse",
+            "D8000\tbad\tend code 0xC056 (the read runs past the device's largest address)",
+        ]
+        done = cli(*args, "D100", "X17")
+        assert (done.returncode, done.stdout) == (0, "D100\tint16\t-5\nX17\tbool\tTrue\n")
+        done = cli(*args, "X18")
+        assert done.returncode == 2
+        assert "'18' is not an octal X number" in done.stderr
