@@ -394,7 +394,7 @@ class MelsecDriver:
                 async with asyncio.timeout(self.device.timeout_s):
                     return await self._answer(link, request, serial)
             except TimeoutError:
-                if link.buf and self._frame == "3e":
+                if link.buf:  # part of a frame: the stream is out of step, never retry
                     raise DriverUnavailable(
                         "protocol error: incomplete frame",
                         f"{self.endpoint}: answer to {request.describe()} stopped short",

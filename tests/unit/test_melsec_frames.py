@@ -119,12 +119,14 @@ async def test_malformed_answers_fail_the_request(
     assert info.value.reason == reason
 
 
-async def test_a_frame_that_stops_short_is_an_incomplete_frame() -> None:
-    driver = MelsecDriver(device())
-    attach(driver, lambda req: [ok_answer(req, b"\x39\x30")[:10]])
+@pytest.mark.parametrize("frame", ["3e", "4e"])
+async def test_a_frame_that_stops_short_is_an_incomplete_frame(frame: str) -> None:
+    driver = MelsecDriver(device(frame=frame, retries=2))
+    transport = attach(driver, lambda req: [ok_answer(req, b"\x39\x30")[:12]])
     with pytest.raises(DriverUnavailable) as info:
         await driver.read("default")
     assert info.value.reason == "protocol error: incomplete frame"
+    assert len(transport.written) == 1  # never retried into a stream out of step
 
 
 async def test_silence_is_a_timeout_and_bytes_between_polls_are_refused() -> None:
