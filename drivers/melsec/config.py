@@ -221,7 +221,7 @@ class MelsecTag(TagCommon):
 
 
 class MelsecDevice(DeviceCommon):
-    """A MELSEC CPU (or an Ethernet module) reached over SLMP, binary code, TCP."""
+    """A MELSEC CPU (or an Ethernet module) reached over SLMP, binary code, TCP or UDP."""
 
     protocol: Literal["melsec"]
     series: Series = Field(
@@ -234,6 +234,10 @@ class MelsecDevice(DeviceCommon):
         le=65535,
         description="TCP port of the SLMP (MC protocol) connection set in the PLC's "
         "parameters (0 in simulator mode: any free port).",
+    )
+    transport: Literal["tcp", "udp"] = Field(
+        default="tcp",
+        description="tcp, or udp (the PLC's SLMP entry must be UDP; use frame 4e with it).",
     )
     frame: Frame = Field(
         default="3e",

@@ -1,4 +1,4 @@
-"""MELSEC driver: SLMP binary 3E/4E over TCP, with our own frame codec.
+"""MELSEC driver: SLMP binary 3E/4E over TCP (or UDP), with our own frame codec.
 
 One request in flight at a time: a MELSEC CPU answers two pipelined 3E requests with one
 answer, for the wrong request, so the link never pipelines. Every answer is checked
@@ -25,6 +25,7 @@ import contextlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 
@@ -64,26 +65,56 @@ class _Link(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.BaseTransport | None = None
         self.lost: asyncio.Future[None] = loop.create_future()
+        self.lost_reason = "connection lost"
         self.waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+
+    def send(self, data: bytes) -> None:
+        assert isinstance(self.transport, asyncio.Transport)
+        self.transport.write(data)
+
+    def abort(self) -> None:
+        transport = cast(asyncio.Transport | None, self.transport)
+        if transport is not None:
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+class _UdpLink(_Link, asyncio.DatagramProtocol):
+    """The UDP 'connection': one answer per datagram, appended like TCP bytes so the same
+    checks apply. A port-unreachable ICMP reply is a refused connection."""
+
+    def send(self, data: bytes) -> None:
+        # asyncio's selector datagram transport is not a DatagramTransport subclass.
+        transport = cast(asyncio.DatagramTransport, self.transport)
+        transport.sendto(data)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        self.data_received(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, ConnectionRefusedError):
+            self.lost_reason = "connection refused"
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self._wake()
 
 
 class _Answer:
@@ -166,10 +197,15 @@ class MelsecDriver:
         "timeout")."""
         await self.close()
         loop = asyncio.get_running_loop()
-        link = _Link(loop)
+        link = _UdpLink(loop) if self.device.transport == "udp" else _Link(loop)
         try:
             async with asyncio.timeout(self.device.timeout_s):
-                await loop.create_connection(lambda: link, self.device.host, self.device.port)
+                if self.device.transport == "udp":
+                    await loop.create_datagram_endpoint(
+                        lambda: link, remote_addr=(self.device.host, self.device.port)
+                    )
+                else:
+                    await loop.create_connection(lambda: link, self.device.host, self.device.port)
         except TimeoutError:
             raise DriverUnavailable(
                 "timeout", f"{self.endpoint}: no answer within {self.device.timeout_s} s"
@@ -210,9 +246,9 @@ class MelsecDriver:
     async def close(self) -> None:
         """Close the connection; never raises."""
         link, self._link = self._link, None
-        if link is not None and link.transport is not None:
+        if link is not None:
             with contextlib.suppress(Exception):
-                link.transport.abort()
+                link.abort()
 
     def _drop_random_reads(self, group: str, code: int) -> None:
         """The CPU (or module) does not take random reads: plan `group` with batch reads
@@ -378,8 +414,10 @@ class MelsecDriver:
     async def _exchange(self, request: Request) -> _Answer:
         """Send `request`, return its checked answer. Raises DriverUnavailable."""
         link = self._link
-        if link is None or link.transport is None or link.lost.done():
+        if link is None or link.transport is None:
             raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
+        if link.lost.done():
+            raise DriverUnavailable(link.lost_reason, f"{self.endpoint}: not connected")
         if link.buf and not self._stale:
             raise DriverUnavailable(
                 "protocol error: unexpected data", f"{self.endpoint}: bytes between requests"
@@ -388,7 +426,7 @@ class MelsecDriver:
         for attempt in range(attempts):
             frame = self._frame_of(request)
             serial = self._serial
-            link.transport.write(frame)
+            link.send(frame)
             self.requests_sent += 1
             try:
                 async with asyncio.timeout(self.device.timeout_s):
@@ -412,7 +450,7 @@ class MelsecDriver:
 
     async def _wait(self, link: _Link) -> None:
         if link.lost.done():
-            raise DriverUnavailable("connection lost", f"{self.endpoint}: connection closed")
+            raise DriverUnavailable(link.lost_reason, f"{self.endpoint}: connection closed")
         waiter = asyncio.get_running_loop().create_future()
         link.waiter = waiter
         try:
@@ -420,7 +458,7 @@ class MelsecDriver:
         finally:
             link.waiter = None
         if link.lost.done() and not link.buf:
-            raise DriverUnavailable("connection lost", f"{self.endpoint}: connection closed")
+            raise DriverUnavailable(link.lost_reason, f"{self.endpoint}: connection closed")
 
     async def _answer(self, link: _Link, request: Request, serial: int) -> _Answer:
         head = self._header

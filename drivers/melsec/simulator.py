@@ -1,7 +1,8 @@
-"""Simulated MELSEC CPUs speaking SLMP binary (3E and 4E) over TCP, serving the config.
+"""Simulated MELSEC CPUs speaking SLMP binary (3E and 4E) over TCP or UDP, serving the config.
 
-Our own asyncio server (no third-party SLMP server follows the frames closely enough to
-trust as the reference; see README.md), written from the frame layout in `codec.py`:
+Our own asyncio server, so that simulator mode needs no extra package and serves exactly
+the configured devices; the independent check is aslmp's client reading it and our driver
+reading aslmp's testing server (tests/integration/test_melsec_crosscheck.py):
 
 - Commands: batch read 0401 in word units (0000; bit devices read 16 points per word) and
   bit units (0001), random read 0403 (0000). Anything else, writes included, gets end
@@ -28,6 +29,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import cast
 
 import structlog
 
@@ -231,6 +233,7 @@ class _Server:
     port: int
     cpus: dict[Route, _Cpu]
     server: asyncio.Server | None = None
+    udp: asyncio.DatagramTransport | None = None
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
     handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -295,6 +298,9 @@ class MelsecSimulator:
         self._started = False
         for entry in self._servers:
             server, entry.server = entry.server, None
+            udp, entry.udp = entry.udp, None
+            if udp is not None:
+                udp.close()
             if server is not None:
                 server.close()
             for writer in list(entry.writers):
@@ -335,21 +341,38 @@ class MelsecSimulator:
     # ---------------------------------------------------------------- internals
 
     async def _start_server(self, entry: _Server) -> None:
-        ports = [entry.port] if entry.port == 0 else [entry.port, 0]
-        for port in ports:
+        transports = {cpu.device.transport for cpu in entry.cpus.values()}
+        # The configured port, else free ones; three tries, since with TCP and UDP on one
+        # number the UDP port of a free TCP port may be taken.
+        ports = ([entry.port] if entry.port else []) + [0, 0, 0]
+        for attempt, port in enumerate(ports):
             try:
-                server = await asyncio.start_server(
-                    lambda r, w: self._serve(entry, r, w), entry.host, port
-                )
+                if "tcp" in transports:
+                    server = await asyncio.start_server(
+                        lambda r, w: self._serve(entry, r, w), entry.host, port
+                    )
+                    entry.server = server
+                    port = int(server.sockets[0].getsockname()[1])
+                if "udp" in transports:
+                    udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                        lambda: _Datagrams(self, entry), local_addr=(entry.host, port)
+                    )
+                    entry.udp = udp
+                    port = int(udp.get_extra_info("sockname")[1])
             except OSError:
-                if port == 0:
+                if entry.server is not None:
+                    entry.server.close()
+                    entry.server = None
+                if attempt == len(ports) - 1:
                     raise
-                log.warning(
-                    "melsec.simulator.port_busy", endpoint=f"{entry.host}:{port}", fallback="free"
-                )
+                if attempt == 0 and entry.port:
+                    log.warning(
+                        "melsec.simulator.port_busy",
+                        endpoint=f"{entry.host}:{entry.port}",
+                        fallback="free",
+                    )
                 continue
-            entry.server = server
-            entry.port = int(server.sockets[0].getsockname()[1])
+            entry.port = port
             break
         for cpu in entry.cpus.values():
             self.endpoints[cpu.device.name] = (entry.host, entry.port)
@@ -357,9 +380,28 @@ class MelsecSimulator:
                 "melsec.simulator.started",
                 device=cpu.device.name,
                 endpoint=f"{entry.host}:{entry.port}",
+                transport=cpu.device.transport,
                 series=cpu.device.series,
                 tags=len(cpu.device.tags),
             )
+
+    def answer_datagram(self, entry: _Server, data: bytes) -> bytes | None:
+        """The answer to one request datagram, or None (not SLMP binary: silence)."""
+        if data[:2] == b"\x50\x00":
+            prefix, head_at = b"\xd0\x00", 2
+        elif data[:2] == b"\x54\x00" and len(data) >= 6:
+            prefix, head_at = b"\xd4\x00" + data[2:6], 6
+        else:
+            return None
+        if len(data) < head_at + 7:
+            return None
+        net, pc, io, drop, length = struct.unpack_from("<BBHBH", data, head_at)
+        body = data[head_at + 7 :]
+        if length < 6 or len(body) != length:
+            return None
+        route = Route(net, pc, io, drop)
+        answer = self._answer(entry, route, body)
+        return prefix + route.pack() + struct.pack("<H", len(answer)) + answer
 
     async def _serve(
         self, entry: _Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -452,3 +494,21 @@ class MelsecSimulator:
                 values += value
             return struct.pack("<H", 0) + bytes(values)
         return error(0xC059)
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    """The UDP side of a simulated server: one request datagram, one answer datagram."""
+
+    def __init__(self, simulator: MelsecSimulator, entry: _Server) -> None:
+        self.simulator = simulator
+        self.entry = entry
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio's selector datagram transport is not a DatagramTransport subclass.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        answer = self.simulator.answer_datagram(self.entry, data)
+        if answer is not None and self.transport is not None:
+            self.transport.sendto(answer, addr)

@@ -5,7 +5,8 @@ the real protocol and not only our reading of it:
   codec and reads exact values from our simulator (Q series, hexadecimal X);
 - aslmp's async client reads exact values from our simulator as an FX5U (octal X);
 - our driver reads exact values from aslmp's own testing server, which imitates an
-  FX5U-32MT/DS, and maps its out-of-range end code to the refused tag only.
+  FX5U-32MT/DS, over TCP and UDP, 3E and 4E, and maps its out-of-range end code to the
+  refused tag only.
 
 Skipped, with the reason, when the packages are missing (they are in the `dev` extra).
 """
@@ -138,7 +139,7 @@ async def test_our_driver_reads_aslmps_fx5u_server() -> None:
     tags = [{k: v for k, v in t.items() if k != "simulate"} for t in TAGS]
     tags.append({"name": "d7999", "address": "D7999"})
     tags.append({"name": "past_end", "address": "D8000"})  # an FX5U has D0-D7999
-    for frame in ("3e", "4e"):
+    for transport, frame in (("tcp", "3e"), ("tcp", "4e"), ("udp", "3e"), ("udp", "4e")):
         for random_read in (True, False):
             async with PlcSimulator(target=FX5U_32MT_DS) as server:
                 mem = server.memory
@@ -150,9 +151,15 @@ async def test_our_driver_reads_aslmps_fx5u_server() -> None:
                 mem.write_bits("M", 3, [True, False])
                 mem.write_bits("X", 15, [True])
                 mem.set_u16("D", 7999, 77)
-                host, port = server.address("tcp-4e" if frame == "4e" else "tcp")
+                host, port = server.address(transport + ("-4e" if frame == "4e" else ""))
                 device = make(
-                    "iq-f", tags, host=host, port=port, frame=frame, random_read=random_read
+                    "iq-f",
+                    tags,
+                    host=host,
+                    port=port,
+                    frame=frame,
+                    random_read=random_read,
+                    transport=transport,
                 )
                 driver = MelsecDriver(device)
                 await driver.connect()
@@ -171,7 +178,7 @@ async def test_our_driver_reads_aslmps_fx5u_server() -> None:
                 "m4": False,
                 "x_16th": True,
                 "d7999": 77,
-            }, (frame, random_read)
+            }, (transport, frame, random_read)
             (bad,) = [r for r in readings if r.quality != "good"]
             assert bad == RawReading(
                 "past_end",

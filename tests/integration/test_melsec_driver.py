@@ -101,10 +101,13 @@ def values(readings: list[RawReading]) -> dict[str, object]:
     return {r.tag: r.value for r in readings}
 
 
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
 @pytest.mark.parametrize("frame", ["3e", "4e"])
 @pytest.mark.parametrize("random_read", [True, False])
-async def test_every_type_and_family_reads_exactly(frame: str, random_read: bool) -> None:
-    device = make(EXACT, frame=frame, random_read=random_read)
+async def test_every_type_and_family_reads_exactly(
+    transport: str, frame: str, random_read: bool
+) -> None:
+    device = make(EXACT, frame=frame, random_read=random_read, transport=transport)
     async with served(device) as driver:
         assert values(await driver.read("default")) == EXPECTED
         tags, columns, bad = await driver.read_columns("default")
@@ -370,3 +373,16 @@ async def test_an_isolated_request_recovers_when_the_cpu_accepts_it_again() -> N
             ]
         finally:
             await driver.close()
+
+
+async def test_udp_to_a_port_nobody_serves_is_connection_refused() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    device = make([{"name": "a", "address": "D0"}], port=port, transport="udp", timeout_s=0.5)
+    driver = MelsecDriver(device)
+    await driver.connect()  # UDP has no handshake: the first request tells
+    with pytest.raises(DriverUnavailable) as info:
+        await driver.read("default")
+    assert info.value.reason == "connection refused"
+    await driver.close()
