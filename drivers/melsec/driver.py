@@ -25,7 +25,7 @@ import contextlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import NoReturn, cast
 
 import structlog
 
@@ -472,9 +472,7 @@ class MelsecDriver:
                 ):
                     self._protocol_error("protocol error: wrong subheader", request)
                 if link.lost.done():
-                    raise DriverUnavailable(
-                        "connection lost", f"{self.endpoint}: connection closed"
-                    )
+                    raise DriverUnavailable(link.lost_reason, f"{self.endpoint}: connection closed")
                 await self._wait(link)
                 continue
             try:
@@ -487,7 +485,7 @@ class MelsecDriver:
             if len(buf) < total:
                 if link.lost.done():
                     raise DriverUnavailable(
-                        "connection lost", f"{self.endpoint}: connection closed mid-frame"
+                        link.lost_reason, f"{self.endpoint}: connection closed mid-frame"
                     )
                 await self._wait(link)
                 continue
@@ -508,7 +506,7 @@ class MelsecDriver:
                 self._protocol_error("protocol error: wrong data length", request)
             return _Answer(code, data if code == 0 else b"")
 
-    def _protocol_error(self, reason: str, request: Request) -> None:
+    def _protocol_error(self, reason: str, request: Request) -> NoReturn:
         raise DriverUnavailable(reason, f"{self.endpoint}: answer to {request.describe()}")
 
     # ------------------------------------------------------------------ decoding
