@@ -314,8 +314,9 @@ class MelsecDevice(DeviceCommon):
 
     def monitoring_timer(self) -> int:
         """The CPU's wait limit sent in every request, in units of 250 ms: the request
-        timeout rounded up, so the CPU gives up (with an end code) no later than we do."""
-        return max(1, min(0xFFFF, math.ceil(self.timeout_s * 4)))
+        timeout rounded down (at least 250 ms), so a CPU waiting on another station gives
+        up with an end code before our timeout, not after it."""
+        return max(1, min(0xFFFF, math.floor(self.timeout_s * 4)))
 
     def address_of(self, tag: MelsecTag) -> Address:
         return parse_address(tag.address, self.series)

@@ -85,6 +85,11 @@ def test_type_defaults_follow_the_device() -> None:
     assert dev.bit_cap() == 7168
     assert MelsecDevice.model_validate(device("iq-f", address="M0")).bit_cap() == 3584
     assert dev.monitoring_timer() == 4  # 1 s in units of 250 ms
+    timers = [
+        MelsecDevice.model_validate({**device(address="D0"), "timeout_s": t}).monitoring_timer()
+        for t in (0.1, 0.3, 0.5, 2.9)
+    ]
+    assert timers == [1, 1, 2, 11]
 
 
 @pytest.mark.parametrize(
