@@ -8,6 +8,7 @@ import pytest
 
 from agent.config import ConfigError, load_config, parse_config
 from agent.yamlsafe import YamlProblem, load_yaml
+from drivers import registry
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -85,7 +86,8 @@ def test_missing_key_and_unknown_protocol() -> None:
     text = "agent: {}\ndevices:\n  - name: x\n    protocol: profinet\n"
     assert problems(text) == [
         "line4.yaml:1 agent.id: required key is missing",
-        "line4.yaml:4 devices[0].protocol: unknown protocol 'profinet'; allowed: modbus, opcua",
+        "line4.yaml:4 devices[0].protocol: unknown protocol 'profinet'; allowed: "
+        + ", ".join(m.rsplit(".", 1)[-1] for m in registry.BUILTIN),
     ]
 
 

@@ -29,6 +29,9 @@ from drivers.fake import FakeBench, FakeDevice, FakeDriver, FakeLink
 from drivers.modbus.config import ModbusDevice
 from drivers.registry import Protocol, UnknownProtocol
 
+# The built-in protocols, by name (each module's last part is its protocol's name).
+BUILTIN = [module.rsplit(".", 1)[-1] for module in registry.BUILTIN]
+
 ROOT = Path(__file__).parents[2]
 
 FAKE_CONFIG = """\
@@ -163,7 +166,7 @@ def test_entry_points_load_and_a_broken_plugin_is_logged_and_skipped(
     monkeypatch.setattr(registry, "entry_points", lambda group: points)
     with capture_logs() as logs:
         names = list(registry.protocols())
-    assert names == ["modbus", "opcua", "fake"]
+    assert names == [*BUILTIN, "fake"]
     failed = [e for e in logs if e["event"] == "registry.plugin.failed"]
     assert [e["entry_point"] for e in failed] == ["broken", "wrong"]
     assert failed[0]["error"] == "ImportError: No module named 'vendor_lib'"
@@ -205,7 +208,8 @@ def test_a_protocol_registered_after_import_is_accepted_then_forgotten() -> None
     with pytest.raises(ConfigError) as info:
         parse_config(FAKE_CONFIG, "plant.yaml")
     assert info.value.problems == [
-        "plant.yaml:4 devices[0].protocol: unknown protocol 'fake'; allowed: modbus, opcua"
+        "plant.yaml:4 devices[0].protocol: unknown protocol 'fake'; allowed: "
+        + ", ".join(BUILTIN)
     ]
     with registry.registered(FakeBench().protocol()):
         assert parse_config(FAKE_CONFIG).devices[0].name == "oven"
@@ -247,7 +251,7 @@ def test_schema_and_reference_contain_the_registered_protocol(bench: FakeBench) 
     schema = schemas()["config.schema.json"]
     assert "FakeDevice" in schema["$defs"]
     mapping = schema["properties"]["devices"]["items"]["discriminator"]
-    assert set(mapping["mapping"]) == {"modbus", "opcua", "fake"}
+    assert set(mapping["mapping"]) == {*BUILTIN, "fake"}
     text = reference_markdown()
     assert "## `devices[] (protocol: fake)`" in text
     assert "## `devices[].tags[] (fake)`" in text
