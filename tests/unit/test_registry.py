@@ -208,8 +208,7 @@ def test_a_protocol_registered_after_import_is_accepted_then_forgotten() -> None
     with pytest.raises(ConfigError) as info:
         parse_config(FAKE_CONFIG, "plant.yaml")
     assert info.value.problems == [
-        "plant.yaml:4 devices[0].protocol: unknown protocol 'fake'; allowed: "
-        + ", ".join(BUILTIN)
+        "plant.yaml:4 devices[0].protocol: unknown protocol 'fake'; allowed: " + ", ".join(BUILTIN)
     ]
     with registry.registered(FakeBench().protocol()):
         assert parse_config(FAKE_CONFIG).devices[0].name == "oven"
