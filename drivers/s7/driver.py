@@ -173,7 +173,14 @@ class S7Driver:
         except BaseException as exc:
             await self.close()
             raise self._map(exc, "connect") from None
-        self._negotiated(min(granted, self.device.pdu_size))
+        try:
+            self._negotiated(min(granted, self.device.pdu_size))
+        except ValueError as exc:  # a value that does not fit the smaller PDU
+            await self.close()
+            raise DriverConfigError(
+                f"the PLC grants PDU size {granted}, less than pdu_size {self.device.pdu_size}",
+                str(exc),
+            ) from None
 
     def _negotiated(self, pdu_size: int) -> None:
         if pdu_size == self.pdu_size:
@@ -322,6 +329,11 @@ class S7Driver:
             return codec.parse_read_response(pdu, ref, items)
         except HeaderError as exc:
             raise DriverConfigError(str(exc), f"{self.endpoint}", code=exc.code) from None
+        except asyncio.CancelledError:
+            # Cancelled between request and answer: the answer may still come and must
+            # never be read as the answer to the next request.
+            writer.close()
+            raise
         except BaseException as exc:
             raise self._map(exc, request.describe()) from None
 

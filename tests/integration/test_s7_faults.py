@@ -362,3 +362,62 @@ async def test_string_with_a_bad_header_is_bad_not_garbage() -> None:
     assert reading.reason == (
         "invalid value: STRING header says 9 characters of at most 4 (declared 4)"
     )
+
+
+async def test_value_too_large_for_the_granted_pdu_is_a_config_error() -> None:
+    tags = [{"name": "s", "address": "DB1.DBB0", "type": "string", "length": 240}]
+    async with simulated(tags=tags, grant_pdu=240) as (_, dev):
+        driver = S7Driver(dev)
+        with pytest.raises(DriverConfigError) as info:
+            await driver.connect()
+        await driver.close()
+    assert info.value.reason == "the PLC grants PDU size 240, less than pdu_size 480"
+    assert "a string of 242 bytes is larger than the 222 bytes" in info.value.detail
+
+
+async def test_read_cancelled_in_flight_closes_the_connection() -> None:
+    async with scripted(lambda job: None) as port:
+        driver = S7Driver(device(port, timeout_s=5.0))
+        await driver.connect()
+        try:
+            task = asyncio.ensure_future(driver.read("default"))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            with pytest.raises(DriverUnavailable) as info:
+                await driver.read("default")
+        finally:
+            await driver.close()
+    assert info.value.reason == "connection lost"
+
+
+async def test_poller_publishes_the_put_get_hint_and_logs_it_once() -> None:
+    from agent.poller import DevicePoller
+
+    batches: list[list[Any]] = []
+
+    async def sink(readings: Any) -> None:
+        batches.append(list(readings))
+
+    async with simulated(put_get=False) as (_, dev):
+        dev = dev.model_copy(
+            update={"interval_s": 0.05, "backoff_min_s": 0.05, "backoff_max_s": 0.1}
+        )
+        poller = DevicePoller(dev, "s7", S7Driver(dev), {"default": ["a", "b"]}, sink)
+        with capture_logs() as logs:
+            task = asyncio.create_task(poller.run())
+            try:
+                async with asyncio.timeout(10):
+                    while len(batches) < 3:
+                        await asyncio.sleep(0.01)
+            finally:
+                task.cancel()
+                await asyncio.wait({task})
+    readings = [r for batch in batches for r in batch]
+    assert {r.quality for r in readings} == {"bad"}
+    assert all(r.value is None for r in readings)
+    assert all("Permit access with PUT/GET" in (r.reason or "") for r in readings)
+    down = [e for e in logs if e["event"] == "device.down"]
+    assert len(down) == 1
+    assert down[0]["reason"].startswith("s7 error 0x8104 (function refused by the CPU")
