@@ -374,3 +374,90 @@ async def test_plan_counts_match_requests_for_500_tags() -> None:
     assert sum(1 for r in readings if r.value == 2.5) == 200
     assert all(r.value is True for r in readings if r.tag.startswith(("x", "i")))
     assert not any(isinstance(r.value, float) and math.isnan(r.value) for r in readings)
+
+
+def snap7_refusals(host: str, port: int) -> dict[str, str]:
+    """What python-snap7's client makes of the simulator's refusals (a thread)."""
+    client = snap7.Client()
+    client.connect(host, 0, 1, port)
+    out: dict[str, str] = {}
+    try:
+        for name, call in (
+            ("unknown_db", lambda: client.db_read(9, 0, 2)),
+            ("past_end", lambda: client.db_read(1, 44, 4)),
+            ("write", lambda: client.db_write(1, 0, bytearray(2))),
+        ):
+            try:
+                call()
+                out[name] = "accepted"
+            except Exception as exc:  # python-snap7's exception types are its own
+                out[name] = str(exc)
+    finally:
+        client.disconnect()
+    return out
+
+
+async def test_snap7_client_sees_the_simulators_refusals(
+    sim: tuple[S7Simulator, S7Device],
+) -> None:
+    _, device = sim
+    got = await asyncio.to_thread(snap7_refusals, device.host, device.port)
+    assert "0x0a" in got["unknown_db"].lower()
+    assert "0x05" in got["past_end"].lower()
+    assert got["write"] != "accepted"
+
+
+async def test_500_tags_exact_against_snap7_server() -> None:
+    db1, db2, mk, pe, pa = (
+        bytearray(800),
+        bytearray(200),
+        bytearray(13),
+        bytearray(7),
+        bytearray(100),
+    )
+    tags: list[dict[str, Any]] = []
+    expected: dict[str, Any] = {}
+    for i in range(200):
+        value = struct.unpack(">f", struct.pack(">f", i * 1.25 - 40))[0]
+        s7util.set_real(db1, 4 * i, value)
+        tags.append({"name": f"r{i}", "address": f"DB1.DBD{4 * i}", "type": "real"})
+        expected[f"r{i}"] = value
+    for i in range(100):
+        s7util.set_int(db2, 2 * i, i * 300 - 15000)
+        tags.append({"name": f"w{i}", "address": f"DB2.DBW{2 * i}", "type": "int"})
+        expected[f"w{i}"] = i * 300 - 15000
+    for i in range(100):
+        s7util.set_bool(mk, i // 8, i % 8, i % 3 == 0)
+        tags.append({"name": f"x{i}", "address": f"M{i // 8}.{i % 8}"})
+        expected[f"x{i}"] = i % 3 == 0
+    for i in range(50):
+        s7util.set_bool(pe, i // 8, i % 8, i % 2 == 1)
+        tags.append({"name": f"i{i}", "address": f"I{i // 8}.{i % 8}"})
+        expected[f"i{i}"] = i % 2 == 1
+    for i in range(50):
+        s7util.set_word(pa, 2 * i, 60000 + i)
+        tags.append({"name": f"q{i}", "address": f"QW{2 * i}", "type": "word"})
+        expected[f"q{i}"] = 60000 + i
+    server = snap7.Server(log=False)
+    for area, index, data in (
+        (SrvArea.DB, 1, db1), (SrvArea.DB, 2, db2), (SrvArea.MK, 0, mk),
+        (SrvArea.PE, 0, pe), (SrvArea.PA, 0, pa),
+    ):  # fmt: skip
+        server.register_area(area, index, data)
+    server.start_to("127.0.0.1", 0)
+    try:
+        port = int(server.server_socket.getsockname()[1])
+        device = S7Device.model_validate(
+            {"name": "big", "protocol": "s7", "host": "127.0.0.1", "port": port, "tags": tags}
+        )
+        driver = S7Driver(device)
+        await driver.connect()
+        try:
+            readings = by_tag(await driver.read("default"))
+        finally:
+            await driver.close()
+    finally:
+        server.stop()
+    assert len(driver.plan.groups["default"].requests) == 3
+    assert {n: r.quality for n, r in readings.items()} == {n: "good" for n in expected}
+    assert {n: r.value for n, r in readings.items()} == expected
