@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -382,11 +382,12 @@ def snap7_refusals(host: str, port: int) -> dict[str, str]:
     client.connect(host, 0, 1, port)
     out: dict[str, str] = {}
     try:
-        for name, call in (
+        calls: list[tuple[str, Callable[[], object]]] = [
             ("unknown_db", lambda: client.db_read(9, 0, 2)),
             ("past_end", lambda: client.db_read(1, 44, 4)),
             ("write", lambda: client.db_write(1, 0, bytearray(2))),
-        ):
+        ]
+        for name, call in calls:
             try:
                 call()
                 out[name] = "accepted"
