@@ -13,7 +13,8 @@ Setup communication (function F0) negotiates the PDU size; read variable (functi
 carries up to N items of 12 bytes each (`12 0A 10 <transport size> <count:2> <db:2>
 <area> <bit address:3>`) and is answered by one data item per request item:
 `<return code> <transport size> <length:2> <data>`, plus a fill byte after an odd-length
-item that is not the last one. Every answer is checked against the request it answers
+item that is not the last one (a zero fill byte after an odd last item, counted in the
+header's data length, is tolerated). Every answer is checked against the request it answers
 (`parse_read_response`): a frame that does not fit raises FrameError and no value of it
 is decoded.
 """
@@ -343,6 +344,8 @@ def parse_read_response(pdu: bytes, ref: int, items: Sequence[ReadItem]) -> list
         pos += size
         if size & 1 and i < last:
             pos += 1  # fill byte
+    if pos == end - 1 and out and len(out[-1].data) & 1 and pdu[pos] == 0:
+        pos += 1  # a fill byte after an odd last item: counted in the header, harmless
     if pos != end:
         raise FrameError("protocol error: unexpected data")
     del dlen

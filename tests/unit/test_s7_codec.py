@@ -76,6 +76,16 @@ def test_answer_with_fill_bytes_and_a_refused_item() -> None:
     assert codec.read_response_size([3, 0, 1]) == len(pdu)  # a fill byte after item 1 only
 
 
+def test_fill_byte_after_an_odd_last_item_is_accepted_nothing_else() -> None:
+    items = [ReadItem(0x84, 1, 0, 3)]
+    padded = codec.ack_data(2, b"\x04\x01", b"\xff\x04\x00\x18\x01\x02\x03\x00")
+    assert codec.parse_read_response(padded, 2, items) == [ItemResult(0xFF, b"\x01\x02\x03")]
+    for tail in (b"\x07", b"\x00\x00"):
+        pdu = codec.ack_data(2, b"\x04\x01", b"\xff\x04\x00\x18\x01\x02\x03" + tail)
+        with pytest.raises(FrameError, match="unexpected data"):
+            codec.parse_read_response(pdu, 2, items)
+
+
 def test_bit_transport_size_and_octet_string() -> None:
     items = [ReadItem(0x84, 1, 0, 1), ReadItem(0x84, 1, 0, 2)]
     data = b"\xff\x03\x00\x08\x01\x00" + b"\xff\x09\x00\x02\xab\xcd"
