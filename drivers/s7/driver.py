@@ -100,7 +100,7 @@ class S7Driver:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ref = 0
-        # (group, request number, variable number) → isolation; kept across reconnects.
+        # (group, planned variable) → its isolation; kept across reconnects.
         self._isolated: dict[tuple[str, Variable], _Isolation] = {}
         self._active: dict[str, tuple[Request, ...]] = {}
         self._log = log.bind(device=device.name)
@@ -185,18 +185,17 @@ class S7Driver:
     def _negotiated(self, pdu_size: int) -> None:
         if pdu_size == self.pdu_size:
             return
+        before = sum(len(g.requests) for g in self.plan.groups.values())
+        plan = plan_device(self.device, pdu_size)  # ValueError: a value too large for it
         if pdu_size < self.device.pdu_size:
-            before = sum(len(g.requests) for g in self.plan.groups.values())
-            self.plan = plan_device(self.device, pdu_size)  # ValueError: a value too large
-            after = sum(len(g.requests) for g in self.plan.groups.values())
             self._log.warning(
                 "s7.pdu.smaller",
                 configured=self.device.pdu_size,
                 granted=pdu_size,
                 requests_before=before,
-                requests_after=after,
+                requests_after=sum(len(g.requests) for g in plan.groups.values()),
             )
-        self.pdu_size = pdu_size
+        self.plan, self.pdu_size = plan, pdu_size
         self._isolated.clear()
         self._active.clear()
 

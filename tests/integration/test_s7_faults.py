@@ -421,3 +421,26 @@ async def test_poller_publishes_the_put_get_hint_and_logs_it_once() -> None:
     down = [e for e in logs if e["event"] == "device.down"]
     assert len(down) == 1
     assert down[0]["reason"].startswith("s7 error 0x8104 (function refused by the CPU")
+
+
+async def test_plan_follows_the_pdu_granted_at_each_connect() -> None:
+    tags = [
+        {"name": f"r{i}", "address": f"DB1.DBD{4 * i}", "type": "real",
+         "simulate": {"generator": "constant", "value": float(i)}}
+        for i in range(100)
+    ]  # fmt: skip
+    async with simulated(tags=tags, grant_pdu=240) as (sim, dev):
+        driver = S7Driver(dev)
+        await driver.connect()
+        assert len(driver.plan.groups["default"].requests) == 2
+        await driver.close()
+        sim.grant_pdu = None  # the CPU is replaced by one granting the configured 480
+        await driver.connect()
+        try:
+            before = sim.request_count("plc")
+            readings = await driver.read("default")
+            assert sim.request_count("plc") - before == 1
+        finally:
+            await driver.close()
+    assert driver.pdu_size == 480
+    assert [r.value for r in readings] == [float(i) for i in range(100)]
