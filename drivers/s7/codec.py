@@ -85,7 +85,8 @@ ITEM_CODES: Final[dict[int, str]] = {
 HEADER_ERRORS: Final[dict[int, str]] = {
     0x8104: "function refused by the CPU: on an S7-1200/1500 enable 'Permit access with "
     "PUT/GET communication from remote partner' (CPU properties > Protection & Security > "
-    "Connection mechanisms) and download the hardware configuration",
+    "Connection mechanisms) and download the hardware configuration; turn 'Optimized block "
+    "access' off in the properties of every DB read",
     0x8500: "request or answer larger than the negotiated PDU",
     0x8304: "write access refused by the CPU (protection level)",
     0xD602: "protection: the CPU's access level needs a password",
