@@ -169,14 +169,14 @@ def _short_then_close(pdu: bytearray) -> bytes:
 
 
 MALFORMED: dict[str, tuple[Callable[[bytearray], bytes], str]] = {
-    "wrong PDU reference": (_ref, "protocol error: wrong PDU reference"),
-    "wrong item count": (_count, "protocol error: wrong item count"),
-    "trailing bytes": (_trailing, "protocol error: unexpected data"),
-    "S7 length": (_s7_length, "protocol error: wrong S7 length"),
-    "item length": (_item_length, "protocol error: wrong item length"),
-    "transport size": (_transport_size, "protocol error: transport size 0x0C"),
-    "not TPKT": (_not_tpkt, "protocol error: not a TPKT frame"),
-    "job instead of ack": (_job_type, "protocol error: PDU type 1 where an ack was expected"),
+    "wrong-PDU-reference": (_ref, "protocol error: wrong PDU reference"),
+    "wrong-item-count": (_count, "protocol error: wrong item count"),
+    "trailing-bytes": (_trailing, "protocol error: unexpected data"),
+    "S7-length": (_s7_length, "protocol error: wrong S7 length"),
+    "item-length": (_item_length, "protocol error: wrong item length"),
+    "transport-size": (_transport_size, "protocol error: transport size 0x0C"),
+    "not-TPKT": (_not_tpkt, "protocol error: not a TPKT frame"),
+    "job-instead-of-ack": (_job_type, "protocol error: PDU type 1 where an ack was expected"),
 }
 
 
