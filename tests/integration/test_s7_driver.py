@@ -23,7 +23,7 @@ snap7 = pytest.importorskip(
 )
 from snap7 import util as s7util  # noqa: E402
 from snap7.type import Area as Snap7Area  # noqa: E402
-from snap7.type import SrvArea  # noqa: E402
+from snap7.type import SrvArea, WordLen  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -152,11 +152,15 @@ async def test_snap7_client_reads_the_simulator_exactly(
     assert got == EXPECTED
 
 
-def snap7_bit_read(host: str, port: int) -> list[bool]:
+def snap7_bit_read(host: str, port: int) -> list[bytes]:
+    """BIT transport-size reads (python-snap7 addresses them by bit number)."""
     client = snap7.Client()
     client.connect(host, 0, 1, port)
     try:
-        return [client.db_read_bool(1, 0, bit) for bit in (0, 1, 7)]
+        return [
+            bytes(client.read_area(Snap7Area.DB, 1, bit, 1, word_len=WordLen.Bit))
+            for bit in (0, 1, 7)
+        ]
     finally:
         client.disconnect()
 
@@ -167,7 +171,7 @@ async def test_snap7_single_bit_reads_get_the_bit_alone(
     # A CPU answers a BIT read with that bit only (python-snap7's server returns the byte).
     _, device = sim
     bits = await asyncio.to_thread(snap7_bit_read, device.host, device.port)
-    assert bits == [EXPECTED["b0"], EXPECTED["b1"], EXPECTED["b7"]]
+    assert bits == [b"\x01", b"\x00", b"\x01"]  # b0, b1, b7 of DB1.DBB0 (0x81)
 
 
 def snap7_connect(host: str, port: int, rack: int, slot: int) -> str:
