@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.s7.codec import read_response_size
 from drivers.s7.config import S7Device
@@ -168,3 +170,58 @@ def test_format_plan_text() -> None:
         "    read 1 variable, answer 22 bytes: MB0..3\n"
         "  total: 11 requests/s"
     )
+
+
+_TYPES = {"bool": "X", "byte": "B", "int": "W", "real": "D", "lreal": "B", "string": "B"}
+
+
+@st.composite
+def tag_lists(draw: st.DrawFn) -> list[dict[str, Any]]:
+    n = draw(st.integers(1, 120))
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        typ = draw(st.sampled_from(sorted(_TYPES)))
+        area = draw(st.sampled_from(["DB1.DB", "DB2.DB", "M", "I", "Q"]))
+        byte = draw(st.integers(0, 3000))
+        letter = _TYPES[typ]
+        addr = f"{area}{letter}{byte}" + (f".{draw(st.integers(0, 7))}" if letter == "X" else "")
+        if area in ("M", "I", "Q") and letter == "X":
+            addr = f"{area}{byte}.{addr.rsplit('.', 1)[1]}"
+        tag = {"name": f"t{i}", "address": addr, "type": typ}
+        if typ == "string":
+            tag["length"] = draw(st.integers(1, 200))
+        out.append(tag)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tag_lists(),
+    st.sampled_from([240, 480, 960]),
+    st.integers(1, 40),
+    st.integers(0, 16),
+)
+def test_any_config_plans_into_requests_that_fit(
+    tags: list[dict[str, Any]], pdu: int, cap: int, gap: int
+) -> None:
+    device = dev(tags, pdu_size=pdu, max_items_per_request=cap, max_gap=gap)
+    requests = plan_device(device).groups["default"].requests
+    seen: list[int] = []
+    for request in requests:
+        assert 1 <= len(request.variables) <= cap
+        assert request.request_size() <= pdu
+        assert request.answer_size() <= pdu
+        for var in request.variables:
+            assert var.count <= max_variable_bytes(pdu)
+            for slot in var.slots:
+                assert slot.offset >= 0
+                assert slot.offset + slot.spec.size <= var.count
+                tag = device.tags[slot.index]
+                addr = tag.resolved_address()
+                assert (addr.area, addr.db, addr.byte) == (
+                    var.area,
+                    var.db,
+                    var.start + slot.offset,
+                )
+                seen.append(slot.index)
+    assert sorted(seen) == list(range(len(tags)))
