@@ -187,7 +187,7 @@ def tag_lists(draw: st.DrawFn) -> list[dict[str, Any]]:
         addr = f"{area}{letter}{byte}" + (f".{draw(st.integers(0, 7))}" if letter == "X" else "")
         if area in ("M", "I", "Q") and letter == "X":
             addr = f"{area}{byte}.{addr.rsplit('.', 1)[1]}"
-        tag = {"name": f"t{i}", "address": addr, "type": typ}
+        tag: dict[str, Any] = {"name": f"t{i}", "address": addr, "type": typ}
         if typ == "string":
             tag["length"] = draw(st.integers(1, 200))
         out.append(tag)
