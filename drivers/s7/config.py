@@ -266,3 +266,26 @@ class S7Device(DeviceCommon):
         if self.remote_tsap is not None:
             return local, parse_tsap(self.remote_tsap)
         return local, (CONNECTION_TYPE[self.connection_type] << 8) | (self.rack << 5) | self.slot
+
+    def check(self, *, simulate: bool | None = None) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems the field validators cannot see, as (location in this device, message):
+        a value larger than one answer at `pdu_size` (the plan cannot be made), port 0
+        outside simulator mode. The agent's loader reports them with file and line."""
+        from drivers.s7.plan import max_variable_bytes
+
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        if simulate is False and self.port == 0:
+            out.append((("port",), "port 0 is only for simulator mode (run --simulate)"))
+        cap = max_variable_bytes(self.pdu_size)
+        for index, tag in enumerate(self.tags):
+            if tag.size() > cap:
+                t = tag.resolved_type()
+                out.append(
+                    (
+                        ("tags", index, "length" if t == "string" else "type"),
+                        f"a {t} of {tag.size()} bytes is larger than the {cap} bytes one "
+                        f"answer carries at pdu_size {self.pdu_size}"
+                        + (": declare a shorter length" if t == "string" else ""),
+                    )
+                )
+        return out

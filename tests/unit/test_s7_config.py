@@ -156,3 +156,28 @@ devices:
     assert "type real at 'DB1.DBW0': write a double-word address" in problems[0]
     assert problems[1].startswith("line4.yaml:12 devices[0].tags[1].address")
     assert "only X (bit) addresses have a .<bit>" in problems[1]
+
+
+def test_check_points_at_a_string_too_long_for_the_pdu_and_at_port_0() -> None:
+    device = S7Device.model_validate(
+        {
+            "name": "p",
+            "protocol": "s7",
+            "host": "h",
+            "port": 0,
+            "pdu_size": 240,
+            "tags": [
+                {"name": "ok", "address": "MW0"},
+                {"name": "s", "address": "DB1.DBB0", "type": "string"},
+            ],
+        }
+    )
+    assert device.check(simulate=False) == [
+        (("port",), "port 0 is only for simulator mode (run --simulate)"),
+        (
+            ("tags", 1, "length"),
+            "a string of 256 bytes is larger than the 222 bytes one answer carries at "
+            "pdu_size 240: declare a shorter length",
+        ),
+    ]
+    assert device.check(simulate=True) == device.check(simulate=False)[1:]
