@@ -38,7 +38,13 @@ from drivers.base import DeviceCommon, Driver, DriverContext
 log = structlog.get_logger(__name__)
 
 #: The protocols that ship with the agent, by module. Adding one is this one line.
-BUILTIN: tuple[str, ...] = ("drivers.modbus", "drivers.opcua", "drivers.xgt", "drivers.melsec")
+BUILTIN: tuple[str, ...] = (
+    "drivers.modbus",
+    "drivers.opcua",
+    "drivers.xgt",
+    "drivers.melsec",
+    "drivers.s7",
+)
 
 #: Entry point group of protocols installed as packages of their own.
 ENTRY_POINT_GROUP = "edge_agent.protocols"

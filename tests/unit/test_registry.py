@@ -29,6 +29,9 @@ from drivers.fake import FakeBench, FakeDevice, FakeDriver, FakeLink
 from drivers.modbus.config import ModbusDevice
 from drivers.registry import Protocol, UnknownProtocol
 
+# The built-in protocols, by name (each module's last part is its protocol's name).
+BUILTIN = [module.rsplit(".", 1)[-1] for module in registry.BUILTIN]
+
 ROOT = Path(__file__).parents[2]
 
 FAKE_CONFIG = """\
