@@ -75,14 +75,14 @@ fi
 owner=()
 [ "$SYSTEMD" = 1 ] && owner=(-o root -g "$SERVICE_USER")
 install -d -m 0750 "${owner[@]}" "$ETC"
+# The config to validate: a new one waits beside the current one until it is valid.
+candidate=$CONFIG_FILE
 if [ -n "$new_config" ]; then
-  [ -f "$CONFIG_FILE" ] && cp -p "$CONFIG_FILE" "$CONFIG_FILE.bak-$(date -u +%Y%m%dT%H%M%SZ)"
-  install -m 0640 "${owner[@]}" "$new_config" "$CONFIG_FILE.new"
-  mv -f "$CONFIG_FILE.new" "$CONFIG_FILE"
-  say "installed $new_config as $CONFIG_FILE"
+  candidate=$CONFIG_FILE.new
+  install -m 0640 "${owner[@]}" "$new_config" "$candidate"
 elif [ ! -f "$CONFIG_FILE" ]; then
-  install -m 0640 "${owner[@]}" "$rel/agent.yaml.example" "$CONFIG_FILE"
-  say "installed the example config as $CONFIG_FILE: edit it for your plant"
+  candidate=$CONFIG_FILE.new
+  install -m 0640 "${owner[@]}" "$rel/agent.yaml.example" "$candidate"
 fi
 if [ ! -f "$ENV_FILE" ]; then
   if [ "$SYSTEMD" = 1 ]; then install -m 0600 -o root -g root /dev/null "$ENV_FILE"
@@ -95,9 +95,18 @@ else
 fi
 
 # The config must be valid for the release that is going to run it.
-if ! as_service "$rel/venv/bin/edge-agent" validate "$CONFIG_FILE"; then
-  EXIT_CODE=2 die "$CONFIG_FILE is not valid for release $version (problems above);" \
-    "the running release is unchanged. Fix the file and run install.sh again"
+if ! as_service "$rel/venv/bin/edge-agent" validate "$candidate"; then
+  [ "$candidate" = "$CONFIG_FILE" ] || rm -f "$candidate"
+  EXIT_CODE=2 die "${new_config:-$CONFIG_FILE} is not valid for release $version (problems" \
+    "above); nothing was changed. Fix the file and run install.sh again"
+fi
+if [ "$candidate" != "$CONFIG_FILE" ]; then
+  if [ -f "$CONFIG_FILE" ]; then
+    cp -p "$CONFIG_FILE" "$CONFIG_FILE.bak-$(date -u +%Y%m%dT%H%M%SZ)"
+  fi
+  mv -f "$candidate" "$CONFIG_FILE"
+  if [ -n "$new_config" ]; then say "installed $new_config as $CONFIG_FILE"
+  else say "installed the example config as $CONFIG_FILE: edit it for your plant"; fi
 fi
 
 old=$(readlink "$PREFIX/current" 2>/dev/null || true)
