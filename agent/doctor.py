@@ -250,6 +250,11 @@ def _broker_fix(reason: str) -> str:
         return "check mqtt.host and mqtt.port (TLS usually 8883), and that the broker runs"
     if "certificate" in lowered or "tls" in lowered or "ca_file" in lowered:
         return "fix the TLS settings in mqtt.tls (the sentence says which)"
+    if "no answer" in lowered or "no connack" in lowered:
+        return (
+            "something accepts TCP there but does not answer MQTT: check mqtt.host and "
+            "mqtt.port (a TLS port needs the tls section), and firewalls"
+        )
     if "resolve" in lowered:
         return "check mqtt.host, and DNS or /etc/hosts on this machine"
     return "check the mqtt section against the broker's settings, and the broker's log"

@@ -69,6 +69,9 @@ echo "current: \$(readlink /opt/edge-agent/current)"
 systemd-run --quiet --unit plc-sim /usr/local/bin/edge-agent simulate /etc/edge-agent/agent.yaml
 sleep 3
 step doctor edge-agent doctor /etc/edge-agent/agent.yaml
+step restart systemctl restart edge-agent
+step systemctl-status systemctl status edge-agent
+step journal journalctl -u edge-agent -n 20
 step samples mosquitto_sub -h 127.0.0.1 -t 'plant/#' -C 3 -W 20 -F '%t %l bytes'
 step status sh -c 'edge-agent status /etc/edge-agent/agent.yaml > /root/status.json'
 python3 -c 'import json; s = json.load(open("/root/status.json")); print("status: ready", s["agent"]["ready"], "mqtt", s["mqtt"]["state"], "delivered", s["samples"]["delivered"])'
@@ -80,8 +83,12 @@ echo "after upgrade: current \$(readlink /opt/edge-agent/current) previous \$(re
 echo "version: \$(edge-agent --version)"
 step rollback edge-agent-rollback
 echo "after rollback: current \$(readlink /opt/edge-agent/current) active \$(systemctl is-active edge-agent)"
+step rollback-to edge-agent-rollback --to $next
+echo "after rollback --to: current \$(readlink /opt/edge-agent/current) active \$(systemctl is-active edge-agent)"
 step uninstall /opt/edge-agent/bin/uninstall.sh
 echo "after uninstall: unit \$(systemctl is-enabled edge-agent 2>&1 | tail -1); config \$(ls /etc/edge-agent/agent.yaml); buffer \$(ls /var/lib/edge-agent/buffer.db)"
+step purge ./edge-agent-$version-linux-$arch/uninstall.sh --purge
+echo "after purge: \$(ls -d /etc/edge-agent /var/lib/edge-agent /opt/edge-agent 2>/dev/null | wc -l) paths left, user \$(id -u edge-agent >/dev/null 2>&1 && echo present || echo gone)"
 journalctl -u edge-agent --no-pager -o cat | grep -E 'agent\\.(started|stopped)|mqtt\\.connected' | tail -6 | sed 's/^/journal: /'
 echo "network: \$(ls /sys/class/net | tr '\\n' ' ')"
 systemctl poweroff
@@ -107,7 +114,8 @@ log=$root/check.log
 cat "$log" 2>/dev/null || echo "check-offline: no $log: the check did not run"
 elapsed=$(( $(date +%s) - start_s ))
 ok=1
-for s in unpack install doctor samples status unpack-next upgrade rollback uninstall; do
+for s in unpack install doctor restart systemctl-status journal samples status unpack-next upgrade \
+         rollback rollback-to uninstall purge; do
   grep -q "^step $s rc=0$" "$log" 2>/dev/null || { echo "check-offline: step $s failed" >&2; ok=0; }
 done
 grep -q '^active: active$' "$log" && grep -q '^user: edge-agent$' "$log" \
@@ -117,7 +125,9 @@ grep -q '^active: active$' "$log" && grep -q '^user: edge-agent$' "$log" \
   && grep -q "^after upgrade: current releases/$next previous releases/$version active active$" "$log" \
   && grep -q "^version: edge-agent $next$" "$log" \
   && grep -q "^after rollback: current releases/$version active active$" "$log" \
+  && grep -q "^after rollback --to: current releases/$next active active$" "$log" \
   && grep -q "config /etc/edge-agent/agent.yaml; buffer /var/lib/edge-agent/buffer.db$" "$log" \
+  && grep -q '^after purge: 0 paths left, user gone$' "$log" \
   && grep -q '^network: lo $' "$log" || ok=0
 if [ "$ok" = 1 ]; then echo "check-offline: OK (${elapsed} s)"; exit 0; fi
 echo "check-offline: FAILED after ${elapsed} s (tail of the boot log below)" >&2

@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,6 +172,24 @@ def test_silent_device_fails_within_its_timeout(tmp_path: Path, broker: Mosquitt
     (fail,) = _lines(result, "FAIL")
     assert fail.startswith("FAIL  device press-1: ")
     assert "check the address, the network path and firewalls" in fail
+
+
+def test_silent_broker_fails_within_the_timeout(tmp_path: Path, modbus_port: int) -> None:
+    with socket.socket() as silent:  # accepts TCP (backlog), never sends a CONNACK
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        mqtt = f"mqtt: {{host: 127.0.0.1, port: {port}}}\n"
+        started = time.monotonic()
+        result = _doctor(_config(tmp_path, mqtt=mqtt, device_port=modbus_port))
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert _lines(result, "FAIL") == [
+        f"FAIL  broker 127.0.0.1:{port}: no answer from the broker within 5 s — something "
+        "accepts TCP there but does not answer MQTT: check mqtt.host and mqtt.port (a TLS "
+        "port needs the tls section), and firewalls"
+    ]
+    assert elapsed < 30  # bounded by --timeout-s 5 (+1), not paho's or the OS's timeouts
 
 
 def test_acl_denied_topic_is_named_with_reason_code_0x87(

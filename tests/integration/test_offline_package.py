@@ -212,6 +212,37 @@ def test_package_holds_wheels_for_the_target_and_installs_offline(
     assert (gateway.prefix / "releases" / NEW / "BUFFER_FORMAT").read_text().strip() == "1"
 
 
+def test_build_all_architectures(tmp_path: Path) -> None:
+    """`scripts/build-offline --arch all`, as docs/install.md says: one file per
+    architecture, each with the native wheels of its own. (The aarch64 one is built and
+    checked here, never run: this machine is x86_64.)"""
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "build-offline"), "--arch", "all", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    built = sorted(p.name for p in tmp_path.glob("*.tar.gz"))
+    from agent import __version__ as version
+
+    assert built == [
+        f"edge-agent-{version}-linux-aarch64.tar.gz",
+        f"edge-agent-{version}-linux-x86_64.tar.gz",
+    ]
+    for arch, other in (("aarch64", "x86_64"), ("x86_64", "aarch64")):
+        with tarfile.open(tmp_path / f"edge-agent-{version}-linux-{arch}.tar.gz") as tar:
+            names = tar.getnames()
+            top = f"edge-agent-{version}-linux-{arch}"
+            member = tar.extractfile(f"{top}/ARCH")
+            assert member is not None
+            assert member.read().decode().strip() == arch
+        native = [n for n in names if n.endswith(".whl") and not n.endswith("-none-any.whl")]
+        assert len(native) >= 5, native  # orjson, pydantic-core, cryptography, cffi, PyYAML
+        assert all(arch in n and other not in n for n in native), native
+
+
 def test_upgrade_keeps_config_certs_and_buffer_and_delivers_the_backlog(
     packages: Packages, gateway: Gateway, broker: MosquittoBroker
 ) -> None:
