@@ -275,9 +275,15 @@ def test_upgrade_keeps_config_certs_and_buffer_and_delivers_the_backlog(
     assert backlog > 0
 
     config_before = (gateway.etc / "agent.yaml").read_bytes()
+    ancient = gateway.prefix / "releases" / "0.0.1"  # an older release left from before
+    ancient.mkdir()
+    (ancient / ".complete").touch()
     new_pkg = gateway.unpack(packages.new)
     done = gateway.run(new_pkg / "install.sh")
     assert done.returncode == 0, done.stderr
+    # Only the current and the previous release stay installed.
+    assert sorted(p.name for p in (gateway.prefix / "releases").iterdir()) == [OLD, NEW]
+    assert "install.sh: removed old release 0.0.1" in done.stderr
     assert f"release {NEW} is current (previous: {OLD})" in done.stderr
     assert gateway.link("current") == f"releases/{NEW}"
     assert gateway.link("previous") == f"releases/{OLD}"
