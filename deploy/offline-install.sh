@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs (or upgrades to) the edge-agent release in this offline package; needs no network.
-#   sudo ./install.sh [--config FILE] [--no-start]
+#   sudo ./install.sh [--config FILE]
 # - checks the package (architecture, Python 3.11, wheel checksums)
 # - installs the release into /opt/edge-agent/releases/<version>/venv from wheels/ only
 #   (pip --no-index); an installed release of the same version is reused
@@ -11,7 +11,7 @@
 #   /opt/edge-agent/current to the new release (the old one stays as `previous`, for
 #   edge-agent-rollback), starts the service and waits until it runs
 # --config FILE installs FILE as /etc/edge-agent/agent.yaml (the old one is kept as
-# agent.yaml.bak-<time>). --no-start installs and switches but leaves the service stopped.
+# agent.yaml.bak-<time>) once the new one is valid.
 # Exit codes: 0 installed and running, 2 invalid config (nothing changed), 1 other failure.
 set -euo pipefail
 PROG=install.sh
@@ -20,11 +20,9 @@ pkg=$(cd "$(dirname "$0")" && pwd)
 . "$pkg/lib.sh"
 
 new_config=""
-start=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) new_config=$(realpath "$2"); shift 2 ;;
-    --no-start) start=0; shift ;;
     -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) EXIT_CODE=2 die "unknown argument $1 (see --help)" ;;
   esac
@@ -118,7 +116,7 @@ read -r buf_format buf_records buf_path < <(buffer_format "$rel") || buf_format=
 new_format=$(release_format "releases/$version")
 if [ "$buf_format" != none ] && [ "$buf_format" != unknown ] && [ "$new_format" != unknown ] \
    && [ "$buf_format" -gt "$new_format" ]; then
-  [ -n "$old" ] && [ "$start" = 1 ] && service_start || true
+  [ -n "$old" ] && service_start || true
   die "refused: the buffer $buf_path ($buf_records records) is in format $buf_format;" \
     "release $version reads format $new_format at most. Install a release that reads it," \
     "or let the running release deliver the backlog first (docs/install.md, Roll back)"
@@ -149,8 +147,6 @@ if [ "$SYSTEMD" = 1 ]; then
   systemctl daemon-reload
   systemctl enable --quiet edge-agent.service
 fi
-if [ "$start" = 1 ]; then
-  service_start || die "edge-agent.service does not run with release $version (journal" \
-    "above)${prev:+; to go back: edge-agent-rollback}"
-fi
+service_start || die "edge-agent.service does not run with release $version (journal" \
+  "above)${prev:+; to go back: edge-agent-rollback}"
 say "done: release $version installed"
