@@ -16,22 +16,25 @@ take seconds). Installing needs no network: pip runs with --no-index.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import sqlite3
 import subprocess
 import tarfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 
-from tests.support.agent_proc import ROOT, AgentProcess, assert_continuous, counter_device, seqs
+from tests.support.agent_proc import ROOT, AgentProcess, assert_continuous, counter_device
 from tests.support.broker import MosquittoBroker, require_mosquitto
-from tests.support.subscriber import Subscriber
 
-pytestmark = pytest.mark.integration
+# Building two packages (pip download, wheels) runs inside the first test's time.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 #: The agent's sources the "old" release is built from (git archive of this commit).
 OLD_RELEASE_REF = "8773dae"
@@ -142,6 +145,71 @@ class ReleaseAgent(AgentProcess):
                 env=self.env,
             )
         return self
+
+
+class MosquittoSub:
+    """Debian's mosquitto_sub as the consumer (QoS 1, MQTT 5): the seqs of every sample
+    received. Entering returns once the broker acknowledged the subscription."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.args = [
+            "stdbuf",
+            "-oL",
+            "mosquitto_sub",
+            "-d",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-V",
+            "mqttv5",
+        ]
+        self.args += ["-q", "1", "-t", topic, "-F", "%p"]
+        self.seqs: list[int] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> MosquittoSub:
+        if shutil.which("mosquitto_sub") is None:
+            pytest.fail("mosquitto_sub is missing (apt-get install mosquitto-clients)")
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        stdout = self.proc.stdout
+        assert stdout is not None
+
+        def pump() -> None:
+            for line in stdout:
+                self._lines.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+        self._read_until(lambda line: "SUBACK" in line, 10)
+        return self
+
+    def _read_until(self, done: Callable[[str], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if line.startswith("{"):
+                body = orjson.loads(line)
+                self.seqs += [int(x["seq"]) for x in body.get("samples", [])]
+            if done(line):
+                return
+        raise AssertionError(f"mosquitto_sub: timed out; seqs so far {sorted(set(self.seqs))}")
+
+    def wait_for(self, cond: Callable[[list[int]], bool], timeout_s: float) -> list[int]:
+        self._read_until(lambda _line: cond(self.seqs), timeout_s)
+        return list(self.seqs)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
 
 @pytest.fixture
@@ -294,18 +362,16 @@ def test_upgrade_keeps_config_certs_and_buffer_and_delivers_the_backlog(
 
     broker.start()
     with (
-        Subscriber("127.0.0.1", broker.port, "edge/gw-upgrade/#") as sub,
+        MosquittoSub(broker.port, "edge/gw-upgrade/#") as sub,
         gateway.agent(
             gateway.root / "new.log", "run", str(gateway.etc / "agent.yaml"), "--simulate"
         ) as new,
     ):
-        got = sub.wait_for(
-            lambda msgs: set(range(1, last_old + 1)) <= set(seqs(msgs)), timeout_s=60
-        )
+        got = sub.wait_for(lambda seen: set(range(1, last_old + 1)) <= set(seen), timeout_s=60)
         assert new.terminate() == 0, new.log()
-    assert_continuous(seqs(got))
+    assert_continuous(got)
     # The new release went on from the old one's seq high-water mark (no reuse).
-    assert max(seqs(got)) >= last_old
+    assert max(got) >= last_old
     assert f'"version": "{NEW}"' in new.log()  # agent.starting names the release
 
     # Roll back to the old release: allowed, same buffer format; the config stays.
