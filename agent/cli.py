@@ -103,6 +103,13 @@ def _keep_simulated_endpoints(original: Config, simulated: Config) -> Callable[[
     return adapt
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent.doctor import run
+
+    setup_logging("error")  # the findings are the output; driver warnings would repeat them
+    return run(args.config, timeout_s=args.timeout_s)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     config = _load(args.config, simulate=True)
     if config is None:
@@ -462,6 +469,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pid", type=int, help="send SIGHUP to this process instead of using HTTP")
     p.add_argument("--timeout-s", type=float, default=30.0, help="HTTP timeout (default 30)")
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser(
+        "doctor",
+        help="commissioning check: config, devices, broker and ACL, buffer disk, clock",
+        description="Check everything the agent needs from the plant: the config, each "
+        "device (connect and one read), the broker (TLS, login, a probe publish on each "
+        "topic), the buffer's disk and the clock. One line per check; exit 0 no problem, "
+        "1 problems, 2 invalid config.",
+    )
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--timeout-s", type=float, default=15.0, help="per device and broker (15)")
+    p.set_defaults(func=cmd_doctor)
 
     from agent.deadletter_cli import add_deadletter_commands
 

@@ -32,6 +32,8 @@ fi
 [ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/pip" install -q --upgrade pip
 "$PREFIX/venv/bin/pip" install -q .
+# The unit runs $PREFIX/current/venv (the offline package's layout, docs/install.md).
+ln -sfn . "$PREFIX/current"
 runuser -u edge-agent -- "$PREFIX/venv/bin/edge-agent" --version >/dev/null || {
   echo "install.sh: the edge-agent user cannot run $PREFIX/venv/bin/edge-agent" >&2
   exit 1

@@ -44,7 +44,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
 from agent.publish import PACKET_TOO_LARGE, Message, PublishResult, packet_size
-from agent.publish.session import Connector, Session
+from agent.publish.session import ConnectFailed, Connector, Session, connect
 
 log = structlog.get_logger()
 
@@ -163,6 +163,16 @@ class MqttPublisher:
         """Begin connecting in the background; returns at once."""
         if self._task is None and not self._closing:
             self._task = asyncio.create_task(self._connector.run(), name="mqtt.publisher")
+
+    async def connect_once(self) -> str | None:
+        """One connection attempt, without the reconnect loop (`edge-agent doctor`): None
+        once connected (publish() then works until close()), else why not. No will."""
+        try:
+            session = await connect(self._config, self._client_id)
+        except ConnectFailed as exc:
+            return exc.reason
+        self._activate(session)
+        return None
 
     async def close(self) -> None:
         """Send DISCONNECT (if connected), stop reconnecting, fail what is still unacked.

@@ -65,7 +65,7 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
         pytest.skip("no .venv/bin/edge-agent in this checkout")
     text = (DEPLOY / "edge-agent.service").read_text()
     unit = tmp_path / "edge-agent.service"
-    unit.write_text(text.replace("/opt/edge-agent/venv/bin/edge-agent", str(agent)))
+    unit.write_text(text.replace("/opt/edge-agent/current/venv/bin/edge-agent", str(agent)))
     result = subprocess.run(
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )
