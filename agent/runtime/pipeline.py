@@ -342,9 +342,9 @@ class Agent:
         again: records are deleted only once acknowledged, a poll is simply repeated);
         a stuck writer may hold polls half-stored, so the agent exits and the service
         manager starts it afresh from what the buffer holds."""
-        if probe.action == "restart":
+        if probe.action == "restart" and probe.acted < 2:
             self.supervisor.kick(stall.task, f"stalled: {stall.reason}")
-        elif probe.action == "exit":
+        elif probe.action in ("restart", "exit"):  # a restart did not help, or cannot
             self.supervisor.fail(stall.task, TaskStalled(f"{stall.reason} for {stall.for_s} s"))
 
     def _forwarder_probe(self, forwarder: Forwarder, publisher: Publisher) -> Probe:
@@ -355,10 +355,11 @@ class Agent:
             return publisher.connected and self.buffer.stats().records > 0
 
         def progress() -> int:
-            # Deliveries, records set aside, or its loop going round (devices held back
-            # by their own backoff are not a stuck forwarder).
+            # A device held back by a refusal's backoff waits at most
+            # device_backoff_max_s (30 s), well inside the deadline, before it is tried
+            # again or set aside.
             st = forwarder.stats
-            return st.records_sent + st.dead_lettered_records + int(forwarder.heartbeat * 1000)
+            return st.records_sent + st.dead_lettered_records
 
         return Probe(
             FORWARDER_TASK,

@@ -19,9 +19,9 @@ from public state only, whether the task has work waiting (`busy`) and a counter
 when it does some (`progress`). A task that is busy and whose counter has not moved for its
 deadline is *stalled*; `/healthz` then fails and names it, and the probe's `action` says
 what else happens: ``restart`` (the supervisor cancels the stuck run and starts the task
-again, counted as a failure, so a task that keeps stalling ends the agent like one that
-keeps raising), ``exit`` (the agent stops and exits 1 at once: for a task whose work
-cannot be safely abandoned half-way), or ``report`` (health only).
+again, counted as a failure; if the task is still stalled one deadline later the agent
+exits 1), ``exit`` (the agent stops and exits 1 at once: for a task whose work cannot be
+safely abandoned half-way), or ``report`` (health only). A stalled agent never stays up.
 """
 
 from __future__ import annotations
@@ -265,6 +265,8 @@ class Probe:
     _last: int | None = field(default=None, init=False)
     _since: float | None = field(default=None, init=False)
     _acted: float | None = field(default=None, init=False)
+    #: How often the action fired in the current stall (0 once it progresses again).
+    acted: int = field(default=0, init=False)
 
     def check(self, now: float) -> Stall | None:
         busy = self.busy()
@@ -273,6 +275,7 @@ class Probe:
             self._last = value
             self._since = now
             self._acted = None
+            self.acted = 0
             return None
         idle = now - self._since
         if idle <= self.deadline_s:
@@ -287,6 +290,7 @@ class Probe:
         if self._acted is not None and now - self._acted < self.deadline_s:
             return False
         self._acted = now
+        self.acted += 1
         return True
 
 

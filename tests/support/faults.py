@@ -16,7 +16,9 @@ The faults are those a boundary can show in the field:
   results, wrong types, values out of range).
 
 Call numbers count from 1 per method name; `times` repeats a fault on that many calls in
-a row (`times=None`: every call from there on). `plan.calls[name]` counts the calls seen,
+a row (`times=None`: every call from there on). `when=` narrows a rule to the calls whose
+arguments it accepts (`when=lambda msgs: msgs[0].topic.startswith("edge/")`), and then
+numbers only those calls. `plan.calls[name]` counts the calls seen,
 and `plan.fired` lists `(name, call number, fault)` for every fault that went off, so a test
 can assert that the fault really was injected (a test that injects nothing cannot pass as a
 fault test).
@@ -69,9 +71,17 @@ class _Rule:
     first_call: int
     times: int | None
     fault: Fault
+    when: Callable[..., bool] | None = None
+    seen: int = 0  # calls this rule counted (all of the method's, or those `when` took)
 
-    def applies(self, method: str, call: int) -> bool:
-        if method != self.method or call < self.first_call:
+    def applies(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        if method != self.method:
+            return False
+        if self.when is not None and not self.when(*args, **kwargs):
+            return False
+        self.seen += 1
+        call = self.seen
+        if call < self.first_call:
             return False
         return self.times is None or call < self.first_call + self.times
 
@@ -84,20 +94,33 @@ class FaultPlan:
     calls: Counter[str] = field(default_factory=Counter)
     fired: list[tuple[str, int, Fault]] = field(default_factory=list)
 
-    def at(self, method: str, call: int, fault: Fault, *, times: int | None = 1) -> FaultPlan:
+    def at(
+        self,
+        method: str,
+        call: int,
+        fault: Fault,
+        *,
+        times: int | None = 1,
+        when: Callable[..., bool] | None = None,
+    ) -> FaultPlan:
         if call < 1:
             raise ValueError("call numbers start at 1")
-        self.rules.append(_Rule(method, call, times, fault))
+        self.rules.append(_Rule(method, call, times, fault, when))
         return self
 
-    def _fault_for(self, method: str) -> tuple[int, Fault | None]:
+    def _fault_for(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[int, Fault | None]:
         self.calls[method] += 1
         n = self.calls[method]
+        found: Fault | None = None
         for rule in self.rules:
-            if rule.applies(method, n):
-                self.fired.append((method, n, rule.fault))
-                return n, rule.fault
-        return n, None
+            # Every rule sees every call (its own count must not depend on rule order).
+            if rule.applies(method, args, kwargs) and found is None:
+                found = rule.fault
+        if found is not None:
+            self.fired.append((method, n, found))
+        return n, found
 
 
 class Faulty:
@@ -124,7 +147,7 @@ class Faulty:
 
             @functools.wraps(attr)
             async def async_call(*args: Any, **kwargs: Any) -> Any:
-                _, fault = plan._fault_for(name)
+                _, fault = plan._fault_for(name, args, kwargs)
                 if isinstance(fault, Raise):
                     raise fault.exc
                 if isinstance(fault, Hang):
@@ -138,7 +161,7 @@ class Faulty:
 
         @functools.wraps(attr)
         def call(*args: Any, **kwargs: Any) -> Any:
-            _, fault = plan._fault_for(name)
+            _, fault = plan._fault_for(name, args, kwargs)
             if isinstance(fault, Raise):
                 raise fault.exc
             if isinstance(fault, Hang):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -18,11 +19,13 @@ from structlog.testing import capture_logs
 from agent.buffer import BufferStats, Record
 from agent.buffer.memory import MemoryBuffer
 from agent.config import Config, parse_config
+from agent.publish import Message
 from agent.publish.fake import FakePublisher
 from agent.runtime import Agent, DeviceBuildError, SupervisionPolicy, TaskFailed
 from agent.schema import WireSample
 from agent.yamlsafe import load_yaml
 from tests.support.broker import free_port
+from tests.support.faults import FaultPlan, Faulty, Hang
 
 FAST = SupervisionPolicy(max_failures=3, window_s=60.0, backoff_min_s=0.01, backoff_max_s=0.02)
 
@@ -175,9 +178,18 @@ async def test_a_writer_bug_is_restarted_counted_and_later_polls_are_stored(
     assert agent.status.samples_dropped_on_error >= 1  # the polls in hand: counted, not lost
 
 
-async def test_a_stalled_forwarder_fails_healthz_and_recovers(tmp_path: Path) -> None:
-    config = make_config(tmp_path, http=True, stall_s=0.2)
-    publisher = FakePublisher(ack_delay_s=3.0)  # connected, but nothing is acknowledged
+async def test_a_stalled_forwarder_fails_healthz_is_restarted_and_recovers(
+    tmp_path: Path,
+) -> None:
+    """The broker stops acknowledging (one publish hangs): the forwarder is stalled,
+    /healthz, /readyz and /metrics say so, the supervisor restarts it, and the next round
+    delivers: healthy again."""
+    config = make_config(tmp_path, http=True, stall_s=0.5)
+    # The forwarder's second round hangs (the device-status task shares the publisher).
+    plan = FaultPlan().at("publish", 2, Hang(), when=carries_samples)
+    publisher = Faulty(FakePublisher(), plan)
+    seen: dict[str, Any] = {}
+
     agent = Agent(
         config, publisher=publisher, grace_s=0.2, health_interval_s=0.02, supervision=FAST
     )
@@ -186,35 +198,77 @@ async def test_a_stalled_forwarder_fails_healthz_and_recovers(tmp_path: Path) ->
         await wait_for(lambda: agent.http_address is not None)
         assert agent.http_address is not None
         port = agent.http_address[1]
-        async with asyncio.timeout(20):
-            while (await http_get(port, "/healthz"))[0] == 200:
-                await asyncio.sleep(0.02)
-        code, body = await http_get(port, "/healthz")
-        assert code == 503
-        health = orjson.loads(body)
-        assert health["healthy"] is False
-        assert [s["task"] for s in health["stalled"]] == ["forwarder"]
-        assert "none was delivered" in health["stalled"][0]["reason"]
-        code, body = await http_get(port, "/readyz")
-        assert code == 503
-        status = orjson.loads(body)
-        assert any(r.startswith("task forwarder stalled") for r in status["agent"]["not_ready"])
-        forwarder = next(t for t in status["tasks"] if t["name"] == "forwarder")
-        assert forwarder["state"] == "stalled"
-        _, metrics = await http_get(port, "/metrics")
-        families = {f.name: f for f in text_string_to_metric_families(metrics.decode())}
-        stalled = {s.labels["task"]: s.value for s in families["edge_agent_task_stalled"].samples}
-        assert stalled["forwarder"] == 1.0
-        assert families["edge_agent_healthy"].samples[0].value == 0.0
-        publisher.set_ack_delay(0.0)  # the acks come: progress, healthy again
-        await wait_for(lambda: agent.forwarder is not None and agent.forwarder.stats.records_sent)
-        async with asyncio.timeout(20):
-            while (await http_get(port, "/healthz"))[0] != 200:
-                await asyncio.sleep(0.02)
+        with capture_logs() as logs:
+            async with asyncio.timeout(20):
+                while (await http_get(port, "/healthz"))[0] == 200:
+                    await asyncio.sleep(0.02)
+            code, body = await http_get(port, "/healthz")
+            seen["healthz"] = (code, orjson.loads(body))
+            code, body = await http_get(port, "/readyz")
+            seen["readyz"] = (code, orjson.loads(body))
+            _, metrics = await http_get(port, "/metrics")
+            seen["metrics"] = metrics
+            sent_at_stall = agent.forwarder.stats.records_sent if agent.forwarder else 0
+            await wait_for(
+                lambda: (
+                    agent.forwarder is not None
+                    and agent.forwarder.stats.records_sent > sent_at_stall
+                )
+            )
+            async with asyncio.timeout(20):
+                while (await http_get(port, "/healthz"))[0] != 200:
+                    await asyncio.sleep(0.02)
         assert await http_get(port, "/healthz") == (200, b"ok\n")
     finally:
         agent.stop()
         await task
+    assert [m for m, _, _ in plan.fired] == ["publish"]
+    code, health = seen["healthz"]
+    assert code == 503
+    assert health["healthy"] is False
+    assert [s["task"] for s in health["stalled"]] == ["forwarder"]
+    assert "none was delivered" in health["stalled"][0]["reason"]
+    code, status = seen["readyz"]
+    assert code == 503
+    assert any(r.startswith("task forwarder stalled") for r in status["agent"]["not_ready"])
+    forwarder = next(t for t in status["tasks"] if t["name"] == "forwarder")
+    assert forwarder["state"] == "stalled"
+    families = {f.name: f for f in text_string_to_metric_families(seen["metrics"].decode())}
+    stalled = {s.labels["task"]: s.value for s in families["edge_agent_task_stalled"].samples}
+    assert stalled["forwarder"] == 1.0
+    assert families["edge_agent_healthy"].samples[0].value == 0.0
+    restarts = [e for e in logs if e["event"] == "task.failed" and e["task"] == "forwarder"]
+    assert restarts
+    assert restarts[0]["error"].startswith("TaskStalled: stalled:")
+    assert agent.supervisor.failure is None
+
+
+async def test_a_forwarder_that_stays_stalled_after_its_restart_stops_the_agent(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, stall_s=0.3)
+    # The broker never acknowledges data.
+    plan = FaultPlan().at("publish", 1, Hang(), times=None, when=carries_samples)
+    agent = Agent(
+        config,
+        publisher=Faulty(FakePublisher(), plan),
+        grace_s=0.2,
+        health_interval_s=0.02,
+        supervision=FAST,
+    )
+    with capture_logs() as logs, pytest.raises(TaskFailed) as info:
+        async with asyncio.timeout(30):
+            await agent.run()
+    assert info.value.task == "forwarder"
+    assert "TaskStalled" in info.value.error_text
+    kicks = [e for e in logs if e["event"] == "task.failed" and e["task"] == "forwarder"]
+    assert len(kicks) == 1  # restarted once; still stalled a deadline later: exit
+    assert [e["task"] for e in logs if e["event"] == "task.fatal"] == ["forwarder"]
+
+
+def carries_samples(messages: Sequence[Message]) -> bool:
+    """A forwarder's round (data topics), not a status message."""
+    return any(m.topic.startswith("edge/") for m in messages)
 
 
 class HangingAppend(MemoryBuffer):

@@ -64,3 +64,14 @@ def test_attributes_pass_through_and_hang_needs_a_coroutine() -> None:
         t.plain(1)
     with pytest.raises(ValueError, match="start at 1"):
         FaultPlan().at("plain", 0, Hang())
+
+
+def test_when_narrows_a_rule_and_numbers_only_its_calls() -> None:
+    plan = FaultPlan().at("plain", 2, Raise(KeyError("odd")), when=lambda x: x % 2 == 1)
+    t = Faulty(Target(), plan)
+    assert t.plain(1) == 2  # 1st odd call
+    assert t.plain(2) == 4  # not counted by the rule
+    with pytest.raises(KeyError):
+        t.plain(3)  # 2nd odd call
+    assert t.plain(5) == 10
+    assert [(m, n) for m, n, _ in plan.fired] == [("plain", 3)]
