@@ -591,6 +591,10 @@ class Forwarder:
             raise _Poison(f"cannot encode: {type(exc).__name__}: {exc}") from None
         if not isinstance(messages, list):
             raise _Poison(f"cannot encode: the encoder returned a {type(messages).__name__}")
+        if not messages and record.count and not getattr(self.encoder, "may_skip", False):
+            # Only a layout that drops records by design (Sparkplug's backlog: drop) may
+            # return nothing; anywhere else "no message" would delete unsent samples.
+            raise _Poison("cannot encode: the encoder returned no message")
         for m in messages:
             if not isinstance(m, Message) or not isinstance(m.payload, bytes):
                 raise _Poison(

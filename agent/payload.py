@@ -78,6 +78,10 @@ class PayloadEncoder:
         if sparkplug is None and mqtt.layout == "sparkplug":
             sparkplug = SparkplugNode(agent, mqtt)
         self.sparkplug = sparkplug
+        #: encode() may return no message for a record only in the Sparkplug layout (its
+        #: backlog: drop, or data of a device declared dead); the forwarder treats an
+        #: empty result from any other layout as a record that cannot be sent.
+        self.may_skip = sparkplug is not None
         self._fields: dict[str, str | None] = {
             "agent": agent.id,
             "site": agent.site,
