@@ -7,7 +7,9 @@ check: ``ok``, ``warn`` (worth knowing, not a fault) or ``FAIL`` with what to do
 
 - **config**: the file loads and validates (otherwise every problem is printed, as by
   `validate`, and nothing else is tried: exit 2).
-- **devices**: each enabled device, through its real driver (`agent.runtime.make_driver`):
+- **devices**: each enabled device, through its real driver (`agent.runtime.make_driver`;
+  units on a shared serial line or device server through one shared link, so the serial
+  port is opened as the agent opens it):
   connect (TCP, or the OPC UA endpoint with its security policy, login and certificate
   trust), then one read of its first poll group that has tags; tags read with bad quality
   are named with their reasons. Source timestamps in the future flag a clock difference.
@@ -41,7 +43,7 @@ import orjson
 from agent import __version__
 from agent.config import Config
 from agent.publish import Message
-from drivers.base import DeviceCommon
+from drivers.base import DeviceCommon, DriverContext
 
 Level = Literal["ok", "warn", "FAIL"]
 
@@ -76,6 +78,11 @@ def _endpoint(device: DeviceCommon) -> str:
 
 
 _DEVICE_FIXES: tuple[tuple[str, str], ...] = (
+    (
+        "port unavailable",
+        "check the link's serial port (ls -l /dev/serial/by-id/), that the adapter is "
+        "plugged in, and that the service user may open it (group dialout)",
+    ),
     (
         "connection refused",
         "check host and port, and that the device (or its protocol server) is on",
@@ -112,8 +119,12 @@ def _first_group(device: DeviceCommon) -> str | None:
     return (polled or groups)[0]
 
 
-async def check_device(device: DeviceCommon, timeout_s: float) -> list[Finding]:
-    """Connect to one device through its driver and read its first group once."""
+async def check_device(
+    device: DeviceCommon, timeout_s: float, context: DriverContext | None = None
+) -> list[Finding]:
+    """Connect to one device through its driver and read its first group once (a unit on
+    a shared link: the serial port or device server is opened through `context`, which
+    lends the config's links)."""
     from agent.runtime import make_driver
     from drivers.base import DriverError
 
@@ -123,7 +134,7 @@ async def check_device(device: DeviceCommon, timeout_s: float) -> list[Finding]:
     if group is None:
         return [Finding("warn", subject, "has no tags; nothing to read")]
     try:
-        driver = make_driver(device)
+        driver = make_driver(device, context)
     except Exception as exc:  # an unknown protocol, a driver that cannot be built
         return [Finding("FAIL", subject, f"no driver: {exc}", "check the device's protocol")]
     try:
@@ -407,10 +418,14 @@ def check_clock(now: float | None = None) -> list[Finding]:
 async def diagnose(config: Config, *, timeout_s: float = 15.0) -> list[Finding]:
     """Every check except the config itself (already loaded); devices run concurrently."""
     devices = [d for d in config.devices if d.enabled]
-    device_checks = [check_device(d, timeout_s) for d in devices]
-    results: Sequence[Any] = await asyncio.gather(
-        *device_checks, check_broker(config, timeout_s), return_exceptions=True
-    )
+    context = DriverContext(config.links)
+    device_checks = [check_device(d, timeout_s, context) for d in devices]
+    try:
+        results: Sequence[Any] = await asyncio.gather(
+            *device_checks, check_broker(config, timeout_s), return_exceptions=True
+        )
+    finally:
+        await context.aclose()
     findings: list[Finding] = []
     for subject, result in zip(
         [f"device {d.name}" for d in devices] + ["broker"], results, strict=True

@@ -25,6 +25,8 @@ from tests.support.certs import TestPki
 
 pytestmark = pytest.mark.integration
 
+ROOT_DIR = Path(__file__).resolve().parents[2]
+
 MODBUS_DEVICE = """\
   - name: press-1
     protocol: modbus
@@ -386,3 +388,31 @@ async def test_modbus_tag_the_device_refuses_is_named(tmp_path: Path) -> None:
     assert findings[0].text.startswith(
         "1 of 3 tags of group default read bad: ghost (modbus exception 2"
     )
+
+
+async def test_units_on_a_serial_line_are_checked_through_the_shared_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example line in simulator mode (a pty pair with real RTU framing) answers on
+    every unit; a line whose port does not exist fails each unit with one line that says
+    what to do."""
+    from agent.config import load_config
+    from agent.doctor import diagnose
+    from agent.simulate import simulators
+
+    root = ROOT_DIR
+    monkeypatch.setenv("EDGE_BUFFER", str(tmp_path / "buffer.db"))
+    monkeypatch.setenv("MQTT_PORT", "9")  # no broker: only the device lines matter here
+    config = load_config(root / "configs" / "modbus-serial-line.yaml", simulate=True)
+    async with simulators(config) as simulated:
+        findings = await diagnose(simulated, timeout_s=10)
+    devices = [f for f in findings if f.subject.startswith("device ")]
+    assert len(devices) == 8
+    assert {f.level for f in devices} == {"ok"}, [f.line() for f in devices]
+    monkeypatch.setenv("SERIAL_PORT", str(tmp_path / "ttyNOPE"))
+    missing = load_config(root / "configs" / "modbus-serial-line.yaml", simulate=False)
+    findings = await diagnose(missing, timeout_s=5)
+    devices = [f for f in findings if f.subject.startswith("device ")]
+    assert {f.level for f in devices} == {"FAIL"}
+    assert all("ttyNOPE" in f.line() for f in devices), [f.line() for f in devices]
+    assert all("group dialout" in f.line() for f in devices)
