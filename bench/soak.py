@@ -420,10 +420,8 @@ def read_buffer(path: Path) -> tuple[int, list[tuple[int, int]], list[tuple[int,
         gaps = [(int(a), int(b)) for a, b in con.execute("SELECT first_seq, last_seq FROM gaps")]
     finally:
         con.close()
-    seq_file = Path(f"{path}.seq")
-    if seq_file.exists():
-        text = seq_file.read_bytes().strip(b"\0 \n")
-        high = max(high, int(text) if text else 0)
+    # The lease file (`<path>.seq`: "<leased end> <epoch>") is not read: seqs leased and
+    # never handed out are announced as `skipped` gaps when they are given up.
     return high, buffered, gaps
 
 

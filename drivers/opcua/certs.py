@@ -12,7 +12,7 @@ break every server that trusted it. If the stored one does not carry the configu
 ApplicationUri we refuse, rather than replace it.
 
 asyncua does not check a server certificate against anything unless told to (see
-FIELD-NOTES.md), so the trust decision is ours: a server certificate is trusted when an
+docs/library-notes.md), so the trust decision is ours: a server certificate is trusted when an
 identical certificate is in `trusted/`, or when its SHA-1 or SHA-256 thumbprint equals
 the pinned `server_certificate_thumbprint`.
 """
