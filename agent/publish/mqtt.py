@@ -159,6 +159,13 @@ class MqttPublisher:
         """Return once connected (at once if connected)."""
         await self._connected.wait()
 
+    async def run(self) -> None:
+        """The connection loop (connect, wait for the session's end, reconnect with
+        backoff) until close(): for a supervisor to run instead of start(), so that an
+        unexpected exception in it is seen and the loop restarted."""
+        if not self._closing:
+            await self._connector.run()
+
     async def start(self) -> None:
         """Begin connecting in the background; returns at once."""
         if self._task is None and not self._closing:

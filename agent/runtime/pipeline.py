@@ -58,6 +58,7 @@ log = structlog.get_logger()
 
 WRITER_TASK = "buffer-writer"
 FORWARDER_TASK = "forwarder"
+MQTT_TASK = "mqtt"
 
 
 def device_tags(device: DeviceCommon) -> list[TagCommon]:
@@ -290,7 +291,13 @@ class Agent:
                     server = HttpServer(self, config.http.host, config.http.port)
                     self.http_address = await stack.enter_async_context(server)
                     sup.start("http", server.serve)
-                await publisher.start()
+                run_publisher = getattr(publisher, "run", None)
+                if callable(run_publisher):
+                    # The connection loop under supervision: if it raised, nothing would
+                    # ever reconnect and delivery would stop with no task "stalled".
+                    sup.start(MQTT_TASK, run_publisher)
+                else:
+                    await publisher.start()
                 sup.start(FORWARDER_TASK, forwarder.run)
                 self.heartbeats.add(self._forwarder_probe(forwarder, publisher))
                 sup.start(WRITER_TASK, self.writer.run)
@@ -315,7 +322,8 @@ class Agent:
                 finally:
                     await self._shutdown(forwarder)
         finally:
-            await sup.stop_all()
+            # The connection stays up for the offline status and the death certificate.
+            await sup.stop_all(keep={MQTT_TASK})
             await self.driver_context.aclose()
             if self._status_msgs is not None and publisher.connected:
                 with contextlib.suppress(TimeoutError):
@@ -326,6 +334,7 @@ class Agent:
                     async with asyncio.timeout(2.0):
                         await publisher.publish([self.sparkplug.clean_death()])
             await publisher.close()
+            await sup.stop(MQTT_TASK, forget=False)
             forwarder.dead_letters.close()
             await self.buffer.close()
             log.info(

@@ -120,11 +120,14 @@ class Supervisor:
         return self._tasks.get(name)
 
     async def stop(self, name: str, *, forget: bool = True) -> None:
-        """Cancel task `name` and wait until it has finished (its `finally` blocks ran)."""
+        """Cancel task `name` and wait until it has finished (its `finally` blocks ran).
+
+        A library that swallows a cancellation (pymodbus does, while it connects) would
+        keep the task running and the stop waiting for ever: the task is asked again every
+        `STOP_RECANCEL_S` until it ends (logged once, `task.stop.repeated`)."""
         task = self._tasks.get(name)
         if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
+            await _cancel_and_wait(name, task)
         if forget:
             self._tasks.pop(name, None)
             self.states.pop(name, None)
@@ -159,12 +162,11 @@ class Supervisor:
             self.failure = TaskFailed(name, error)
             self._failed.set()
 
-    async def stop_all(self) -> None:
-        tasks = [t for t in self._tasks.values() if not t.done()]
-        for task in tasks:
-            task.cancel()
+    async def stop_all(self, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """Cancel every task but those in `keep`, and wait until they have finished."""
+        tasks = {n: t for n, t in self._tasks.items() if not t.done() and n not in keep}
         if tasks:
-            await asyncio.wait(tasks)
+            await asyncio.gather(*(_cancel_and_wait(n, t) for n, t in tasks.items()))
 
     async def wait_failed(self) -> TaskFailed:
         """Return the fatal failure once a task has failed for good."""
@@ -229,6 +231,28 @@ class Supervisor:
                 continue
             state.phase = "done"
             return
+
+
+#: How long a stop waits for a cancelled task before it cancels it again.
+STOP_RECANCEL_S = 1.0
+
+
+async def _cancel_and_wait(name: str, task: asyncio.Task[None]) -> None:
+    task.cancel()
+    asked = 1
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=STOP_RECANCEL_S)
+        if done:
+            return
+        if asked == 1:
+            log.warning(
+                "task.stop.repeated",
+                task=name,
+                note="the task did not end when cancelled (a library swallowed the "
+                "cancellation); asking again",
+            )
+        task.cancel()
+        asked += 1
 
 
 # ---------------------------------------------------------------------------- heartbeats

@@ -413,3 +413,36 @@ async def test_a_reload_whose_plan_fails_changes_nothing(tmp_path: Path) -> None
     finally:
         agent.stop()
         await task
+
+
+async def test_the_mqtt_connection_loop_is_supervised(tmp_path: Path) -> None:
+    """If the publisher's connection loop raised, nothing would reconnect and delivery
+    would stop with no task stalled: it runs under the supervisor and is restarted."""
+    from agent.publish.mqtt import MqttPublisher
+
+    config = make_config(tmp_path)
+    publisher = MqttPublisher(config.mqtt.model_copy(update={"port": free_port()}), "gw-sup")
+    real_run = publisher._connector.run
+    calls = 0
+
+    async def flaky_run() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("bug in the connection loop")
+        await real_run()
+
+    publisher._connector.run = flaky_run  # type: ignore[method-assign]
+    agent = Agent(config, publisher=publisher, grace_s=0.2, supervision=FAST)
+    with capture_logs() as logs:
+        task = asyncio.create_task(agent.run())
+        try:
+            await wait_for(lambda: calls >= 2)
+            state = agent.supervisor.states["mqtt"]
+            assert state.failures == 1
+            assert state.phase == "running"
+        finally:
+            agent.stop()
+            await task
+    failed = [e for e in logs if e["event"] == "task.failed"]
+    assert [(e["task"], e["action"]) for e in failed] == [("mqtt", "restarting")]

@@ -59,7 +59,7 @@ def device(tmp_path: Path) -> DeviceCommon:
 
 
 def _use(monkeypatch: pytest.MonkeyPatch, driver: FakeDriver) -> None:
-    monkeypatch.setattr("agent.runtime.make_driver", lambda _device: driver)
+    monkeypatch.setattr("agent.runtime.make_driver", lambda _device, _context=None: driver)
 
 
 async def test_reads_the_first_group_that_has_tags_and_closes(

@@ -6,6 +6,7 @@ timing thresholds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from structlog.testing import capture_logs
@@ -297,3 +298,26 @@ def test_a_stalled_probe_acts_at_once_then_once_per_deadline() -> None:
         hb.check()
     assert acted == ["forwarder", "forwarder"]  # at 11 s, then at 21.5 s
     assert {s.task for s in hb.stalled} == {"forwarder", "status"}
+
+
+async def test_a_task_that_swallows_its_cancellation_is_asked_again() -> None:
+    """pymodbus swallows a cancellation while it connects: a stop must still end."""
+    sup, _ = supervisor(FakeClock())
+    cleaned = asyncio.Event()
+
+    async def stubborn() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as a library might
+            await asyncio.Event().wait()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.set()
+
+    sup.start("poll:plc", stubborn)
+    for _ in range(3):  # let the run reach its first wait
+        await asyncio.sleep(0)
+    with capture_logs() as logs:
+        async with asyncio.timeout(10):
+            await sup.stop("poll:plc")
+    assert cleaned.is_set()
+    assert [e["task"] for e in logs if e["event"] == "task.stop.repeated"] == ["poll:plc"]
