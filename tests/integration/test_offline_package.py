@@ -31,7 +31,7 @@ import orjson
 import pytest
 
 from tests.support.agent_proc import ROOT, AgentProcess, assert_continuous, counter_device
-from tests.support.broker import MosquittoBroker, require_mosquitto
+from tests.support.broker import MosquittoBroker, free_port, require_mosquitto
 
 # Building two packages (pip download, wheels) runs inside the first test's time.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -224,6 +224,9 @@ def broker() -> Iterator[MosquittoBroker]:
 
 
 def _write_config(gw: Gateway, broker_port: int) -> Path:
+    # A plant's config names the PLC's real port (install.sh validates it as `run` does,
+    # which refuses port 0); the tests run it with --simulate, which serves that port.
+    plant_device = counter_device("press-1", 0.05).replace("port: 0", f"port: {free_port()}")
     path = gw.root / "plant.yaml"
     path.write_text(
         f"""\
@@ -231,7 +234,7 @@ agent: {{id: gw-upgrade}}
 buffer: {{path: {gw.state / "buffer.db"}}}
 mqtt: {{host: 127.0.0.1, port: {broker_port}, reconnect_min_s: 0.2, reconnect_max_s: 0.5}}
 devices:
-{counter_device("press-1", 0.05)}""",
+{plant_device}""",
         encoding="utf-8",
     )
     return path
@@ -277,7 +280,11 @@ def test_package_holds_wheels_for_the_target_and_installs_offline(
     assert (gateway.etc / "agent.yaml").read_text() == (ROOT / "deploy" / "agent.yaml").read_text()
     version = gateway.run(gateway.root / "usr-local-bin" / "edge-agent", "--version")
     assert version.stdout.strip() == f"edge-agent {NEW}"
-    assert (gateway.prefix / "releases" / NEW / "BUFFER_FORMAT").read_text().strip() == "1"
+    from agent.buffer.sqlite import FORMAT_VERSION
+
+    assert (gateway.prefix / "releases" / NEW / "BUFFER_FORMAT").read_text().strip() == str(
+        FORMAT_VERSION
+    )
 
 
 def test_build_all_architectures(tmp_path: Path) -> None:
@@ -374,7 +381,21 @@ def test_upgrade_keeps_config_certs_and_buffer_and_delivers_the_backlog(
     assert max(got) >= last_old
     assert f'"version": "{NEW}"' in new.log()  # agent.starting names the release
 
-    # Roll back to the old release: allowed, same buffer format; the config stays.
+    # Roll back: the new release wrote its buffer in a newer format than the old release
+    # reads, so the rollback is refused with what to do, and nothing changes.
+    from agent.buffer.sqlite import FORMAT_VERSION
+
+    done = gateway.run(gateway.prefix / "bin" / "edge-agent-rollback")
+    assert done.returncode == 1, done.stderr
+    assert f"in format {FORMAT_VERSION}, and release {OLD} reads format 1 at most" in done.stderr
+    assert "Nothing was changed" in done.stderr
+    assert gateway.link("current") == f"releases/{NEW}"
+    # The buffer is empty (everything was delivered): moved aside as the message says,
+    # the rollback goes through; the config stays.
+    buffer = gateway.state / "buffer.db"
+    for part in gateway.state.glob("buffer.db*"):
+        part.rename(part.with_name(part.name.replace("buffer.db", "buffer.db.v2")))
+    assert not buffer.exists()
     done = gateway.run(gateway.prefix / "bin" / "edge-agent-rollback")
     assert done.returncode == 0, done.stderr
     assert f"release {OLD} is current (previous: {NEW})" in done.stderr
