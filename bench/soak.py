@@ -261,7 +261,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         broker = MosquittoBroker(
             persistent=True,
             acl=poison_acl(args.devices) if args.poison else None,
-            extra_config=[f"max_packet_size {POISON_MAX_PACKET}"] if args.poison else (),
+            # The measuring subscriber is offline for a moment after each broker restart:
+            # mosquitto's default queue of 1,000 messages for it would drop the backlog the
+            # agent drains meanwhile (acknowledged to the agent, lost to the measurement).
+            extra_config=[
+                "max_queued_messages 100000",
+                *([f"max_packet_size {POISON_MAX_PACKET}"] if args.poison else []),
+            ],
             log_types=("error", "warning"),
         ).start()
         sub: Subscriber | None = None
@@ -290,7 +296,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sampler = threading.Thread(target=sample, name="sampler", daemon=True)
             sampler.start()
             events = plan_events(
-                duration_s, args.outages, args.kills, args.plc_restarts, 1 if args.poison else 0
+                duration_s,
+                args.outages,
+                args.kills,
+                args.plc_restarts,
+                args.damages if args.poison else 0,
             )
             done_events: list[dict[str, Any]] = []
             while (now := time.monotonic() - t_start) < duration_s:
@@ -313,6 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sampler.join()
             plc.terminate(timeout_s=10)
             produced, buffered, gap_seqs = read_buffer(directory / "buffer.db")
+            dead_letters = read_dead_letters(directory / "buffer.db.deadletter.sqlite")
             time.sleep(2.0)  # the last PUBACKed messages reach the subscriber
             messages = sub.messages()
             return figures(
@@ -322,6 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 produced=produced,
                 buffered=buffered,
                 gap_seqs=gap_seqs,
+                dead_letters=dead_letters,
                 events=done_events,
                 rss=(rss_first, rss_end, rss_max),
                 agent_exit=code,
@@ -409,6 +421,19 @@ def damage_file(path: Path, pages: int = 4, page: int = 4096) -> int:
     return done
 
 
+def read_dead_letters(path: Path) -> list[tuple[str, int, int, int]]:
+    """(device, first_seq, last_seq, count) of every record set aside in the dead-letter
+    store (kept there, listable and replayable: counted, not lost)."""
+    if not path.exists():
+        return []
+    con = sqlite3.connect(path)
+    try:
+        rows = con.execute("SELECT device, first_seq, last_seq, count FROM dead_letters")
+        return [(str(d), int(a), int(b), int(c)) for d, a, b, c in rows]
+    finally:
+        con.close()
+
+
 def read_buffer(path: Path) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
     """(seq high-water, seq ranges still buffered, gap ranges) of a closed buffer file."""
     con = sqlite3.connect(path)
@@ -433,6 +458,7 @@ def figures(
     produced: int,
     buffered: list[tuple[int, int]],
     gap_seqs: list[tuple[int, int]],
+    dead_letters: list[tuple[str, int, int, int]],
     events: list[dict[str, Any]],
     rss: tuple[int | None, int | None, int],
     agent_exit: int | None,
@@ -474,8 +500,10 @@ def figures(
     for seqs in wire_gaps.values():
         gapped |= seqs
     per_device = device_figures(seen, elapsed_s)
+    # A dead letter's samples are the seqs of its record that were not delivered.
+    set_aside = {q for _, a, b, _ in dead_letters for q in range(a, b + 1)} - set(seen)
     missing = [q for q in range(1, produced + 1) if q not in seen and q not in still]
-    lost = [q for q in missing if q not in gapped]
+    lost = [q for q in missing if q not in gapped and q not in set_aside]
     # Backlog at each sampled moment: produced by then (by ts_agent) minus received by then.
     by_time = sorted(produced_at.values())
     max_backlog = 0
@@ -509,6 +537,7 @@ def figures(
         "reported_gaps": len(gapped & set(missing)),
         "lost": len(lost),
         "lost_first": lost[:10],
+        "lost_ranges": _ranges(lost)[:20],
         "max_backlog": max_backlog,
         "resume_after_kill_s": resumes,
         "rss_kib_start": rss[0],
@@ -517,6 +546,10 @@ def figures(
         "agent_exit": agent_exit,
         "events": events,
         "devices_delivered": per_device,
+        "dead_lettered": {
+            d: sum(c for dd, _, _, c in dead_letters if dd == d)
+            for d in sorted({d for d, *_ in dead_letters})
+        },
         "gaps_on_wire": {reason: len(seqs) for reason, seqs in sorted(wire_gaps.items())},
         "largest_message_bytes": largest_message,
         "max_packet_bytes": POISON_MAX_PACKET if args.poison else None,
@@ -524,6 +557,17 @@ def figures(
         "nan_bad_quality": nan_bad,
         "null_good_samples": nan_good_null,
     }
+
+
+def _ranges(seqs: list[int]) -> list[str]:
+    """[1, 2, 3, 7] -> ["1-3", "7"]: lost seqs, readable."""
+    out: list[str] = []
+    for q in seqs:
+        if out and int(out[-1].split("-")[-1]) == q - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{q}"
+        else:
+            out.append(str(q))
+    return out
 
 
 def device_figures(seen: dict[int, tuple[str, str, str]], elapsed_s: float) -> dict[str, Any]:
@@ -582,6 +626,7 @@ def table(result: dict[str, Any]) -> str:
         ("reported gaps", result["reported_gaps"]),
         ("max backlog", result["max_backlog"]),
         ("gaps on the wire", result["gaps_on_wire"]),
+        ("dead-lettered samples", result["dead_lettered"]),
         (
             "per device (samples, polls/s)",
             ", ".join(
@@ -616,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage-s", type=float, default=5.0)
     parser.add_argument("--plc-down-s", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="<= 60 s: 1 of each fault")
+    parser.add_argument(
+        "--damages", type=int, default=1, help="buffer file damaged this often (poison run)"
+    )
     parser.add_argument(
         "--no-poison",
         dest="poison",

@@ -122,6 +122,10 @@ class Subscriber:
             self._client.connect(
                 self.host, self.port, keepalive=30, clean_start=False, properties=props
             )
+        # paho backs off up to 120 s between reconnects by default: after a broker outage
+        # the subscriber would stay away long after the broker is back, and the broker's
+        # queue for its session (max_queued_messages) would overflow.
+        self._client.reconnect_delay_set(min_delay=1, max_delay=1)
         self._client.loop_start()
         self._started = True
         if not self._subscribed.wait(self._timeout_s):
