@@ -280,3 +280,26 @@ class DeviceCommon(ConfigModel):
         groups = {"default": self.interval_s}
         groups.update({name: g.interval_s for name, g in self.poll_groups.items()})
         return groups
+
+
+D = TypeVar("D", bound=DeviceCommon)
+
+
+def served_at(devices: Sequence[D], endpoints: Mapping[str, tuple[str, int]]) -> dict[str, D]:
+    """Device name → the device's config with `host`/`port` replaced by where its
+    simulator listens (`endpoints`), for a protocol's `simulate` hook. A device served
+    elsewhere than configured (port 0, or the port was taken) is logged once as
+    `simulator.endpoint`."""
+    served: dict[str, D] = {}
+    for dev in devices:
+        host, port = endpoints[dev.name]
+        configured = (getattr(dev, "host", None), getattr(dev, "port", None))
+        if (host, port) != configured:
+            structlog.get_logger(__name__).info(
+                "simulator.endpoint",
+                device=dev.name,
+                configured=f"{configured[0]}:{configured[1]}",
+                serving=f"{host}:{port}",
+            )
+        served[dev.name] = dev.model_copy(update={"host": host, "port": port})
+    return served

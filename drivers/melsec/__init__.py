@@ -11,16 +11,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
-from drivers.base import DriverContext
+from drivers.base import DriverContext, served_at
 from drivers.melsec.config import MelsecDevice
 from drivers.registry import Protocol
 
 if TYPE_CHECKING:
     from drivers.melsec.driver import MelsecDriver
-
-log = structlog.get_logger(__name__)
 
 
 def _create_driver(device: MelsecDevice, context: DriverContext) -> MelsecDriver:
@@ -34,18 +30,7 @@ async def _simulate(devices: Sequence[MelsecDevice]) -> AsyncIterator[Mapping[st
     from drivers.melsec.simulator import MelsecSimulator
 
     async with MelsecSimulator(devices) as sim:
-        served: dict[str, MelsecDevice] = {}
-        for dev in devices:
-            host, port = sim.endpoints[dev.name]
-            if (host, port) != (dev.host, dev.port):
-                log.info(
-                    "simulator.endpoint",
-                    device=dev.name,
-                    configured=f"{dev.host}:{dev.port}",
-                    serving=f"{host}:{port}",
-                )
-            served[dev.name] = dev.model_copy(update={"host": host, "port": port})
-        yield served
+        yield served_at(devices, sim.endpoints)
 
 
 def _plan(devices: Sequence[MelsecDevice]) -> str:

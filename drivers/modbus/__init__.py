@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from drivers.base import DriverContext
+from drivers.base import DriverContext, served_at
 from drivers.modbus.config import ModbusDevice
 from drivers.registry import Protocol
 
@@ -45,21 +45,9 @@ async def _simulate(devices: Sequence[ModbusDevice]) -> AsyncIterator[Mapping[st
     # Units on shared links are served by _simulate_links (their link config changes,
     # the device config does not).
     linked = {d.name: d for d in devices if d.link is not None}
-    async with ModbusSimulator([d for d in devices if d.link is None]) as sim:
-        served: dict[str, ModbusDevice] = dict(linked)
-        for dev in devices:
-            if dev.link is not None:
-                continue
-            host, port = sim.endpoints[dev.name]
-            if (host, port) != (dev.host, dev.port):
-                log.info(
-                    "simulator.endpoint",
-                    device=dev.name,
-                    configured=f"{dev.host}:{dev.port}",
-                    serving=f"{host}:{port}",
-                )
-            served[dev.name] = dev.model_copy(update={"host": host, "port": port})
-        yield served
+    tcp = [d for d in devices if d.link is None]
+    async with ModbusSimulator(tcp) as sim:
+        yield {**linked, **served_at(tcp, sim.endpoints)}
 
 
 def _plan(devices: Sequence[ModbusDevice]) -> str:

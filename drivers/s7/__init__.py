@@ -10,16 +10,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-import structlog
-
-from drivers.base import DriverContext
+from drivers.base import DriverContext, served_at
 from drivers.registry import Protocol
 from drivers.s7.config import S7Device
 
 if TYPE_CHECKING:
     from drivers.s7.driver import S7Driver
-
-log = structlog.get_logger(__name__)
 
 
 def _create_driver(device: S7Device, context: DriverContext) -> S7Driver:
@@ -33,18 +29,7 @@ async def _simulate(devices: Sequence[S7Device]) -> AsyncIterator[Mapping[str, S
     from drivers.s7.simulator import S7Simulator
 
     async with S7Simulator(devices) as sim:
-        served: dict[str, S7Device] = {}
-        for dev in devices:
-            host, port = sim.endpoints[dev.name]
-            if (host, port) != (dev.host, dev.port):
-                log.info(
-                    "simulator.endpoint",
-                    device=dev.name,
-                    configured=f"{dev.host}:{dev.port}",
-                    serving=f"{host}:{port}",
-                )
-            served[dev.name] = dev.model_copy(update={"host": host, "port": port})
-        yield served
+        yield served_at(devices, sim.endpoints)
 
 
 def _plan(devices: Sequence[S7Device]) -> str:

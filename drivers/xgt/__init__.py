@@ -11,16 +11,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
-from drivers.base import DriverContext
+from drivers.base import DriverContext, served_at
 from drivers.registry import Protocol
 from drivers.xgt.config import XgtDevice
 
 if TYPE_CHECKING:
     from drivers.xgt.driver import XgtDriver
-
-log = structlog.get_logger(__name__)
 
 
 def _create_driver(device: XgtDevice, context: DriverContext) -> XgtDriver:
@@ -34,18 +30,7 @@ async def _simulate(devices: Sequence[XgtDevice]) -> AsyncIterator[Mapping[str, 
     from drivers.xgt.simulator import XgtSimulator
 
     async with XgtSimulator(devices) as sim:
-        served: dict[str, XgtDevice] = {}
-        for dev in devices:
-            host, port = sim.endpoints[dev.name]
-            if (host, port) != (dev.host, dev.port):
-                log.info(
-                    "simulator.endpoint",
-                    device=dev.name,
-                    configured=f"{dev.host}:{dev.port}",
-                    serving=f"{host}:{port}",
-                )
-            served[dev.name] = dev.model_copy(update={"host": host, "port": port})
-        yield served
+        yield served_at(devices, sim.endpoints)
 
 
 def _plan(devices: Sequence[XgtDevice]) -> str:

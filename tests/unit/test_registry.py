@@ -637,3 +637,27 @@ def test_loading_the_registry_imports_no_protocol_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_served_at_points_each_device_at_its_simulator_and_says_where_it_moved() -> None:
+    from structlog.testing import capture_logs
+
+    from drivers.base import served_at
+
+    a = ModbusDevice.model_validate(
+        {
+            "name": "a",
+            "protocol": "modbus",
+            "host": "127.0.0.1",
+            "port": 5020,
+            "tags": [{"name": "t", "address": 0}],
+        }
+    )
+    b = a.model_copy(update={"name": "b", "port": 0})
+    with capture_logs() as logs:
+        served = served_at([a, b], {"a": ("127.0.0.1", 5020), "b": ("127.0.0.1", 40123)})
+    assert served["a"] == a  # served where configured: unchanged, not logged
+    assert (served["b"].host, served["b"].port) == ("127.0.0.1", 40123)
+    assert [(e["event"], e["device"], e["serving"]) for e in logs] == [
+        ("simulator.endpoint", "b", "127.0.0.1:40123")
+    ]
