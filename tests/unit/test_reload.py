@@ -133,3 +133,33 @@ async def test_reload_when_stopped_is_refused(tmp_path: Path) -> None:
     result = await agent.reload()
     assert not result.ok
     assert result.problems == ["the agent is not running"]
+
+
+def test_a_changed_link_needs_a_restart() -> None:
+    """Units share one open serial port per link: a changed line (baud, port) cannot be
+    swapped under them by a reload."""
+    from agent.config import parse_config
+    from agent.runtime.reload import plan_reload
+
+    def config(baud: int) -> str:
+        return f"""\
+agent: {{id: gw}}
+links:
+  line1: {{type: serial, port: /dev/ttyUSB0, baud: {baud}}}
+devices:
+  - name: meter
+    protocol: modbus
+    link: line1
+    unit_id: 1
+    tags:
+      - {{name: v, address: 0}}
+"""
+
+    old, new = parse_config(config(19200)), parse_config(config(9600))
+    result = plan_reload(old, new, {"meter"})
+    assert not result.ok
+    assert result.problems == [
+        "section 'links' changed: this needs a restart of the agent "
+        "(a reload only applies changes to devices)"
+    ]
+    assert plan_reload(old, parse_config(config(19200)), {"meter"}).ok
