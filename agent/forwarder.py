@@ -65,6 +65,7 @@ import orjson
 import structlog
 
 from agent.buffer import Buffer, Gap, Record
+from agent.buffer.common import record_samples
 from agent.payload import PayloadEncoder
 from agent.poller import Backoff
 from agent.publish import (
@@ -574,9 +575,9 @@ class Forwarder:
     ) -> list[_Part]:
         """One part per sample (each possibly a poison part)."""
         try:
-            samples: list[dict[str, Any]] = orjson.loads(record.data)
+            samples: list[dict[str, Any]] = record_samples(record.data)
             singles = [_sub(record, [s]) for s in samples]
-        except (orjson.JSONDecodeError, TypeError, KeyError, IndexError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
             raise _Poison(f"cannot split: {type(exc).__name__}: {exc}") from None
         out: list[_Part] = []
         for single in singles:
@@ -848,10 +849,10 @@ def _reason_key(reason: str) -> str:
 def _halves(record: Record) -> tuple[Record, Record]:
     """Split a record's sample array in two sub-records with exact seqs and counts."""
     try:
-        samples: list[dict[str, Any]] = orjson.loads(record.data)
+        samples: list[dict[str, Any]] = record_samples(record.data)
         mid = len(samples) // 2
         return _sub(record, samples[:mid]), _sub(record, samples[mid:])
-    except (orjson.JSONDecodeError, TypeError, KeyError, IndexError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
         raise _Poison(f"cannot split: {type(exc).__name__}: {exc}") from None
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from agent.buffer import Gap, Record
+from agent.buffer.common import record_samples
 from agent.config import AgentSection, MqttConfig
 from agent.publish import Message
 from agent.publish.sparkplug import SparkplugNode
@@ -164,9 +165,9 @@ class PayloadEncoder:
 def _samples_of(record: Record) -> list[dict[str, Any]]:
     """The samples of a record, or PayloadError naming the record."""
     try:
-        samples = orjson.loads(record.data)
-    except orjson.JSONDecodeError as exc:
-        raise PayloadError(f"record {record.id} ({record.device}): not JSON: {exc}") from None
+        samples: Any = record_samples(record.data)
+    except ValueError as exc:
+        raise PayloadError(f"record {record.id} ({record.device}): {exc}") from None
     if not isinstance(samples, list) or not all(
         isinstance(s, dict) and isinstance(s.get("tag"), str) for s in samples
     ):

@@ -103,6 +103,30 @@ class SubscribingDriver(Driver, Protocol):
         """Return (by raising DriverUnavailable) when the connection is lost."""
 
 
+class WriteRefused(DriverError):
+    """A write the driver will not attempt (the tag's area cannot be written over this
+    protocol, a value the tag's type cannot hold). Nothing was sent to the device."""
+
+
+@runtime_checkable
+class WritingDriver(Driver, Protocol):
+    """A driver that can write one tag (setpoints from the platform, `edge-agent write`).
+
+    The agent's command layer (agent/command/) has already checked every guard and turned
+    the engineering value into the tag's raw value (the inverse of scale/offset, rounded
+    and range-checked for integer types), so `raw` is a bool, int, float or str of the
+    tag's configured type. The driver encodes it exactly as `read` decodes it (byte and
+    word order, width) and writes it; bits are written with the protocol's bit write, or
+    read-modify-write where it has none (the driver's README says which).
+
+    Raises WriteRefused (nothing sent), DriverUnavailable (not connected / connection
+    lost: the write may or may not have happened) or DriverError (the device refused it,
+    e.g. a Modbus exception)."""
+
+    async def write(self, tag: str, raw: Scalar) -> None:
+        """Write tag `tag` (a name of this device's config) with raw value `raw`."""
+
+
 @runtime_checkable
 class ColumnReader(Protocol):
     """A driver that can also hand a poll over in columns: `read_columns(group)` returns
@@ -269,6 +293,12 @@ class DeviceCommon(ConfigModel):
         simulate: True in simulator mode, False against real devices, None when the
         use is not known (endpoint checks are then skipped). None for most protocols."""
         return []
+
+    def write_refusal(self, tag: str) -> str | None:
+        """Why tag `tag` of this device cannot be written over its protocol (an input
+        register, a read-only area), or None when it can. `validate` refuses
+        `writable: true` on such a tag with this text. Default: no protocol writes."""
+        return "this protocol's driver cannot write"
 
     def subscribe_groups(self) -> frozenset[str]:
         """Poll groups whose values the driver pushes (subscriptions) instead of being

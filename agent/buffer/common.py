@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import structlog
@@ -100,6 +100,20 @@ def encode_batch(samples: Sequence[WireSample], last_seq: int) -> EncodedBatch:
         prev = seq
     data = orjson.dumps(samples, option=_ORJSON_OPTS)
     return EncodedBatch(samples[0]["seq"], prev, len(samples), data)
+
+
+def record_samples(data: bytes) -> list[dict[str, Any]]:
+    """The samples of a stored record's `data`, in seq order: the one way every reader
+    (layouts, the forwarder's split, salvage, dead letters) decodes a record, so the
+    stored format can change in one place. Raises ValueError for data that is not a
+    record."""
+    try:
+        samples = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not a record: {exc}") from exc
+    if not isinstance(samples, list):
+        raise ValueError("not a record: not a list of samples")
+    return samples
 
 
 class GapList:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import orjson
+from agent.buffer.common import record_samples
 
 #: Records are read this many ids at a time.
 SALVAGE_CHUNK = 1024
@@ -132,7 +132,7 @@ def read_range(
 def intact(row: Any) -> bool:
     try:
         rid, device, first, last, count, created, data, epoch = row
-        samples = orjson.loads(data)
+        samples = record_samples(data)
         return (
             isinstance(samples, list)
             and len(samples) == count > 0
@@ -143,5 +143,5 @@ def intact(row: Any) -> bool:
             and isinstance(created, float)
             and isinstance(epoch, str)
         )
-    except (TypeError, ValueError, KeyError, orjson.JSONDecodeError):
+    except (TypeError, ValueError, KeyError):
         return False

@@ -50,10 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
 import structlog
 
 from agent.buffer import Record
+from agent.buffer.common import record_samples
 from agent.config import AgentSection, MqttConfig, SparkplugConfig
 from agent.publish import Message, PublishResult
 from agent.publish import sparkplug_wire as wire
@@ -461,7 +461,7 @@ class SparkplugNode:
             self.stats.records_dropped_backlog += 1
             return []
         dev = self._device(record.device)
-        samples: list[dict[str, Any]] = orjson.loads(record.data)
+        samples: list[dict[str, Any]] = record_samples(record.data)
         if dev.dead and all(s.get("quality") == "bad" for s in samples):
             self.stats.records_skipped_dead += 1
             return []
