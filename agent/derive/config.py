@@ -8,7 +8,7 @@ types); `agent.config` reports them with file:line, for `validate` and `run` ali
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -247,10 +247,8 @@ def check_device(device: Any) -> list[Problem]:
 
     for j, tag in enumerate(tags):
         report_checks(("tags", j, "report"), getattr(tag, "report", None), tag)
-    for where, report, group in _inherited_reports(device):
-        for tag in tags:
-            if (group is None or tag.group == group) and getattr(tag, "report", None) is None:
-                report_checks(where, report, tag)
+    # A device's or group's deadband applies to its numeric tags; the others are reported
+    # on change (docs/derive.md), so only a tag's own deadband can be wrong.
 
     derived: dict[str, tuple[str | int, ...]] = {}
 
@@ -324,18 +322,6 @@ def check_device(device: Any) -> list[Problem]:
             for feature in (*window.features, GOOD_SHARE):
                 claim(f"{name}.{feature}", (*loc, "tags", k))
     return out
-
-
-def _inherited_reports(
-    device: Any,
-) -> Iterable[tuple[tuple[str | int, ...], ReportConfig, str | None]]:
-    report = getattr(device, "report", None)
-    if report is not None:
-        yield ("report",), report, None
-    for name, group in getattr(device, "poll_groups", {}).items():
-        report = getattr(group, "report", None)
-        if report is not None:
-            yield ("poll_groups", name, "report"), report, name
 
 
 def _names(by_name: dict[str, Any]) -> str:
