@@ -151,3 +151,13 @@ def test_sample_and_hold_reconstruction_stays_within_the_band(
             last = held["value"]
             assert isinstance(last, float)
             assert abs(v - last) <= max(band_abs, band_pct / 100 * abs(last)) + 1e-9
+
+
+def test_the_bench_mix_is_reconstructed_within_every_band() -> None:
+    from bench.derive_rbe import run
+
+    result = run(300)
+    assert result["quality_mismatches"] == 0
+    assert all(v <= 1.0 for v in result["max_error_over_band"].values()), result
+    assert result["max_error_over_band"]["counter"] == 0.0
+    assert result["rbe_samples"] < result["raw_samples"]
