@@ -148,7 +148,24 @@ class CycleConfig(_Model):
     )
     trigger: CycleTrigger = Field(description="What starts a cycle.")
     tags: list[str] = Field(
-        min_length=1, description="Tags captured, from the same poll as the trigger."
+        min_length=1,
+        description="Tags captured: from the trigger's poll (read: same_poll), or read "
+        "again at the trigger (read: at_trigger).",
+    )
+    read: Literal["same_poll", "at_trigger"] = Field(
+        default="same_poll",
+        description="same_poll: the captured tags' values of the poll that saw the "
+        "trigger (they must be in the trigger's poll group); at_trigger: the poller reads "
+        "their poll groups again at once, and the record takes the first reading of each "
+        "captured tag after the trigger.",
+    )
+    read_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="read: at_trigger: a captured tag not read within this time after the "
+        "trigger is published bad in the record ('not read within read_timeout_s').",
     )
     debounce_s: float = Field(
         default=0.0,
@@ -298,13 +315,27 @@ def check_device(device: Any) -> list[Problem]:
                 out.append(((*loc, "tags", k), f"tag {name!r} is listed twice"))
             seen.add(name)
             claim(f"{cycle.name}.{name}", (*loc, "tags", k))
-            if t is not None and tag is not None and t.group != tag.group:
+            if t is not None and cycle.read == "at_trigger" and t.group in subscribed:
+                out.append(
+                    (
+                        (*loc, "tags", k),
+                        f"{name!r} is in subscribed group {t.group!r}, which cannot be "
+                        "read on demand (read: at_trigger); put it in a polled group",
+                    )
+                )
+            if (
+                t is not None
+                and tag is not None
+                and cycle.read == "same_poll"
+                and t.group != tag.group
+            ):
                 out.append(
                     (
                         (*loc, "tags", k),
                         f"{name!r} is read in poll group {t.group!r}, the trigger "
                         f"{tag.name!r} in {tag.group!r}: a snapshot takes its values from "
-                        "the trigger's poll; move the tag into that group",
+                        "the trigger's poll; move the tag into that group, or use "
+                        "read: at_trigger",
                     )
                 )
 

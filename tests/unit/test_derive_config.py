@@ -78,7 +78,7 @@ def test_a_good_derive_config_parses() -> None:
             "    cycles:\n      - { name: s, trigger: { tag: shots, on: change }, tags: [temp] }\n",
             "c.yaml:18 devices[0].cycles[0].tags[0]: 'temp' is read in poll group 'slow', the "
             "trigger 'shots' in 'default': a snapshot takes its values from the trigger's "
-            "poll; move the tag into that group",
+            "poll; move the tag into that group, or use read: at_trigger",
         ),
         (
             "    cycles:\n      - { name: s, trigger: { tag: shots, on: change, edge: rising },"
@@ -124,6 +124,15 @@ def test_a_good_derive_config_parses() -> None:
 def test_refusals(extra: str, expected: str) -> None:
     out = problems(extra)
     assert expected in out, out
+
+
+def test_at_trigger_may_capture_tags_of_other_groups() -> None:
+    config = parse_config(
+        HEAD + "    cycles:\n      - { name: s, trigger: { tag: shots, on: change }, tags: [temp],"
+        " read: at_trigger }\n",
+        "c.yaml",
+    )
+    assert config.devices[0].cycles[0].read == "at_trigger"
 
 
 def test_a_derived_name_that_clashes_with_a_tag() -> None:

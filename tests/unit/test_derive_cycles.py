@@ -205,3 +205,57 @@ def test_a_failing_save_keeps_the_state_and_works_again(tmp_path: Path) -> None:
     store.save()
     assert store.saves == 1
     assert DeriveState(blocker / "s.json").cycle("imm", "shot") == {"seq": 3}
+
+
+def at_trigger(**kw: Any) -> tuple[Cycle, list[frozenset[str]]]:
+    cfg = CycleConfig.model_validate(
+        {
+            "name": "shot",
+            "trigger": {"tag": "n", "on": "change"},
+            "tags": ["p", "ok"],
+            "read": "at_trigger",
+            "read_timeout_s": 3.0,
+            **kw,
+        }
+    )
+    c = Cycle("imm", cfg, None)
+    c.read_groups = frozenset({"slow"})
+    asked: list[frozenset[str]] = []
+    c.request_read = asked.append
+    return c, asked
+
+
+def test_at_trigger_takes_the_first_readings_after_the_trigger() -> None:
+    c, asked = at_trigger()
+    assert c.add([s("n", 1, 0), s("p", 1.0, 0)], 0.0) is None  # baseline
+    assert c.add([s("n", 2, 1), s("p", 2.0, 1)], 1.0) is None  # trigger: waits
+    assert asked == [frozenset({"slow"})]
+    assert c.state["last"] == 1  # not persisted while the re-read is pending
+    assert c.add([s("p", 3.0, 2)], 2.0) is None  # p re-read; ok still missing
+    record = c.add([s("ok", True, 3), s("p", 4.0, 3)], 3.0)
+    assert record is not None
+    head, p, ok = record
+    assert head["cycle"] == 2
+    assert head["ts_agent"] == T0 + timedelta(seconds=1)  # the trigger time
+    assert (p["value"], p["ts_agent"], p["cycle"]) == (3.0, T0 + timedelta(seconds=2), 2)
+    assert (ok["value"], ok["tag"]) == (True, "shot.ok")
+    assert c.state["last"] == 2
+    assert c.dirty
+
+
+def test_at_trigger_publishes_what_was_not_read_as_bad() -> None:
+    c, _ = at_trigger()
+    c.add([s("n", 1, 0)], 0.0)
+    c.add([s("n", 2, 1)], 1.0)
+    c.add([s("p", 3.0, 2)], 2.0)
+    record = c.add([s("n", 2, 5)], 5.0)  # past the 3 s timeout
+    assert record is not None
+    assert record[1]["value"] == 3.0
+    assert record[2]["quality"] == "bad"
+    assert record[2]["reason"] == "not read within read_timeout_s (3.0 s)"
+    # the next trigger closes an unfinished snapshot first
+    c.add([s("n", 3, 6)], 6.0)
+    record = c.add([s("n", 4, 7)], 7.0)
+    assert record is not None
+    assert record[0]["cycle"] == 3
+    assert record[1]["reason"] == "not read before the next cycle"
