@@ -92,6 +92,7 @@ class Cycle:
         # snapshot waits for its re-read (read: at_trigger): a crash then leaves the
         # state from before the trigger, so the restarted agent takes the cycle again.
         self._live: dict[str, Any] = dict(self.state)
+        self._started = False
         self._pending: _Pending | None = None
         #: read: at_trigger: called with the poll groups to read now.
         self.request_read: Callable[[frozenset[str]], None] | None = None
@@ -108,6 +109,11 @@ class Cycle:
     def add(self, samples: Sequence[WireSample], now: float) -> list[WireSample] | None:
         """One poll's samples; the cycle's record when this poll triggered (read:
         same_poll) or completed the re-read of a snapshot (read: at_trigger)."""
+        if not self._started:
+            # Built before the device it replaces (a reload) stopped: start from what
+            # that one left, not from what it had when this one was built.
+            self._started = True
+            self._live = dict(self.state)
         by_tag = {s["tag"]: s for s in samples}
         out = self._fill(by_tag, now) if self._pending is not None else None
         record = self._trigger(by_tag, now)

@@ -259,3 +259,15 @@ def test_at_trigger_publishes_what_was_not_read_as_bad() -> None:
     assert record is not None
     assert record[0]["cycle"] == 3
     assert record[1]["reason"] == "not read before the next cycle"
+
+
+def test_a_cycle_rebuilt_by_a_reload_starts_from_what_the_old_one_left() -> None:
+    store = DeriveState(None)
+    old = cycle({"tag": "n", "on": "change"}, store.cycle("imm", "shot"))
+    store.put("imm", "shot", old.state)
+    feed(old, [1, 2])
+    new = cycle({"tag": "n", "on": "change"}, store.cycle("imm", "shot"))  # built now
+    feed(old, [3], start=2)  # the old device polls once more before it is stopped
+    store.put("imm", "shot", new.state)
+    assert feed(new, [3], start=3) == []  # cycle 3 is not recorded twice
+    assert [r[0]["cycle"] for r in feed(new, [4], start=4)] == [4]

@@ -7,6 +7,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+from structlog.testing import capture_logs
+
 from agent.buffer.common import record_samples
 from agent.buffer.sqlite import SqliteBuffer
 from agent.config import BufferConfig, parse_config
@@ -106,3 +109,20 @@ async def test_a_restart_neither_repeats_nor_skips_a_cycle(tmp_path: Path) -> No
     assert heads[0]["missed"] == {"first": 7, "last": 8, "count": 2}
     seqs = [s["seq"] for r in second for s in r]
     assert seqs == sorted(set(seqs))
+
+
+async def test_a_failing_derive_stage_publishes_the_polls_as_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: DeviceDerive, samples: list[Any], now: float) -> list[list[Any]]:
+        raise RuntimeError("bug in the stage")
+
+    monkeypatch.setattr(DeviceDerive, "process", broken)
+    with capture_logs() as logs:
+        records = await run_polls(
+            tmp_path / "buf.db",
+            [{"shots": 1, "p": 10.0, "vib": 0.0}, {"shots": 1, "p": 10.0, "vib": 0.0}],
+        )
+    assert [[s["tag"] for s in r] for r in records] == [["shots", "p", "vib"]] * 2
+    assert [s["seq"] for r in records for s in r] == list(range(1, 7))
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["derive.failed"]
