@@ -21,7 +21,7 @@ SCHEMAS = Path(__file__).parents[2] / "agent" / "schemas"
 TS = datetime(2026, 12, 1, 11, 0, 0, tzinfo=UTC)
 
 
-def derived() -> list[WireSample]:
+def derived() -> list[dict[str, Any]]:
     base: dict[str, Any] = {
         "device": "imm",
         "quality": "good",
@@ -41,7 +41,8 @@ def derived() -> list[WireSample]:
 
 
 def record() -> Record:
-    batch = encode_batch(derived(), 0)
+    samples: list[WireSample] = derived()  # type: ignore[assignment]
+    batch = encode_batch(samples, 0)
     return Record(1, "imm", batch.first_seq, batch.last_seq, batch.count, 0.0, batch.data)
 
 
