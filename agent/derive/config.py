@@ -214,7 +214,7 @@ class WindowConfig(_Model):
 
 # ------------------------------------------------------------------- device checks
 
-TagKind = Literal["bool", "number", "text", "unknown"]
+TagKind = Literal["bool", "number", "text", "array", "unknown"]
 
 _BOOL = {"bool", "bit", "boolean"}
 _NUMBER = {
@@ -232,6 +232,8 @@ def tag_kind(tag: Any) -> TagKind:
         kind = None
     if getattr(tag, "table", None) in ("coil", "discrete_input"):
         return "bool"
+    if getattr(tag, "array_length", None):
+        return "array"
     if not isinstance(kind, str):
         return "unknown"
     k = kind.lower()
@@ -259,7 +261,7 @@ def check_device(device: Any) -> list[Problem]:
         if report is None or tag is None:
             return
         band = report.deadband_abs is not None or report.deadband_pct is not None
-        if band and tag_kind(tag) in ("bool", "text"):
+        if band and tag_kind(tag) in ("bool", "text", "array"):
             out.append((loc, f"a deadband needs a numeric tag; {tag.name!r} is {tag_kind(tag)}"))
 
     for j, tag in enumerate(tags):
@@ -343,7 +345,7 @@ def check_device(device: Any) -> list[Problem]:
         loc = ("windows", i)
         for k, name in enumerate(window.tags):
             t = known((*loc, "tags", k), name)
-            if t is not None and tag_kind(t) in ("bool", "text"):
+            if t is not None and tag_kind(t) in ("bool", "text", "array"):
                 out.append(
                     (
                         (*loc, "tags", k),

@@ -186,3 +186,43 @@ def test_a_deadband_on_a_bool_tag_is_refused_but_a_device_deadband_spares_bools(
         "c.yaml:13 devices[0].tags[1].report: a deadband needs a numeric tag; 'running' is bool"
     ]
     parse_config(HEAD + "    report: { deadband_abs: 0.5 }\n", "c.yaml")
+
+
+def test_opcua_subscribed_groups_and_arrays() -> None:
+    text = """\
+agent: {id: gw}
+mqtt: {port: 1883}
+devices:
+  - name: oven
+    protocol: opcua
+    endpoint: opc.tcp://127.0.0.1:4840
+    poll_groups:
+      fast: { interval_s: 0.5, mode: subscribe }
+    tags:
+      - { name: door, node_id: "ns=2;s=Door", type: Boolean, group: fast }
+      - { name: zones, node_id: "ns=2;s=Zones", type: Float, array_length: 4 }
+      - { name: temp, node_id: "ns=2;s=T", type: Double, group: fast }
+      - { name: parts, node_id: "ns=2;i=1001", type: UInt32 }
+    cycles:
+      - { name: opened, trigger: { tag: door, edge: rising }, tags: [zones] }
+      - { name: part, trigger: { tag: parts, on: change }, tags: [temp], read: at_trigger }
+    windows:
+      - { tags: [zones, temp], length_s: 10 }
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "o.yaml")
+    out = info.value.problems
+    assert (
+        "o.yaml:15 devices[0].cycles[0].trigger.tag: 'door' is in subscribed group 'fast': a "
+        "notification holds only the values that changed, not a whole poll; put the trigger "
+        "and its tags in a polled group"
+    ) in out
+    assert (
+        "o.yaml:16 devices[0].cycles[1].tags[0]: 'temp' is in subscribed group 'fast', which "
+        "cannot be read on demand (read: at_trigger); put it in a polled group"
+    ) in out
+    assert (
+        "o.yaml:18 devices[0].windows[0].tags[0]: window features need a numeric tag; 'zones' "
+        "is array"
+    ) in out
+    assert len(out) == 4, out  # and zones is in another group than the door trigger
