@@ -60,6 +60,18 @@ class DeviceDerive:
             if cycle.config.read == "at_trigger":
                 cycle.request_read = read_soon
 
+    def counts(self) -> dict[str, int]:
+        """What the stage did since the device started (metrics, status)."""
+        return {
+            "held_back": self.report.suppressed,
+            "repeats": self.report.repeats,
+            "cycles": sum(c.cycles for c in self.cycles),
+            "cycles_missed": sum(c.missed for c in self.cycles),
+            "counter_resets": sum(c.resets for c in self.cycles),
+            "debounced": sum(c.debounced for c in self.cycles),
+            "windows": sum(w.closed for w in self.windows),
+        }
+
     @property
     def dirty(self) -> bool:
         """Some durable state changed since `saved()`."""

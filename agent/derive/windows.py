@@ -70,6 +70,8 @@ class Window:
         self._acc: dict[str, _Acc] = {t: _Acc() for t in self._tags}
         self._bucket: int | None = None  # time windows: the current window's index
         self._partial = True  # the first window is not seen from its start
+        #: Windows published, since start.
+        self.closed = 0
 
     @property
     def tags(self) -> set[str]:
@@ -96,6 +98,7 @@ class Window:
                 end = _at((self._bucket + 1) * length)
                 record = self._close(start, end, "clock jump" if jumped else None)
                 if record:
+                    self.closed += 1
                     out.append(record)
                 self._bucket = k
                 self._partial = jumped
@@ -115,6 +118,8 @@ class Window:
                 assert acc.last_ts is not None
                 closed += self._features(tag, acc, acc.first_ts, acc.last_ts, None, False)
                 self._acc[tag] = _Acc()
+        if closed:
+            self.closed += 1
         return [closed] if closed else []
 
     @staticmethod

@@ -106,6 +106,7 @@ class DeviceRun:
 
     poller: DevicePoller
     task: asyncio.Task[None]
+    derive: DeviceDerive | None = None
 
 
 @dataclass
@@ -115,6 +116,7 @@ class _Built:
     device: DeviceCommon
     poller: DevicePoller
     latest: dict[str, WireSample]
+    derive: DeviceDerive | None = None
 
 
 ConfigAdapter = Callable[[Config], Config]
@@ -488,14 +490,14 @@ class Agent:
         )
         if derive is not None:
             derive.set_reader(poller.read_soon)
-        return _Built(device, poller, latest)
+        return _Built(device, poller, latest, derive)
 
     def _start_built(self, item: _Built) -> None:
         name = item.device.name
         poller = item.poller
         self.latest[name] = item.latest
         task = self.supervisor.start(_task_name(name), poller.run)
-        self.devices[name] = DeviceRun(poller, task)
+        self.devices[name] = DeviceRun(poller, task, item.derive)
         self.heartbeats.add(
             Probe(
                 _task_name(name),
