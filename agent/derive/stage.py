@@ -18,6 +18,7 @@ only loss.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from agent.derive.cycles import Cycle
@@ -81,9 +82,18 @@ class DeviceDerive:
         for c in self.cycles:
             c.dirty = False
 
-    def process(self, samples: list[WireSample], now: float) -> list[list[WireSample]]:
+    @property
+    def timed(self) -> bool:
+        """Whether it has time windows (which the writer's clock ticks close on time)."""
+        return any(w.config.length_s is not None for w in self.windows)
+
+    def process(
+        self, samples: list[WireSample], now: float, ts_agent: datetime | None = None
+    ) -> list[list[WireSample]]:
         """One poll's samples (seqs not given yet) → the records to store (see above).
-        `now`: the monotonic clock, for heartbeats and debounce."""
+        `now`: the monotonic clock, for heartbeats and debounce; `ts_agent`: the poll's
+        time (or a clock tick's, with no samples), which closes time windows that are
+        over."""
         records: list[list[WireSample]] = []
         raw = samples
         if self._local:
@@ -97,5 +107,5 @@ class DeviceDerive:
             if record is not None:
                 records.append(record)
         for window in self.windows:
-            records += window.add(samples)
+            records += window.add(samples, ts_agent)
         return records

@@ -61,6 +61,8 @@ log = structlog.get_logger()
 WRITER_TASK = "buffer-writer"
 FORWARDER_TASK = "forwarder"
 MQTT_TASK = "mqtt"
+#: How often time windows that are over are closed when no reading closes them.
+DERIVE_TICK_S = 1.0
 
 
 def device_tags(device: DeviceCommon) -> list[TagCommon]:
@@ -426,7 +428,8 @@ class Agent:
         self._running = True
         for item in built:
             self._start_built(item)
-        helpers = ["status", "rates"]
+        helpers = ["status", "rates", "derive-clock"]
+        sup.start("derive-clock", self._derive_clock)
         sup.start("status", self._report)
         sup.start("rates", lambda: self.rates.run(self))
         if backlog:
@@ -520,7 +523,8 @@ class Agent:
             self.status_sync.send(msg)
 
     async def _stop_device(self, name: str) -> None:
-        self.devices.pop(name)
+        run = self.devices.pop(name)
+        self.writer.forget(name, run.derive)
         self.heartbeats.remove(_task_name(name))
         await self.supervisor.stop(_task_name(name))  # the poller closes its driver
         self.latest.pop(name, None)
@@ -605,6 +609,12 @@ class Agent:
         return result
 
     # ------------------------------------------------------------------ progress
+
+    async def _derive_clock(self) -> None:
+        """Once a second, the writer closes the time windows that are over (agent.derive)."""
+        while True:
+            await asyncio.sleep(DERIVE_TICK_S)
+            await self.writer.tick()
 
     async def _report(self) -> None:
         """A periodic status line, so an operator sees progress without metrics."""

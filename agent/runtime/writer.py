@@ -98,6 +98,8 @@ class BufferWriter:
         #: Trips to the buffer finished (good or not): the writer's heartbeat.
         self.trips = 0
         self._derive_failed = False
+        # device → its sink, for devices with time windows (see tick()).
+        self._timed: dict[str, DeviceSink] = {}
 
     def sink(
         self,
@@ -111,12 +113,31 @@ class BufferWriter:
         stage (agent.derive), between the normaliser and the buffer."""
         target = DeviceSink(device, normalizer, seq, {}, derive)
         queue = self.queue
+        if derive is not None and derive.timed:
+            self._timed[device] = target
+        else:
+            self._timed.pop(device, None)
 
         async def sink(readings: Readings) -> None:
             if readings:
                 await queue.put((target, readings, datetime.now(UTC)))
 
         return sink, target.latest
+
+    async def tick(self) -> None:
+        """A clock tick for every device with time windows: closes the windows that are
+        over even when the device is not read (down, or its window tags are in a slow
+        group). Goes through the queue, so it is ordered with the polls."""
+        now = datetime.now(UTC)
+        for target in list(self._timed.values()):
+            await self.queue.put((target, [], now))
+
+    def forget(self, device: str, derive: DeviceDerive | None) -> None:
+        """A device's derive stage stopped (the device was removed, or rebuilt by a
+        reload, whose new sink is already registered): no more ticks for it."""
+        target = self._timed.get(device)
+        if target is not None and target.derive is derive:
+            del self._timed[device]
 
     async def stop(self) -> None:
         """Tell `run()` to return once what was handed over before is stored."""
@@ -211,7 +232,7 @@ class BufferWriter:
             self._on_stored(target.device, len(readings), exc)
             return []
         try:
-            records = derive.process(samples, time.monotonic())
+            records = derive.process(samples, time.monotonic(), ts_agent)
         except Exception:
             # A bug in the stage: publish the poll as read rather than lose it.
             if not self._derive_failed:

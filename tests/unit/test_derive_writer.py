@@ -155,3 +155,28 @@ async def test_the_counts_reach_the_metrics(tmp_path: Path) -> None:
         await agent.supervisor.stop_all()
         await agent.driver_context.aclose()
         await agent.buffer.close()
+
+
+async def test_ticks_go_only_to_devices_with_time_windows(tmp_path: Path) -> None:
+    timed = parse_config(CONFIG.replace("length_samples: 3", "length_s: 1"), "c.yaml").devices[0]
+    counted = parse_config(CONFIG, "c.yaml").devices[0]
+    buffer = SqliteBuffer(BufferConfig(path=str(tmp_path / "b.db")))
+    writer = BufferWriter(buffer, lambda *a: None)
+    state = DeriveState(None)
+    for name, dev in (("a", timed), ("b", counted)):
+        tags = list(getattr(dev, "tags", []))
+        writer.sink(name, Normalizer(name, tags), SeqCounter(0), DeviceDerive(dev, tags, state))
+    await writer.tick()
+    assert writer.queue.qsize() == 1
+    item = writer.queue.get_nowait()
+    assert item is not None
+    target, readings, _ = item
+    assert target.device == "a"
+    assert list(readings) == []
+    writer.forget("a", None)  # not that device's stage: kept
+    await writer.tick()
+    assert writer.queue.qsize() == 1
+    writer.forget("a", target.derive)
+    writer.queue.get_nowait()
+    await writer.tick()
+    assert writer.queue.empty()
