@@ -102,11 +102,16 @@ class Window:
 
     def _add_timed(self, samples: Sequence[WireSample], length: float) -> list[list[WireSample]]:
         out: list[list[WireSample]] = []
+        seen_ts: datetime | None = None
+        k = 0
         for s in samples:
             tag = s["tag"]
             if tag not in self._wanted:
                 continue
-            k = math.floor(s["ts_agent"].timestamp() / length)
+            ts = s["ts_agent"]
+            if ts is not seen_ts:  # the samples of a poll share one ts_agent
+                seen_ts = ts
+                k = math.floor(ts.timestamp() / length)
             if self._bucket is None:
                 self._bucket = k
             elif k != self._bucket:
