@@ -182,7 +182,7 @@ class BufferWriter:
                     item = writes.get_nowait()
                 stopping = item is None
                 if not batch:
-                    self._save_derive(derived)
+                    await self._save_derive(derived)
                     continue
                 if many is not None:
                     try:
@@ -206,9 +206,8 @@ class BufferWriter:
                         f"the buffer returned {len(errors)} results for {len(batch)} batches"
                     )
                 stored = True
-                # No await between the store and this: nothing stored can be delivered
-                # (and deleted) before the state that made it is on disk.
-                self._save_derive(derived)
+                # The cycle state that made these records, before anything else is stored.
+                await self._save_derive(derived)
                 for (dev, samples), error in zip(batch, errors, strict=True):
                     self._on_stored(dev, len(samples), error)
             except Exception as exc:
@@ -248,12 +247,14 @@ class BufferWriter:
                 latest[sample["tag"]] = sample
         return records
 
-    def _save_derive(self, derived: list[DeviceDerive]) -> None:
+    async def _save_derive(self, derived: list[DeviceDerive]) -> None:
         if not any(d.dirty for d in derived):
             return
-        self.derive_state.save()
+        state = self.derive_state
         for d in derived:
             d.saved()
+        if state.path is not None:
+            await asyncio.to_thread(state.write, state.encode())
 
     async def _until_stored(self, append: Callable[[], Any], samples: int) -> Any:
         """Run `append` until it does not raise, with backoff; the outage is logged once."""
