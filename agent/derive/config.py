@@ -8,8 +8,9 @@ types); `agent.config` reports them with file:line, for `validate` and `run` ali
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -202,6 +203,13 @@ class WindowConfig(_Model):
         default=False,
         description="Also publish the raw readings of these tags (false: they stay local).",
     )
+    bands_hz: list[Annotated[list[float], Field(min_length=2, max_length=2)]] = Field(
+        default_factory=list,
+        description="FFT band energies: [low, high) frequency bands in Hz, each published "
+        "as `TAG.band_LOW_HIGHhz` (the share of mean(x²) in the band; all bands from 0 "
+        "to the Nyquist frequency sum to rms²). The readings are taken as evenly spaced "
+        "at the tag's poll interval; at most 4,096 readings per window.",
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> WindowConfig:
@@ -209,6 +217,9 @@ class WindowConfig(_Model):
             raise ValueError("give exactly one of length_s or length_samples")
         if len(set(self.features)) != len(self.features):
             raise ValueError("features: a feature is listed twice")
+        for lo, hi in self.bands_hz:
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+                raise ValueError(f"bands_hz: [{lo:g}, {hi:g}] is not a band (0 <= low < high)")
         return self
 
 
@@ -352,8 +363,58 @@ def check_device(device: Any) -> list[Problem]:
                         f"window features need a numeric tag; {name!r} is {tag_kind(t)}",
                     )
                 )
-            for feature in (*window.features, GOOD_SHARE):
+            for feature in (*window.features, GOOD_SHARE, *band_names(window.bands_hz)):
                 claim(f"{name}.{feature}", (*loc, "tags", k))
+            if t is not None and window.bands_hz:
+                out.extend(_band_problems(device, window, t, (*loc, "bands_hz"), subscribed))
+    return out
+
+
+#: The most readings a window with FFT bands may hold (the transform is O(n²) here).
+BANDS_MAX_READINGS = 4096
+
+
+def band_names(bands: Sequence[Sequence[float]]) -> list[str]:
+    """The feature names of FFT bands: band_0_2p5hz for [0, 2.5)."""
+    return [f"band_{_hz(lo)}_{_hz(hi)}hz" for lo, hi in bands]
+
+
+def _hz(f: float) -> str:
+    return f"{f:g}".replace(".", "p")
+
+
+def _band_problems(
+    device: Any,
+    window: WindowConfig,
+    tag: Any,
+    loc: tuple[str | int, ...],
+    subscribed: frozenset[str],
+) -> list[Problem]:
+    group = getattr(tag, "group", "default")
+    if group in subscribed:
+        return [(loc, f"{tag.name!r} is in subscribed group {group!r}: FFT bands need "
+                 "readings at a fixed interval (a polled group)")]  # fmt: skip
+    interval = device.group_intervals().get(group, device.interval_s)
+    nyquist = 0.5 / interval
+    out: list[Problem] = []
+    for lo, hi in window.bands_hz:
+        if hi > nyquist + 1e-9:
+            out.append(
+                (
+                    loc,
+                    f"band [{lo:g}, {hi:g}] Hz of {tag.name!r} goes above {nyquist:g} Hz, half "
+                    f"its sampling rate ({1 / interval:g} Hz, interval_s {interval:g})",
+                )
+            )
+    readings = window.length_samples or (window.length_s or 0) / interval
+    if readings > BANDS_MAX_READINGS:
+        out.append(
+            (
+                loc,
+                f"a window of {tag.name!r} holds about {readings:,.0f} readings; FFT bands "
+                f"take at most {BANDS_MAX_READINGS:,}",
+            )
+        )
     return out
 
 

@@ -43,7 +43,9 @@ class DeviceDerive:
             state.put(name, cycle.config.name, cycle.state)  # the same dict: saved as it is
             cycle.read_groups = frozenset(group_of[t] for t in cycle.config.tags if t in group_of)
         units = {t.name: t.unit for t in tags}
-        self.windows = [Window(name, cfg, units) for cfg in getattr(device, "windows", [])]
+        intervals = device.group_intervals()
+        rates = {t.name: 1.0 / intervals.get(group_of[t.name], device.interval_s) for t in tags}
+        self.windows = [Window(name, cfg, units, rates) for cfg in getattr(device, "windows", [])]
         self._local = {t for w in self.windows if not w.config.publish_raw for t in w.tags}
 
     @staticmethod

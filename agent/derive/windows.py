@@ -28,12 +28,13 @@ a window is persisted: a restart starts a new, partial window.
 
 from __future__ import annotations
 
+import cmath
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from agent.derive.config import GOOD_SHARE, WindowConfig
+from agent.derive.config import GOOD_SHARE, WindowConfig, band_names
 from agent.derive.moments import Moments
 from agent.schema import Quality, WireSample
 
@@ -47,6 +48,29 @@ class _Acc:
     total: int = 0
     first_ts: datetime | None = None
     last_ts: datetime | None = None
+    values: list[float] | None = None  # the good values, in order (FFT bands only)
+
+
+def band_energies(
+    x: Sequence[float], rate_hz: float, bands: Sequence[tuple[float, float]]
+) -> list[float]:
+    """The share of mean(x²) in each [low, high) band, from the one-sided power
+    spectrum of x sampled at `rate_hz` (a DFT: all bins from 0 to the Nyquist frequency
+    sum to mean(x²), Parseval). The Nyquist bin counts in a band reaching it."""
+    n = len(x)
+    nyquist = rate_hz / 2
+    power: list[tuple[float, float]] = []  # (frequency, power) per bin k = 0 .. n // 2
+    for k in range(n // 2 + 1):
+        w = -2j * cmath.pi * k / n
+        xk = sum(v * cmath.exp(w * j) for j, v in enumerate(x))
+        p = abs(xk) ** 2 / (n * n)
+        if 0 < k < n / 2:
+            p *= 2  # the mirrored bin above the Nyquist frequency
+        power.append((k * rate_hz / n, p))
+    return [
+        sum(p for f, p in power if lo <= f < hi or (f >= nyquist and hi >= nyquist))
+        for lo, hi in bands
+    ]
 
 
 def _number(value: object) -> float | None:
@@ -61,17 +85,32 @@ def _number(value: object) -> float | None:
 class Window:
     """The running window of one `windows:` entry of one device."""
 
-    def __init__(self, device: str, config: WindowConfig, units: dict[str, str | None]) -> None:
+    def __init__(
+        self,
+        device: str,
+        config: WindowConfig,
+        units: dict[str, str | None],
+        rates_hz: dict[str, float] | None = None,
+    ) -> None:
+        """rates_hz: each tag's sampling rate (1 / its poll interval), for FFT bands."""
         self.device = device
         self.config = config
+        self._rates = rates_hz or {}
+        self._bands = [
+            (name, (band[0], band[1]))
+            for name, band in zip(band_names(config.bands_hz), config.bands_hz, strict=True)
+        ]
         self._tags = list(config.tags)
         self._wanted = set(config.tags)
         self._units = units
-        self._acc: dict[str, _Acc] = {t: _Acc() for t in self._tags}
+        self._acc: dict[str, _Acc] = {t: self._new() for t in self._tags}
         self._bucket: int | None = None  # time windows: the current window's index
         self._partial = True  # the first window is not seen from its start
         #: Windows published, since start.
         self.closed = 0
+
+    def _new(self) -> _Acc:
+        return _Acc(values=[] if self._bands else None)
 
     @property
     def tags(self) -> set[str]:
@@ -139,7 +178,7 @@ class Window:
                 assert acc.first_ts is not None
                 assert acc.last_ts is not None
                 closed += self._features(tag, acc, acc.first_ts, acc.last_ts, None, False)
-                self._acc[tag] = _Acc()
+                self._acc[tag] = self._new()
         if closed:
             self.closed += 1
         return [closed] if closed else []
@@ -155,6 +194,8 @@ class Window:
             x = _number(s["value"])
             if x is not None:
                 acc.moments.add(x)
+                if acc.values is not None:
+                    acc.values.append(x)
 
     def _close(self, start: datetime, end: datetime, cut: str | None) -> list[WireSample]:
         out: list[WireSample] = []
@@ -162,7 +203,7 @@ class Window:
             return out
         for tag in self._tags:
             out += self._features(tag, self._acc[tag], start, end, cut, self._partial)
-            self._acc[tag] = _Acc()
+            self._acc[tag] = self._new()
         return out
 
     def _features(
@@ -196,6 +237,14 @@ class Window:
             if value is None and q != "bad":  # count is always defined
                 q, r = "bad", "undefined for a constant signal"
             out.append(self._sample(tag, feature, value, q, r, unit, start, end))
+        if self._bands:
+            rate = self._rates.get(tag)
+            energies: list[float | None] = [None] * len(self._bands)
+            if quality != "bad" and acc.values and rate:
+                energies = list(band_energies(acc.values, rate, [b for _, b in self._bands]))
+            for (name, _), energy in zip(self._bands, energies, strict=True):
+                q, r = (quality, reason) if energy is not None else ("bad", reason or "no rate")
+                out.append(self._sample(tag, name, energy, q, r, None, start, end))
         share = good / acc.total if acc.total else None
         out.append(
             self._sample(

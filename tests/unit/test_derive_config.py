@@ -226,3 +226,19 @@ devices:
         "is array"
     ) in out
     assert len(out) == 4, out  # and zones is in another group than the door trigger
+
+
+def test_fft_bands_are_checked_against_the_sampling_rate() -> None:
+    out = problems(
+        "    windows:\n"
+        "      - { tags: [temp], length_s: 30000, bands_hz: [[0, 0.05], [0.05, 0.2]] }\n"
+    )
+    assert out == [
+        "c.yaml:18 devices[0].windows[0].bands_hz: band [0.05, 0.2] Hz of 'temp' goes above "
+        "0.1 Hz, half its sampling rate (0.2 Hz, interval_s 5)",
+        "c.yaml:18 devices[0].windows[0].bands_hz: a window of 'temp' holds about 6,000 "
+        "readings; FFT bands take at most 4,096",
+    ]
+    assert problems(
+        "    windows:\n      - { tags: [pressure], length_samples: 10, bands_hz: [[2, 1]] }\n"
+    ) == ["c.yaml:18 devices[0].windows[0]: bands_hz: [2, 1] is not a band (0 <= low < high)"]

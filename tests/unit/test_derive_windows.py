@@ -297,3 +297,59 @@ def test_a_clock_tick_closes_a_window_nobody_reads_any_more() -> None:
     got = by_tag(later)["v.count"]
     assert (got["value"], got["quality"], got["reason"]) == (1, "good", None)  # not partial
     assert w.closed == 2
+
+
+def numpy_bands(x: np.ndarray, rate: float, bands: list[tuple[float, float]]) -> list[float]:
+    n = len(x)
+    spectrum = np.abs(np.fft.rfft(x)) ** 2 / n**2
+    spectrum[1 : (n + 1) // 2] *= 2  # one-sided: every bin but DC and (even n) Nyquist
+    freqs = np.arange(n // 2 + 1) * rate / n  # = np.fft.rfftfreq(n, 1 / rate), unrounded
+    nyquist = rate / 2
+    return [
+        float(
+            spectrum[((freqs >= lo) & (freqs < hi)) | ((freqs >= nyquist) & (hi >= nyquist))].sum()
+        )
+        for lo, hi in bands
+    ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.floats(min_value=-100, max_value=100), min_size=1, max_size=64),
+    st.sampled_from([1.0, 10.0, 20.0]),
+)
+def test_band_energies_equal_numpy_and_sum_to_the_mean_square(
+    values: list[float], rate: float
+) -> None:
+    from agent.derive.windows import band_energies
+
+    x = np.array(values)
+    nyquist = rate / 2
+    # edges that fall on no bin of these lengths (a bin on an edge is a rounding coin-toss)
+    bands = [(0.0, 0.31 * nyquist), (0.31 * nyquist, 0.73 * nyquist), (0.73 * nyquist, nyquist)]
+    got = band_energies(values, rate, bands)
+    want = numpy_bands(x, rate, bands)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+    assert sum(got) == pytest.approx(float(np.mean(x**2)), rel=1e-9, abs=1e-9)
+
+
+def test_a_window_publishes_band_energies_of_a_10_hz_signal() -> None:
+    cfg = WindowConfig(
+        tags=["vib"], length_samples=20, features=["rms"], bands_hz=[[0, 2], [2, 4], [4, 5]]
+    )
+    w = Window("press", cfg, {"vib": "g"}, {"vib": 10.0})
+    t = np.arange(20) / 10
+    x = np.sin(2 * np.pi * 3.0 * t)  # all the power at 3 Hz
+    (record,) = run(
+        w, [[sample("vib", float(v), T0 + timedelta(seconds=i / 10))] for i, v in enumerate(x)]
+    )
+    got = by_tag(record)
+    assert got["vib.band_2_4hz"]["value"] == pytest.approx(0.5)  # mean(sin²)
+    assert got["vib.band_0_2hz"]["value"] == pytest.approx(0.0, abs=1e-12)
+    assert got["vib.band_4_5hz"]["value"] == pytest.approx(0.0, abs=1e-12)
+    assert got["vib.band_2_4hz"]["unit"] is None
+    rms = got["vib.rms"]["value"]
+    energies = [got[f"vib.band_{b}hz"]["value"] for b in ("0_2", "2_4", "4_5")]
+    assert isinstance(rms, float)
+    assert all(isinstance(e, float) for e in energies)
+    assert rms**2 == pytest.approx(sum(e for e in energies if isinstance(e, float)))
