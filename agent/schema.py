@@ -92,7 +92,7 @@ class Sample(_Wire):
     cycle: int | None = Field(
         default=None,
         description="Cycle snapshots: the cycle id, on every sample of the cycle's record "
-        "(the counter's value, or the agent's durable per-device sequence). Absent "
+        "(the counter's value, or a durable sequence per device and cycle name). Absent "
         "otherwise.",
     )
     missed: CyclesMissed | None = Field(

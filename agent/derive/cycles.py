@@ -23,7 +23,7 @@ holds, in this order:
   `read_timeout_s`, or until the next trigger; what was not read is bad).
 
 The cycle id is the counter's value for an ``on: change`` trigger whose value is an
-integer; otherwise the device's durable per-cycle sequence (1, 2, ...). The state that
+integer; otherwise a durable sequence (1, 2, ...) per device and cycle name. The state that
 decides the next trigger (the last good trigger value, the armed flag, the sequence) is
 persisted by agent.derive.state after each store to the buffer, so a restart neither
 repeats nor skips a cycle (see docs/derive.md for the one crash window that can repeat
