@@ -161,6 +161,11 @@ class MosquittoBroker:
         return self._port
 
     @property
+    def extra_config(self) -> list[str]:
+        """The extra mosquitto.conf lines in use (see `reconfigure`)."""
+        return list(self._extra)
+
+    @property
     def tls_port(self) -> int:
         """The TLS listener's port (needs `tls=`)."""
         if self._tls_port is None:
@@ -270,9 +275,21 @@ class MosquittoBroker:
 
     # ------------------------------------------------------------------ internals
 
+    def reconfigure(self, extra_config: Sequence[str]) -> None:
+        """Replace the `extra_config` lines (same ports). A running broker re-reads its
+        config (SIGHUP), where only what mosquitto.conf(5) marks "Reloaded on reload
+        signal" takes effect; a stopped one uses it at its next start."""
+        self._extra = list(extra_config)
+        if self._dir is None:
+            return
+        self._write_config()
+        if self.running and self._proc is not None:
+            os.kill(self._proc.pid, signal.SIGHUP)
+
     def _write_config(self) -> None:
         assert self._dir is not None
-        self._port = free_port(self.host)
+        if self._port is None:
+            self._port = free_port(self.host)
         lines = [
             f"listener {self._port} {self.host}",
             *(
@@ -300,7 +317,8 @@ class MosquittoBroker:
         lines += self._extra
         if self._tls is not None:
             # Last: in mosquitto.conf the lines after `listener` configure that listener.
-            self._tls_port = free_port(self.host)
+            if self._tls_port is None:
+                self._tls_port = free_port(self.host)
             tls = self._tls
             lines += [
                 f"listener {self._tls_port} {self.host}",
