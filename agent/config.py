@@ -879,7 +879,11 @@ def _start_checks(
     if mqtt is not None:
         problem = host_problem(mqtt.host)
         if problem is not None:
-            out.append((("mqtt", "host"), problem))
+            # Under azure-iot-hub the host is, unless given, the hub's host name.
+            at = "host"
+            if mqtt.azure is not None and mqtt.host == mqtt.azure.hub_host:
+                at = "azure.hub_host"
+            out.append((("mqtt", *at.split(".")), problem))
     for i, device in devices:
         out.extend((("devices", i, *loc), msg) for loc, msg in device.check(simulate=simulate))
         for j, tag in enumerate(getattr(device, "tags", [])):
