@@ -315,12 +315,14 @@ def test_login_makes_a_fresh_token_per_attempt_and_renews_before_expiry(
     assert first.password == _independent_token(uri, KEY, 1_700_001_000)
     # Renewed at 80 % of the lifetime: well before the token expires.
     assert first.renew_at == pytest.approx(1_700_000_000.25 + 0.8 * 999.75)
-    assert first.renew_at is not None and first.renew_at < 1_700_001_000
+    assert first.renew_at is not None
+    assert first.renew_at < 1_700_001_000
     now[0] = first.renew_at
     second = cloud.login(config.mqtt)
     assert second.password == _independent_token(uri, KEY, int(first.renew_at) + 1000)
     assert second.password != first.password
-    assert second.renew_at is not None and second.renew_at > first.renew_at
+    assert second.renew_at is not None
+    assert second.renew_at > first.renew_at
 
 
 def test_login_of_the_generic_profile_is_the_configured_one() -> None:
@@ -361,7 +363,7 @@ def test_token_bucket_delay_is_exact() -> None:
     bucket.take()
     bucket.take()
     assert bucket.delay() == pytest.approx(0.2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rate must be > 0"):
         cloud.TokenBucket(0, 1)
 
 
@@ -387,6 +389,7 @@ def test_status_messages_retained_with_will_on_aws() -> None:
     config = ok(aws(AWS_OK))
     msgs = StatusMessages(config.agent, config.mqtt, version="1", config_hash="h", started=0)
     will = msgs.will()
-    assert will is not None and will.retain
+    assert will is not None
+    assert will.retain
     assert msgs.online().retain
     assert msgs.removed("press-1").payload == b""
