@@ -1,0 +1,332 @@
+"""The cloud profiles against mosquitto stand-ins configured to each platform's limits.
+
+No cloud account is reachable from here: these brokers only imitate what AWS IoT Core and
+Azure IoT Hub document (docs/cloud.md says exactly what is and is not covered).
+
+- AWS IoT Core stand-in: TLS listener that requires a client certificate and takes its
+  CN as the user name, max_qos 1, max_packet_size 128,000, an ACL that lets a client
+  publish only under its own client id (as an AWS policy with
+  ``${iot:Connection.Thing.ThingName}`` does).
+- Azure IoT Hub stand-in: TLS listener, a password file holding the SAS token for the
+  device's user name ``{hub}/{device}/?api-version=...``, retain_available false
+  (a retained PUBLISH gets the client disconnected), max_qos 1, max_packet_size 256,000,
+  and an ACL that allows only ``devices/{client id}/messages/events/...``.
+
+The agent runs in-process (Agent + Modbus simulator) through each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+import pytest
+
+from agent.config import Config, MqttConfig, parse_config
+from agent.publish import Message, PublishResult, cloud
+from agent.publish.mqtt import MqttPublisher
+from agent.runtime import Agent
+from agent.simulate import simulators
+from tests.support.broker import MosquittoBroker, TlsListener, require_mosquitto
+from tests.support.certs import TestPki
+from tests.support.subscriber import Received, Subscriber
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 30.0
+KEY = "c2VjcmV0LWRldmljZS1rZXktZm9yLXRlc3RzLW9ubHk="  # base64 of a test-only key
+HUB = "hub1.azure-devices.net"
+READER = ("reader", "reader-pw")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return TestPki.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def brokers() -> Iterator[list[MosquittoBroker]]:
+    started: list[MosquittoBroker] = []
+    yield started
+    for b in started:
+        b.close()
+
+
+def _device(tmp: Path) -> str:
+    return f"""\
+buffer: {{path: {tmp / "buffer.db"}}}
+devices:
+  - name: press-1
+    protocol: modbus
+    host: 127.0.0.1
+    port: 0
+    interval_s: 0.1
+    tags:
+      - {{name: strokes, address: 0, type: uint16}}
+      - {{name: force, address: 1, type: uint16}}
+"""
+
+
+async def _run_agent(config: Config, sub: Subscriber, wanted: int) -> tuple[Agent, list[Received]]:
+    async with simulators(config) as simulated:
+        agent = Agent(simulated, grace_s=5)
+        task = asyncio.create_task(agent.run())
+        try:
+            received = await asyncio.to_thread(sub.wait_count, wanted, WAIT_S)
+        finally:
+            agent.stop()
+            await task
+    return agent, received
+
+
+# ------------------------------------------------------------------ AWS IoT Core
+
+
+def _aws_broker(pki: TestPki, brokers: list[MosquittoBroker]) -> MosquittoBroker:
+    acl = (
+        "user reader\ntopic read #\n\n"
+        # As an AWS policy with ${iot:Connection.Thing.ThingName}: a thing publishes only
+        # under its own name (client id = thing name).
+        "pattern write edge/%c/#\npattern write edge-status/%c\npattern write edge-status/%c/#\n"
+    )
+    listener = TlsListener(
+        certfile=pki.server_cert,
+        keyfile=pki.server_key,
+        cafile=pki.ca,
+        require_certificate=True,
+        extra=("use_identity_as_username true", "max_qos 1"),
+    )
+    broker = MosquittoBroker(
+        users=dict([READER]),
+        acl=acl,
+        extra_config=["max_packet_size 128000"],
+        tls=listener,
+        binary=require_mosquitto(),
+    )
+    brokers.append(broker)
+    return broker.start()
+
+
+def _aws_config(pki: TestPki, broker: MosquittoBroker, tmp: Path, thing: str) -> Config:
+    return parse_config(
+        f"""\
+agent: {{id: {thing}}}
+mqtt:
+  profile: aws-iot-core
+  host: localhost
+  port: {broker.tls_port}
+  client_id: {thing}
+  reconnect_min_s: 0.05
+  reconnect_max_s: 0.2
+  tls: {{ca_file: {pki.ca}, cert_file: {pki.client_cert}, key_file: {pki.client_key}}}
+"""
+        + _device(tmp)
+    )
+
+
+async def test_aws_profile_delivers_through_the_stand_in(
+    tmp_path: Path, pki: TestPki, brokers: list[MosquittoBroker]
+) -> None:
+    broker = _aws_broker(pki, brokers)
+    config = _aws_config(pki, broker, tmp_path, "gateway-1")
+    with Subscriber(broker.host, broker.port, "#", username=READER[0], password=READER[1]) as sub:
+        agent, _ = await _run_agent(config, sub, 12)
+    topics = [m.topic for m in sub.messages()]
+    data = [orjson.loads(m.payload) for m in sub.messages() if m.topic == "edge/gateway-1/press-1"]
+    assert len(data) >= 10
+    assert all(d["device"] == "press-1" for d in data)
+    assert "edge-status/gateway-1" in topics  # the birth (retained on AWS)
+    assert "edge-status/gateway-1/press-1" in topics
+    assert agent.forwarder is not None
+    stats = agent.forwarder.stats
+    assert stats.dead_lettered_records == 0
+    assert stats.refusals == 0
+    # The connection used mutual TLS: the broker took the certificate's CN as user name.
+    log = broker.log_text()
+    assert "as gateway-1 (p5, c1, k30, u'gateway-1')" in log
+    # The birth went out retained, QoS 1 (AWS keeps retained messages).
+    assert "Received PUBLISH from gateway-1 (d0, q1, r1, m" in log
+
+
+async def test_aws_stand_in_refuses_another_things_topics(
+    tmp_path: Path, pki: TestPki, brokers: list[MosquittoBroker]
+) -> None:
+    """The stand-in's ACL is real: a thing whose agent publishes under another name is
+    refused (0x87), so the delivery test above cannot pass by accident."""
+    broker = _aws_broker(pki, brokers)
+    config = _aws_config(pki, broker, tmp_path, "gateway-1")
+    mqtt = config.mqtt.model_copy(update={"client_id": "gateway-2"})
+    pub = MqttPublisher(mqtt, "gateway-2")
+    await pub.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await pub.wait_connected()
+        (result,) = await pub.publish([Message("edge/gateway-1/press-1", b"{}")])
+        assert result == PublishResult(False, "Not authorized", 0x87)
+        assert await pub.publish([Message("edge/gateway-2/press-1", b"{}")]) == [
+            PublishResult(True)
+        ]
+    finally:
+        await pub.close()
+
+
+# ------------------------------------------------------------------ Azure IoT Hub
+
+
+def _azure_broker(
+    pki: TestPki, brokers: list[MosquittoBroker], token: str, device: str = "gw1"
+) -> MosquittoBroker:
+    acl = (
+        "user reader\ntopic read #\n\n"
+        # IoT Hub: a device publishes only to its own events topic (client id = device id).
+        "pattern write devices/%c/messages/events/#\n"
+    )
+    listener = TlsListener(
+        certfile=pki.server_cert,
+        keyfile=pki.server_key,
+        cafile=pki.ca,
+        require_certificate=False,
+        extra=("max_qos 1",),
+    )
+    broker = MosquittoBroker(
+        users={cloud.azure_username(HUB, device): token, READER[0]: READER[1]},
+        acl=acl,
+        extra_config=["max_packet_size 256000", "retain_available false"],
+        tls=listener,
+        binary=require_mosquitto(),
+    )
+    brokers.append(broker)
+    return broker.start()
+
+
+def _azure_mqtt(pki: TestPki, broker: MosquittoBroker, **extra: Any) -> dict[str, Any]:
+    return {
+        "profile": "azure-iot-hub",
+        "host": "127.0.0.1",
+        "port": broker.tls_port,
+        "reconnect_min_s": 0.05,
+        "reconnect_max_s": 0.2,
+        "azure": {"hub_host": HUB, "device_id": "gw1", "device_key": KEY, **extra},
+        "tls": {"ca_file": str(pki.ca)},
+    }
+
+
+def _props(topic: str) -> dict[str, str]:
+    base = "devices/gw1/messages/events/"
+    assert topic.startswith(base), topic
+    return dict(parse_qsl(topic[len(base) :]))
+
+
+async def test_azure_profile_delivers_with_a_sas_token(
+    tmp_path: Path, pki: TestPki, brokers: list[MosquittoBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = float(int(time.time()))
+    monkeypatch.setattr(cloud, "clock", lambda: now)
+    # The broker knows only the token made from the device key for this expiry.
+    token = cloud.sas_token(f"{HUB}/devices/gw1", KEY, int(now) + 3600)
+    broker = _azure_broker(pki, brokers, token)
+    mqtt = _azure_mqtt(pki, broker)
+    text = f"agent: {{id: gw1}}\nmqtt: {orjson.dumps(mqtt).decode()}\n" + _device(tmp_path)
+    config = parse_config(text)
+    assert config.mqtt.protocol == "3.1.1"
+    with Subscriber(broker.host, broker.port, "#", username=READER[0], password=READER[1]) as sub:
+        agent, _ = await _run_agent(config, sub, 12)
+    messages = sub.messages()
+    kinds = [_props(m.topic).get("msg-type") for m in messages]
+    assert "status" in kinds  # online, published not retained
+    assert "device-status" in kinds
+    data = [m for m in messages if _props(m.topic).get("msg-type") == "data"]
+    assert len(data) >= 10
+    props = _props(data[0].topic)
+    assert props == {
+        "$.ct": "application/json",
+        "$.ce": "utf-8",
+        "agent": "gw1",
+        "device": "press-1",
+        "layout": "device",
+        "msg-type": "data",
+    }
+    assert orjson.loads(data[0].payload)["device"] == "press-1"
+    assert agent.forwarder is not None
+    assert agent.forwarder.stats.dead_lettered_records == 0
+    log = broker.log_text()
+    # MQTT 3.1.1 (mosquitto logs it as p2), the hub's user name, never a retained message (the
+    # broker would have disconnected us) and no will.
+    assert f"as gw1 (p2, c1, k30, u'{HUB}/gw1/?api-version=2021-04-12')" in log
+    assert "r1" not in "".join(
+        line for line in log.splitlines() if "Received PUBLISH from gw1" in line
+    )
+    assert "Will message specified" not in log
+    stats = agent.current_publisher.stats() if agent.current_publisher is not None else None
+    assert stats is not None
+    assert stats.disconnects == 0
+
+
+async def test_azure_refuses_a_token_the_broker_does_not_know(
+    pki: TestPki, brokers: list[MosquittoBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stand-in really checks the password: a token of another expiry is refused."""
+    now = float(int(time.time()))
+    monkeypatch.setattr(cloud, "clock", lambda: now)
+    broker = _azure_broker(pki, brokers, cloud.sas_token(f"{HUB}/devices/gw1", KEY, 1))
+    pub = MqttPublisher(MqttConfig.model_validate(_azure_mqtt(pki, broker)), "gw1")
+    await pub.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while pub.stats().connect_failures < 2:
+                await asyncio.sleep(0.02)
+        assert not pub.connected
+    finally:
+        await pub.close()
+
+
+async def test_azure_token_is_renewed_by_reconnecting_before_it_expires(
+    pki: TestPki, brokers: list[MosquittoBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first token's renewal time comes one second after the connection is up. The
+    broker accepts only the first token until the renewal, then (after the publisher
+    failed to log in again: it no longer offers the old token) only the second, so the
+    publisher is connected again only if it logged in with the fresh one. (Swapping the
+    broker's password while connected would disconnect us: mosquitto re-checks
+    connected clients when it reloads.)"""
+    ttl = 3600
+    t1 = float(int(time.time()))
+    t2 = t1 + 600
+    calls = [0]
+
+    def clock() -> float:
+        calls[0] += 1
+        if calls[0] == 1:
+            return t1  # the first login
+        if calls[0] == 2:
+            return t1 + cloud.RENEW_FRACTION * ttl - 1.0  # renewal due in one second
+        return t2  # every later login and wait
+
+    monkeypatch.setattr(cloud, "clock", clock)
+    first = cloud.sas_token(f"{HUB}/devices/gw1", KEY, int(t1) + ttl)
+    second = cloud.sas_token(f"{HUB}/devices/gw1", KEY, int(t2) + ttl)
+    assert first != second
+    broker = _azure_broker(pki, brokers, first)
+    pub = MqttPublisher(MqttConfig.model_validate(_azure_mqtt(pki, broker)), "gw1")
+    await pub.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await pub.wait_connected()
+            while pub._connector.renewals < 1 or pub.stats().connect_failures < 1:
+                await asyncio.sleep(0.02)
+        assert not pub.connected  # the old token is not offered again
+        broker.reload_users({cloud.azure_username(HUB, "gw1"): second, READER[0]: READER[1]})
+        async with asyncio.timeout(WAIT_S):
+            await pub.wait_connected()
+        stats = pub.stats()
+        assert stats.disconnects == 0  # a planned reconnect, not a lost connection
+        assert pub._connector.renewals == 1
+        topic = cloud.azure_events("gw1") + "msg-type=data"
+        assert await pub.publish([Message(topic, b"{}")]) == [PublishResult(True)]
+    finally:
+        await pub.close()
