@@ -262,9 +262,9 @@ async def test_azure_profile_delivers_with_a_sas_token(
         line for line in log.splitlines() if "Received PUBLISH from gw1" in line
     )
     assert "Will message specified" not in log
-    stats = agent.current_publisher.stats() if agent.current_publisher is not None else None
-    assert stats is not None
-    assert stats.disconnects == 0
+    publisher = agent.current_publisher
+    assert isinstance(publisher, MqttPublisher)
+    assert publisher.stats().disconnects == 0
 
 
 async def test_azure_refuses_a_token_the_broker_does_not_know(
