@@ -32,6 +32,7 @@ from agent.publish import Message, PublishResult, cloud
 from agent.publish.mqtt import MqttPublisher
 from agent.runtime import Agent
 from agent.simulate import simulators
+from tests.support.agent_proc import seqs
 from tests.support.broker import MosquittoBroker, TlsListener, require_mosquitto
 from tests.support.certs import TestPki
 from tests.support.subscriber import Received, Subscriber
@@ -81,6 +82,11 @@ async def _run_agent(config: Config, sub: Subscriber, wanted: int) -> tuple[Agen
         finally:
             agent.stop()
             await task
+    # Everything polled was delivered (the stop drains the buffer within the grace time).
+    produced = agent.status.samples_produced
+    await asyncio.to_thread(
+        sub.wait_for, lambda msgs: set(range(1, produced + 1)) <= set(seqs(msgs)), WAIT_S
+    )
     return agent, received
 
 
