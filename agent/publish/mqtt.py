@@ -77,6 +77,7 @@ class PublisherStats:
     inflight: int
     window: int
     max_packet_size: int | None = None  # the broker's, from the MQTT 5 CONNACK
+    renewals: int = 0  # planned reconnects with fresh credentials (Azure SAS tokens)
 
 
 @dataclass(eq=False)
@@ -244,6 +245,7 @@ class MqttPublisher:
             inflight=len(link.pending) if link is not None else 0,
             window=link.window if link is not None else 0,
             max_packet_size=self.max_packet_size,
+            renewals=c.renewals,
         )
 
     async def publish(self, messages: Sequence[Message]) -> list[PublishResult]:

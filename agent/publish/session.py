@@ -19,6 +19,11 @@ and the loop that (re)connects.
   backoff and jitter (reconnect_min_s … reconnect_max_s), reset after a successful connect.
   Transitions are logged once: ``mqtt.connected`` (INFO), ``mqtt.disconnected`` (WARNING)
   and ``mqtt.connect.failed`` (WARNING, again only when the failure reason changes).
+- **Credentials per attempt** (agent.publish.cloud.login): the user name and password
+  are made for every connection attempt; a login that expires (an Azure IoT Hub SAS
+  token) sets ``Session.renew_at``, and the connector then closes the session cleanly at
+  that time and connects again at once with fresh credentials (``mqtt.credentials.renew``,
+  counted in ``renewals``, not as a disconnect).
 - **CONNACK properties.** paho 2.2 ignores the broker's MQTT 5 Receive Maximum and Maximum
   Packet Size; the session keeps both (`receive_maximum`, `max_packet_size`) for the
   publisher to enforce.
