@@ -336,3 +336,45 @@ async def test_azure_token_is_renewed_by_reconnecting_before_it_expires(
         assert await pub.publish([Message(topic, b"{}")]) == [PublishResult(True)]
     finally:
         await pub.close()
+
+
+async def test_publishes_are_paced_by_the_connection_bucket(
+    broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_publishes_per_s (the AWS profile's 90/s by default): each message handed to
+    paho takes a token, and publish() waits whenever the bucket is empty; all are
+    delivered. The bucket's clock is fake, so this shows the pacing, not a speed."""
+    t = [0.0]
+    made: list[cloud.TokenBucket] = []
+    waits: list[float] = []
+
+    class FakeClockBucket(cloud.TokenBucket):
+        def __init__(self, rate: float, burst: int) -> None:
+            super().__init__(rate, burst, now=lambda: t[0])
+            made.append(self)
+
+        def delay(self) -> float:
+            wait = super().delay()
+            if wait > 0:
+                waits.append(wait)
+                t[0] += wait  # the publisher sleeps this long: let the fake time pass
+            return wait
+
+    monkeypatch.setattr("agent.publish.mqtt.TokenBucket", FakeClockBucket)
+    config = MqttConfig.model_validate(
+        {"host": broker.host, "port": broker.port, "max_publishes_per_s": 20}
+    )
+    pub = MqttPublisher(config, "paced")
+    await pub.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await pub.wait_connected()
+        results = await pub.publish([Message("t/x", b"%d" % i) for i in range(30)])
+    finally:
+        await pub.close()
+    assert results == [PublishResult(True)] * 30
+    (bucket,) = made
+    assert (bucket.rate, bucket.burst) == (20, 2)
+    # The burst goes at once, every later message waited for its token (1/20 s each).
+    assert len(waits) == 30 - 2
+    assert all(w == pytest.approx(0.05) for w in waits)

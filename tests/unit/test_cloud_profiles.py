@@ -393,3 +393,24 @@ def test_status_messages_retained_with_will_on_aws() -> None:
     assert will.retain
     assert msgs.online().retain
     assert msgs.removed("press-1").payload == b""
+
+
+def test_aws_sparkplug_topics_are_checked_too() -> None:
+    name = "d" * 240
+    text = aws(
+        AWS_OK + "  layout: sparkplug\n  sparkplug: {group_id: plant1}\n",
+        DEVICES.replace("press-1", name),
+    )
+    topic = f"spBv1.0/plant1/DBIRTH/gw1/{name}"
+    shown = f"{topic[:30]!r}...{topic[-30:]!r} ({len(topic):,} characters)"
+    assert problems(text) == [
+        f"c.yaml:10 devices[0].name: aws-iot-core allows topics of at most 256 bytes; "
+        f"the Sparkplug topic {shown} is {len(topic)}"
+    ]
+
+
+def test_azure_refuses_a_password_file_of_its_own() -> None:
+    assert problems(azure(AZURE_OK + "  password_file: /etc/pw\n")) == [
+        "c.yaml:6 mqtt.password_file: azure-iot-hub: the login is made from the azure "
+        "section (device key or certificate); remove password_file"
+    ]
