@@ -149,6 +149,8 @@ async def test_aws_profile_delivers_through_the_stand_in(
     assert "edge-status/gateway-1" in topics  # the birth (retained on AWS)
     assert "edge-status/gateway-1/press-1" in topics
     assert agent.forwarder is not None
+    assert agent.forwarder.merge_records  # paced publishes: records merged per device
+    assert agent.forwarder.max_message_bytes == 128_000  # the profile's default limit
     stats = agent.forwarder.stats
     assert stats.dead_lettered_records == 0
     assert stats.refusals == 0
@@ -260,6 +262,8 @@ async def test_azure_profile_delivers_with_a_sas_token(
     assert orjson.loads(data[0].payload)["device"] == "press-1"
     assert agent.forwarder is not None
     assert agent.forwarder.stats.dead_lettered_records == 0
+    assert not agent.forwarder.merge_records
+    assert agent.forwarder.max_message_bytes == 256_000
     log = broker.log_text()
     # MQTT 3.1.1 (mosquitto logs it as p2), the hub's user name, never a retained message (the
     # broker would have disconnected us) and no will.

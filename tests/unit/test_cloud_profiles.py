@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import urllib.parse
+from pathlib import Path
 
 import orjson
 import pytest
@@ -414,3 +415,27 @@ def test_azure_refuses_a_password_file_of_its_own() -> None:
         "c.yaml:6 mqtt.password_file: azure-iot-hub: the login is made from the azure "
         "section (device key or certificate); remove password_file"
     ]
+
+
+async def test_an_unreadable_or_bad_key_file_is_a_connect_failure_in_words(
+    tmp_path: Path,
+) -> None:
+    from agent.publish.mqtt import MqttPublisher
+
+    missing = tmp_path / "missing.key"
+    text = azure(
+        f"  azure: {{hub_host: h.azure-devices.net, device_id: gw1, "
+        f"device_key_file: {missing}}}\n  tls: {{}}\n"
+    )
+    config = ok(text)
+    pub = MqttPublisher(config.mqtt, "gw1")
+    try:
+        assert await pub.connect_once() == "cannot read device_key_file: No such file or directory"
+    finally:
+        await pub.close()
+    missing.write_text("not base64!\n", encoding="utf-8")
+    pub = MqttPublisher(config.mqtt, "gw1")
+    try:
+        assert await pub.connect_once() == "the device key is not base64"
+    finally:
+        await pub.close()
