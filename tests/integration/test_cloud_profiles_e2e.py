@@ -35,6 +35,7 @@ from agent.simulate import simulators
 from tests.support.agent_proc import seqs
 from tests.support.broker import MosquittoBroker, TlsListener, require_mosquitto
 from tests.support.certs import TestPki
+from tests.support.proxy import FaultProxy
 from tests.support.subscriber import Received, Subscriber
 
 pytestmark = pytest.mark.integration
@@ -159,6 +160,51 @@ async def test_aws_profile_delivers_through_the_stand_in(
     assert "as gateway-1 (p5, c1, k30, u'gateway-1')" in log
     # The birth went out retained, QoS 1 (AWS keeps retained messages).
     assert "Received PUBLISH from gateway-1 (d0, q1, r1, m" in log
+
+
+async def test_aws_backlog_after_an_outage_goes_out_in_merged_messages(
+    tmp_path: Path, pki: TestPki, brokers: list[MosquittoBroker]
+) -> None:
+    """Paced publishes batch rather than drop: the records polled while the link was down
+    leave in fewer messages than records, and every sample arrives."""
+    broker = _aws_broker(pki, brokers)
+    with FaultProxy(broker.host, broker.tls_port) as proxy:
+        config = _aws_config(pki, broker, tmp_path, "gateway-1")
+        config = config.model_copy(
+            update={"mqtt": config.mqtt.model_copy(update={"port": proxy.port})}
+        )
+        with Subscriber(
+            broker.host, broker.port, "edge/#", username=READER[0], password=READER[1]
+        ) as sub:
+            async with simulators(config) as simulated:
+                agent = Agent(simulated, grace_s=10)
+                task = asyncio.create_task(agent.run())
+                try:
+                    await asyncio.to_thread(sub.wait_count, 3, WAIT_S)
+                    proxy.set_mode("cut")
+                    mark = agent.status.samples_produced
+                    async with asyncio.timeout(WAIT_S):
+                        while agent.status.samples_produced < mark + 40:
+                            await asyncio.sleep(0.02)
+                    proxy.set_mode("pass")
+                    target = agent.status.samples_produced
+                    await asyncio.to_thread(
+                        sub.wait_for, lambda msgs: max(seqs(msgs), default=0) >= target, WAIT_S
+                    )
+                finally:
+                    agent.stop()
+                    await task
+            produced = agent.status.samples_produced
+            await asyncio.to_thread(
+                sub.wait_for, lambda msgs: set(range(1, produced + 1)) <= set(seqs(msgs)), WAIT_S
+            )
+    assert agent.forwarder is not None
+    stats = agent.forwarder.stats
+    assert stats.merged_records >= 2
+    data = [m for m in sub.messages() if m.topic == "edge/gateway-1/press-1"]
+    # One record per poll (two tags each): the backlog needed fewer messages than records.
+    assert len(data) < stats.records_sent
+    assert stats.dead_lettered_records == 0
 
 
 async def test_aws_stand_in_refuses_another_things_topics(
