@@ -28,7 +28,7 @@ import orjson
 import pytest
 
 from agent.config import Config, MqttConfig, parse_config
-from agent.publish import Message, PublishResult, cloud
+from agent.publish import Message, PublishResult, cloud, packet_size
 from agent.publish.mqtt import MqttPublisher
 from agent.runtime import Agent
 from agent.simulate import simulators
@@ -318,6 +318,52 @@ async def test_azure_profile_delivers_with_a_sas_token(
         line for line in log.splitlines() if "Received PUBLISH from gw1" in line
     )
     assert "Will message specified" not in log
+    publisher = agent.current_publisher
+    assert isinstance(publisher, MqttPublisher)
+    assert publisher.stats().disconnects == 0
+
+
+async def test_azure_record_above_the_hub_limit_is_split_to_fit(
+    tmp_path: Path, pki: TestPki, brokers: list[MosquittoBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MQTT 3.1.1 has no Maximum Packet Size in the CONNACK: the profile's 256,000 bytes
+    is the limit. A 2,000-tag poll (about 300 KB as one message) is split into messages
+    below it; the stand-in (max_packet_size 256000) would drop the connection otherwise."""
+    now = float(int(time.time()))
+    monkeypatch.setattr(cloud, "clock", lambda: now)
+    token = cloud.sas_token(f"{HUB}/devices/gw1", KEY, int(now) + 3600)
+    broker = _azure_broker(pki, brokers, token)
+    mqtt = _azure_mqtt(pki, broker)
+    tags = "\n".join(
+        f"      - {{name: register_{i:04d}, address: {i}, type: uint16}}" for i in range(2000)
+    )
+    text = (
+        f"agent: {{id: gw1}}\nmqtt: {orjson.dumps(mqtt).decode()}\n"
+        f"buffer: {{path: {tmp_path / 'buffer.db'}}}\n"
+        "devices:\n  - name: wide\n    protocol: modbus\n    host: 127.0.0.1\n    port: 0\n"
+        f"    interval_s: 1.0\n    tags:\n{tags}\n"
+    )
+    config = parse_config(text)
+    with Subscriber(broker.host, broker.port, "#", username=READER[0], password=READER[1]) as sub:
+        async with simulators(config) as simulated:
+            agent = Agent(simulated, grace_s=10)
+            task = asyncio.create_task(agent.run())
+            try:
+                await asyncio.to_thread(
+                    sub.wait_for, lambda msgs: len(set(seqs(msgs))) >= 4000, WAIT_S
+                )
+            finally:
+                agent.stop()
+                await task
+        produced = agent.status.samples_produced
+        await asyncio.to_thread(
+            sub.wait_for, lambda msgs: set(range(1, produced + 1)) <= set(seqs(msgs)), WAIT_S
+        )
+    data = [m for m in sub.messages() if _props(m.topic).get("msg-type") == "data"]
+    assert all(packet_size(Message(m.topic, m.payload)) <= 256_000 for m in data)
+    assert agent.forwarder is not None
+    assert agent.forwarder.stats.split_records >= 2
+    assert agent.forwarder.stats.dead_lettered_records == 0
     publisher = agent.current_publisher
     assert isinstance(publisher, MqttPublisher)
     assert publisher.stats().disconnects == 0
