@@ -106,6 +106,9 @@ class TlsListener:
     cafile: Path
     require_certificate: bool = True
     tls_version: str = "tlsv1.2"
+    #: More mosquitto.conf lines for this listener, e.g. ``("max_qos 1",
+    #: "use_identity_as_username true")``.
+    extra: tuple[str, ...] = ()
 
 
 class BrokerError(RuntimeError):
@@ -249,6 +252,15 @@ class MosquittoBroker:
                 os.kill(self._proc.pid, signal.SIGCONT)
             self._paused = False
 
+    def reload_users(self, users: Mapping[str, str]) -> None:
+        """Replace the password file and make the running broker read it again (SIGHUP);
+        connected clients stay connected, new logins are checked against `users`."""
+        if self._dir is None or self._users is None or self._proc is None:
+            raise RuntimeError("reload_users needs a started broker made with users=")
+        self._users = dict(users)
+        write_password_file(self._dir / "passwd", self._users)
+        os.kill(self._proc.pid, signal.SIGHUP)
+
     def close(self) -> None:
         """Stop the broker and delete its directory. Safe to call more than once."""
         try:
@@ -327,6 +339,7 @@ class MosquittoBroker:
                 f"keyfile {tls.keyfile}",
                 f"require_certificate {'true' if tls.require_certificate else 'false'}",
                 f"tls_version {tls.tls_version}",
+                *tls.extra,
             ]
         (self._dir / "mosquitto.conf").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
