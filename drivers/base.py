@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from drivers.machines import MOULDING_ROLES, PRESS_ROLES
 from drivers.machines import ROLES as MACHINE_ROLES
 
+from agent.derive.config import CycleConfig, ReportConfig, WindowConfig
+
 log = structlog.get_logger(__name__)
 
 # A tag value as it leaves a driver and as it is published.
@@ -293,12 +295,22 @@ class TagCommon(ConfigModel):
     simulate: SimulateSpec | None = Field(
         default=None, description="Simulated value in simulator mode (a default is chosen)."
     )
+    report: ReportConfig | None = Field(
+        default=None,
+        description="Report by exception for this tag (overrides its group's and "
+        "device's `report`); see docs/derive.md.",
+    )
 
 
 class PollGroup(ConfigModel):
     """A set of tags of one device read together at one interval."""
 
     interval_s: float = Field(gt=0, description="Seconds between polls of this group.")
+    report: ReportConfig | None = Field(
+        default=None,
+        description="Report by exception for the tags of this group (overrides the "
+        "device's `report`); see docs/derive.md.",
+    )
 
 
 class DeviceCommon(ConfigModel):
@@ -328,6 +340,19 @@ class DeviceCommon(ConfigModel):
         gt=0,
         description="While the device is down: seconds between its all-bad sample sets "
         "(the transition itself is reported at once).",
+    )
+    report: ReportConfig | None = Field(
+        default=None,
+        description="Report by exception for every tag of the device (a group's or a "
+        "tag's own `report` overrides it); see docs/derive.md.",
+    )
+    cycles: list[CycleConfig] = Field(
+        default_factory=list,
+        description="Cycle snapshots: one record per machine cycle (docs/derive.md).",
+    )
+    windows: list[WindowConfig] = Field(
+        default_factory=list,
+        description="Window features of chosen tags (docs/derive.md).",
     )
 
     def endpoint_text(self) -> str:

@@ -33,6 +33,8 @@ from agent.buffer import Buffer
 from agent.buffer.common import open_buffer
 from agent.config import Config
 from agent.deadletter_cli import open_store
+from agent.derive.stage import DeviceDerive
+from agent.derive.state import DeriveState, state_path
 from agent.forwarder import Forwarder
 from agent.normalize import Normalizer, SeqCounter
 from agent.payload import PayloadEncoder
@@ -175,7 +177,12 @@ class Agent:
         )
         self.heartbeats = Heartbeats(on_stall=self._on_stall)
         self.stall_s = sup.stall_s
-        self.writer = BufferWriter(self.buffer, self._stored, self._append_retrying)
+        self.derive_state = DeriveState(
+            state_path(config.buffer.path) if config.buffer.kind == "sqlite" else None
+        )
+        self.writer = BufferWriter(
+            self.buffer, self._stored, self._append_retrying, derive_state=self.derive_state
+        )
         # What drivers share (one serial line or gateway connection for many units):
         # lent by this run, closed once every poller has stopped.
         self.driver_context = DriverContext(config.links)
@@ -464,7 +471,12 @@ class Agent:
             groups.setdefault(tag.group, []).append(tag.name)
         normalizer = Normalizer(device.name, tags)
         driver = make_driver(device, self.driver_context)
-        sink, latest = self.writer.sink(device.name, normalizer, seq)
+        derive = (
+            DeviceDerive(device, tags, self.derive_state)
+            if DeviceDerive.wanted(device, tags)
+            else None
+        )
+        sink, latest = self.writer.sink(device.name, normalizer, seq, derive)
         poller = DevicePoller(
             device,
             str(getattr(device, "protocol", "?")),

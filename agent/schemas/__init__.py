@@ -77,6 +77,7 @@ def reference_markdown() -> str:
         MqttConfig,
         SupervisionConfig,
     )
+    from agent.derive.config import CycleConfig, CycleTrigger, ReportConfig, WindowConfig
     from drivers.base import PollGroup, SimulateSpec
     from drivers.links import Rs485Settings, RtuOverTcpLink, SerialLink, TcpGatewayLink
 
@@ -98,6 +99,14 @@ def reference_markdown() -> str:
         *_protocol_sections(),
         ("devices[].poll_groups.NAME", PollGroup, "A poll group."),
         ("devices[].tags[].simulate", SimulateSpec, "Simulated value (simulator mode)."),
+        (
+            "devices[].report, devices[].poll_groups.NAME.report, devices[].tags[].report",
+            ReportConfig,
+            "Report by exception ([docs/derive.md](derive.md)).",
+        ),
+        ("devices[].cycles[]", CycleConfig, "A cycle snapshot ([docs/derive.md](derive.md))."),
+        ("devices[].cycles[].trigger", CycleTrigger, "What starts a cycle."),
+        ("devices[].windows[]", WindowConfig, "Window features ([docs/derive.md](derive.md))."),
     ]
     out = [
         "# Configuration reference",
