@@ -5,12 +5,14 @@
 - `cycle`: one row per machine cycle (one shot of a moulding machine): ``cycle, ts,
   device, gap_before`` then the cycle's parameters (value and quality columns). Made from
   the agent's cycle snapshots (`cycle=NAME`: the derived tags ``NAME`` — the cycle id —
-  and ``NAME.TAG``, docs/derive.md), or from raw polls (`counter=TAG`: the first poll
-  that shows each new value of a counter such as the shot number). ``gap_before`` counts
+  and ``NAME.TAG``, grouped by their ``cycle`` member; docs/derive.md), or from raw
+  polls (`counter=TAG`: the first poll that shows each new value of a counter such as
+  the shot number). ``gap_before`` counts
   the cycle ids missing right before the row (an outage); the row of a counter that went
   back (a reset) has 0 and is listed in the gaps as a reset.
-- `window`: one row per device and window end: the window features ``TAG.FEATURE``
-  (``TAG.good_share`` included), with their quality columns.
+- `window`: one row per device and window: ``ts`` (the window's end), ``window_start``,
+  ``device``, then the window features ``TAG.FEATURE`` (``TAG.good_share`` included),
+  with their quality columns.
 
 Every shape is ordered by device, then time (cycle: cycle id), and deduplicated by
 (agent, epoch, seq) before it is shaped.
@@ -125,9 +127,12 @@ def _time(picked: list[dict[str, Any]], tags: Sequence[str], shape: Shape = "tim
         row = rows.setdefault(
             (s["device"], s["ts_agent"]), {"ts": s["ts_agent"], "device": s["device"]}
         )
+        if shape == "window" and isinstance(s.get("window_start"), str):
+            row.setdefault("window_start", s["window_start"])
         _put(row, tag, s, names, units)
     ordered = sorted(rows.values(), key=lambda r: (r["device"], r["ts"]))
-    return Table(shape, ["ts", "device", *_value_columns(names)], ordered, units)
+    head = ["ts", "window_start", "device"] if shape == "window" else ["ts", "device"]
+    return Table(shape, [*head, *_value_columns(names)], ordered, units)
 
 
 def _put(
@@ -186,23 +191,27 @@ def _cycles(
     name = cycle if cycle is not None else _guess_cycle(picked)
     prefix = name + "."
     keep = set(tags)
-    groups: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     names = {}
     units: dict[str, str] = {}
     for s in picked:
         tag = s["tag"]
         if tag != name and not tag.startswith(prefix):
             continue
-        key = (s["agent"], s["epoch"], s["device"], s["ts_agent"])
-        row = groups.setdefault(key, {"ts": s["ts_agent"], "device": s["device"]})
+        # agent.derive puts the cycle id on every sample of a snapshot (`cycle`); a
+        # record without it is grouped by its trigger time.
+        cid = s.get("cycle")
+        key = (s["agent"], s["device"], cid if _is_int(cid) else s["ts_agent"])
+        row = groups.setdefault(key, {"device": s["device"]})
         if tag == name:
-            row["cycle"] = s.get("value")
+            row["cycle"] = s.get("value") if not _is_int(cid) else cid
+            row["ts"] = s["ts_agent"]
             continue
         column = tag[len(prefix) :]
         if keep and column not in keep:
             continue
         _put(row, column, s, names, units)
-    rows = [r for r in groups.values() if _is_int(r.get("cycle"))]
+    rows = [r for r in groups.values() if _is_int(r.get("cycle")) and "ts" in r]
     if not rows:
         raise ShapeError(f"no cycle records named {name!r} with an integer cycle id in the input")
     return _number(rows, list(names), units)

@@ -31,7 +31,7 @@ from agent.dataset.shapes import QUALITY_SUFFIX, Table
 
 Format = Literal["csv", "parquet"]
 
-_TIME_COLUMNS = frozenset({"ts"})
+_TIME_COLUMNS = frozenset({"ts", "window_start"})
 
 
 class WriteError(OSError):
