@@ -20,10 +20,9 @@ from typing import Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agent.derive.config import CycleConfig, ReportConfig, WindowConfig
 from drivers.machines import MOULDING_ROLES, PRESS_ROLES
 from drivers.machines import ROLES as MACHINE_ROLES
-
-from agent.derive.config import CycleConfig, ReportConfig, WindowConfig
 
 log = structlog.get_logger(__name__)
 

@@ -106,6 +106,7 @@ class Collector:
         self._file: Any = None
         self.counts: Counter[str] = Counter()
         self._logged: set[str] = set()
+        self._broken = ""  # why a failed write ended this instance (reopen to go on)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -142,6 +143,7 @@ class Collector:
         """Take one message: its new samples are pending (written by the next `flush`).
         Returns how many were new. A message that cannot be decoded is counted, logged
         the first time for its kind, and skipped."""
+        self._check()
         self.counts["messages"] += 1
         try:
             samples = decode(topic, payload)
@@ -182,15 +184,22 @@ class Collector:
             self._file = None
             with contextlib.suppress(OSError):
                 f.close()
+            self._pending.clear()
             log.error("collect.write.failed", file=str(f.name), error=str(exc))
-            raise CollectorError(
+            self._broken = (
                 f"cannot write {f.name}: {exc.strerror or exc}; the samples were not "
                 "acknowledged and will be delivered again after a restart"
-            ) from None
+            )
+            raise CollectorError(self._broken) from None
         self._pending.clear()
+
+    def _check(self) -> None:
+        if self._broken:
+            raise CollectorError(f"{self._broken} (the collector must be reopened)")
 
     def rotate(self) -> bool:
         """At a new hour: finish the open part, start the next. True when it rotated."""
+        self._check()
         hour = hour_name(self._clock())
         if hour == self._hour:
             return False

@@ -27,11 +27,11 @@ BATCH = "edge-agent/batch/1"
 SAMPLE = "edge-agent/sample/1"
 
 #: What every decoded sample has, with the type the dataset tools rely on.
-_REQUIRED: tuple[tuple[str, type | tuple[type, ...]], ...] = (
-    ("tag", str),
-    ("quality", str),
-    ("seq", int),
-    ("ts_agent", str),
+_REQUIRED: tuple[tuple[str, type, str], ...] = (
+    ("tag", str, "a string"),
+    ("quality", str, "a string"),
+    ("seq", int, "an integer"),
+    ("ts_agent", str, "a string"),
 )
 _QUALITIES = frozenset({"good", "uncertain", "bad"})
 
@@ -99,10 +99,10 @@ def _checked(sample: dict[str, Any], where: str) -> dict[str, Any]:
     sample.update(_identity(sample))
     if not isinstance(sample.get("device"), str):
         raise MalformedMessage(f"{where}: no device name")
-    for key, kind in _REQUIRED:
+    for key, kind, what in _REQUIRED:
         value = sample.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise MalformedMessage(f"{where}: {key} missing or not a {_name(kind)}")
+            raise MalformedMessage(f"{where}: {key} missing or not {what}")
     if sample["seq"] < 1:
         raise MalformedMessage(f"{where}: seq {sample['seq']} is below 1")
     if sample["quality"] not in _QUALITIES:
@@ -111,7 +111,3 @@ def _checked(sample: dict[str, Any], where: str) -> dict[str, Any]:
         )
     sample.pop("schema", None)
     return sample
-
-
-def _name(kind: type | tuple[type, ...]) -> str:
-    return kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)

@@ -201,7 +201,7 @@ def _cycles(
         # agent.derive puts the cycle id on every sample of a snapshot (`cycle`); a
         # record without it is grouped by its trigger time.
         cid = s.get("cycle")
-        key = (s["agent"], s["device"], cid if _is_int(cid) else s["ts_agent"])
+        key = (s["agent"], s["epoch"], s["device"], cid if _is_int(cid) else s["ts_agent"])
         row = groups.setdefault(key, {"device": s["device"]})
         if tag == name:
             row["cycle"] = s.get("value") if not _is_int(cid) else cid
