@@ -25,7 +25,7 @@ def test_every_parameter_of_a_shot_changes_together_at_the_shot() -> None:
     m = MouldingMachine(period_s=4.0, seed=3)
     per_shot = [r for r in MOULDING_ROLES if r != "screw_position"]
     t = 0.0
-    rows: dict[int, dict[str, object]] = {}
+    rows: dict[int, dict[str, float | int | bool]] = {}
     while t < 200:
         done = m.shots_done(t)
         row = {r: m.value(r, t) for r in per_shot}
@@ -36,7 +36,7 @@ def test_every_parameter_of_a_shot_changes_together_at_the_shot() -> None:
     assert len(rows) > 45
     for k in range(1, len(rows) - 1):  # cycle_time is the shot's real duration
         assert rows[k]["cycle_time"] == pytest.approx(m._ends[k - 1] - m.shot_start(k), abs=1e-3)
-        assert 0.9 * 4.0 < float(rows[k]["cycle_time"]) < 1.15 * 4.0  # type: ignore[arg-type]
+        assert 0.9 * 4.0 < float(rows[k]["cycle_time"]) < 1.15 * 4.0
 
 
 def test_pass_fail_follows_the_parameters() -> None:
@@ -46,13 +46,13 @@ def test_pass_fail_follows_the_parameters() -> None:
     assert 0.01 < len(failed) / len(shots) < 0.15  # a believable scrap rate
     explained = [
         s for s in failed
-        if float(s["cushion"]) < MIN_CUSHION  # type: ignore[arg-type]
-        or float(s["mould_temperature_1"]) < 35.5  # type: ignore[arg-type]
-        or abs(float(s["injection_pressure"]) - 1450) > 45  # type: ignore[arg-type]
+        if float(s["cushion"]) < MIN_CUSHION
+        or float(s["mould_temperature_1"]) < 35.5
+        or abs(float(s["injection_pressure"]) - 1450) > 45
     ]  # fmt: skip
     assert len(explained) > 0.7 * len(failed)
     for s in shots:  # a part with a bad parameter is never good
-        if float(s["cushion"]) < MIN_CUSHION:  # type: ignore[arg-type]
+        if float(s["cushion"]) < MIN_CUSHION:
             assert s["pass_fail"] is False
 
 
@@ -87,7 +87,7 @@ def test_the_press_at_10_hz() -> None:
     assert p.value("fault_level", 100.0) == 0.0  # healthy in the first 40 %
     late = np.arange(560, 600, 0.1)
     v_late = np.array([p.value("vibration", float(t)) for t in late])
-    assert float(p.value("fault_level", 599.0)) > 0.9  # type: ignore[arg-type]
+    assert float(p.value("fault_level", 599.0)) > 0.9
     assert np.sqrt(np.mean(v_late**2)) > 1.5 * np.sqrt(np.mean(v**2))
     assert p.value("fault_level", 600.5) == 0.0  # repaired
 
