@@ -20,7 +20,7 @@ Every shape is ordered by device, then time (cycle: cycle id), and deduplicated 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,20 +69,6 @@ class Table:
     duplicate_cycles: int = 0
 
 
-def dedupe(samples: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], SeenSeqs, int]:
-    """The samples without repeats of (agent, epoch, seq) — the first copy is kept —, the
-    seqs seen, and how many repeats were dropped."""
-    seen = SeenSeqs()
-    out = []
-    dropped = 0
-    for s in samples:
-        if seen.add(s["agent"], s["epoch"], s["seq"]):
-            out.append(s)
-        else:
-            dropped += 1
-    return out, seen, dropped
-
-
 def build(
     samples: Iterable[dict[str, Any]],
     shape: Shape,
@@ -94,18 +80,29 @@ def build(
 ) -> Table:
     """The table of `samples` in `shape`. `devices` / `tags` keep only those (tags by
     column name: for `cycle` without the ``NAME.`` prefix). Seq gaps are computed over
-    all samples given, before the device filter: give the collector's whole stream."""
-    unique, seen, dropped = dedupe(samples)
+    all samples given, before the device filter: give the collector's whole stream.
+    The samples are read once, as a stream: only the rows are held in memory."""
+    seen = SeenSeqs()
+    counts = {"unique": 0, "dropped": 0}
     wanted = set(devices)
-    picked = [s for s in unique if not wanted or s["device"] in wanted]
+
+    def unique() -> Iterator[dict[str, Any]]:
+        for s in samples:
+            if not seen.add(s["agent"], s["epoch"], s["seq"]):
+                counts["dropped"] += 1
+                continue
+            counts["unique"] += 1
+            if not wanted or s["device"] in wanted:
+                yield s
+
     if shape == "time":
-        table = _time(picked, tags)
+        table = _time(unique(), tags)
     elif shape == "window":
-        table = _time([s for s in picked if _feature_tag(s["tag"])], tags, shape="window")
+        table = _time((s for s in unique() if _feature_tag(s["tag"])), tags, shape="window")
     else:
-        table = _cycles(picked, tags, cycle, counter)
-    table.samples = len(unique)
-    table.duplicates = dropped
+        table = _cycles(unique(), tags, cycle, counter)
+    table.samples = counts["unique"]
+    table.duplicates = counts["dropped"]
     table.seq_gaps = seen.gaps()
     return table
 
@@ -115,7 +112,7 @@ def _feature_tag(tag: str) -> bool:
     return bool(dot and base and feature in WINDOW_FEATURES)
 
 
-def _time(picked: list[dict[str, Any]], tags: Sequence[str], shape: Shape = "time") -> Table:
+def _time(picked: Iterable[dict[str, Any]], tags: Sequence[str], shape: Shape = "time") -> Table:
     keep = set(tags)
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     names: dict[str, None] = {}
@@ -159,80 +156,92 @@ def _value_columns(names: dict[str, None]) -> list[str]:
 
 
 def _cycles(
-    picked: list[dict[str, Any]], tags: Sequence[str], cycle: str | None, counter: str | None
+    picked: Iterable[dict[str, Any]], tags: Sequence[str], cycle: str | None, counter: str | None
 ) -> Table:
     if cycle is not None and counter is not None:
         raise ShapeError("give either a cycle name or a counter tag, not both")
     if counter is not None:
-        rows_by_poll = _time(picked, ()).rows
-        raw = [r for r in rows_by_poll if counter in r]
-        table = _time(picked, tags)
-        keep = set(tags)
-        names: dict[str, None] = {}
-        for c in table.columns[2:]:
-            if not c.endswith(QUALITY_SUFFIX) and c != counter and (not keep or c in keep):
-                names[c] = None
-        cycles: list[dict[str, Any]] = []
-        last: dict[str, Any] = {}
-        for r in sorted(raw, key=lambda r: (r["device"], r["ts"])):
-            value = r[counter]
-            if r.get(counter + QUALITY_SUFFIX) != "good" or not _is_int(value):
-                continue
-            if last.get(r["device"]) == value:
-                continue
-            last[r["device"]] = value
-            row = {"cycle": value, "ts": r["ts"], "device": r["device"]}
-            for c in names:
-                if c in r:
-                    row[c] = r[c]
-                    row[c + QUALITY_SUFFIX] = r[c + QUALITY_SUFFIX]
-            cycles.append(row)
-        return _number(cycles, list(names), {k: v for k, v in table.units.items() if k in names})
-    name = cycle if cycle is not None else _guess_cycle(picked)
-    prefix = name + "."
+        return _counter_cycles(picked, tags, counter)
+    return _snapshot_cycles(picked, tags, cycle)
+
+
+def _counter_cycles(picked: Iterable[dict[str, Any]], tags: Sequence[str], counter: str) -> Table:
+    """One row per new good value of a counter, from the first poll that shows it."""
+    table = _time(picked, ())
+    raw = [r for r in table.rows if counter in r]
+    keep = set(tags)
+    names: dict[str, None] = {}
+    for c in table.columns[2:]:
+        if not c.endswith(QUALITY_SUFFIX) and c != counter and (not keep or c in keep):
+            names[c] = None
+    cycles: list[dict[str, Any]] = []
+    last: dict[str, Any] = {}
+    for r in sorted(raw, key=lambda r: (r["device"], r["ts"])):
+        value = r[counter]
+        if r.get(counter + QUALITY_SUFFIX) != "good" or not _is_int(value):
+            continue
+        if last.get(r["device"]) == value:
+            continue
+        last[r["device"]] = value
+        row = {"cycle": value, "ts": r["ts"], "device": r["device"]}
+        for c in names:
+            if c in r:
+                row[c] = r[c]
+                row[c + QUALITY_SUFFIX] = r[c + QUALITY_SUFFIX]
+        cycles.append(row)
+    return _number(cycles, list(names), {k: v for k, v in table.units.items() if k in names})
+
+
+def _snapshot_cycles(
+    picked: Iterable[dict[str, Any]], tags: Sequence[str], cycle: str | None
+) -> Table:
+    """One row per cycle snapshot of agent.derive (docs/derive.md)."""
     keep = set(tags)
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
-    names = {}
-    units: dict[str, str] = {}
+    names: dict[str, dict[str, None]] = {}
+    units: dict[str, dict[str, str]] = {}
     for s in picked:
         tag = s["tag"]
-        if tag != name and not tag.startswith(prefix):
+        if cycle is not None:
+            if tag != cycle and not tag.startswith(cycle + "."):
+                continue
+            name = cycle
+        elif "cycle" in s:  # agent.derive marks every sample of a snapshot
+            name = tag.split(".", 1)[0]
+        else:
             continue
-        # agent.derive puts the cycle id on every sample of a snapshot (`cycle`); a
-        # record without it is grouped by its trigger time.
+        # The cycle id is on every sample of a snapshot (`cycle`); a record without it
+        # is grouped by its trigger time.
         cid = s.get("cycle")
-        key = (s["agent"], s["epoch"], s["device"], cid if _is_int(cid) else s["ts_agent"])
+        key = (name, s["agent"], s["epoch"], s["device"], cid if _is_int(cid) else s["ts_agent"])
         row = groups.setdefault(key, {"device": s["device"]})
         if tag == name:
             row["cycle"] = s.get("value") if not _is_int(cid) else cid
             row["ts"] = s["ts_agent"]
+            names.setdefault(name, {})
             continue
-        column = tag[len(prefix) :]
+        column = tag[len(name) + 1 :]
         if keep and column not in keep:
             continue
-        _put(row, column, s, names, units)
-    rows = [r for r in groups.values() if _is_int(r.get("cycle")) and "ts" in r]
+        _put(row, column, s, names.setdefault(name, {}), units.setdefault(name, {}))
+    found = sorted(names)
+    if cycle is None and len(found) != 1:
+        raise ShapeError(
+            "cannot tell the cycle records apart: "
+            + (f"several cycles {', '.join(found)}" if found else "no cycle records")
+            + "; name the cycle (--cycle NAME) or a counter tag (--counter TAG)"
+        )
+    name = cycle if cycle is not None else found[0]
+    rows = [
+        r for key, r in groups.items() if key[0] == name and _is_int(r.get("cycle")) and "ts" in r
+    ]
     if not rows:
         raise ShapeError(f"no cycle records named {name!r} with an integer cycle id in the input")
-    return _number(rows, list(names), units)
+    return _number(rows, list(names.get(name, {})), units.get(name, {}))
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _guess_cycle(picked: list[dict[str, Any]]) -> str:
-    tags = {s["tag"] for s in picked}
-    found = sorted(
-        t for t in tags if any(o.startswith(t + ".") for o in tags) and not _feature_tag(t)
-    )
-    if len(found) != 1:
-        raise ShapeError(
-            "cannot tell the cycle records apart: "
-            + (f"several candidates {', '.join(found)}" if found else "no NAME/NAME.TAG tags")
-            + "; name the cycle (--cycle NAME) or a counter tag (--counter TAG)"
-        )
-    return str(found[0])
 
 
 def _number(rows: list[dict[str, Any]], names: list[str], units: dict[str, str]) -> Table:
