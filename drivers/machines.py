@@ -123,11 +123,13 @@ class MouldingMachine:
         r = _rng(self.seed, "shot", k)
         # Slow drift of the barrel heaters, period ≈ 500 shots.
         drift = 1.5 * math.sin(2 * math.pi * k / 500 + self.seed)
-        # Cooling-water episodes: 25 shots in every 300, mould up to 6 °C colder.
-        phase = (k + 37 * self.seed) % 300
+        # Cooling-water episodes: 25 shots in every 300 (the first from shot 150), the
+        # mould up to 6 °C colder.
+        phase = (k + 150 + 37 * self.seed) % 300
         cold = 6.0 * math.sin(math.pi * phase / 25) if phase < 25 else 0.0
-        # Worn check ring: 15 shots in every 450, cushion falls by up to 2.2 mm.
-        wphase = (k + 11 * self.seed) % 450
+        # Worn check ring: 15 shots in every 450 (the first from shot 250), the cushion
+        # falls by up to 2.2 mm.
+        wphase = (k + 200 + 11 * self.seed) % 450
         wear = 2.2 * math.sin(math.pi * wphase / 15) if wphase < 15 else 0.0
         mould_1 = 40.0 - cold + r.gauss(0, 0.4)
         mould_2 = 39.0 - 0.8 * cold + r.gauss(0, 0.4)
