@@ -8,7 +8,7 @@ types); `agent.config` reports them with file:line, for `validate` and `run` ali
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -148,7 +148,24 @@ class CycleConfig(_Model):
     )
     trigger: CycleTrigger = Field(description="What starts a cycle.")
     tags: list[str] = Field(
-        min_length=1, description="Tags captured, from the same poll as the trigger."
+        min_length=1,
+        description="Tags captured: from the trigger's poll (read: same_poll), or read "
+        "again at the trigger (read: at_trigger).",
+    )
+    read: Literal["same_poll", "at_trigger"] = Field(
+        default="same_poll",
+        description="same_poll: the captured tags' values of the poll that saw the "
+        "trigger (they must be in the trigger's poll group); at_trigger: the poller reads "
+        "their poll groups again at once, and the record takes the first reading of each "
+        "captured tag after the trigger.",
+    )
+    read_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="read: at_trigger: a captured tag not read within this time after the "
+        "trigger is published bad in the record ('not read within read_timeout_s').",
     )
     debounce_s: float = Field(
         default=0.0,
@@ -197,7 +214,7 @@ class WindowConfig(_Model):
 
 # ------------------------------------------------------------------- device checks
 
-TagKind = Literal["bool", "number", "text", "unknown"]
+TagKind = Literal["bool", "number", "text", "array", "unknown"]
 
 _BOOL = {"bool", "bit", "boolean"}
 _NUMBER = {
@@ -215,6 +232,8 @@ def tag_kind(tag: Any) -> TagKind:
         kind = None
     if getattr(tag, "table", None) in ("coil", "discrete_input"):
         return "bool"
+    if getattr(tag, "array_length", None):
+        return "array"
     if not isinstance(kind, str):
         return "unknown"
     k = kind.lower()
@@ -242,15 +261,13 @@ def check_device(device: Any) -> list[Problem]:
         if report is None or tag is None:
             return
         band = report.deadband_abs is not None or report.deadband_pct is not None
-        if band and tag_kind(tag) in ("bool", "text"):
+        if band and tag_kind(tag) in ("bool", "text", "array"):
             out.append((loc, f"a deadband needs a numeric tag; {tag.name!r} is {tag_kind(tag)}"))
 
     for j, tag in enumerate(tags):
         report_checks(("tags", j, "report"), getattr(tag, "report", None), tag)
-    for where, report, group in _inherited_reports(device):
-        for tag in tags:
-            if (group is None or tag.group == group) and getattr(tag, "report", None) is None:
-                report_checks(where, report, tag)
+    # A device's or group's deadband applies to its numeric tags; the others are reported
+    # on change (docs/derive.md), so only a tag's own deadband can be wrong.
 
     derived: dict[str, tuple[str | int, ...]] = {}
 
@@ -300,13 +317,27 @@ def check_device(device: Any) -> list[Problem]:
                 out.append(((*loc, "tags", k), f"tag {name!r} is listed twice"))
             seen.add(name)
             claim(f"{cycle.name}.{name}", (*loc, "tags", k))
-            if t is not None and tag is not None and t.group != tag.group:
+            if t is not None and cycle.read == "at_trigger" and t.group in subscribed:
+                out.append(
+                    (
+                        (*loc, "tags", k),
+                        f"{name!r} is in subscribed group {t.group!r}, which cannot be "
+                        "read on demand (read: at_trigger); put it in a polled group",
+                    )
+                )
+            if (
+                t is not None
+                and tag is not None
+                and cycle.read == "same_poll"
+                and t.group != tag.group
+            ):
                 out.append(
                     (
                         (*loc, "tags", k),
                         f"{name!r} is read in poll group {t.group!r}, the trigger "
                         f"{tag.name!r} in {tag.group!r}: a snapshot takes its values from "
-                        "the trigger's poll; move the tag into that group",
+                        "the trigger's poll; move the tag into that group, or use "
+                        "read: at_trigger",
                     )
                 )
 
@@ -314,7 +345,7 @@ def check_device(device: Any) -> list[Problem]:
         loc = ("windows", i)
         for k, name in enumerate(window.tags):
             t = known((*loc, "tags", k), name)
-            if t is not None and tag_kind(t) in ("bool", "text"):
+            if t is not None and tag_kind(t) in ("bool", "text", "array"):
                 out.append(
                     (
                         (*loc, "tags", k),
@@ -324,18 +355,6 @@ def check_device(device: Any) -> list[Problem]:
             for feature in (*window.features, GOOD_SHARE):
                 claim(f"{name}.{feature}", (*loc, "tags", k))
     return out
-
-
-def _inherited_reports(
-    device: Any,
-) -> Iterable[tuple[tuple[str | int, ...], ReportConfig, str | None]]:
-    report = getattr(device, "report", None)
-    if report is not None:
-        yield ("report",), report, None
-    for name, group in getattr(device, "poll_groups", {}).items():
-        report = getattr(group, "report", None)
-        if report is not None:
-            yield ("poll_groups", name, "report"), report, name
 
 
 def _names(by_name: dict[str, Any]) -> str:

@@ -17,7 +17,10 @@ holds, in this order:
   counter went backwards (``"counter went back from 1234 to 5"``: a PLC reset; the ids
   restart) or triggers were ignored by `debounce_s` since the previous cycle;
 - ``NAME.TAG`` per captured tag: that tag's sample from the trigger's poll, as
-  normalised (its own quality, reason, timestamps, unit), with ``cycle`` = the id.
+  normalised (its own quality, reason, timestamps, unit), with ``cycle`` = the id. With
+  ``read: at_trigger`` the poller is asked to read the captured tags' groups at once and
+  the record waits for the first reading of each after the trigger (at most
+  `read_timeout_s`, or until the next trigger; what was not read is bad).
 
 The cycle id is the counter's value for an ``on: change`` trigger whose value is an
 integer; otherwise the device's durable per-cycle sequence (1, 2, ...). The state that
@@ -29,11 +32,24 @@ one, with the same id).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.derive.config import CycleConfig
 from agent.schema import WireSample
+
+_NOT_READ = "waiting for the re-read"
+
+
+class _Pending:
+    """A snapshot waiting for the re-read of its tags (read: at_trigger)."""
+
+    __slots__ = ("deadline", "record", "waiting")
+
+    def __init__(self, record: list[WireSample], deadline: float) -> None:
+        self.record = record
+        self.deadline = deadline
+        self.waiting = {c["tag"].split(".", 1)[1] for c in record[1:]}
 
 
 def _valid(state: dict[str, Any]) -> bool:
@@ -72,6 +88,16 @@ class Cycle:
                 "seq": 0,  # the last sequence id given
                 "id": None,  # the last cycle id given
             }
+        # Decisions use `_live`; `state` (what is persisted) follows it except while a
+        # snapshot waits for its re-read (read: at_trigger): a crash then leaves the
+        # state from before the trigger, so the restarted agent takes the cycle again.
+        self._live: dict[str, Any] = dict(self.state)
+        self._started = False
+        self._pending: _Pending | None = None
+        #: read: at_trigger: called with the poll groups to read now.
+        self.request_read: Callable[[frozenset[str]], None] | None = None
+        #: read: at_trigger: the poll groups of the captured tags (set by the stage).
+        self.read_groups: frozenset[str] = frozenset()
         self.dirty = False
         self._last_fire: float | None = None
         self._ignored = 0
@@ -81,14 +107,35 @@ class Cycle:
         self.resets = 0
 
     def add(self, samples: Sequence[WireSample], now: float) -> list[WireSample] | None:
-        """One poll's samples; the cycle's record when this poll triggered."""
-        trig = self.config.trigger
+        """One poll's samples; the cycle's record when this poll triggered (read:
+        same_poll) or completed the re-read of a snapshot (read: at_trigger)."""
+        if not self._started:
+            # Built before the device it replaces (a reload) stopped: start from what
+            # that one left, not from what it had when this one was built.
+            self._started = True
+            self._live = dict(self.state)
         by_tag = {s["tag"]: s for s in samples}
-        t = by_tag.get(trig.tag)
+        out = self._fill(by_tag, now) if self._pending is not None else None
+        record = self._trigger(by_tag, now)
+        if record is not None:
+            if self.config.read == "same_poll":
+                out = record
+            else:
+                if self._pending is not None:  # the previous re-read did not finish
+                    out = self._close("not read before the next cycle")
+                self._pending = _Pending(record, now + self.config.read_timeout_s)
+                if self.request_read is not None:
+                    self.request_read(self.read_groups)
+        if self._pending is None and self._live != self.state:
+            self.state.update(self._live)
+            self.dirty = True
+        return out
+
+    def _trigger(self, by_tag: dict[str, WireSample], now: float) -> list[WireSample] | None:
+        t = by_tag.get(self.config.trigger.tag)
         if t is None or t["quality"] != "good" or t["value"] is None:
             return None
-        value = t["value"]
-        fired = self._step(value)
+        fired = self._step(t["value"])
         if not fired:
             return None
         cfg = self.config
@@ -101,19 +148,49 @@ class Cycle:
             self.debounced += 1
             return None
         self._last_fire = now
-        return self._record(t, by_tag, fired)
+        return self._record(t, by_tag if cfg.read == "same_poll" else {}, fired)
+
+    def _fill(self, by_tag: dict[str, WireSample], now: float) -> list[WireSample] | None:
+        """A poll after the trigger: take the captured tags it holds."""
+        pending = self._pending
+        assert pending is not None
+        name = self.config.name
+        record = pending.record
+        for i in range(1, len(record)):
+            tag = record[i]["tag"][len(name) + 1 :]
+            if tag in pending.waiting and tag in by_tag:
+                col: WireSample = {**by_tag[tag]}
+                col["tag"] = f"{name}.{tag}"
+                col["cycle"] = record[0]["cycle"]
+                col.pop("repeat", None)
+                record[i] = col
+                pending.waiting.discard(tag)
+        if not pending.waiting:
+            return self._close(None)
+        if now >= pending.deadline:
+            return self._close(f"not read within read_timeout_s ({self.config.read_timeout_s} s)")
+        return None
+
+    def _close(self, missing: str | None) -> list[WireSample]:
+        pending = self._pending
+        assert pending is not None
+        self._pending = None
+        if missing is not None:
+            for col in pending.record[1:]:
+                if col["reason"] == _NOT_READ:
+                    col["reason"] = missing
+        return pending.record
 
     def _step(self, value: Any) -> tuple[Any, Any] | None:
         """Update the state with a good trigger value; (previous, new) when it fired."""
         trig = self.config.trigger
-        st = self.state
+        st = self._live
         kind = trig.kind
         if kind in ("edge", "change"):
             prev = st["last"]
             if prev == value and type(prev) is type(value):
                 return None
             st["last"] = value
-            self.dirty = True
             if prev is None:
                 return None  # the baseline
             if kind == "change":
@@ -135,22 +212,19 @@ class Cycle:
             crossed, rearm = x < trig.below, x >= trig.below + trig.hysteresis
         if armed is None:  # the baseline: armed unless already past the threshold
             st["armed"] = not crossed
-            self.dirty = True
             return None
         if armed and crossed:
             st["armed"] = False
-            self.dirty = True
             return (None, value)
         if not armed and rearm:
             st["armed"] = True
-            self.dirty = True
         return None
 
     def _record(
         self, trigger: WireSample, by_tag: dict[str, WireSample], fired: tuple[Any, Any]
     ) -> list[WireSample]:
         cfg = self.config
-        st = self.state
+        st = self._live
         prev, value = fired
         reasons: list[str] = []
         missed: dict[str, int] | None = None
@@ -166,7 +240,6 @@ class Cycle:
             st["seq"] += 1
             cycle_id = st["seq"]
         st["id"] = cycle_id
-        self.dirty = True
         if self._ignored:
             reasons.append(f"{self._ignored} triggers within debounce_s ignored")
             self._ignored = 0
@@ -196,7 +269,9 @@ class Cycle:
                     "tag": tag,
                     "value": None,
                     "quality": "bad",
-                    "reason": "not read in the trigger's poll",
+                    "reason": "not read in the trigger's poll"
+                    if cfg.read == "same_poll"
+                    else _NOT_READ,
                     "code": None,
                     "ts_source": None,
                     "ts_agent": trigger["ts_agent"],

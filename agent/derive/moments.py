@@ -78,10 +78,12 @@ class Moments:
         if name == "crest_factor":
             peak = max(abs(self.lo), abs(self.hi))
             return peak / rms if rms > 0 else None
-        if self.m2 <= 0:
+        m2 = self.m2
+        if m2 <= 0:
             return None  # a constant signal: no shape
+        # Divided step by step: m2**1.5 or m2**2 of a tiny spread underflows to 0.
         if name == "skewness":
-            return float(math.sqrt(n) * self.m3 / self.m2**1.5)
+            return float(math.sqrt(n) * (self.m3 / m2) / math.sqrt(m2))
         if name == "kurtosis":
-            return n * self.m4 / (self.m2 * self.m2) - 3.0
+            return n * (self.m4 / m2) / m2 - 3.0
         raise KeyError(name)

@@ -17,7 +17,7 @@ only loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.derive.cycles import Cycle
@@ -37,8 +37,10 @@ class DeviceDerive:
         self.cycles = [
             Cycle(name, cfg, state.cycle(name, cfg.name)) for cfg in getattr(device, "cycles", [])
         ]
+        group_of = {t.name: getattr(t, "group", "default") for t in tags}
         for cycle in self.cycles:
             state.put(name, cycle.config.name, cycle.state)  # the same dict: saved as it is
+            cycle.read_groups = frozenset(group_of[t] for t in cycle.config.tags if t in group_of)
         units = {t.name: t.unit for t in tags}
         self.windows = [Window(name, cfg, units) for cfg in getattr(device, "windows", [])]
         self._local = {t for w in self.windows if not w.config.publish_raw for t in w.tags}
@@ -51,6 +53,12 @@ class DeviceDerive:
             or getattr(device, "windows", None)
             or any(c.mode == "exception" for c in effective_reports(device, list(tags)).values())
         )
+
+    def set_reader(self, read_soon: Callable[[frozenset[str]], None]) -> None:
+        """How cycles with `read: at_trigger` ask the device's poller for a read now."""
+        for cycle in self.cycles:
+            if cycle.config.read == "at_trigger":
+                cycle.request_read = read_soon
 
     @property
     def dirty(self) -> bool:

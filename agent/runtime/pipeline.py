@@ -486,6 +486,8 @@ class Agent:
             subscribe_groups=device.subscribe_groups(),
             on_state_change=self._device_state_changed,
         )
+        if derive is not None:
+            derive.set_reader(poller.read_soon)
         return _Built(device, poller, latest)
 
     def _start_built(self, item: _Built) -> None:
