@@ -157,7 +157,7 @@ def _from_files(folders: list[str], include_open: bool) -> Iterator[dict[str, An
 def _from_broker(
     mqtt: MqttConfig, topics: list[str], args: argparse.Namespace
 ) -> list[dict[str, Any]] | int:
-    from agent.dataset.decode import DecodeError, decode
+    from agent.dataset.decode import decode
     from agent.publish.subscribe import SubscribeError, Subscription
 
     sub = Subscription(
@@ -187,7 +187,7 @@ def _from_broker(
             messages += 1
             try:
                 samples += decode(m.topic, m.payload)
-            except DecodeError as exc:
+            except Exception as exc:  # DecodeError, or a decoder breaking its contract
                 if not skipped:
                     print(f"export: skipped a message on {m.topic}: {exc}", file=sys.stderr)
                 skipped += 1

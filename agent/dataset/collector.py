@@ -147,22 +147,28 @@ class Collector:
         self.counts["messages"] += 1
         try:
             samples = decode(topic, payload)
+            lines = [(s["agent"], s["epoch"], s["seq"], orjson.dumps(s) + b"\n") for s in samples]
         except DecodeError as exc:
             kind = "unknown_layout" if isinstance(exc, UnknownLayout) else "malformed"
-            self.counts[kind] += 1
-            if kind not in self._logged:
-                self._logged.add(kind)
-                log.warning("collect.message.skipped", kind=kind, topic=topic, reason=str(exc))
-            return 0
+            return self._skip(kind, topic, str(exc))
+        except Exception as exc:  # a decoder that breaks its contract: still one message
+            return self._skip("malformed", topic, f"{type(exc).__name__}: {exc}")
         new = 0
-        for s in samples:
-            if self.seen.add(s["agent"], s["epoch"], s["seq"]):
-                self._pending.append(orjson.dumps(s) + b"\n")
+        for agent, epoch, seq, line in lines:
+            if self.seen.add(agent, epoch, seq):
+                self._pending.append(line)
                 new += 1
             else:
                 self.counts["duplicates"] += 1
         self.counts["samples"] += new
         return new
+
+    def _skip(self, kind: str, topic: str, reason: str) -> int:
+        self.counts[kind] += 1
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning("collect.message.skipped", kind=kind, topic=topic, reason=reason)
+        return 0
 
     def flush(self) -> None:
         """Write the pending samples to the open part and fsync it. On a failure the

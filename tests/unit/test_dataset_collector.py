@@ -228,3 +228,33 @@ def test_seen_seqs_is_a_set_of_triples(items: list[tuple[str, int]]) -> None:
         }
         if present:
             assert missing == set(range(present[0], present[-1] + 1)) - set(present)
+
+
+def test_a_decoder_that_breaks_its_contract_costs_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lead may point `decode` at another layout's decoder: whatever it raises or
+    returns for one message, that message alone is skipped."""
+    import agent.dataset.collector as collector_module
+
+    real = collector_module.decode
+
+    def decode(topic: str, payload: bytes) -> list[dict[str, Any]]:
+        if topic == "raises":
+            raise KeyError("samples")
+        if topic == "garbage":
+            return [{"tag": "x"}]  # no agent, epoch, seq
+        return real(topic, payload)
+
+    monkeypatch.setattr(collector_module, "decode", decode)
+    c = opened(tmp_path, Clock())
+    with capture_logs() as logs:
+        assert c.offer("raises", message(1)) == 0
+        assert c.offer("garbage", message(1)) == 0
+        assert c.offer("edge/gw/imm-1", message(1)) == 2
+    c.close()
+    assert c.counts["malformed"] == 2
+    skipped = [e for e in logs if e["event"] == "collect.message.skipped"]
+    assert len(skipped) == 1
+    assert "KeyError" in skipped[0]["reason"]
+    assert [s for _, s in all_seqs(tmp_path)] == [1, 2]
