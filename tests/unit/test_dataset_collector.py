@@ -237,7 +237,7 @@ def test_a_decoder_that_breaks_its_contract_costs_one_message(
     returns for one message, that message alone is skipped."""
     import agent.dataset.collector as collector_module
 
-    real = collector_module.decode
+    real = collector_module.decode  # type: ignore[attr-defined]
 
     def decode(topic: str, payload: bytes) -> list[dict[str, Any]]:
         if topic == "raises":
