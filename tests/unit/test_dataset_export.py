@@ -279,3 +279,24 @@ def test_parquet_without_pyarrow_says_how_to_get_it(
     assert export("--from", str(collected), "--shape", "cycle", "--out", str(out)) == 1
     assert "pip install 'edge-agent[parquet]'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_files_that_hold_the_same_samples_twice_give_each_shot_once(tmp_path: Path) -> None:
+    """Two folders of one shared group, or a file copied twice: export deduplicates by
+    (agent, epoch, seq) across every file it reads."""
+    lines = b"".join(
+        orjson.dumps({**s, "agent": "gw", "epoch": "e1"}) + b"\n"
+        for shot, seq in ((1, 1), (2, 5), (3, 9))
+        for s in shot_record(seq, shot)
+    )
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "samples-20261201T10Z.jsonl").write_bytes(lines)
+    (tmp_path / "a" / "samples-20261201T11Z.jsonl").write_bytes(lines)
+    out = tmp_path / "s.csv"
+    assert export("--from", str(tmp_path / "a"), "--from", str(tmp_path / "b"),
+                  "--shape", "cycle", "--out", str(out)) == 0  # fmt: skip
+    assert pd.read_csv(out)["cycle"].tolist() == [1, 2, 3]
+    meta = orjson.loads((tmp_path / "s.csv.meta.json").read_bytes())
+    assert meta["duplicates_dropped"] == 24
+    assert meta["samples"] == 12
