@@ -139,3 +139,57 @@ def test_one_row_per_shot_through_outage_and_kills(
             assert row[column] == pytest.approx(round(float(expected[column]) * 10) / 10)
         assert bool(row["pass_fail"]) is expected["pass_fail"]
         assert row["cushion__quality"] == "good"
+
+
+@pytest.mark.timeout(200)
+def test_press_windows_to_a_dataset(tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    """configs/press-sim.yaml: 10 Hz vibration and current, 1 s windows at the edge, one
+    row per window in the export, the features of the simulated press."""
+    broker = persistent_broker
+    out = tmp_path / "collect"
+    env = {
+        "MQTT_PORT": str(broker.port),
+        "EDGE_BUFFER": str(tmp_path / "buffer.db"),
+        "PRESS_PORT": "0",
+    }
+    config = ROOT / "configs" / "press-sim.yaml"
+    collector = AgentProcess(tmp_path / "collect.log", "collect", str(config), "--out", str(out),
+                             env=env).start()  # fmt: skip
+    agent = AgentProcess(tmp_path / "agent.log", "run", str(config), "--simulate", env=env)
+    try:
+        agent.start()
+
+        def windows() -> int:
+            return sum(
+                1
+                for f in data_files(out, include_open=True)
+                for s in read_samples(f)
+                if s["tag"] == "vibration.rms"
+            )
+
+        wait_for(lambda: windows() >= 6, 90, "6 windows", agent, collector)
+        assert agent.terminate() == 0
+        assert collector.terminate() == 0
+    finally:
+        agent.close()
+        collector.close()
+    target = tmp_path / "press.parquet"
+    done = cli("export", "--from", str(out), "--include-open", "--shape", "window",
+               "--out", str(target))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    df = pd.read_parquet(target)
+    assert list(df.columns[:3]) == ["ts", "window_start", "device"]
+    for tag in ("vibration", "motor_current"):
+        for feature in ("mean", "std", "rms", "min", "max", "peak_to_peak", "crest_factor",
+                        "kurtosis", "good_share"):  # fmt: skip
+            assert f"{tag}.{feature}" in df.columns
+            assert f"{tag}.{feature}__quality" in df.columns
+    assert "fault_level.max" in df.columns
+    assert "stroke_count" not in df.columns  # a raw tag: not a window feature
+    whole = df[df["vibration.rms__quality"] == "good"]  # the first window is partial
+    assert len(whole) >= 4
+    assert ((whole["ts"] - whole["window_start"]).dt.total_seconds() == 1.0).all()
+    assert (whole["vibration.good_share"] == 1.0).all()
+    assert (whole["vibration.rms"] > 0.5).all()  # the running frequency's amplitude ~1 mm/s
+    assert (whole["motor_current.min"] > 10).all()  # the idle current
+    assert (whole["fault_level.max"] == 0.0).all()  # healthy for the first 4 minutes
