@@ -73,7 +73,7 @@ def data_files(folder: Path, *, include_open: bool = False) -> list[Path]:
 
 def read_samples(path: Path) -> Iterator[dict[str, Any]]:
     """The samples of one collector file; a line that is not a sample (a torn tail of an
-    open part) is skipped."""
+    open part, a line edited by hand) is skipped."""
     with path.open("rb") as f:
         for line in f:
             if not line.endswith(b"\n"):
@@ -82,8 +82,20 @@ def read_samples(path: Path) -> Iterator[dict[str, Any]]:
                 s = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
-            if isinstance(s, dict) and {"agent", "epoch", "seq", "tag", "device"} <= s.keys():
+            if _is_sample(s):
                 yield s
+
+
+_TEXT_KEYS = ("agent", "epoch", "device", "tag", "quality", "ts_agent")
+
+
+def _is_sample(s: Any) -> bool:
+    """A line as the collector writes it (a hand-edited or foreign file may differ)."""
+    return (
+        isinstance(s, dict)
+        and type(s.get("seq")) is int
+        and all(isinstance(s.get(k), str) for k in _TEXT_KEYS)
+    )
 
 
 class Collector:

@@ -300,3 +300,16 @@ def test_files_that_hold_the_same_samples_twice_give_each_shot_once(tmp_path: Pa
     meta = orjson.loads((tmp_path / "s.csv.meta.json").read_bytes())
     assert meta["duplicates_dropped"] == 24
     assert meta["samples"] == 12
+
+
+def test_lines_that_are_not_samples_are_skipped(tmp_path: Path) -> None:
+    folder = tmp_path / "c"
+    folder.mkdir()
+    good = [orjson.dumps({**s, "agent": "gw", "epoch": "e1"}) for s in shot_record(1, 1)]
+    junk = [b"[1, 2]", b"{not json", b'{"agent": "gw", "epoch": "e1", "seq": "7"}',
+            orjson.dumps({**shot_record(9, 2)[0], "agent": "gw", "epoch": "e1", "seq": 2.5}),
+            orjson.dumps({"agent": "gw", "epoch": "e1", "device": "imm-1", "seq": 20})]  # fmt: skip
+    (folder / "samples-20261201T10Z.jsonl").write_bytes(b"\n".join([*junk, *good]) + b"\n")
+    out = tmp_path / "s.csv"
+    assert export("--from", str(folder), "--shape", "cycle", "--out", str(out)) == 0
+    assert pd.read_csv(out)["cycle"].tolist() == [1]
