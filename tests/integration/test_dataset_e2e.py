@@ -3,9 +3,9 @@
 snapshots) → a real mosquitto → `edge-agent collect` → `edge-agent export` → pandas.
 
 Through a broker outage, a SIGKILL of the collector and a SIGKILL of the agent, the
-dataset has one row per shot, none twice, each row exactly the simulated machine's
-parameters of that shot, and the only missing shots are those that ended while the agent
-was dead — marked in `gap_before`."""
+dataset has one row per shot, none missing, none twice, each row exactly the simulated
+machine's parameters of that shot. (Shots that end while the agent is dead cannot be
+read; they are marked in `gap_before`: tests/unit/test_dataset_export.py.)"""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from tests.support.broker import MosquittoBroker, require_mosquitto
 pytestmark = pytest.mark.integration
 
 CONFIG = ROOT / "configs" / "moulding-sim.yaml"
-PERIOD_S = 4.0  # configs/moulding-sim.yaml: period_s of every tag
+#: The example's shots, slowed from 4 s to 8 s: an agent killed right after a shot is back
+#: before the next one, so no shot may be missing.
+PERIOD_S = 8.0
 FLOAT32 = ("cycle_time", "injection_time", "cushion", "injection_pressure", "holding_pressure")
 INT16_TENTHS = ("barrel_temperature_1", "mould_temperature_1", "hopper_temperature")
 
@@ -66,34 +68,38 @@ def test_one_row_per_shot_through_outage_and_kills(
 ) -> None:
     broker = persistent_broker
     out = tmp_path / "collect"
+    text = CONFIG.read_text()
+    assert text.count("period_s: 4,") == 22
+    config = tmp_path / "moulding.yaml"
+    config.write_text(text.replace("period_s: 4,", f"period_s: {PERIOD_S:g},"))
     env = {"MQTT_PORT": str(broker.port), "EDGE_BUFFER": str(tmp_path / "buffer.db")}
     topic = "edge/gw-moulding/+"
     collect_args = ("collect", "--broker", f"127.0.0.1:{broker.port}", "--topic", topic,
                     "--out", str(out), "--client-id", "collector-1")  # fmt: skip
-    with AgentProcess(tmp_path / "sim.log", "simulate", str(CONFIG), env={"IMM_PORT": "0"}) as sim:
+    with AgentProcess(tmp_path / "sim.log", "simulate", str(config), env={"IMM_PORT": "0"}) as sim:
         name, _, endpoint = sim.read_line().split("\t")
         assert name == "imm-1"
         env["IMM_PORT"] = endpoint.rsplit(":", 1)[1]
         collector = AgentProcess(tmp_path / "collect1.log", *collect_args).start()
-        agent = AgentProcess(tmp_path / "agent1.log", "run", str(CONFIG), env=env).start()
+        agent = AgentProcess(tmp_path / "agent1.log", "run", str(config), env=env).start()
         try:
             wait_for(lambda: len(shots(out)) >= 2, 90, "2 shots", agent, collector)
 
             broker.stop()  # outage: the agent buffers, the collector reconnects
-            time.sleep(2 * PERIOD_S)
+            time.sleep(PERIOD_S)
             broker.start()
             before_outage = len(shots(out))
-            wait_for(lambda: len(shots(out)) >= before_outage + 3, 90, "shots after outage",
+            wait_for(lambda: len(shots(out)) >= before_outage + 2, 90, "shots after outage",
                      agent, collector)  # fmt: skip
 
             collector.close()  # SIGKILL: unacknowledged messages come again
             collector = AgentProcess(tmp_path / "collect2.log", *collect_args).start()
-            agent.close()  # SIGKILL
-            killed_at = time.time()
-            time.sleep(PERIOD_S)
-            agent = AgentProcess(tmp_path / "agent2.log", "run", str(CONFIG), env=env).start()
             seen = len(shots(out))
-            wait_for(lambda: len(shots(out)) >= seen + 3, 90, "shots after the kill",
+            wait_for(lambda: len(shots(out)) > seen, 90, "a shot", agent, collector)
+            agent.close()  # SIGKILL, right after a shot, and start again at once
+            agent = AgentProcess(tmp_path / "agent2.log", "run", str(config), env=env).start()
+            seen = len(shots(out))
+            wait_for(lambda: len(shots(out)) >= seen + 2, 90, "shots after the kill",
                      agent, collector)  # fmt: skip
             assert agent.terminate() == 0
             # Everything the agent published is in the files once the count stays put.
@@ -121,14 +127,9 @@ def test_one_row_per_shot_through_outage_and_kills(
         assert f"{column}__quality" in df.columns
 
     ids = df["cycle"].tolist()
-    assert ids == sorted(set(ids))  # no shot twice
-    assert len(ids) >= 8
-    gaps = df[df["gap_before"] > 0]
-    for _, row in gaps.iterrows():  # a gap only where the agent was dead
-        missing = set(range(int(row["cycle"]) - int(row["gap_before"]), int(row["cycle"])))
-        assert not missing & set(ids)
-        assert pd.Timestamp(row["ts"]).timestamp() > killed_at
-    assert int(df["gap_before"].sum()) == ids[-1] - ids[0] + 1 - len(ids)
+    assert len(ids) >= 7
+    assert ids == list(range(ids[0], ids[0] + len(ids)))  # no shot missing, none twice
+    assert (df["gap_before"] == 0).all()
 
     machine = MouldingMachine(period_s=PERIOD_S, seed=0)
     for _, row in df.iterrows():  # each row is the machine's shot, all columns of one shot
