@@ -35,8 +35,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import structlog
+
 from agent.derive.config import CycleConfig
 from agent.schema import WireSample
+
+log = structlog.get_logger()
 
 _NOT_READ = "waiting for the re-read"
 
@@ -105,6 +109,7 @@ class Cycle:
         self.cycles = 0
         self.debounced = 0
         self.resets = 0
+        self.missed = 0  # cycle ids a counter skipped
 
     def add(self, samples: Sequence[WireSample], now: float) -> list[WireSample] | None:
         """One poll's samples; the cycle's record when this poll triggered (read:
@@ -233,9 +238,18 @@ class Cycle:
             if _is_int(prev):
                 if value > prev + 1:
                     missed = {"first": prev + 1, "last": value - 1, "count": value - prev - 1}
+                    self.missed += missed["count"]
+                    log.warning("cycle.missed", device=self.device, cycle=cfg.name, **missed)
                 elif value <= prev:
                     reasons.append(f"counter went back from {prev} to {value}")
                     self.resets += 1
+                    log.warning(
+                        "cycle.counter_reset",
+                        device=self.device,
+                        cycle=cfg.name,
+                        previous=prev,
+                        value=value,
+                    )
         else:
             st["seq"] += 1
             cycle_id = st["seq"]

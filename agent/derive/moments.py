@@ -22,6 +22,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+#: Below this variance skewness and kurtosis are not computed (see `Moments.feature`).
+_TINY_VAR = 1e-150
+
 
 @dataclass(slots=True)
 class Moments:
@@ -79,8 +82,10 @@ class Moments:
             peak = max(abs(self.lo), abs(self.hi))
             return peak / rms if rms > 0 else None
         m2 = self.m2
-        if m2 <= 0:
-            return None  # a constant signal: no shape
+        if var < _TINY_VAR:
+            # A constant signal has no shape; below this spread the 4th powers underflow
+            # (doubles end near 1e-308), so there is no honest value either.
+            return None
         # Divided step by step: m2**1.5 or m2**2 of a tiny spread underflows to 0.
         if name == "skewness":
             return float(math.sqrt(n) * (self.m3 / m2) / math.sqrt(m2))

@@ -18,6 +18,7 @@ only loss.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from agent.derive.cycles import Cycle
@@ -60,6 +61,18 @@ class DeviceDerive:
             if cycle.config.read == "at_trigger":
                 cycle.request_read = read_soon
 
+    def counts(self) -> dict[str, int]:
+        """What the stage did since the device started (metrics, status)."""
+        return {
+            "held_back": self.report.suppressed,
+            "repeats": self.report.repeats,
+            "cycles": sum(c.cycles for c in self.cycles),
+            "cycles_missed": sum(c.missed for c in self.cycles),
+            "counter_resets": sum(c.resets for c in self.cycles),
+            "debounced": sum(c.debounced for c in self.cycles),
+            "windows": sum(w.closed for w in self.windows),
+        }
+
     @property
     def dirty(self) -> bool:
         """Some durable state changed since `saved()`."""
@@ -69,9 +82,18 @@ class DeviceDerive:
         for c in self.cycles:
             c.dirty = False
 
-    def process(self, samples: list[WireSample], now: float) -> list[list[WireSample]]:
+    @property
+    def timed(self) -> bool:
+        """Whether it has time windows (which the writer's clock ticks close on time)."""
+        return any(w.config.length_s is not None for w in self.windows)
+
+    def process(
+        self, samples: list[WireSample], now: float, ts_agent: datetime | None = None
+    ) -> list[list[WireSample]]:
         """One poll's samples (seqs not given yet) → the records to store (see above).
-        `now`: the monotonic clock, for heartbeats and debounce."""
+        `now`: the monotonic clock, for heartbeats and debounce; `ts_agent`: the poll's
+        time (or a clock tick's, with no samples), which closes time windows that are
+        over."""
         records: list[list[WireSample]] = []
         raw = samples
         if self._local:
@@ -85,5 +107,5 @@ class DeviceDerive:
             if record is not None:
                 records.append(record)
         for window in self.windows:
-            records += window.add(samples)
+            records += window.add(samples, ts_agent)
         return records

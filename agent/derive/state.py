@@ -3,9 +3,10 @@ next to the buffer (``<buffer.path>.derive.json``), written whole to a temporary
 fsync'ed and renamed over the old one (then the directory fsync'ed), so a crash leaves
 either the old or the new file, never a torn one.
 
-The writer saves it right after the buffer stored the records of the polls that changed
-it, with no await in between: a record cannot be delivered (and deleted) before the state
-that made it is on disk. A memory buffer keeps the state in memory only (it loses its
+The writer saves it (in a worker thread, off the event loop) right after the buffer stored
+the records of the polls that changed it, and before it stores anything else. A crash
+between the two can make the restarted agent record the last cycle again, with the same
+cycle id (docs/derive.md). A memory buffer keeps the state in memory only (it loses its
 records at a restart anyway).
 
 A file that cannot be read (damaged, not ours) is moved aside as ``….bad`` and the
@@ -86,10 +87,18 @@ class DeriveState:
 
     def save(self) -> None:
         """Write the state durably (see the module docstring). Never raises."""
+        if self.path is not None:
+            self.write(self.encode())
+
+    def encode(self) -> bytes:
+        """The state as it is now (on the event loop, so it is consistent)."""
+        return json.dumps({"version": STATE_VERSION, "devices": self.devices}).encode()
+
+    def write(self, data: bytes) -> None:
+        """Write `data` (from `encode`) durably; may run in a worker thread. Never raises."""
         path = self.path
         if path is None:
             return
-        data = json.dumps({"version": STATE_VERSION, "devices": self.devices}).encode()
         tmp = path.with_name(path.name + ".tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,10 @@ so it lowers the share instead of spoiling the mean). The features' quality:
 
 `good_share` itself is good (it is a count), null and bad when the tag had no readings.
 
-A time window closes on the first reading at or after its end: a device that stays down
-(no readings) delays its last window until it is read again; windows in which nothing
-was read are not published. Nothing of a window is persisted: a restart starts a new,
-partial window.
+A time window closes on the first reading at or after its end, or on the writer's clock
+tick (`now` without samples) once it is over, so a device that goes silent still has its
+last window published; windows in which nothing was read are not published. Nothing of
+a window is persisted: a restart starts a new, partial window.
 """
 
 from __future__ import annotations
@@ -70,24 +70,48 @@ class Window:
         self._acc: dict[str, _Acc] = {t: _Acc() for t in self._tags}
         self._bucket: int | None = None  # time windows: the current window's index
         self._partial = True  # the first window is not seen from its start
+        #: Windows published, since start.
+        self.closed = 0
 
     @property
     def tags(self) -> set[str]:
         return self._wanted
 
-    def add(self, samples: Sequence[WireSample]) -> list[list[WireSample]]:
-        """Take one poll's samples; return the records of the windows this closed."""
-        if self.config.length_s is not None:
-            return self._add_timed(samples, self.config.length_s)
-        return self._add_counted(samples, self.config.length_samples or 0)
+    def add(
+        self, samples: Sequence[WireSample], now: datetime | None = None
+    ) -> list[list[WireSample]]:
+        """Take one poll's samples; return the records of the windows this closed.
+        `now` (time windows): the poll's or the clock tick's time — a window whose end it
+        has passed closes even when none of its tags was read since."""
+        length = self.config.length_s
+        if length is None:
+            return self._add_counted(samples, self.config.length_samples or 0)
+        out = self._due(now, length) if now is not None else []
+        return out + self._add_timed(samples, length)
+
+    def _due(self, now: datetime, length: float) -> list[list[WireSample]]:
+        if self._bucket is None or math.floor(now.timestamp() / length) <= self._bucket:
+            return []  # not over yet, or the clock went back (a reading will tell)
+        record = self._close(_at(self._bucket * length), _at((self._bucket + 1) * length), None)
+        self._bucket = None  # the next reading opens its window, seen from its start
+        self._partial = False
+        if not record:
+            return []
+        self.closed += 1
+        return [record]
 
     def _add_timed(self, samples: Sequence[WireSample], length: float) -> list[list[WireSample]]:
         out: list[list[WireSample]] = []
+        seen_ts: datetime | None = None
+        k = 0
         for s in samples:
             tag = s["tag"]
             if tag not in self._wanted:
                 continue
-            k = math.floor(s["ts_agent"].timestamp() / length)
+            ts = s["ts_agent"]
+            if ts is not seen_ts:  # the samples of a poll share one ts_agent
+                seen_ts = ts
+                k = math.floor(ts.timestamp() / length)
             if self._bucket is None:
                 self._bucket = k
             elif k != self._bucket:
@@ -96,6 +120,7 @@ class Window:
                 end = _at((self._bucket + 1) * length)
                 record = self._close(start, end, "clock jump" if jumped else None)
                 if record:
+                    self.closed += 1
                     out.append(record)
                 self._bucket = k
                 self._partial = jumped
@@ -115,6 +140,8 @@ class Window:
                 assert acc.last_ts is not None
                 closed += self._features(tag, acc, acc.first_ts, acc.last_ts, None, False)
                 self._acc[tag] = _Acc()
+        if closed:
+            self.closed += 1
         return [closed] if closed else []
 
     @staticmethod

@@ -61,6 +61,8 @@ log = structlog.get_logger()
 WRITER_TASK = "buffer-writer"
 FORWARDER_TASK = "forwarder"
 MQTT_TASK = "mqtt"
+#: How often time windows that are over are closed when no reading closes them.
+DERIVE_TICK_S = 1.0
 
 
 def device_tags(device: DeviceCommon) -> list[TagCommon]:
@@ -106,6 +108,7 @@ class DeviceRun:
 
     poller: DevicePoller
     task: asyncio.Task[None]
+    derive: DeviceDerive | None = None
 
 
 @dataclass
@@ -115,6 +118,7 @@ class _Built:
     device: DeviceCommon
     poller: DevicePoller
     latest: dict[str, WireSample]
+    derive: DeviceDerive | None = None
 
 
 ConfigAdapter = Callable[[Config], Config]
@@ -424,7 +428,8 @@ class Agent:
         self._running = True
         for item in built:
             self._start_built(item)
-        helpers = ["status", "rates"]
+        helpers = ["status", "rates", "derive-clock"]
+        sup.start("derive-clock", self._derive_clock)
         sup.start("status", self._report)
         sup.start("rates", lambda: self.rates.run(self))
         if backlog:
@@ -488,14 +493,14 @@ class Agent:
         )
         if derive is not None:
             derive.set_reader(poller.read_soon)
-        return _Built(device, poller, latest)
+        return _Built(device, poller, latest, derive)
 
     def _start_built(self, item: _Built) -> None:
         name = item.device.name
         poller = item.poller
         self.latest[name] = item.latest
         task = self.supervisor.start(_task_name(name), poller.run)
-        self.devices[name] = DeviceRun(poller, task)
+        self.devices[name] = DeviceRun(poller, task, item.derive)
         self.heartbeats.add(
             Probe(
                 _task_name(name),
@@ -518,7 +523,8 @@ class Agent:
             self.status_sync.send(msg)
 
     async def _stop_device(self, name: str) -> None:
-        self.devices.pop(name)
+        run = self.devices.pop(name)
+        self.writer.forget(name, run.derive)
         self.heartbeats.remove(_task_name(name))
         await self.supervisor.stop(_task_name(name))  # the poller closes its driver
         self.latest.pop(name, None)
@@ -603,6 +609,12 @@ class Agent:
         return result
 
     # ------------------------------------------------------------------ progress
+
+    async def _derive_clock(self) -> None:
+        """Once a second, the writer closes the time windows that are over (agent.derive)."""
+        while True:
+            await asyncio.sleep(DERIVE_TICK_S)
+            await self.writer.tick()
 
     async def _report(self) -> None:
         """A periodic status line, so an operator sees progress without metrics."""

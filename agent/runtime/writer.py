@@ -98,6 +98,8 @@ class BufferWriter:
         #: Trips to the buffer finished (good or not): the writer's heartbeat.
         self.trips = 0
         self._derive_failed = False
+        # device → its sink, for devices with time windows (see tick()).
+        self._timed: dict[str, DeviceSink] = {}
 
     def sink(
         self,
@@ -111,12 +113,31 @@ class BufferWriter:
         stage (agent.derive), between the normaliser and the buffer."""
         target = DeviceSink(device, normalizer, seq, {}, derive)
         queue = self.queue
+        if derive is not None and derive.timed:
+            self._timed[device] = target
+        else:
+            self._timed.pop(device, None)
 
         async def sink(readings: Readings) -> None:
             if readings:
                 await queue.put((target, readings, datetime.now(UTC)))
 
         return sink, target.latest
+
+    async def tick(self) -> None:
+        """A clock tick for every device with time windows: closes the windows that are
+        over even when the device is not read (down, or its window tags are in a slow
+        group). Goes through the queue, so it is ordered with the polls."""
+        now = datetime.now(UTC)
+        for target in list(self._timed.values()):
+            await self.queue.put((target, [], now))
+
+    def forget(self, device: str, derive: DeviceDerive | None) -> None:
+        """A device's derive stage stopped (the device was removed, or rebuilt by a
+        reload, whose new sink is already registered): no more ticks for it."""
+        target = self._timed.get(device)
+        if target is not None and target.derive is derive:
+            del self._timed[device]
 
     async def stop(self) -> None:
         """Tell `run()` to return once what was handed over before is stored."""
@@ -161,7 +182,7 @@ class BufferWriter:
                     item = writes.get_nowait()
                 stopping = item is None
                 if not batch:
-                    self._save_derive(derived)
+                    await self._save_derive(derived)
                     continue
                 if many is not None:
                     try:
@@ -185,9 +206,8 @@ class BufferWriter:
                         f"the buffer returned {len(errors)} results for {len(batch)} batches"
                     )
                 stored = True
-                # No await between the store and this: nothing stored can be delivered
-                # (and deleted) before the state that made it is on disk.
-                self._save_derive(derived)
+                # The cycle state that made these records, before anything else is stored.
+                await self._save_derive(derived)
                 for (dev, samples), error in zip(batch, errors, strict=True):
                     self._on_stored(dev, len(samples), error)
             except Exception as exc:
@@ -211,7 +231,7 @@ class BufferWriter:
             self._on_stored(target.device, len(readings), exc)
             return []
         try:
-            records = derive.process(samples, time.monotonic())
+            records = derive.process(samples, time.monotonic(), ts_agent)
         except Exception:
             # A bug in the stage: publish the poll as read rather than lose it.
             if not self._derive_failed:
@@ -227,12 +247,14 @@ class BufferWriter:
                 latest[sample["tag"]] = sample
         return records
 
-    def _save_derive(self, derived: list[DeviceDerive]) -> None:
+    async def _save_derive(self, derived: list[DeviceDerive]) -> None:
         if not any(d.dirty for d in derived):
             return
-        self.derive_state.save()
+        state = self.derive_state
         for d in derived:
             d.saved()
+        if state.path is not None:
+            await asyncio.to_thread(state.write, state.encode())
 
     async def _until_stored(self, append: Callable[[], Any], samples: int) -> Any:
         """Run `append` until it does not raise, with backoff; the outage is logged once."""

@@ -258,3 +258,46 @@ def test_at_trigger_reads_the_captured_tags_again(tmp_path: Path, broker: Mosqui
         assert ts(pressure["ts_agent"]) > ts(head["ts_agent"])  # read after the trigger
         pressures.add(pressure["value"])
     assert len(pressures) == len(by_cycle)  # a fresh reading each time (a sine)
+
+
+def test_a_device_down_mid_window_still_gets_its_window(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    served = write_config(tmp_path, broker, MACHINE.format(port=0, extra=""), "sim.yaml")
+    extra = """\
+    down_report_interval_s: 3600
+    windows:
+      - { tags: [pressure], length_s: 1, features: [count, mean] }
+"""
+    with (
+        AgentProcess(tmp_path / "sim.log", "simulate", str(served)) as sim,
+        Subscriber("127.0.0.1", broker.port, "edge/#") as sub,
+    ):
+        port = int(sim.read_line().split("\t")[2].rsplit(":", 1)[1])
+        config = write_config(
+            tmp_path, broker, MACHINE.format(port=port, extra=extra), "agent.yaml"
+        )
+        with AgentProcess(tmp_path / "agent.log", "run", str(config)) as agent:
+
+            def means() -> list[dict[str, Any]]:
+                return [s for s in unique_samples(sub.messages()) if s["tag"] == "pressure.mean"]
+
+            wait_until(lambda: any(m["quality"] == "good" for m in means()), 60, "windows", agent)
+            sim.kill()  # the device goes down mid-window and never comes back
+            # Only the one all-bad report at the transition is read (the next would be an
+            # hour later): the agent's clock must close that window.
+            wait_until(
+                lambda: any(
+                    m["quality"] != "good" and m["reason"] != "partial window" for m in means()
+                ),
+                60,
+                "the window of the outage",
+                agent,
+            )
+            assert agent.terminate() == 0
+    outage = [m for m in means() if m["quality"] != "good" and m["reason"] != "partial window"]
+    first = outage[0]
+    # some good readings and the bad one (uncertain), or only the bad one, at a boundary
+    assert first["reason"].endswith("readings not good") or (
+        first["reason"] == "no good readings" and first["quality"] == "bad"
+    ), first

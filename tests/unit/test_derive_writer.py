@@ -126,3 +126,57 @@ async def test_a_failing_derive_stage_publishes_the_polls_as_read(
     assert [[s["tag"] for s in r] for r in records] == [["shots", "p", "vib"]] * 2
     assert [s["seq"] for r in records for s in r] == list(range(1, 7))
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["derive.failed"]
+
+
+async def test_the_counts_reach_the_metrics(tmp_path: Path) -> None:
+    from prometheus_client.core import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+
+    from agent.http.metrics import AgentCollector
+    from agent.runtime.pipeline import Agent
+
+    text = CONFIG.replace(
+        "agent: {id: gw}", f"agent: {{id: gw}}\nbuffer: {{path: {tmp_path / 'b.db'}}}"
+    )
+    agent = Agent(parse_config(text, "c.yaml"))
+    await agent.buffer.open()
+    agent._seq = SeqCounter(agent.buffer.last_seq())  # what run() sets before building
+    try:
+        built = agent._build_devices(list(parse_config(text, "c.yaml").devices))
+        (item,) = built
+        assert item.derive is not None
+        item.derive.report.suppressed = 5
+        agent._start_built(item)
+        registry = CollectorRegistry()
+        registry.register(AgentCollector(agent.snapshot))
+        out = generate_latest(registry).decode()
+        assert 'edge_agent_device_derived_total{device="imm",kind="held_back"} 5.0' in out, out
+    finally:
+        await agent.supervisor.stop_all()
+        await agent.driver_context.aclose()
+        await agent.buffer.close()
+
+
+async def test_ticks_go_only_to_devices_with_time_windows(tmp_path: Path) -> None:
+    timed = parse_config(CONFIG.replace("length_samples: 3", "length_s: 1"), "c.yaml").devices[0]
+    counted = parse_config(CONFIG, "c.yaml").devices[0]
+    buffer = SqliteBuffer(BufferConfig(path=str(tmp_path / "b.db")))
+    writer = BufferWriter(buffer, lambda *a: None)
+    state = DeriveState(None)
+    for name, dev in (("a", timed), ("b", counted)):
+        tags = list(getattr(dev, "tags", []))
+        writer.sink(name, Normalizer(name, tags), SeqCounter(0), DeviceDerive(dev, tags, state))
+    await writer.tick()
+    assert writer.queue.qsize() == 1
+    item = writer.queue.get_nowait()
+    assert item is not None
+    target, readings, _ = item
+    assert target.device == "a"
+    assert list(readings) == []
+    writer.forget("a", None)  # not that device's stage: kept
+    await writer.tick()
+    assert writer.queue.qsize() == 1
+    writer.forget("a", target.derive)
+    writer.queue.get_nowait()
+    await writer.tick()
+    assert writer.queue.empty()
