@@ -400,11 +400,25 @@ class S7Driver:
             self._log.warning("s7.write.refused", request=what, reason=str(exc))
             raise DriverError(str(exc), f"{self.endpoint}: {what}", code=exc.code) from None
         except FrameError as exc:
+            self._abandon(tag, exc.reason)
             raise self._map(exc, what) from None
+        except DriverUnavailable as exc:
+            self._abandon(tag, exc.reason)
+            raise
         if code != 0xFF:
             reason = codec.item_reason(code)
             self._log.warning("s7.write.refused", request=what, reason=reason)
             raise DriverError(reason, f"{self.endpoint}: {what}", code)
+
+    def _abandon(self, tag: str, reason: str) -> None:
+        """A write whose outcome is unknown: close the connection, so a late answer is
+        never read as the answer to a later job (the next poll reports the lost
+        connection and the poller reconnects)."""
+        self._log.warning("s7.write.unknown_outcome", tag=tag, reason=reason)
+        writer = self._writer
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
 
     def _map(self, exc: BaseException, what: str) -> BaseException:
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):

@@ -424,3 +424,18 @@ async def test_our_simulator_serves_what_snap7_client_wrote(simulated: Any) -> N
     got = await values(driver)
     assert (got["r"], got["m"], got["s"]) == (2.5, -7, "SNAP7")
     assert sim.write_count("plc") == 3
+
+
+async def test_after_an_unknown_outcome_the_connection_is_dropped() -> None:
+    async with ScriptedCpu(lambda job: None) as cpu:
+        device = make([{"name": "r", "address": "DB1.DBD0", "type": "real"}], port=cpu.port)
+        driver = S7Driver(device)
+        await driver.connect()
+        try:
+            with pytest.raises(DriverUnavailable, match="timeout"):
+                await driver.write("r", 2.5)
+            with pytest.raises(DriverUnavailable, match="connection lost"):
+                await driver.read("default")
+        finally:
+            await driver.close()
+    assert len(cpu.jobs) == 1  # the read was not sent on the abandoned connection
