@@ -35,12 +35,13 @@ this order, only the sections whose bit is set in ``sections``:
 - ``value_text`` where a sample has one: JSON ``[[index, text], ...]``;
 - the values, by kind (none, bool, int, float, str, other): bools one byte each, ints as an
   array of the narrowest width that holds them all (u8 … i64/u64), floats as float32 when
-  every one of them survives the round trip bit for bit, else float64, strings as UTF-8
+  every one of them survives the round trip bit for bit, else float64 (int and float
+  arrays as byte planes: all first bytes, then all second bytes...), strings as UTF-8
   with their lengths, anything else (lists) as JSON. A NaN or ±Infinity is stored as none:
   format 2 stored it as JSON ``null`` too, so a reader sees exactly what it saw before.
 
 Integer arrays (``ints``) are a type code (``b B h H i I q Q``) and the array's bytes. The
-payload is compressed with zlib (level 1) when that saves at least a quarter of it.
+payload is compressed with zlib (level 1) when it is at least 512 bytes and that saves at least a quarter of it.
 
 A record's *data*, as `take` returns it and as every reader gets it, is self-contained:
 dictionary + body (or a JSON body alone, or, for records written by format 2, the JSON
@@ -63,7 +64,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import is_, itemgetter
+from operator import is_, is_not, itemgetter, ne, or_
 from typing import Any, Literal, cast
 
 import orjson
@@ -116,6 +117,8 @@ _BIG = sys.byteorder == "big"
 #: inflate at every take: see bench/README.md, "Record format").
 _ZLIB_MIN_SAVING = 1 / 4
 _ZLIB_LEVEL = 1
+#: Smaller payloads are not worth trying (bench/README.md: a 10-tag poll gains nothing).
+_ZLIB_MIN_BYTES = 512
 #: Dictionaries kept by an encoder (one per device); beyond it the cache starts again.
 _ENCODER_DEVICES = 4096
 _DECODED_DICTS = 256
@@ -228,15 +231,17 @@ class RecordEncoder:
         increasing or not above `last_seq` (a programming error in the caller: seqs are
         allocated once per agent and never reused), and orjson.JSONEncodeError (a
         TypeError) for a value format 2 could not store either."""
-        first, last, contiguous = check_seqs(samples, last_seq)
+        if not samples:
+            raise ValueError("empty batch: append at least one sample")
         n = len(samples)
         try:
-            payload, sections, ddict = self._columns(samples, first, contiguous)
+            payload, sections, ddict, first, last = self._columns(samples, last_seq)
         except _Fallback:
+            first, last, _ = check_seqs(samples, last_seq)
             body = orjson.dumps(samples, option=_ORJSON_OPTS)
             return EncodedBatch(first, last, n, _frame(body, _JSON_BODY, 0, 0, first, last, n))
         flags = _COMP_NONE
-        if self._compression == "zlib" and len(payload) >= 64:
+        if self._compression == "zlib" and len(payload) >= _ZLIB_MIN_BYTES:
             packed = zlib.compress(payload, _ZLIB_LEVEL)
             if len(packed) <= len(payload) * (1 - _ZLIB_MIN_SAVING):
                 payload, flags = packed, _COMP_ZLIB
@@ -282,8 +287,8 @@ class RecordEncoder:
         return new, None
 
     def _columns(
-        self, samples: Sequence[WireSample], first: int, contiguous: bool
-    ) -> tuple[bytes, int, _DeviceDict]:
+        self, samples: Sequence[WireSample], last_seq: int
+    ) -> tuple[bytes, int, _DeviceDict, int, int]:
         n = len(samples)
         value_text: list[list[Any]] = []
         if sum(map(len, samples)) != _NFIELDS * n:
@@ -299,6 +304,16 @@ class RecordEncoder:
         devices, tags, values, quality, reason, code, ts_source, ts_agent, units, seqs = (
             list(c) for c in zip(*rows, strict=True)
         )
+        first = seqs[0]
+        if (
+            type(first) is int
+            and first > last_seq
+            and seqs == list(range(first, first + n))
+            and set(map(type, seqs)) == {int}
+        ):
+            contiguous, last = True, first + n - 1
+        else:
+            first, last, contiguous = check_seqs(samples, last_seq)  # raises for bad seqs
         device = devices[0]
         if devices.count(device) != n:
             raise _Fallback
@@ -332,17 +347,18 @@ class RecordEncoder:
             parts.append(_table(ts_source))
         if not (quality.count("good") == n and reason.count(None) == n and code.count(None) == n):
             sections |= _S_NOT_GOOD
-            bad = [
-                [i, q, r, c]
-                for i, (q, r, c) in enumerate(zip(quality, reason, code, strict=True))
-                if not (q == "good" and type(q) is str and r is None and c is None)
-            ]
+            flagged = map(
+                or_,
+                map(or_, map(ne, quality, repeat("good")), map(is_not, reason, repeat(None))),
+                map(is_not, code, repeat(None)),
+            )
+            bad = [[i, quality[i], reason[i], code[i]] for i in compress(range(n), flagged)]
             parts.append(_blob(orjson.dumps(bad, option=_ORJSON_OPTS)))
         if value_text:
             sections |= _S_VALUE_TEXT
             parts.append(_blob(orjson.dumps(value_text, option=_ORJSON_OPTS)))
         parts.extend(columns)
-        return b"".join(parts), sections, ddict
+        return b"".join(parts), sections, ddict, first, last
 
 
 def _values(values: list[Any]) -> tuple[list[Any], bytes, list[bytes]]:
@@ -363,14 +379,23 @@ def _values(values: list[Any]) -> tuple[list[Any], bytes, list[bytes]]:
         kind = _KIND_OF.get(only, _OTHER)
         kinds = bytes((kind,)) * len(values)
         return values, kinds, [_column(kind, values)]
-    kind_of = _KIND_OF
-    if not tset <= kind_of.keys():
-        kind_of = {**_KIND_OF, **dict.fromkeys(tset - _KIND_OF.keys(), _OTHER)}
-    kinds = bytes(map(kind_of.__getitem__, types))
-    columns = []
-    for kind in (_BOOL, _INT, _FLOAT, _STR, _OTHER):
-        if kind in kinds:
-            columns.append(_column(kind, list(compress(values, map((kind).__eq__, kinds)))))
+    kind_of = {t: _KIND_OF.get(t, _OTHER) for t in tset}
+    kinds = "".join(map({t: chr(k) for t, k in kind_of.items()}.__getitem__, types)).encode(
+        "latin-1"
+    )
+    by_type: dict[type, list[Any]] = {t: [] for t in tset}
+    appends = {t: v.append for t, v in by_type.items()}
+    for v, t in zip(values, types, strict=True):
+        appends[t](v)
+    by_kind: dict[int, list[Any]] = {}
+    for t, vals in by_type.items():  # kind "other" may gather several types, in order
+        by_kind.setdefault(kind_of[t], [])
+    if _OTHER in by_kind:
+        by_kind[_OTHER] = [v for v, k in zip(values, kinds, strict=True) if k == _OTHER]
+    for t, vals in by_type.items():
+        if kind_of[t] != _OTHER:
+            by_kind[kind_of[t]] = vals
+    columns = [_column(k, by_kind[k]) for k in (_BOOL, _INT, _FLOAT, _STR, _OTHER) if k in by_kind]
     return values, kinds, columns
 
 
@@ -381,7 +406,7 @@ def _column(kind: int, vals: list[Any]) -> bytes:
         return bytes(vals)
     if kind == _INT:
         try:
-            return pack_ints(vals)
+            return pack_ints(vals, planes=True)
         except OverflowError:
             raise _Fallback from None
     if kind == _FLOAT:
@@ -390,8 +415,8 @@ def _column(kind: int, vals: list[Any]) -> bytes:
         with contextlib.suppress(OverflowError):  # beyond float32's range: float64
             f = array("f", vals)
         if len(f) == len(d) and array("d", f).tobytes() == d.tobytes():
-            return b"f" + _le(f)
-        return b"d" + _le(d)
+            return b"f" + _planes(_le(f), 4)
+        return b"d" + _planes(_le(d), 8)
     if kind == _STR:
         try:
             encoded = [v.encode() for v in vals]
@@ -423,9 +448,27 @@ def _blob(b: bytes) -> bytes:
     return _U32.pack(len(b)) + b
 
 
-def pack_ints(vals: list[int]) -> bytes:
-    """Ints as a type code and a little-endian array of the narrowest width holding them.
-    Raises OverflowError beyond 64 bits."""
+def _planes(b: bytes, width: int) -> bytes:
+    """Byte planes: every value's first byte, then every second byte... The high bytes of
+    numbers that differ little are alike, which is what compression finds."""
+    if width == 1:
+        return b
+    return b"".join(b[j::width] for j in range(width))
+
+
+def _unplanes(b: bytes, width: int) -> bytes:
+    if width == 1:
+        return b
+    n = len(b) // width
+    out = bytearray(len(b))
+    for j in range(width):
+        out[j::width] = b[j * n : (j + 1) * n]
+    return bytes(out)
+
+
+def pack_ints(vals: list[int], planes: bool = False) -> bytes:
+    """Ints as a type code and a little-endian array of the narrowest width holding them
+    (as byte planes with `planes`: value columns). Raises OverflowError beyond 64 bits."""
     if not vals:
         return b"B"
     lo, hi = min(vals), max(vals)
@@ -434,7 +477,8 @@ def pack_ints(vals: list[int]) -> bytes:
     else:
         m = max(-lo - 1, hi)
         tc = "b" if m < 1 << 7 else "h" if m < 1 << 15 else "i" if m < 1 << 31 else "q"
-    return tc.encode() + _le(array(tc, vals))
+    a = array(tc, vals)
+    return tc.encode() + (_planes(_le(a), a.itemsize) if planes else _le(a))
 
 
 def check_seqs(samples: Sequence[WireSample], last_seq: int) -> tuple[int, int, bool]:
@@ -657,12 +701,13 @@ class _Reader:
         except orjson.JSONDecodeError as exc:
             raise CorruptRecord(f"record: {exc}") from None
 
-    def ints(self, n: int) -> list[int]:
+    def ints(self, n: int, planes: bool = False) -> list[int]:
         tc = chr(self.take(1)[0])
         if tc not in "bBhHiIqQ":
             raise CorruptRecord("record: bad int array")
         a = array(tc)
-        a.frombytes(self.take(n * a.itemsize))
+        raw = self.take(n * a.itemsize)
+        a.frombytes(_unplanes(raw, a.itemsize) if planes else raw)
         if _BIG:
             a.byteswap()
         return a.tolist()
@@ -742,13 +787,13 @@ def _read_values(r: _Reader, kinds: bytes) -> list[Any]:
         if kind == _BOOL:
             cols[kind] = [b != 0 for b in r.take(m)]
         elif kind == _INT:
-            cols[kind] = r.ints(m)
+            cols[kind] = r.ints(m, planes=True)
         elif kind == _FLOAT:
             tc = chr(r.take(1)[0])
             if tc not in "fd":
                 raise CorruptRecord("record: bad float array")
             a = array(tc)
-            a.frombytes(r.take(m * a.itemsize))
+            a.frombytes(_unplanes(r.take(m * a.itemsize), a.itemsize))
             if _BIG:
                 a.byteswap()
             cols[kind] = a.tolist()

@@ -246,6 +246,8 @@ from agent.schema import WireSample
 
 FORMAT_VERSION = 3
 JOURNAL_SIZE_LIMIT = 4 << 20
+#: Page size of a new file (see "Size accounting and the on-disk margin").
+PAGE_SIZE = 1024
 #: How long open() waits for a lock held by another process before giving up.
 LOCK_TIMEOUT_S = 1.0
 #: While degraded, how often an append or commit tries the disk again.
@@ -346,7 +348,11 @@ def _is_corruption(exc: BaseException) -> bool:
     if not isinstance(exc, sqlite3.DatabaseError):
         return False
     name = getattr(exc, "sqlite_errorname", "") or ""
-    return name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT"))
+    # A text column whose bytes were overwritten: SQLite reads the row, Python's sqlite3
+    # cannot decode it (damage SQLite's own page checks do not see).
+    return name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) or str(exc).startswith(
+        "Could not decode to UTF-8"
+    )
 
 
 def is_disk_error(exc: BaseException) -> bool:
@@ -540,7 +546,8 @@ class SqliteBuffer:
         con = sqlite3.connect(path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
         try:
             con.execute("PRAGMA locking_mode=EXCLUSIVE")
-            # Only takes effect on a new file (before the first table is created).
+            # Both only take effect on a new file (before the first table is created).
+            con.execute(f"PRAGMA page_size={PAGE_SIZE}")
             con.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
