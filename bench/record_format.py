@@ -48,8 +48,8 @@ from agent.config import BufferConfig
 from agent.schema import WireSample
 
 OPTS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
-PATTERN = ("int16", "float32", "int16", "int32", "int16", "float32", "int16", "float32")
-PATTERN += ("int16", "int32")
+PATTERN: tuple[str, ...] = ("int16", "float32", "int16", "int32", "int16", "float32")
+PATTERN += ("int16", "float32", "int16", "int32")
 GIB = 1 << 30
 
 
@@ -63,7 +63,7 @@ def _f32(x: float) -> float:
 class Workload:
     name: str
     tags: list[str]
-    units: list[str | None]
+    units: Sequence[str | None]
     poll: Callable[[int], list[Any]]  # poll number -> values (None = bad)
 
 
@@ -137,6 +137,10 @@ class Format2Encoder:
         return EncodedBatch(first, last, len(samples), orjson.dumps(samples, option=OPTS))
 
 
+def _body_of(enc: RecordEncoder) -> Callable[[list[WireSample]], bytes]:
+    return lambda b: enc.encode(b, 0).data
+
+
 def codec_part(w: Workload, polls: int) -> None:
     data = list(batches(w, polls))
     values = sum(len(b) for b in data)
@@ -160,9 +164,9 @@ def codec_part(w: Workload, polls: int) -> None:
         record_samples,
     )
     for comp in ("none", "zlib"):
-        enc = RecordEncoder(comp)  # type: ignore[arg-type]
+        enc = RecordEncoder(comp)
         # Each record's body (the dictionary is stored once per device, not per record).
-        measure(f"format 3, {comp}", lambda b, e=enc: e.encode(b, 0).data, None)
+        measure(f"format 3, {comp}", _body_of(enc), None)
     # Payload-level comparison of compressors on the uncompressed format-3 bodies.
     plain = RecordEncoder("none")
     bodies = [plain.encode(b, 0).data for b in data]
@@ -174,9 +178,8 @@ def codec_part(w: Workload, polls: int) -> None:
             zlib.decompress(p)
         c2 = time.process_time()
         size = sum(min(len(p), len(b) - 36) + 36 for p, b in zip(packed, bodies, strict=True))
-        rows.append(
-            (f"  zlib {level} alone", size / values, (c1 - c0) / values * 1e6, (c2 - c1) / values * 1e6)
-        )
+        enc_us, dec_us = (c1 - c0) / values * 1e6, (c2 - c1) / values * 1e6
+        rows.append((f"  zlib {level} alone", size / values, enc_us, dec_us))
     try:
         import zstandard
     except ImportError:
@@ -207,18 +210,28 @@ def codec_part(w: Workload, polls: int) -> None:
     for f in full:
         record_samples(f)
     c1 = time.process_time()
-    rows.append(("  format 3 zlib, record_samples", float("nan"), float("nan"), (c1 - c0) / values * 1e6))
+    nan = float("nan")
+    rows.append(("  format 3 zlib, record_samples", nan, nan, (c1 - c0) / values * 1e6))
     from agent.buffer.record import record_columns
 
     c0 = time.process_time()
     for f in full:
         record_columns(f)
     c1 = time.process_time()
-    rows.append(("  format 3 zlib, record_columns", float("nan"), float("nan"), (c1 - c0) / values * 1e6))
+    rows.append(("  format 3 zlib, record_columns", nan, nan, (c1 - c0) / values * 1e6))
     print(f"\n{w.name}: {len(w.tags)} tags, {polls} polls, codec alone")
     print(f"  {'encoding':<34}{'B/value':>9}{'enc µs/v':>10}{'dec µs/v':>10}")
     for label, b, e, d in rows:
         print(f"  {label:<34}{b:>9.2f}{e:>10.3f}{d:>10.3f}")
+
+
+def _remove(directory: Path, prefix: str) -> None:
+    for p in directory.glob(f"{prefix}*"):
+        p.unlink()
+
+
+def _files_size(directory: Path, prefix: str) -> int:
+    return sum(p.stat().st_size for p in directory.glob(f"{prefix}*"))
 
 
 def _size(p: Path) -> int:
@@ -235,8 +248,7 @@ def _io() -> dict[str, int]:
 
 async def buffer_part(w: Workload, polls: int, directory: Path, fmt: str) -> tuple[float, ...]:
     path = directory / f"{w.name}-{fmt}.db"
-    for p in directory.glob(f"{path.name}*"):
-        p.unlink()
+    _remove(directory, path.name)
     buf = SqliteBuffer(BufferConfig(path=str(path), max_bytes=1 << 34))
     await buf.open()
     if fmt == "2":
@@ -251,7 +263,7 @@ async def buffer_part(w: Workload, polls: int, directory: Path, fmt: str) -> tup
     wal_peak = _size(Path(f"{path}-wal"))
     await buf.close()  # its checkpoint is part of what the appends cost the disk
     io1 = _io()
-    files = sum(p.stat().st_size for p in directory.glob(f"{path.name}*"))
+    files = _files_size(directory, path.name)
     buf = SqliteBuffer(BufferConfig(path=str(path), max_bytes=1 << 34))
     await buf.open()
     c2 = time.process_time()
@@ -264,8 +276,7 @@ async def buffer_part(w: Workload, polls: int, directory: Path, fmt: str) -> tup
         await buf.commit([r.id for r in recs])
     c3 = time.process_time()
     await buf.close()
-    for p in directory.glob(f"{path.name}*"):
-        p.unlink()
+    _remove(directory, path.name)
     wchar = (io1["wchar"] - io0["wchar"]) / values
     wbytes = (io1["write_bytes"] - io0["write_bytes"]) / values
     return (
@@ -291,7 +302,8 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="record-bench-") as tmp:
         print(f"\nSqliteBuffer, files in {tmp}")
         print(
-            f"  {'workload':<10}{'format':>7}{'file B/v':>10}{'WAL MiB':>9}{'counted':>9}{'h/GiB':>8}"
+            f"  {'workload':<10}{'format':>7}{'file B/v':>10}{'WAL MiB':>9}{'counted':>9}"
+            f"{'h/GiB':>8}"
             f"{'wchar B/v':>11}{'disk B/v':>10}{'append µs/v':>13}{'take µs/v':>11}"
         )
         for w, polls in loads:

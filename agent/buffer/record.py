@@ -41,7 +41,8 @@ this order, only the sections whose bit is set in ``sections``:
   format 2 stored it as JSON ``null`` too, so a reader sees exactly what it saw before.
 
 Integer arrays (``ints``) are a type code (``b B h H i I q Q``) and the array's bytes. The
-payload is compressed with zlib (level 1) when it is at least 512 bytes and that saves at least a quarter of it.
+payload is compressed with zlib (level 1) when it is at least 512 bytes and that saves at
+least a quarter of it.
 
 A record's *data*, as `take` returns it and as every reader gets it, is self-contained:
 dictionary + body (or a JSON body alone, or, for records written by format 2, the JSON
@@ -388,7 +389,7 @@ def _values(values: list[Any]) -> tuple[list[Any], bytes, list[bytes]]:
     for v, t in zip(values, types, strict=True):
         appends[t](v)
     by_kind: dict[int, list[Any]] = {}
-    for t, vals in by_type.items():  # kind "other" may gather several types, in order
+    for t in by_type:  # kind "other" may gather several types, in order
         by_kind.setdefault(kind_of[t], [])
     if _OTHER in by_kind:
         by_kind[_OTHER] = [v for v, k in zip(values, kinds, strict=True) if k == _OTHER]
