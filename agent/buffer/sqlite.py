@@ -4,8 +4,11 @@ Design
 ======
 
 Unit of storage
-    A *record* is one batch (one poll of one device): its samples encoded once with orjson
-    as a JSON array of Sample objects (the wire form), plus the seq range it holds. The
+    A *record* is one batch (one poll of one device), encoded once by `agent.buffer.record`
+    (columnar, checksummed: see its docstring for the layout), plus the seq range it holds.
+    The row stores the record's body; the device's tag dictionary (names, units, value
+    kinds) is stored once in ``dicts`` and joined to the body by `take`, so every reader
+    gets self-contained data and decodes it with `agent.buffer.common.record_samples`. The
     forwarder takes records oldest first and deletes them (`commit`) only after the broker
     acknowledged them, so delivery is at least once and in order per device.
 
@@ -30,12 +33,14 @@ Invariants
       figures are written only by that thread; `stats()` returns an immutable snapshot the
       thread publishes after each change, so it costs no I/O.
 
-On-disk format (``PRAGMA user_version`` = 2)
+On-disk format (``PRAGMA user_version`` = 3)
     ::
 
         records(id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT, first_seq INTEGER,
                 last_seq INTEGER, count INTEGER, created REAL /* epoch s */, data BLOB,
-                epoch TEXT)
+                epoch TEXT, dict INTEGER /* dicts.id; 0: data is a format-2 JSON array */)
+        dicts(id INTEGER PRIMARY KEY, data BLOB UNIQUE)   -- tag dictionaries (record.py)
+        set_aside(...)   -- records that failed their checks at take, the newest 64
         meta(key TEXT PRIMARY KEY, value INTEGER)     -- 'last_seq': seq high-water mark
         gaps(id INTEGER PRIMARY KEY, first_seq INTEGER, last_seq INTEGER, count INTEGER,
              reason TEXT /* see agent.buffer.Gap */, created REAL, epoch TEXT)
@@ -46,7 +51,29 @@ On-disk format (``PRAGMA user_version`` = 2)
     A format-1 file (before epochs) is upgraded at open: the epoch columns are added
     with ``''``, which stands for the ``legacy_epoch`` made at the upgrade (no row is
     rewritten); a format-1 ``.seq`` (a bare number) is read as a lease without epoch.
-    A format-2 file is refused by a format-1 agent ("newer format").
+    A format-2 file is upgraded at open by adding ``dicts``, ``set_aside`` and the
+    ``dict`` column (0): its rows stay JSON arrays and are read as they are (`take` and
+    `record_samples` tell the two apart by the data's first bytes). Converting them would
+    cost minutes and a second write of the whole backlog at the first start (flash wear,
+    and a crash in the middle to handle), for rows that are delivered and deleted soon
+    anyway; they carry no checksum, as before. A newer file is refused by an older agent
+    ("newer format"): format 3 by a format-2 agent, and the install and rollback scripts
+    (deploy/offline-install.sh, deploy/edge-agent-rollback) refuse to switch to a release
+    whose ``BUFFER_FORMAT`` is below the buffer's while it holds records.
+
+    A new file has 1 KiB pages (``PAGE_SIZE``): records of one poll of a large device
+    take 2-4 KiB, and in 4 KiB pages such a record takes a whole page (two do not fit),
+    while every commit writes whole pages to the WAL. With 1 KiB pages the file holds
+    2.4-3.6 bytes a value instead of 4.4, and a third of the bytes are written to the
+    disk (bench/README.md, "Record format"). Older files keep their page size.
+
+    Checks: `take` verifies every format-3 row (the body's CRC32, its header against the
+    row's seqs and count, the dictionary's CRC32 against the one the body names). A row
+    that fails is moved to ``set_aside`` in one transaction with its gap (reason
+    ``corrupt``, its seq range) and ERROR ``buffer.record.corrupt``; it is never
+    published. A damaged dictionary (ERROR ``buffer.dictionary.corrupt`` at open) makes
+    every record that refers to it fail that way. Dictionaries no waiting record refers
+    to are deleted when the buffer drains (with the other drained maintenance).
 
     The file is opened with ``locking_mode=EXCLUSIVE``: a second agent (or a stray
     ``sqlite3`` shell) pointed at the same file fails at open instead of interleaving
@@ -58,15 +85,17 @@ Size accounting and the on-disk margin
     (`agent.buffer.common`), kept in memory and initialised at open from the table. The
     file itself is larger than the counted bytes by:
 
-    - page rounding: a record larger than a page (4 KiB) spills into overflow pages whose
-      last one is on average half empty, i.e. up to ~4 KiB per large record (≈ 2 % for
-      100 KiB records; nothing for records that fit in a page);
+    - page rounding: a record larger than a page (1 KiB in a new file, 4 KiB in one made
+      before format 3) spills into overflow pages whose last one is on average half
+      empty, i.e. up to a page per large record;
+    - the tag dictionaries (one per device and configuration, a few bytes per tag), not
+      counted;
     - B-tree slack: pages are rarely full; ≈ 10-30 % for small inline records;
     - free pages after deletions (``auto_vacuum=INCREMENTAL``: reused by later appends,
       given back to the file system when the buffer drains empty (at most every
       ``_DRAINED_MAINTENANCE_EVERY_S``, 5 s, unless they exceed 4 MiB) and whenever free
       pages exceed a quarter of the counted bytes);
-    - the WAL: checkpointed automatically every ~4 MiB, truncated to at most
+    - the WAL: checkpointed automatically every 1,000 pages (~1 MiB), truncated to at most
       ``JOURNAL_SIZE_LIMIT`` (4 MiB) after a checkpoint, to zero when the buffer drains
       (at the same rate as the free pages).
 
