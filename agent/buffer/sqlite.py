@@ -65,7 +65,10 @@ On-disk format (``PRAGMA user_version`` = 3)
     take 2-4 KiB, and in 4 KiB pages such a record takes a whole page (two do not fit),
     while every commit writes whole pages to the WAL. With 1 KiB pages the file holds
     2.4-3.6 bytes a value instead of 4.4, and a third of the bytes are written to the
-    disk (bench/README.md, "Record format"). Older files keep their page size.
+    disk (bench/README.md, "Record format"). A file made before format 3 (4 KiB pages)
+    is rebuilt with 1 KiB pages the first time it drains empty (a VACUUM of the few pages
+    left, with the journal in DELETE mode meanwhile; INFO ``buffer.page_size.changed``);
+    until then 2-4 KiB records can take up to twice their counted size on its disk.
 
     Checks: `take` verifies every format-3 row (the body's CRC32, its header against the
     row's seqs and count, the dictionary's CRC32 against the one the body names). A row
@@ -85,9 +88,9 @@ Size accounting and the on-disk margin
     (`agent.buffer.common`), kept in memory and initialised at open from the table. The
     file itself is larger than the counted bytes by:
 
-    - page rounding: a record larger than a page (1 KiB in a new file, 4 KiB in one made
-      before format 3) spills into overflow pages whose last one is on average half
-      empty, i.e. up to a page per large record;
+    - page rounding: a record larger than a page (1 KiB; 4 KiB in a file made before
+      format 3 that has not drained yet) spills into overflow pages whose last one is on
+      average half empty, i.e. up to a page per large record;
     - the tag dictionaries (one per device and configuration, a few bytes per tag), not
       counted;
     - B-tree slack: pages are rarely full; ≈ 10-30 % for small inline records;
@@ -458,6 +461,7 @@ class SqliteBuffer:
         self._dict_ids: dict[bytes, int] = {}
         self._dicts: dict[int, Dictionary] = {}
         self._set_aside_failed: set[int] = set()  # damaged records the disk would not move
+        self._page_size_ok = False  # checked (and fixed) at the first drain, see _repage
         self._stats = self._snapshot()
 
     # ------------------------------------------------------------------ lifecycle
@@ -1918,6 +1922,8 @@ class SqliteBuffer:
                 # Dictionaries no waiting record refers to (a device whose tags changed).
                 con.execute("DELETE FROM dicts WHERE id NOT IN (SELECT dict FROM records)")
                 self._load_dicts(con)
+                if not self._page_size_ok:
+                    self._repage(con)
                 con.executescript("PRAGMA incremental_vacuum;")
                 con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                 self._commits_since_check = 0
@@ -1931,6 +1937,30 @@ class SqliteBuffer:
                 self._recover_damage(exc)
                 return
             log.warning("buffer.vacuum.failed", path=str(self._path), error=str(exc))
+
+    def _repage(self, con: sqlite3.Connection) -> None:
+        """A file made before format 3 has 4 KiB pages: rebuild it with PAGE_SIZE the first
+        time it drains (a VACUUM of the few pages left; see "On-disk format"). The journal
+        is switched to DELETE for it, as SQLite requires, and back to WAL."""
+        self._page_size_ok = True  # tried once per open, whatever happens
+        old = int(con.execute("PRAGMA page_size").fetchone()[0])
+        if old == PAGE_SIZE:
+            return
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        con.execute("PRAGMA journal_mode=DELETE").fetchall()
+        try:
+            con.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            con.execute("VACUUM")
+        finally:
+            mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        new = int(con.execute("PRAGMA page_size").fetchone()[0])
+        log.info(
+            "buffer.page_size.changed",
+            path=str(self._path),
+            old_page_size=old,
+            page_size=new,
+            journal_mode=str(mode),
+        )
 
     @staticmethod
     def _free_bytes(con: sqlite3.Connection) -> int:

@@ -11,11 +11,12 @@ from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from agent.buffer import Gap
 from agent.buffer.common import record_json, record_samples
 from agent.buffer.record import is_body
-from agent.buffer.sqlite import FORMAT_VERSION, SqliteBuffer
+from agent.buffer.sqlite import FORMAT_VERSION, PAGE_SIZE, SqliteBuffer
 from agent.config import BufferConfig
 from tests.support.samples import make_samples
 
@@ -107,3 +108,40 @@ async def test_a_newer_format_is_refused(v2_file: Path) -> None:
     with pytest.raises(RuntimeError, match=f"buffer format {FORMAT_VERSION + 1} is newer"):
         await buf.open()
     assert user_version(v2_file) == FORMAT_VERSION + 1  # left as it was
+
+
+def page_size(path: Path) -> int:
+    con = sqlite3.connect(path)
+    try:
+        return int(con.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        con.close()
+
+
+async def test_an_upgraded_file_gets_the_new_page_size_when_it_drains(v2_file: Path) -> None:
+    exp = expected()
+    assert page_size(v2_file) == 4096
+    buf = SqliteBuffer(BufferConfig(path=str(v2_file)))
+    await buf.open()
+    try:
+        records = await buf.take(100)
+        with capture_logs() as logs:
+            await buf.commit([r.id for r in records])
+        assert [e["event"] for e in logs] == ["buffer.page_size.changed"]
+        assert (logs[0]["old_page_size"], logs[0]["page_size"]) == (4096, PAGE_SIZE)
+        assert logs[0]["journal_mode"] == "wal"
+        last = exp["last_seq"]
+        await buf.append("press1", make_samples(last + 1, 2))
+    finally:
+        await buf.close()
+    assert page_size(v2_file) == PAGE_SIZE
+    again = SqliteBuffer(BufferConfig(path=str(v2_file)))
+    await again.open()
+    try:
+        assert again.epoch == exp["epoch"]
+        assert await again.take_gaps() == [Gap(*g) for g in exp["gaps"]]
+        (rec,) = await again.take(10)
+        assert (rec.first_seq, rec.count) == (exp["last_seq"] + 1, 2)
+        assert rec.id > records[-1].id  # ids are never reused, across the rebuild too
+    finally:
+        await again.close()
