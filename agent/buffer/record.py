@@ -48,6 +48,24 @@ A record's *data*, as `take` returns it and as every reader gets it, is self-con
 dictionary + body (or a JSON body alone, or, for records written by format 2, the JSON
 array of samples itself). `record_samples` and `record_columns` read all three.
 
+The API:
+
+- `RecordEncoder(compression="zlib").encode(samples, last_seq) -> EncodedBatch`: what the
+  buffers call (``first_seq``, ``last_seq``, ``count``, ``data`` = the body stored and
+  counted, ``dictionary`` = its blob, ``full`` = both); it keeps each device's current
+  dictionary. `encode_samples(samples) -> bytes`: a self-contained record of decoded
+  samples (the forwarder's split).
+- `agent.buffer.common.record_samples(data)` — one dict per sample in the format-2 shape,
+  for any record — stays the one decode entry point; `record_json(data)` the same as a
+  JSON array. `record_columns(data) -> RecordColumns`: the cheap view for encoders that
+  work by columns (names, units, values, seqs, ts_agent, ts_source, the not-good samples
+  and value_text by index; no dict per value); `columns_of_samples` makes the same view
+  of a format-2 record, `samples_of_columns` turns a view into dicts.
+- `check_body(body) -> BodyHeader`, `check_dictionary(blob) -> Dictionary`,
+  `join(dictionary, body)`, `split_record(data)`, `is_body(data)`, `is_record(data)`:
+  what the store and the salvage use. Every failed check raises `CorruptRecord`, a
+  ValueError.
+
 Every body and every dictionary carries a CRC32, and a body names the CRC of its
 dictionary: a flipped bit anywhere (in the body, in the dictionary, or in the row's link
 between them) is detected by `check_body` / `check_dictionary`, which the buffer runs at
