@@ -1809,8 +1809,7 @@ class SqliteBuffer:
                     "the damaged row is kept in the set_aside table"
                 ),
             )
-        if self._records == 0:
-            self._max_id = 0 if not self._spill else self._max_id
+        self._refresh_max_id()
         self._refresh_oldest()
         self._publish()
 
