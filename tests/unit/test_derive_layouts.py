@@ -43,7 +43,7 @@ def derived() -> list[dict[str, Any]]:
 def record() -> Record:
     samples: list[WireSample] = derived()  # type: ignore[assignment]
     batch = encode_batch(samples, 0)
-    return Record(1, "imm", batch.first_seq, batch.last_seq, batch.count, 0.0, batch.data)
+    return Record(1, "imm", batch.first_seq, batch.last_seq, batch.count, 0.0, batch.full)
 
 
 def encoder(**mqtt: Any) -> PayloadEncoder:
