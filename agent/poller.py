@@ -28,14 +28,21 @@ import contextlib
 import random
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import structlog
 
 from agent.normalize import Columns, Readings, bad_readings
-from drivers.base import ColumnReader, DeviceCommon, Driver, DriverError, SubscribingDriver
+from drivers.base import (
+    ColumnReader,
+    DeviceCommon,
+    Driver,
+    DriverError,
+    DriverUnavailable,
+    SubscribingDriver,
+)
 
 log = structlog.get_logger()
 
@@ -127,6 +134,10 @@ class DevicePoller:
         self._connect_guard_s = per_request + 5
         # group → loop time of its last all-bad report while down
         self._down_reported: dict[str, float] = {}
+        # Polls and writes (agent.command) take turns on the one connection.
+        self._turn = asyncio.Lock()
+        # A write that was interrupted leaves the connection in an unknown state.
+        self._reset: tuple[str, str] | None = None
 
     @property
     def stall_deadline_s(self) -> float:
@@ -158,7 +169,8 @@ class DevicePoller:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 started = loop.time()
-                await self._poll(group)
+                async with self._turn:
+                    await self._poll(group)
                 interval = self._groups[group]
                 nxt = due[group] + interval
                 now = loop.time()
@@ -185,6 +197,8 @@ class DevicePoller:
 
     async def _poll(self, group: str) -> None:
         self.status.polls += 1
+        if self._reset is not None:
+            await self._drop_interrupted()
         await self._ensure_connected()
         readings: Readings | None = None
         if self._connected:
@@ -217,6 +231,39 @@ class DevicePoller:
                     n = self.status.errors_by_reason.get(r.reason, 0)
                     self.status.errors_by_reason[r.reason] = n + 1
         await self.sink(readings)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[Driver]:
+        """The connected driver for one write request (agent.command.access), between two
+        polls: nothing else uses the connection meanwhile. Raises DriverUnavailable when
+        the device is not connected and not due for a reconnect (nothing is sent). A
+        request that ends with DriverUnavailable, a timeout or a cancellation drops the
+        connection (its state is unknown); the poller reconnects as after a failed read."""
+        async with self._turn:
+            if self._reset is not None:
+                await self._drop_interrupted()
+            await self._ensure_connected()
+            if not self._connected:
+                raise DriverUnavailable(
+                    self.status.reason or "unreachable", "the device is not connected"
+                )
+            try:
+                yield self.driver
+            except DriverUnavailable as exc:
+                await self._lost(exc.reason, str(exc), exc.code)
+                raise
+            except (TimeoutError, asyncio.CancelledError):
+                # Closing here could hang as well; the next poll or write does it.
+                self._reset = ("timeout", "a write request did not finish")
+                raise
+
+    async def _drop_interrupted(self) -> None:
+        """Close the connection an interrupted write left in an unknown state; the next
+        connect is due at once (the device did not fail, a request was given up)."""
+        reason, detail = self._reset or ("", "")
+        self._reset = None
+        self._log.info("device.connection.reset", reason=reason, detail=detail)
+        await self._disconnect()
 
     def _down_report_due(self, group: str) -> bool:
         """While down: the first poll after the transition reports, then one every
