@@ -72,6 +72,7 @@ class AuditLog:
         self._fd: int | None = None
         self._lock_fd: int | None = None
         self._size = 0
+        self._torn = False
         self._mutex = threading.Lock()
         self.appended = 0
         self.failures = 0
@@ -103,8 +104,10 @@ class AuditLog:
             raise AuditUnavailable(f"cannot open {self.path}: {exc.strerror or exc}") from None
 
     def _open_file(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = os.fstat(self._fd).st_size
+        # A line torn by a crash or a failed write: the next record starts a line of its own.
+        self._torn = self._size > 0 and os.pread(self._fd, 1, self._size - 1) != b"\n"
 
     def close(self) -> None:
         for fd in (self._fd, self._lock_fd):
@@ -124,11 +127,14 @@ class AuditLog:
                 if self._size and self._size + len(line) > self.config.max_bytes:
                     self._rotate()
                     assert self._fd is not None
+                if self._torn:
+                    line = b"\n" + line
                 written = os.write(self._fd, line)
                 if written != len(line):
                     raise OSError(28, f"short write ({written} of {len(line)} bytes)")
                 os.fsync(self._fd)
                 self._size += written
+                self._torn = False
             except OSError as exc:
                 self.failures += 1
                 if self._fd is not None:

@@ -109,7 +109,19 @@ def command_problems(
                 out.extend(
                     (("devices", i, "tags", j, *loc), m) for loc, m in _tag_problems(device, tag)
                 )
-    if commands is None or not commands.enabled:
+    if commands is None:
+        return out
+    topics = {commands.topic: "topic", commands.result_topic: "result_topic"}
+    if commands.audit_topic in topics:
+        out.append(
+            (
+                ("commands", "audit_topic"),
+                f"the same topic as commands.{topics[commands.audit_topic]}",
+            )
+        )
+    if commands.result_topic == commands.topic:
+        out.append((("commands", "result_topic"), "the same topic as commands.topic"))
+    if not commands.enabled:
         return out
     if broker is not None and simulate is not True:
         if not broker.tls:
@@ -140,14 +152,4 @@ def command_problems(
             read_key(commands.signing.key_file)
         except KeyProblem as exc:
             out.append((("commands", "signing", "key_file"), str(exc)))
-    topics = {commands.topic: "topic", commands.result_topic: "result_topic"}
-    if commands.audit_topic in topics:
-        out.append(
-            (
-                ("commands", "audit_topic"),
-                f"the same topic as commands.{topics[commands.audit_topic]}",
-            )
-        )
-    if commands.result_topic == commands.topic:
-        out.append((("commands", "result_topic"), "the same topic as commands.topic"))
     return out
