@@ -31,7 +31,12 @@ def test_records_are_json_lines_and_fsynced(
 ) -> None:
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     audit = log_at(tmp_path)
     audit.append({"event": "result", "value": math.nan, "raw": b"\x01", "n": 1})
     audit.append({"event": "result", "value": "Zoë", "n": 2})
