@@ -341,7 +341,7 @@ def test_protocols_command_and_protocol_subcommands(
         assert run_cli(["protocols"]) == 0
         assert run_cli(["fake", "ping"]) == 0
     out = capsys.readouterr().out
-    assert "modbus\tcolumns,shared_links,simulate\t" in out
+    assert "modbus\tcolumns,shared_links,simulate,write\t" in out
     assert "fake\t-\tfakes\n" in out
     assert calls == ["ping"]
 
