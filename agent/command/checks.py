@@ -123,7 +123,7 @@ def command_problems(
         out.append((("commands", "result_topic"), "the same topic as commands.topic"))
     if not commands.enabled:
         return out
-    if broker is not None and simulate is not True:
+    if broker is not None and simulate is False:
         if not broker.tls:
             out.append(
                 (

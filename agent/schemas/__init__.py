@@ -69,6 +69,7 @@ def _default(field: Any) -> str:
 
 def reference_markdown() -> str:
     """docs/configuration.md: every config key with type, default and meaning."""
+    from agent.command.config import AuditConfig, CommandsConfig, SigningConfig
     from agent.config import (
         AgentSection,
         BufferConfig,
@@ -77,7 +78,6 @@ def reference_markdown() -> str:
         MqttConfig,
         SupervisionConfig,
     )
-    from agent.command.config import AuditConfig, CommandsConfig, SigningConfig
     from drivers.base import PollGroup, SimulateSpec, WriteSpec
     from drivers.links import Rs485Settings, RtuOverTcpLink, SerialLink, TcpGatewayLink
 

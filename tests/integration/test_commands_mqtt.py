@@ -292,3 +292,65 @@ async def test_signing_refuses_unsigned_tampered_and_stale(signed: Running) -> N
     accepted = [a for a in r.audit_log() if a["event"] == "accepted"]
     assert [a["value"] for a in accepted] == [40.0, 45.0]
     assert (await registers(r.port, 20, 1))[0] == 450
+
+
+async def test_sparkplug_dcmd_writes_by_name_and_alias(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    from tests.support.sparkplug import generate_bindings
+
+    pb = generate_bindings(tmp_path)
+    text = config_text(tmp_path, broker.port).replace(
+        "mqtt: {port", "mqtt: {layout: sparkplug, sparkplug: {group_id: plant}, port"
+    )
+    config = parse_config(text, simulate=True)
+    async with simulators(config) as simulated:
+        agent = Agent(simulated, grace_s=2, simulate=True)
+        task = asyncio.create_task(agent.run())
+        commander = await asyncio.to_thread(
+            Commander,
+            broker.host,
+            broker.port,
+            command_topic="unused",
+            audit_topic="edge-audit/gw4",
+        )
+        try:
+            async with asyncio.timeout(30):
+                while not (agent.sparkplug and agent.sparkplug.stats.device_births):
+                    await asyncio.sleep(0.05)
+            assert agent.sparkplug is not None
+            alias = next(
+                m.alias
+                for m in agent.sparkplug._devices["press"].metrics.values()
+                if m.name == "count"
+            )
+            payload = pb.Payload()
+            payload.timestamp = int(time.time() * 1000)
+            m = payload.metrics.add()
+            m.name, m.datatype, m.float_value = "f32_cdab", 9, 12.25
+            m = payload.metrics.add()
+            m.alias, m.datatype, m.long_value = alias, 8, 77
+            import paho.mqtt.publish as publish
+
+            await asyncio.to_thread(
+                publish.single,
+                "spBv1.0/plant/DCMD/gw4/press",
+                payload.SerializeToString(),
+                qos=1,
+                hostname=broker.host,
+                port=broker.port,
+            )
+            audits = await asyncio.to_thread(commander.wait_audits, 4)
+            finals = [a for a in audits if a["event"] == "result"]
+            assert sorted((a["tag"], a["result"], a["holds"]) for a in finals) == [
+                ("count", "done", 77),
+                ("f32_cdab", "done", 12.25),
+            ]
+            assert all(a["who"]["channel"] == "sparkplug" for a in finals)
+            port = simulated.devices[0].port  # type: ignore[attr-defined]
+            lo, hi = await registers(port, 30, 2)
+            assert (hi << 16) | lo == 77
+        finally:
+            commander.close()
+            agent.stop()
+            await task

@@ -218,3 +218,44 @@ def test_signing_key_file(tmp_path: Path) -> None:
 )
 def test_commands_section(commands: str, expected: str) -> None:
     assert problems(config("      - {name: t}\n", commands=commands)) == [expected]
+
+
+def test_a_modbus_input_register_cannot_be_writable() -> None:
+    text = (
+        "agent: {id: a1}\n"
+        "devices:\n"
+        "  - name: plc\n"
+        "    protocol: modbus\n"
+        "    host: 127.0.0.1\n"
+        "    tags:\n"
+        "      - {name: t, table: input, address: 3, writable: true}\n"
+    )
+    assert problems(text) == [
+        "c.yaml:7 devices[0].tags[0].writable: tag 't' cannot be written: an input register "
+        "is read-only in Modbus (only coils and holding registers are written)"
+    ]
+
+
+def test_types_that_cannot_be_written() -> None:
+    from agent.command.convert import raw_type
+    from drivers.base import TagCommon
+
+    class Tag(TagCommon):
+        type: str | None = None
+
+    assert raw_type(Tag(name="t", type="date_and_time")) is None
+    assert raw_type(Tag(name="t", type="Structure")) is None
+    assert raw_type(Tag(name="t", type="DateTime")) is None
+    any_type = raw_type(Tag(name="t"))
+    assert any_type is not None
+    assert any_type.kind == "any"
+
+
+def test_a_reload_that_changes_commands_is_refused() -> None:
+    from agent.runtime.reload import plan_reload
+
+    old = parse_config(config("      - {name: t}\n"))
+    new = parse_config(config("      - {name: t}\n", commands="commands: {enabled: true}\n"))
+    result = plan_reload(old, new, {"oven"})
+    assert not result.ok
+    assert "section 'commands' changed" in result.problems[0]
