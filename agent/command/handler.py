@@ -388,8 +388,11 @@ class CommandHandler:
                     if refusal is not None:
                         raise _Stop("refused", refusal)
                 self._audit_accepted(req, result)
-                self._rate.record(rate_key, time.monotonic())
-                await self._write(driver, tag, raw, result)
+                try:
+                    await self._write(driver, tag, raw, result)
+                finally:
+                    if result.extra.get("sent"):  # attempted at the device: it counts
+                        self._rate.record(rate_key, time.monotonic())
                 if spec is None or spec.verify:
                     await self._verify(driver, device, tag, raw, req.value, spec, result, read_s)
         except DriverUnavailable as exc:

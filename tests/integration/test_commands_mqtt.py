@@ -354,3 +354,56 @@ async def test_sparkplug_dcmd_writes_by_name_and_alias(
             commander.close()
             agent.stop()
             await task
+
+
+async def test_commands_over_an_authenticated_tls_session(tmp_path: Path) -> None:
+    """Outside simulator mode: the agent's session is mutual TLS (its client certificate is
+    what authenticates it); the platform publishes on the broker's other listener."""
+    from drivers.modbus.config import ModbusDevice
+    from drivers.modbus.simulator import ModbusSimulator
+    from tests.support.broker import TlsListener, require_mosquitto
+    from tests.support.certs import TestPki
+
+    pki = TestPki.create(tmp_path / "pki")
+    listener = TlsListener(certfile=pki.server_cert, keyfile=pki.server_key, cafile=pki.ca)
+    with MosquittoBroker(tls=listener, binary=require_mosquitto()) as broker:
+        probe = parse_config(config_text(tmp_path, broker.port), simulate=True)
+        device = probe.devices[0]
+        assert isinstance(device, ModbusDevice)
+        async with ModbusSimulator([device]) as sim:
+            _, port = sim.endpoints["press"]
+            tls = (
+                f"mqtt: {{port: {broker.tls_port}, tls: {{ca_file: {pki.ca}, "
+                f"cert_file: {pki.client_cert}, key_file: {pki.client_key}}}}}"
+            )
+            text = (
+                config_text(tmp_path, broker.port)
+                .replace(f"mqtt: {{port: {broker.port}}}", tls)
+                .replace("port: 0", f"port: {port}")
+            )
+            config = parse_config(text, simulate=False)  # validate accepts it
+            agent = Agent(config, grace_s=2, simulate=False)
+            task = asyncio.create_task(agent.run())
+            commander = await asyncio.to_thread(
+                Commander,
+                broker.host,
+                broker.port,
+                command_topic="edge-cmd/gw4/write",
+                audit_topic="edge-audit/gw4",
+            )
+            try:
+                async with asyncio.timeout(30):
+                    while not (
+                        agent.pollers
+                        and agent.pollers[0].status.state == "up"
+                        and agent.current_publisher is not None
+                        and agent.current_publisher.connected
+                    ):
+                        await asyncio.sleep(0.05)
+                r = Running(agent, config, commander, port, tmp_path)
+                result = await request(r, "f32_cdab", 3.5)
+                assert (result["result"], result["holds"]) == ("done", 3.5)
+            finally:
+                commander.close()
+                agent.stop()
+                await task
