@@ -193,3 +193,32 @@ async def test_more_requests_than_max_pending_are_refused_busy(tmp_path: Path) -
     )
     assert results[b"1"]["reason"] == "unknown_device"
     audit.close()
+
+
+async def test_a_result_the_broker_does_not_take_is_logged_and_kept_on_disk(
+    tmp_path: Path,
+) -> None:
+    from structlog.testing import capture_logs
+
+    audit = log_at(tmp_path)
+    handler = CommandHandler(CommandsConfig(enabled=True), lambda: {}, lambda _n: None, audit)
+    publisher = FakePublisher()
+    await publisher.start()
+    publisher.fail_next(2, "not connected")
+    service = CommandService(handler, publisher, agent_id="a1")
+    with capture_logs() as logs:
+        task = asyncio.create_task(service.run())
+        service.on_request(
+            Incoming(
+                service.topic, b'{"device": "d", "tag": "t", "value": 1}', correlation_data=b"q"
+            )
+        )
+        while len(publisher.attempts) < 2:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    events = {e["event"] for e in logs}
+    assert "command.result.unpublished" in events
+    assert "command.audit_topic.unpublished" in events
+    assert audit.recent(5)[-1]["reason"] == "unknown_device"
+    audit.close()

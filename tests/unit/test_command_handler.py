@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.command.audit import AuditLog, AuditUnavailable
-from agent.command.config import CommandsConfig
+from agent.command.config import AuditConfig, CommandsConfig
 from agent.command.guards import Refusal
 from agent.command.handler import CommandHandler, WriteResult
 from agent.command.request import Origin, WriteRequest
@@ -635,3 +635,52 @@ async def test_every_request_is_audited_once_with_its_result(plant: Plant) -> No
         assert r["received"]
         assert r["finished"]
         assert r["who"]["client_id"] == "ops"
+
+
+async def test_a_write_returning_garbage_is_logged_and_verified_as_usual(plant: Plant) -> None:
+    from structlog.testing import capture_logs
+
+    assert plant.poller is not None
+    driver = plant.poller.driver
+    real = driver.write  # type: ignore[attr-defined]
+
+    async def garbage(tag: str, raw: Any) -> Any:
+        await real(tag, raw)
+        return {"unexpected": 1}
+
+    driver.write = garbage  # type: ignore[attr-defined]
+    with capture_logs() as logs:
+        result = await plant.write("setpoint", 45.0)
+    assert (result.result, result.holds) == ("done", 45.0)
+    assert any(e["event"] == "command.write.unexpected_return" for e in logs)
+
+
+async def test_a_handler_bug_still_answers_internal_error(tmp_path: Path) -> None:
+    from agent.command.service import CommandService
+    from agent.publish import Incoming
+    from agent.publish.fake import FakePublisher
+
+    audit = AuditLog(AuditConfig(path=str(tmp_path / "audit.jsonl")))
+    audit.open()
+    handler = CommandHandler(CommandsConfig(enabled=True), lambda: {}, lambda _n: None, audit)
+
+    async def broken(_req: Any) -> Any:
+        raise RuntimeError("bug")
+
+    handler.handle = broken  # type: ignore[method-assign]
+    publisher = FakePublisher()
+    await publisher.start()
+    service = CommandService(handler, publisher, agent_id="a1")
+    task = asyncio.create_task(service.run())
+    service.on_request(Incoming(service.topic, b"{}", correlation_data=b"z"))
+    while not publisher.published:
+        await asyncio.sleep(0.005)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    body = json.loads(publisher.published[0].payload)
+    assert (body["result"], body["reason"], body["detail"]) == (
+        "failed",
+        "internal_error",
+        "the agent failed handling this request (see its log)",
+    )
+    audit.close()
