@@ -667,7 +667,7 @@ async def test_a_handler_bug_still_answers_internal_error(tmp_path: Path) -> Non
     async def broken(_req: Any) -> Any:
         raise RuntimeError("bug")
 
-    handler.handle = broken  # type: ignore[method-assign]
+    handler.handle = broken  # type: ignore[method-assign,assignment]
     publisher = FakePublisher()
     await publisher.start()
     service = CommandService(handler, publisher, agent_id="a1")
