@@ -17,6 +17,23 @@ from drivers import registry
 from drivers.fake import FakeBench
 
 
+@pytest.fixture(autouse=True)
+def keep_logging() -> Iterator[None]:
+    """main() configures logging for the process, onto the test's captured stderr; later
+    tests would log into a closed file: put back what was there."""
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    handlers = list(logging.root.handlers)
+    yield
+    structlog.configure(**saved)
+    for handler in logging.root.handlers[:]:
+        if handler not in handlers:
+            logging.root.removeHandler(handler)
+
+
 @pytest.fixture
 def bench() -> Iterator[FakeBench]:
     b = FakeBench()

@@ -111,8 +111,9 @@ class Plant:
 
         self.poller = DevicePoller(self.device, "fake", driver, groups, sink)
         self._task = asyncio.create_task(self.poller.run())
-        while self.poller.status.cycles < 1:
-            await asyncio.sleep(0.005)
+        async with asyncio.timeout(10):
+            while self.poller.status.cycles < 1:
+                await asyncio.sleep(0.005)
         self.audit = AuditLog(self.commands.audit)
         self.audit.open()
         self.handler = self.make_handler()
