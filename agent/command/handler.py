@@ -4,10 +4,10 @@ The order, each step refusing with its reason before anything reaches the device
 
 1. the request's shape (`invalid_request`), commands enabled (`disabled`), the broker
    session (`insecure_session`), a correlation id (`no_correlation`);
-2. idempotency: a correlation id seen before gets its first result again (``duplicate``),
-   a request still in progress with the same id waits for it — never a second write;
-3. the signature and its timestamp window (`unsigned`, `bad_signature`, `no_timestamp`,
+2. the signature and its timestamp window (`unsigned`, `bad_signature`, `no_timestamp`,
    `expired`, `from_the_future`) when signing is on;
+3. idempotency: a correlation id seen before gets its first result again (``duplicate``),
+   a request still in progress with the same id waits for it — never a second write;
 4. device and tag (`unknown_device`, `device_disabled`, `unknown_tag`, `not_writable`);
 5. the value: conversion to the raw type (`wrong_type`, `not_finite`, `out_of_range`),
    limits (`not_allowed`, `below_min`, `above_max`), the rate (`rate_limited`);
@@ -230,8 +230,15 @@ class CommandHandler:
         """The result of one request. Never raises (but passes a cancellation on)."""
         received = req.received_at if req.received_at is not None else self._clock()
         req.received_at = received
-        key = req.correlation
-        if key is not None and req.problem is None:
+        # Checked before the idempotency: an unsigned or wrongly signed request never
+        # learns an earlier request's result by naming its correlation id.
+        early: _Stop | None = None
+        try:
+            self._check_request(req)
+        except _Stop as stop:
+            early = stop
+        key = req.correlation if early is None else None
+        if key is not None:
             earlier = self._results.get(key)
             if earlier is None and key in self._running:
                 earlier = await asyncio.shield(self._running[key])
@@ -243,7 +250,7 @@ class CommandHandler:
             fut: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
             self._running[key] = fut
         try:
-            result = await self._handle(req, received)
+            result = await self._handle(req, received, early)
         except BaseException:
             if key is not None and key in self._running:
                 fut = self._running.pop(key)
@@ -259,7 +266,7 @@ class CommandHandler:
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
 
-    async def _handle(self, req: WriteRequest, received: float) -> WriteResult:
+    async def _handle(self, req: WriteRequest, received: float, early: _Stop | None) -> WriteResult:
         result = WriteResult(
             "done",
             req.device,
@@ -269,6 +276,8 @@ class CommandHandler:
             received=received,
         )
         try:
+            if early is not None:
+                raise early
             try:
                 async with asyncio.timeout(self.commands.timeout_s):
                     await self._carry_out(req, result)
@@ -347,7 +356,6 @@ class CommandHandler:
         return device, tag
 
     async def _carry_out(self, req: WriteRequest, result: WriteResult) -> None:
-        self._check_request(req)
         device, tag = self._target(req)
         spec = tag.write
         t = raw_type(tag)

@@ -685,3 +685,12 @@ async def test_a_handler_bug_still_answers_internal_error(tmp_path: Path) -> Non
         "the agent failed handling this request (see its log)",
     )
     audit.close()
+
+
+async def test_an_unsigned_request_cannot_fetch_an_earlier_result(signed: Plant) -> None:
+    first = await signed.handler.handle(signed_request(signed, ts=NOW, corr=b"known"))
+    assert first.result == "done"
+    probe = signed.request("setpoint", 45.0, correlation=b"known")  # no signature
+    result = await signed.handler.handle(probe)
+    assert (result.result, result.reason, result.duplicate) == ("refused", "unsigned", False)
+    assert result.holds is None
