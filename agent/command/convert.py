@@ -94,7 +94,9 @@ class ConversionError(ValueError):
 
 def type_name(tag: TagCommon) -> str | None:
     """The tag's type as the conversion knows it (see the module docstring)."""
-    name = getattr(tag, "write_type", None) or getattr(tag, "type", None)
+    # A tag model with `write_type` says what its writes are (None: whatever the device's
+    # type is, e.g. a protocol whose `type` is only a simulator hint).
+    name = tag.write_type if hasattr(tag, "write_type") else getattr(tag, "type", None)
     return name if isinstance(name, str) else None
 
 

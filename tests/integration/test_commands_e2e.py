@@ -1,0 +1,140 @@
+"""Setpoints from an MQTT 5 client through the real agent process (`edge-agent run
+--simulate`) into the Modbus and OPC UA simulators, read back exactly: by the agent (the
+result's `holds`) and by third-party clients (pymodbus, asyncua) that decode on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asyncua import Client
+from pymodbus.client import AsyncModbusTcpClient
+
+from tests.support.agent_proc import AgentProcess, wait_until
+from tests.support.broker import MosquittoBroker, free_port
+from tests.support.commander import Commander
+
+pytestmark = pytest.mark.integration
+
+
+def f32(x: float) -> float:
+    return float(struct.unpack(">f", struct.pack(">f", x))[0])
+
+
+def plant_config(tmp: Path, broker: MosquittoBroker, modbus_port: int, opcua_port: int) -> Path:
+    path = tmp / "plant.yaml"
+    path.write_text(
+        f"""\
+agent: {{id: gw-e2e}}
+mqtt: {{port: {broker.port}, reconnect_min_s: 0.2, reconnect_max_s: 1}}
+buffer: {{path: {tmp / "buffer.db"}}}
+logging: {{level: info, format: json}}
+commands:
+  enabled: true
+  audit: {{path: {tmp / "audit.jsonl"}}}
+devices:
+  - name: press
+    protocol: modbus
+    host: 127.0.0.1
+    port: {modbus_port}
+    interval_s: 0.5
+    tags:
+      - {{name: pressure_sp, address: 10, type: float32, byte_order: CDAB, unit: bar,
+          writable: true}}
+      - {{name: speed_sp, address: 12, type: uint16, scale: 0.5, writable: true,
+          write: {{max: 1000}}}}
+  - name: oven
+    protocol: opcua
+    endpoint: opc.tcp://127.0.0.1:{opcua_port}/oven
+    interval_s: 0.5
+    tags:
+      - {{name: temp_sp, node_id: "ns=2;s=Oven.TempSp", type: Float, writable: true}}
+      - {{name: zone, node_id: "ns=2;s=Oven.Zone", type: Int16, writable: true}}
+      - {{name: heater_on, node_id: "ns=2;s=Oven.HeaterOn", type: Boolean, writable: true}}
+      - {{name: recipe, node_id: "ns=2;s=Oven.Recipe", type: String, writable: true}}
+      - {{name: energy, node_id: "ns=2;s=Oven.Energy", type: Double, scale: 0.001,
+          writable: true}}
+"""
+    )
+    return path
+
+
+async def modbus_registers(port: int, address: int, count: int) -> list[int]:
+    client = AsyncModbusTcpClient("127.0.0.1", port=port)
+    await client.connect()
+    try:
+        rr = await client.read_holding_registers(address, count=count, device_id=1)
+        assert not rr.isError(), rr
+        return list(rr.registers)
+    finally:
+        client.close()
+
+
+async def opcua_values(port: int, nodes: list[str]) -> list[Any]:
+    async with Client(f"opc.tcp://127.0.0.1:{port}/oven") as client:
+        return [await client.get_node(n).read_value() for n in nodes]
+
+
+def test_setpoints_through_the_agent_process(tmp_path: Path, broker: MosquittoBroker) -> None:
+    modbus_port, opcua_port = free_port(), free_port()
+    config = plant_config(tmp_path, broker, modbus_port, opcua_port)
+    commander = Commander(
+        broker.host,
+        broker.port,
+        command_topic="edge-cmd/gw-e2e/write",
+        audit_topic="edge-audit/gw-e2e",
+    )
+    try:
+        with AgentProcess(tmp_path / "agent.log", "run", str(config), "--simulate") as agent:
+            wait_until(lambda: "command.enabled" in agent.log(), 60, "commands", agent)
+            wait_until(
+                lambda: agent.log().count('"device.connected"') >= 2, 60, "devices up", agent
+            )
+            wait_until(lambda: '"mqtt.connected"' in agent.log(), 60, "broker", agent)
+            cases: list[tuple[str, str, object, object]] = [
+                ("press", "pressure_sp", 12.345, f32(12.345)),
+                ("press", "speed_sp", 480.5, 480.5),
+                ("oven", "temp_sp", 182.7, f32(182.7)),
+                ("oven", "zone", -3, -3),
+                ("oven", "heater_on", True, True),
+                ("oven", "recipe", "PA6-GF30", "PA6-GF30"),
+                ("oven", "energy", 1234.5, 1234.5),
+            ]
+            for device, tag, value, holds in cases:
+                result = commander.request({"device": device, "tag": tag, "value": value})
+                assert result["result"] == "done", (tag, result, agent.log()[-3000:])
+                assert result["verified"] is True
+                assert result["holds"] == holds, (tag, result)
+            refused = commander.request({"device": "oven", "tag": "zone", "value": 40000})
+            assert (refused["result"], refused["reason"]) == ("refused", "out_of_range")
+            # Third-party read-back, decoded independently.
+            regs = asyncio.run(modbus_registers(modbus_port, 10, 3))
+            cdab = struct.pack(">HH", regs[1], regs[0])
+            assert struct.unpack(">f", cdab)[0] == f32(12.345)
+            assert regs[2] == 961  # 480.5 / 0.5
+            values = asyncio.run(
+                opcua_values(
+                    opcua_port,
+                    [
+                        "ns=2;s=Oven.TempSp",
+                        "ns=2;s=Oven.Zone",
+                        "ns=2;s=Oven.HeaterOn",
+                        "ns=2;s=Oven.Recipe",
+                        "ns=2;s=Oven.Energy",
+                    ],
+                )
+            )
+            assert values == [f32(182.7), -3, True, "PA6-GF30", 1234500.0]
+            audits = commander.wait_audits(2 * len(cases) + 1)
+            assert agent.terminate() == 0
+    finally:
+        commander.close()
+    assert sum(1 for a in audits if a["event"] == "accepted") == len(cases)
+    log = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(a["event"], a.get("result")) for a in log] == [
+        (a["event"], a.get("result")) for a in audits
+    ]
