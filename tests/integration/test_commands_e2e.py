@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from asyncua.client import Client
+from asyncua.client.client import Client
 from pymodbus.client import AsyncModbusTcpClient
 
 from tests.support.agent_proc import AgentProcess, wait_until
