@@ -57,7 +57,10 @@ class CommandService:
         self._audit_out: asyncio.Queue[AuditRecord] = asyncio.Queue(maxsize=10_000)
         self._tasks: set[asyncio.Task[None]] = set()
         self.received = 0
+        self.finished = 0
         self.audit_dropped = 0
+        self.audit_unpublished = 0
+        self._audit_failing = False
         handler.audit.on_record = self._on_audit
 
     # ------------------------------------------------------------------ paho side
@@ -119,9 +122,16 @@ class CommandService:
                 detail="the agent failed handling this request (see its log)",
                 correlation=req.correlation.hex() if req.correlation else None,
             )
-        if req.origin.channel == "sparkplug":
-            return  # Sparkplug has no responses: the DDATA and the audit topic say it
-        await self._respond(req, result)
+        try:
+            if req.origin.channel != "sparkplug":  # Sparkplug has no responses
+                await self._respond(req, result)
+        finally:
+            self.finished += 1
+
+    @property
+    def pending(self) -> int:
+        """Requests being handled now."""
+        return len(self._tasks)
 
     async def _respond(self, req: WriteRequest, result: WriteResult) -> None:
         payload = json.dumps(result.as_dict(), default=repr).encode()
@@ -156,14 +166,25 @@ class CommandService:
             except Exception as exc:
                 sent = PublishResult(ok=False, reason=f"{type(exc).__name__}: {exc}")
             if not sent.ok:
-                log.warning("command.audit_topic.unpublished", reason=sent.reason)
+                self.audit_unpublished += 1
+                if not self._audit_failing:  # a transition, not every record
+                    log.warning(
+                        "command.audit_topic.unpublished",
+                        reason=sent.reason,
+                        note="the audit log on disk has every record",
+                    )
+                self._audit_failing = True
+            elif self._audit_failing:
+                self._audit_failing = False
+                log.info("command.audit_topic.recovered", unpublished=self.audit_unpublished)
 
 
 def describe(service: CommandService) -> dict[str, Any]:
     """Counters for status and tests."""
     return {
         "received": service.received,
-        "pending": len(service._tasks),
+        "pending": service.pending,
+        "finished": service.finished,
         "results": dict(service.handler.counts),
         "audit_dropped": service.audit_dropped,
     }

@@ -486,8 +486,23 @@ class Agent:
         sup.start("status", self._report)
         sup.start("rates", lambda: self.rates.run(self))
         if self.commands is not None:
+            service = self.commands
             helpers.append(COMMANDS_TASK)
-            sup.start(COMMANDS_TASK, self.commands.run)
+            sup.start(COMMANDS_TASK, service.run)
+            # Every request is bounded by commands.timeout_s; a result publish by the
+            # broker's publish_timeout_s.
+            self.heartbeats.add(
+                Probe(
+                    COMMANDS_TASK,
+                    busy=lambda: service.pending > 0,
+                    progress=lambda: service.finished,
+                    deadline_s=2 * self.config.commands.timeout_s
+                    + 2 * self.config.mqtt.publish_timeout_s
+                    + 5,
+                    what="write requests are pending and none finished",
+                    action="report",
+                )
+            )
         if backlog:
             helpers.append("drain-progress")
             sup.start("drain-progress", self._drain_progress)
