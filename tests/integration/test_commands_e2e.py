@@ -1,6 +1,7 @@
 """Setpoints from an MQTT 5 client through the real agent process (`edge-agent run
---simulate`) into the Modbus and OPC UA simulators, read back exactly: by the agent (the
-result's `holds`) and by third-party clients (pymodbus, asyncua) that decode on their own."""
+--simulate`) into the Modbus, OPC UA and MELSEC simulators, read back exactly: by the
+agent (the result's `holds`) and by third-party clients (pymodbus, asyncua,
+pymcprotocol) that decode on their own."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def f32(x: float) -> float:
     return float(struct.unpack(">f", struct.pack(">f", x))[0])
 
 
-def plant_config(tmp: Path, broker: MosquittoBroker, modbus_port: int, opcua_port: int) -> Path:
+def plant_config(
+    tmp: Path, broker: MosquittoBroker, modbus_port: int, opcua_port: int, melsec_port: int
+) -> Path:
     path = tmp / "plant.yaml"
     path.write_text(
         f"""\
@@ -58,6 +61,17 @@ devices:
       - {{name: recipe, node_id: "ns=2;s=Oven.Recipe", type: String, writable: true}}
       - {{name: energy, node_id: "ns=2;s=Oven.Energy", type: Double, scale: 0.001,
           writable: true}}
+  - name: fx
+    protocol: melsec
+    series: q
+    host: 127.0.0.1
+    port: {melsec_port}
+    interval_s: 0.5
+    tags:
+      - {{name: flow_sp, address: D200, type: float32, writable: true}}
+      - {{name: level_sp, address: D210, type: int16, scale: 0.1, writable: true}}
+      - {{name: pump, address: M10, type: bool, writable: true}}
+      - {{name: mode_bit, address: D220.3, writable: true}}
 """
     )
     return path
@@ -79,9 +93,23 @@ async def opcua_values(port: int, nodes: list[str]) -> list[Any]:
         return [await client.get_node(n).read_value() for n in nodes]
 
 
+def melsec_read(port: int) -> tuple[list[int], list[int]]:
+    """D200..D220 and M10 with pymcprotocol (a third-party SLMP 3E client)."""
+    import pymcprotocol
+
+    client = pymcprotocol.Type3E(plctype="Q")
+    client.connect("127.0.0.1", port)
+    try:
+        words = client.batchread_wordunits("D200", 21)
+        bits = client.batchread_bitunits("M10", 1)
+    finally:
+        client.close()
+    return [w & 0xFFFF for w in words], list(bits)
+
+
 def test_setpoints_through_the_agent_process(tmp_path: Path, broker: MosquittoBroker) -> None:
-    modbus_port, opcua_port = free_port(), free_port()
-    config = plant_config(tmp_path, broker, modbus_port, opcua_port)
+    modbus_port, opcua_port, melsec_port = free_port(), free_port(), free_port()
+    config = plant_config(tmp_path, broker, modbus_port, opcua_port, melsec_port)
     commander = Commander(
         broker.host,
         broker.port,
@@ -92,7 +120,7 @@ def test_setpoints_through_the_agent_process(tmp_path: Path, broker: MosquittoBr
         with AgentProcess(tmp_path / "agent.log", "run", str(config), "--simulate") as agent:
             wait_until(lambda: "command.enabled" in agent.log(), 60, "commands", agent)
             wait_until(
-                lambda: agent.log().count('"device.connected"') >= 2, 60, "devices up", agent
+                lambda: agent.log().count('"device.connected"') >= 3, 60, "devices up", agent
             )
             wait_until(lambda: '"mqtt.connected"' in agent.log(), 60, "broker", agent)
             cases: list[tuple[str, str, object, object]] = [
@@ -103,6 +131,10 @@ def test_setpoints_through_the_agent_process(tmp_path: Path, broker: MosquittoBr
                 ("oven", "heater_on", True, True),
                 ("oven", "recipe", "PA6-GF30", "PA6-GF30"),
                 ("oven", "energy", 1234.5, 1234.5),
+                ("fx", "flow_sp", -0.125, -0.125),
+                ("fx", "level_sp", -12.3, -12.3),
+                ("fx", "pump", True, True),
+                ("fx", "mode_bit", True, True),
             ]
             for device, tag, value, holds in cases:
                 result = commander.request({"device": device, "tag": tag, "value": value})
@@ -129,6 +161,11 @@ def test_setpoints_through_the_agent_process(tmp_path: Path, broker: MosquittoBr
                 )
             )
             assert values == [f32(182.7), -3, True, "PA6-GF30", 1234500.0]
+            words, bits = melsec_read(melsec_port)
+            assert struct.unpack("<f", struct.pack("<HH", words[0], words[1]))[0] == -0.125
+            assert struct.unpack("<h", struct.pack("<H", words[10]))[0] == -123
+            assert words[20] & 0b1000
+            assert bits == [1]
             audits = commander.wait_audits(2 * len(cases) + 1)
             assert agent.terminate() == 0
     finally:
