@@ -694,3 +694,16 @@ async def test_an_unsigned_request_cannot_fetch_an_earlier_result(signed: Plant)
     result = await signed.handler.handle(probe)
     assert (result.result, result.reason, result.duplicate) == ("refused", "unsigned", False)
     assert result.holds is None
+
+
+async def test_a_sparkplug_write_is_unsigned_when_signing_is_on(signed: Plant) -> None:
+    req = WriteRequest("oven", "setpoint", 45.0, Origin("sparkplug"))
+    result = await signed.handler.handle(req)
+    assert (result.result, result.reason) == ("refused", "unsigned")
+    assert signed.writes() == 0
+
+
+async def test_a_sparkplug_write_without_signing(plant: Plant) -> None:
+    req = WriteRequest("oven", "setpoint", 45.0, Origin("sparkplug"))
+    result = await plant.handler.handle(req)
+    assert (result.result, result.holds, result.correlation) == ("done", 45.0, None)
