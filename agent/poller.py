@@ -138,6 +138,7 @@ class DevicePoller:
         self._turn = asyncio.Lock()
         # A write that was interrupted leaves the connection in an unknown state.
         self._reset: tuple[str, str] | None = None
+        self._running = False
 
     @property
     def stall_deadline_s(self) -> float:
@@ -147,6 +148,7 @@ class DevicePoller:
         return 3 * max(longest, 1.0) + self._connect_guard_s + self._read_guard_s
 
     async def run(self) -> None:
+        self._running = True
         loop = asyncio.get_running_loop()
         now = loop.time()
         # Stable per device (not random): restarts and reloads keep the same spread.
@@ -182,6 +184,7 @@ class DevicePoller:
                     nxt += missed * interval
                 due[group] = nxt
         finally:
+            self._running = False  # a write still waiting for its turn must not reconnect
             await self._disconnect()
 
     def _retry_delay(self) -> float:
@@ -240,6 +243,8 @@ class DevicePoller:
         request that ends with DriverUnavailable, a timeout or a cancellation drops the
         connection (its state is unknown); the poller reconnects as after a failed read."""
         async with self._turn:
+            if not self._running:
+                raise DriverUnavailable("stopped", "the device's poller is not running")
             if self._reset is not None:
                 await self._drop_interrupted()
             await self._ensure_connected()

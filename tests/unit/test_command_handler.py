@@ -707,3 +707,18 @@ async def test_a_sparkplug_write_without_signing(plant: Plant) -> None:
     req = WriteRequest("oven", "setpoint", 45.0, Origin("sparkplug"))
     result = await plant.handler.handle(req)
     assert (result.result, result.holds, result.correlation) == ("done", 45.0, None)
+
+
+async def test_a_write_waiting_for_a_stopped_poller_does_not_reconnect(plant: Plant) -> None:
+    assert plant.poller is not None
+    connects = plant.poller.status.connects
+    plant._task.cancel()  # a reload or the shutdown stops the poller
+    await asyncio.gather(plant._task, return_exceptions=True)
+    result = await plant.write("setpoint", 45.0)
+    assert refused(result) == (
+        "refused",
+        "device_unavailable",
+        "device 'oven': stopped: the device's poller is not running",
+    )
+    assert plant.poller.status.connects == connects
+    assert plant.writes() == 0
