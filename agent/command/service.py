@@ -29,6 +29,9 @@ from agent.publish import Incoming, Message, PublishResult
 
 log = structlog.get_logger()
 
+#: Requests queued (not yet started) per `commands.max_pending`; more are dropped.
+QUEUE_PER_PENDING = 10
+
 
 class _Publisher(Protocol):
     async def publish(self, messages: Sequence[Message]) -> list[PublishResult]: ...
@@ -53,7 +56,12 @@ class CommandService:
         self.result_topic = commands.expand(commands.result_topic, agent_id)
         self.audit_topic = commands.expand(commands.audit_topic, agent_id)
         self._alias_name = alias_name
-        self._queue: asyncio.Queue[WriteRequest] = asyncio.Queue()
+        # Beyond max_pending running, requests are refused `busy`; this bounds what waits
+        # for that refusal (a flood from a publisher the ACL lets through).
+        self._queue: asyncio.Queue[WriteRequest] = asyncio.Queue(
+            maxsize=QUEUE_PER_PENDING * commands.max_pending
+        )
+        self.dropped = 0
         self._audit_out: asyncio.Queue[AuditRecord] = asyncio.Queue(maxsize=10_000)
         self._tasks: set[asyncio.Task[None]] = set()
         self.received = 0
@@ -70,14 +78,27 @@ class CommandService:
         self.received += 1
         req = parse_mqtt(msg)
         req.received_at = time.time()
-        self._queue.put_nowait(req)
+        self._enqueue(req)
 
     def on_dcmd(self, msg: Incoming) -> None:
         """A Sparkplug DCMD: one request per metric."""
         for req in parse_dcmd(msg.topic, msg.payload, self._alias_name):
             self.received += 1
             req.received_at = time.time()
+            self._enqueue(req)
+
+    def _enqueue(self, req: WriteRequest) -> None:
+        try:
             self._queue.put_nowait(req)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error(
+                    "command.dropped",
+                    dropped=self.dropped,
+                    note="more requests than commands.max_pending x 10 are waiting; "
+                    "these get no result and no audit record",
+                )
 
     def _on_audit(self, record: AuditRecord) -> None:
         try:
@@ -187,4 +208,5 @@ def describe(service: CommandService) -> dict[str, Any]:
         "finished": service.finished,
         "results": dict(service.handler.counts),
         "audit_dropped": service.audit_dropped,
+        "dropped": service.dropped,
     }

@@ -222,3 +222,20 @@ async def test_a_result_the_broker_does_not_take_is_logged_and_kept_on_disk(
     assert "command.audit_topic.unpublished" in events
     assert audit.recent(5)[-1]["reason"] == "unknown_device"
     audit.close()
+
+
+async def test_a_flood_beyond_the_queue_is_dropped_and_logged(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    audit = log_at(tmp_path)
+    handler = CommandHandler(
+        CommandsConfig(enabled=True, max_pending=1), lambda: {}, lambda _n: None, audit
+    )
+    service = CommandService(handler, FakePublisher(), agent_id="a1")  # not running
+    body = b'{"device": "d", "tag": "t", "value": 1}'
+    with capture_logs() as logs:
+        for n in range(12):
+            service.on_request(Incoming(service.topic, body, correlation_data=bytes([n])))
+    assert service.dropped == 2
+    assert [e["event"] for e in logs] == ["command.dropped"]
+    audit.close()
