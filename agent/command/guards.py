@@ -30,10 +30,9 @@ def _num(value: object) -> float | None:
 
 
 def _same(a: object, b: object) -> bool:
+    """Equal as values of a tag: 1 and 1.0 are, true and 1 are not."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
-    if isinstance(a, str) or isinstance(b, str):
-        return a == b
     return a == b
 
 

@@ -30,7 +30,7 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -93,7 +93,8 @@ class WriteResult:
     received: float | None = None
     finished: float | None = None
     duplicate: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: The write was handed to the driver (not part of the message: `failed` says it).
+    sent: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -282,7 +283,7 @@ class CommandHandler:
                 async with asyncio.timeout(self.commands.timeout_s):
                     await self._carry_out(req, result)
             except TimeoutError:
-                if result.extra.get("sent"):
+                if result.sent:
                     raise _fail(
                         "timeout",
                         f"no answer within {self.commands.timeout_s:g} s (commands.timeout_s); "
@@ -399,12 +400,12 @@ class CommandHandler:
                 try:
                     await self._write(driver, tag, raw, result)
                 finally:
-                    if result.extra.get("sent"):  # attempted at the device: it counts
+                    if result.sent:  # attempted at the device: it counts
                         self._rate.record(rate_key, time.monotonic())
                 if spec is None or spec.verify:
                     await self._verify(driver, device, tag, raw, req.value, spec, result, read_s)
         except DriverUnavailable as exc:
-            if result.extra.get("sent"):
+            if result.sent:
                 raise _fail(
                     "device_unavailable",
                     f"connection lost: {exc}; the write may or may not have happened",
@@ -444,11 +445,11 @@ class CommandHandler:
     async def _write(
         self, driver: WritingDriver, tag: TagCommon, raw: Scalar, result: WriteResult
     ) -> None:
-        result.extra["sent"] = True
+        result.sent = True
         try:
             outcome: object = await driver.write(tag.name, raw)  # type: ignore[func-returns-value]
         except WriteRefused as exc:
-            result.extra["sent"] = False
+            result.sent = False
             raise _refuse("driver_refused", str(exc)) from None
         except DriverUnavailable:
             raise
