@@ -308,45 +308,54 @@ class MelsecDriver:
             raise WriteRefused("value does not fit", f"{tag} ({data_type}): {exc}") from None
         code = addr.kind.code
         async with self._write_lock:
-            if addr.kind.is_bit:
-                request = WriteRequest(
-                    CMD_BATCH_WRITE,
-                    SUB_BIT,
-                    batch_write_body(addr.number, code, 1, encode_bit_points([bool(raw)])),
-                    0,
-                    f"batch write {text} (1 bit)",
-                )
-            elif addr.bit is not None:
-                word_text = Address(addr.kind, addr.number).text(series)
-                read = WriteRequest(
-                    CMD_BATCH_READ,
-                    SUB_WORD,
-                    batch_read_body(addr.number, code, 1),
-                    2,
-                    f"batch read {word_text} (1 word, read-modify-write of {text})",
-                )
-                answer = await self._exchange(read)
-                self._refused(answer, read)
-                current = int.from_bytes(answer.data, "little")
-                mask = 1 << addr.bit
-                word = current | mask if raw else current & ~mask
-                request = WriteRequest(
-                    CMD_BATCH_WRITE,
-                    SUB_WORD,
-                    batch_write_body(addr.number, code, 1, word.to_bytes(2, "little")),
-                    0,
-                    f"batch write {word_text} (1 word, bit {addr.bit:X} of it)",
-                )
-            else:
-                words = len(data) // 2
-                request = WriteRequest(
-                    CMD_BATCH_WRITE,
-                    SUB_WORD,
-                    batch_write_body(addr.number, code, words, data),
-                    0,
-                    f"batch write {text} ({words} word{'' if words == 1 else 's'})",
-                )
-            self._refused(await self._exchange(request), request)
+            try:
+                if addr.kind.is_bit:
+                    request = WriteRequest(
+                        CMD_BATCH_WRITE,
+                        SUB_BIT,
+                        batch_write_body(addr.number, code, 1, encode_bit_points([bool(raw)])),
+                        0,
+                        f"batch write {text} (1 bit)",
+                    )
+                elif addr.bit is not None:
+                    word_text = Address(addr.kind, addr.number).text(series)
+                    read = WriteRequest(
+                        CMD_BATCH_READ,
+                        SUB_WORD,
+                        batch_read_body(addr.number, code, 1),
+                        2,
+                        f"batch read {word_text} (1 word, read-modify-write of {text})",
+                    )
+                    answer = await self._exchange(read)
+                    self._refused(answer, read)
+                    current = int.from_bytes(answer.data, "little")
+                    mask = 1 << addr.bit
+                    word = current | mask if raw else current & ~mask
+                    request = WriteRequest(
+                        CMD_BATCH_WRITE,
+                        SUB_WORD,
+                        batch_write_body(addr.number, code, 1, word.to_bytes(2, "little")),
+                        0,
+                        f"batch write {word_text} (1 word, bit {addr.bit:X} of it)",
+                    )
+                else:
+                    words = len(data) // 2
+                    request = WriteRequest(
+                        CMD_BATCH_WRITE,
+                        SUB_WORD,
+                        batch_write_body(addr.number, code, words, data),
+                        0,
+                        f"batch write {text} ({words} word{'' if words == 1 else 's'})",
+                    )
+                self._refused(await self._exchange(request), request)
+            except DriverUnavailable as exc:
+                # The outcome is unknown: drop the connection, so a late answer is never
+                # taken for the answer to a later request (3E has no serial numbers).
+                self._log.warning("melsec.write.unknown_outcome", tag=tag, reason=exc.reason)
+                link = self._link
+                if link is not None:
+                    link.abort()
+                raise
 
     def _refused(self, answer: _Answer, request: WriteRequest) -> None:
         if answer.code != 0:

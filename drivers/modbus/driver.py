@@ -624,10 +624,27 @@ class ModbusDriver:
         except CodecError as exc:
             raise WriteRefused("value does not fit", f"{tag} ({config.type}): {exc}") from None
         async with self._write_lock:
-            if op is None:  # read-modify-write of a bit inside a holding register
-                current = await self._read_register(config.resolved_address())
-                op = merge_bit(config, raw, current, device.write_functions)
-            await self._send_write(op)
+            try:
+                if op is None:  # read-modify-write of a bit inside a holding register
+                    current = await self._read_register(config.resolved_address())
+                    op = merge_bit(config, raw, current, device.write_functions)
+                await self._send_write(op)
+            except DriverUnavailable as exc:
+                self._abandon(tag, exc)
+                raise
+
+    def _abandon(self, tag: str, exc: DriverUnavailable) -> None:
+        """A write whose outcome is unknown: on the device's own connection, close it, so
+        a late answer can never be paired with a later request (the next poll reports
+        the lost connection and the poller reconnects). A shared link resynchronises by
+        itself (silence on a serial line, transaction ids on a gateway)."""
+        self._log.warning("modbus.write.unknown_outcome", tag=tag, reason=exc.reason)
+        client, lost = self._client, self._lost
+        if lost is not None and not lost.done():
+            lost.set_result(None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
 
     async def _read_register(self, address: int) -> int:
         """One holding register (function 3), for a read-modify-write."""

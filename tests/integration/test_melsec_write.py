@@ -391,3 +391,28 @@ async def test_our_simulator_serves_what_pymcprotocol_wrote() -> None:
     assert (got["d_int16"], got["d_uint16"], got["w"]) == (-32768, 65535, 321)
     assert (got["m0"], got["m1"], got["y"]) == (False, True, True)
     assert sim.write_count("plc") == 4
+
+
+async def test_after_an_unknown_outcome_the_connection_is_dropped() -> None:
+    """A 3E answer carries no serial number: a late answer to the write must never be
+    taken for the answer to the next read, so the driver drops the connection."""
+
+    def answer(request: bytes) -> bytes | None:
+        if request[11:13] == b"\x01\x14":  # batch write: no answer in time
+            return None
+        return ok_answer(request, b"\x07\x00")  # batch read of one word: 7
+
+    async with ScriptedCpu(answer) as cpu:
+        device = make(tags=[{"name": "d", "address": "D10"}], port=cpu.port)
+        driver = MelsecDriver(device)
+        await driver.connect()
+        try:
+            assert (await values(driver))["d"] == 7
+            with pytest.raises(DriverUnavailable, match="timeout"):
+                await driver.write("d", 5)
+            with pytest.raises(DriverUnavailable):
+                await driver.read("default")
+            await driver.connect()  # what the poller does next
+            assert (await values(driver))["d"] == 7
+        finally:
+            await driver.close()

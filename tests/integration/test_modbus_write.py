@@ -692,3 +692,22 @@ async def test_a_garbled_answer_on_a_serial_line_is_retried_then_an_unknown_outc
         finally:
             await driver.close()
             await link.close()
+
+
+async def test_after_an_unknown_outcome_the_connection_is_dropped() -> None:
+    with BadModbusServer() as server:
+        driver = ModbusDriver(wire_device(timeout_s=0.3), endpoint=("127.0.0.1", server.port))
+        await driver.connect()
+        try:
+            server.set_mode("silent")
+            with pytest.raises(DriverUnavailable, match="timeout"):
+                await driver.write("u16", 1)
+            server.set_mode("ok")
+            with pytest.raises(DriverUnavailable, match="connection lost"):
+                await driver.read("default")
+            await driver.connect()  # what the poller does next
+            readings = await driver.read("default")
+            assert {r.quality for r in readings} == {"good"}
+        finally:
+            await driver.close()
+        assert server.connections == 2
