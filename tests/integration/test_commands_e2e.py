@@ -1,7 +1,7 @@
 """Setpoints from an MQTT 5 client through the real agent process (`edge-agent run
---simulate`) into the Modbus, OPC UA and MELSEC simulators, read back exactly: by the
-agent (the result's `holds`) and by third-party clients (pymodbus, asyncua,
-pymcprotocol) that decode on their own."""
+--simulate`) into the simulator of every protocol (Modbus, OPC UA, MELSEC, S7, XGT), read
+back exactly: by the agent (the result's `holds`) and by third-party clients (pymodbus,
+asyncua, pymcprotocol, python-snap7, pyXGTClient) that decode on their own."""
 
 from __future__ import annotations
 
@@ -26,9 +26,7 @@ def f32(x: float) -> float:
     return float(struct.unpack(">f", struct.pack(">f", x))[0])
 
 
-def plant_config(
-    tmp: Path, broker: MosquittoBroker, modbus_port: int, opcua_port: int, melsec_port: int
-) -> Path:
+def plant_config(tmp: Path, broker: MosquittoBroker, ports: dict[str, int]) -> Path:
     path = tmp / "plant.yaml"
     path.write_text(
         f"""\
@@ -43,7 +41,7 @@ devices:
   - name: press
     protocol: modbus
     host: 127.0.0.1
-    port: {modbus_port}
+    port: {ports["modbus"]}
     interval_s: 0.5
     tags:
       - {{name: pressure_sp, address: 10, type: float32, byte_order: CDAB, unit: bar,
@@ -52,7 +50,7 @@ devices:
           write: {{max: 1000}}}}
   - name: oven
     protocol: opcua
-    endpoint: opc.tcp://127.0.0.1:{opcua_port}/oven
+    endpoint: opc.tcp://127.0.0.1:{ports["opcua"]}/oven
     interval_s: 0.5
     tags:
       - {{name: temp_sp, node_id: "ns=2;s=Oven.TempSp", type: Float, writable: true}}
@@ -65,13 +63,32 @@ devices:
     protocol: melsec
     series: q
     host: 127.0.0.1
-    port: {melsec_port}
+    port: {ports["melsec"]}
     interval_s: 0.5
     tags:
       - {{name: flow_sp, address: D200, type: float32, writable: true}}
       - {{name: level_sp, address: D210, type: int16, scale: 0.1, writable: true}}
       - {{name: pump, address: M10, type: bool, writable: true}}
       - {{name: mode_bit, address: D220.3, writable: true}}
+  - name: s7
+    protocol: s7
+    host: 127.0.0.1
+    port: {ports["s7"]}
+    interval_s: 0.5
+    tags:
+      - {{name: feed_sp, address: DB1.DBD0, type: real, writable: true}}
+      - {{name: count_sp, address: DB1.DBW4, type: int, scale: 0.5, writable: true}}
+      - {{name: enable, address: DB1.DBX6.2, type: bool, writable: true}}
+  - name: xgt
+    protocol: xgt
+    host: 127.0.0.1
+    port: {ports["xgt"]}
+    cpu: XGK
+    interval_s: 0.5
+    tags:
+      - {{name: torque_sp, address: "%MD50", type: float32, writable: true}}
+      - {{name: batch, address: "%MW104", type: int16, writable: true}}
+      - {{name: lamp, address: "%MX1683", writable: true}}
 """
     )
     return path
@@ -107,9 +124,38 @@ def melsec_read(port: int) -> tuple[list[int], list[int]]:
     return [w & 0xFFFF for w in words], list(bits)
 
 
+def s7_read(port: int) -> bytes:
+    """DB1.DBB0..6 with python-snap7's client."""
+    import snap7
+
+    client = snap7.Client()
+    client.connect("127.0.0.1", 0, 1, port)
+    try:
+        return bytes(client.db_read(1, 0, 7))
+    finally:
+        client.disconnect()
+
+
+def xgt_read(port: int) -> tuple[bytes, list[int]]:
+    """%MD50, %MW104 (as bytes) and %MX1683 with pyXGTClient."""
+    from pyXGTClient.client import XGTClient
+
+    client = XGTClient(host="127.0.0.1", port=port, timeout=5.0)
+    assert client.open()
+    try:
+        # Only configured bytes are served: %MD50 is bytes 200-203, %MW104 bytes 208-209.
+        mem = bytes(client.readContinuousData("%MB200", 4)) + bytes(
+            client.readContinuousData("%MB208", 2)
+        )
+        return mem, client.readData(["%MX1683"])
+    finally:
+        client.close()
+
+
 def test_setpoints_through_the_agent_process(tmp_path: Path, broker: MosquittoBroker) -> None:
-    modbus_port, opcua_port, melsec_port = free_port(), free_port(), free_port()
-    config = plant_config(tmp_path, broker, modbus_port, opcua_port, melsec_port)
+    ports = {p: free_port() for p in ("modbus", "opcua", "melsec", "s7", "xgt")}
+    modbus_port, opcua_port, melsec_port = ports["modbus"], ports["opcua"], ports["melsec"]
+    config = plant_config(tmp_path, broker, ports)
     commander = Commander(
         broker.host,
         broker.port,
@@ -120,7 +166,7 @@ def test_setpoints_through_the_agent_process(tmp_path: Path, broker: MosquittoBr
         with AgentProcess(tmp_path / "agent.log", "run", str(config), "--simulate") as agent:
             wait_until(lambda: "command.enabled" in agent.log(), 60, "commands", agent)
             wait_until(
-                lambda: agent.log().count('"device.connected"') >= 3, 60, "devices up", agent
+                lambda: agent.log().count('"device.connected"') >= 5, 60, "devices up", agent
             )
             wait_until(lambda: '"mqtt.connected"' in agent.log(), 60, "broker", agent)
             cases: list[tuple[str, str, object, object]] = [
@@ -135,6 +181,12 @@ def test_setpoints_through_the_agent_process(tmp_path: Path, broker: MosquittoBr
                 ("fx", "level_sp", -12.3, -12.3),
                 ("fx", "pump", True, True),
                 ("fx", "mode_bit", True, True),
+                ("s7", "feed_sp", 0.3, f32(0.3)),
+                ("s7", "count_sp", -250.5, -250.5),
+                ("s7", "enable", True, True),
+                ("xgt", "torque_sp", 55.55, f32(55.55)),
+                ("xgt", "batch", -7, -7),
+                ("xgt", "lamp", True, True),
             ]
             for device, tag, value, holds in cases:
                 result = commander.request({"device": device, "tag": tag, "value": value})
@@ -166,6 +218,14 @@ def test_setpoints_through_the_agent_process(tmp_path: Path, broker: MosquittoBr
             assert struct.unpack("<h", struct.pack("<H", words[10]))[0] == -123
             assert words[20] & 0b1000
             assert bits == [1]
+            db = s7_read(ports["s7"])
+            assert struct.unpack(">f", db[0:4])[0] == f32(0.3)
+            assert struct.unpack(">h", db[4:6])[0] == -501
+            assert db[6] & 0b100
+            mem, lamp = xgt_read(ports["xgt"])
+            assert struct.unpack("<f", mem[0:4])[0] == f32(55.55)
+            assert struct.unpack("<h", mem[4:6])[0] == -7
+            assert lamp == [1]
             audits = commander.wait_audits(2 * len(cases) + 1)
             assert agent.terminate() == 0
     finally:
