@@ -13,8 +13,9 @@ sends ``(value - offset) / scale``, then
 
 The type is the tag's `type` (the protocols' names: int16, dint, UInt16, real, ...), or
 its `write_type` where a protocol's names need translating (the fake protocol's `int`).
-A tag without a type (an OPC UA node read as whatever the server has) takes the value as
-given: numbers scaled back, an integer result kept an integer. Pure functions.
+A tag whose model says `write_type = None` (a protocol whose `type` is only a simulator
+hint, where the device's own type decides) takes the value as given: numbers scaled
+back, a whole result sent as an integer. Pure functions.
 """
 
 from __future__ import annotations
@@ -136,10 +137,12 @@ def to_raw(value: object, t: RawType, scale: float = 1.0, offset: float = 0.0) -
         raise ConversionError("scale_zero", "scale 0 cannot be inverted")
     identity = scale == 1.0 and offset == 0.0
     if t.kind == "any":
-        if identity:
-            return number
-        raw = (number - offset) / scale
-        return int(raw) if isinstance(number, int) and raw.is_integer() else raw
+        # The device's type decides (the driver converts or refuses): a whole number is
+        # sent as an integer, which integer and floating types alike accept.
+        raw = number if identity else (number - offset) / scale
+        if isinstance(raw, float) and raw.is_integer() and abs(raw) < 2**63:
+            return int(raw)
+        return raw
     if t.kind == "int":
         if identity and isinstance(number, int):
             whole = number

@@ -128,7 +128,9 @@ def test_int_round_trip(type_name: str, data: st.DataObject, scale: float, offse
         lo, hi = -(2**50), 2**50  # float64 holds 53 bits: beyond, scaling is lossy
         lo = max(lo, t.int_range()[0])
     raw = data.draw(st.integers(lo, hi))
-    value = scale_value(raw, scale, offset)
+    identity = scale == 1.0 and offset == 0.0
+    # As the normaliser publishes it: scale/offset applied only when they are not 1/0.
+    value = raw if identity else scale_value(raw, scale, offset)
     assert to_raw(value, t, scale, offset) == raw
 
 
@@ -156,3 +158,17 @@ def test_float32_round_trip(raw: float, scale: float, offset: float) -> None:
 @given(st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300))
 def test_float64_identity_round_trip(raw: float) -> None:
     assert to_raw(scale_value(raw, 1.0, 0.0), TYPES["float64"]) == raw
+
+
+def test_the_devices_own_type() -> None:
+    from agent.command.convert import ANY
+
+    assert to_raw(5, ANY) == 5
+    assert to_raw(5.0, ANY) == 5  # whole: an integer, which every numeric type accepts
+    assert type(to_raw(5.0, ANY)) is int
+    assert to_raw(21.5, ANY, 0.1) == 215
+    assert to_raw(21.37, ANY) == 21.37
+    assert to_raw(True, ANY) is True
+    assert to_raw("x", ANY) == "x"
+    with pytest.raises(ConversionError, match="not a finite number"):
+        to_raw(math.nan, ANY)
