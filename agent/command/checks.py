@@ -140,7 +140,8 @@ def command_problems(
                     "(and password) or a client certificate (mqtt.tls.cert_file)",
                 )
             )
-    if broker is not None and not broker.mqtt5:
+    if broker is not None and not broker.mqtt5 and not broker.sparkplug:
+        # Sparkplug DCMD needs no MQTT 5 properties; the JSON requests do.
         out.append(
             (
                 ("commands", "enabled"),

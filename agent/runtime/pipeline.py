@@ -283,6 +283,8 @@ class Agent:
             subscribe(service.topic, service.on_request)
             if node is not None:
                 subscribe(node.dcmd_filter, service.on_dcmd)
+        else:  # a publisher without subscriptions (a test's fake): nothing arrives
+            log.warning("command.not_subscribed", publisher=type(publisher).__name__)
         log.info(
             "command.enabled",
             topic=service.topic,

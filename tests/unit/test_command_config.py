@@ -259,3 +259,12 @@ def test_a_reload_that_changes_commands_is_refused() -> None:
     result = plan_reload(old, new, {"oven"})
     assert not result.ok
     assert "section 'commands' changed" in result.problems[0]
+
+
+def test_sparkplug_commands_over_mqtt_3() -> None:
+    mqtt = (
+        "mqtt: {username: edge, tls: {}, protocol: '3.1.1', layout: sparkplug,"
+        " sparkplug: {group_id: plant}}\n"
+    )
+    text = config("      - {name: t}\n", commands="commands: {enabled: true}\n", mqtt=mqtt)
+    assert parse_config(text, "c.yaml", simulate=False).commands.enabled
