@@ -161,7 +161,8 @@ class DevicePoller:
         try:
             if not due:  # subscribe-only device: keep the connection, nothing to poll
                 while True:
-                    await self._ensure_connected()
+                    async with self._turn:  # a write may be connecting too
+                        await self._ensure_connected()
                     await self._report_subscribed_down()
                     self.status.cycles += 1
                     await asyncio.sleep(self._retry_delay())
