@@ -488,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.command.cli import add_write_command
 
     add_write_command(sub, _load)
+    from agent.dataset.cli import add_dataset_commands
+
+    add_dataset_commands(sub, _load)
     _add_optional_commands(sub)
     return parser
 

@@ -35,11 +35,14 @@ from agent.command.guards import Refusal
 from agent.command.service import CommandService
 from agent.config import Config
 from agent.deadletter_cli import open_store
+from agent.derive.stage import DeviceDerive
+from agent.derive.state import DeriveState, state_path
 from agent.forwarder import Forwarder
 from agent.normalize import Normalizer, SeqCounter
 from agent.payload import PayloadEncoder
 from agent.poller import DevicePoller, DeviceStatus
 from agent.publish import Publisher
+from agent.publish.cloud import message_limit, publish_rate
 from agent.publish.sparkplug import SparkplugNode, sparkplug_node
 from agent.publish.status import DeviceStatusSync, StatusMessages
 from agent.runtime.reload import ReloadResult, plan_reload, read_config
@@ -62,6 +65,8 @@ WRITER_TASK = "buffer-writer"
 FORWARDER_TASK = "forwarder"
 MQTT_TASK = "mqtt"
 COMMANDS_TASK = "commands"
+#: How often time windows that are over are closed when no reading closes them.
+DERIVE_TICK_S = 1.0
 
 
 def device_tags(device: DeviceCommon) -> list[TagCommon]:
@@ -107,6 +112,7 @@ class DeviceRun:
 
     poller: DevicePoller
     task: asyncio.Task[None]
+    derive: DeviceDerive | None = None
 
 
 @dataclass
@@ -116,6 +122,7 @@ class _Built:
     device: DeviceCommon
     poller: DevicePoller
     latest: dict[str, WireSample]
+    derive: DeviceDerive | None = None
 
 
 ConfigAdapter = Callable[[Config], Config]
@@ -178,7 +185,12 @@ class Agent:
         )
         self.heartbeats = Heartbeats(on_stall=self._on_stall)
         self.stall_s = sup.stall_s
-        self.writer = BufferWriter(self.buffer, self._stored, self._append_retrying)
+        self.derive_state = DeriveState(
+            state_path(config.buffer.path) if config.buffer.kind == "sqlite" else None
+        )
+        self.writer = BufferWriter(
+            self.buffer, self._stored, self._append_retrying, derive_state=self.derive_state
+        )
         # What drivers share (one serial line or gateway connection for many units):
         # lent by this run, closed once every poller has stopped.
         self.driver_context = DriverContext(config.links)
@@ -345,7 +357,11 @@ class Agent:
             ),
             dead_letters=open_store(config),
             max_refusals=config.mqtt.max_refusals,
-            max_message_bytes=config.mqtt.max_message_bytes,
+            # mqtt.profile's limit (agent.publish.cloud.message_limit) unless set.
+            max_message_bytes=config.mqtt.max_message_bytes or message_limit(config.mqtt.profile),
+            # Paced publishes (AWS IoT Core): fewer, larger messages instead of a queue.
+            merge_records=config.mqtt.layout == "device"
+            and publish_rate(config.mqtt.profile, config.mqtt.max_publishes_per_s) is not None,
         )
         sup = self.supervisor
         try:
@@ -484,7 +500,8 @@ class Agent:
         self._running = True
         for item in built:
             self._start_built(item)
-        helpers = ["status", "rates"]
+        helpers = ["status", "rates", "derive-clock"]
+        sup.start("derive-clock", self._derive_clock)
         sup.start("status", self._report)
         sup.start("rates", lambda: self.rates.run(self))
         if self.commands is not None:
@@ -549,7 +566,12 @@ class Agent:
             groups.setdefault(tag.group, []).append(tag.name)
         normalizer = Normalizer(device.name, tags)
         driver = make_driver(device, self.driver_context)
-        sink, latest = self.writer.sink(device.name, normalizer, seq)
+        derive = (
+            DeviceDerive(device, tags, self.derive_state)
+            if DeviceDerive.wanted(device, tags)
+            else None
+        )
+        sink, latest = self.writer.sink(device.name, normalizer, seq, derive)
         poller = DevicePoller(
             device,
             str(getattr(device, "protocol", "?")),
@@ -559,14 +581,16 @@ class Agent:
             subscribe_groups=device.subscribe_groups(),
             on_state_change=self._device_state_changed,
         )
-        return _Built(device, poller, latest)
+        if derive is not None:
+            derive.set_reader(poller.read_soon)
+        return _Built(device, poller, latest, derive)
 
     def _start_built(self, item: _Built) -> None:
         name = item.device.name
         poller = item.poller
         self.latest[name] = item.latest
         task = self.supervisor.start(_task_name(name), poller.run)
-        self.devices[name] = DeviceRun(poller, task)
+        self.devices[name] = DeviceRun(poller, task, item.derive)
         self.heartbeats.add(
             Probe(
                 _task_name(name),
@@ -589,7 +613,8 @@ class Agent:
             self.status_sync.send(msg)
 
     async def _stop_device(self, name: str) -> None:
-        self.devices.pop(name)
+        run = self.devices.pop(name)
+        self.writer.forget(name, run.derive)
         self.heartbeats.remove(_task_name(name))
         await self.supervisor.stop(_task_name(name))  # the poller closes its driver
         self.latest.pop(name, None)
@@ -674,6 +699,12 @@ class Agent:
         return result
 
     # ------------------------------------------------------------------ progress
+
+    async def _derive_clock(self) -> None:
+        """Once a second, the writer closes the time windows that are over (agent.derive)."""
+        while True:
+            await asyncio.sleep(DERIVE_TICK_S)
+            await self.writer.tick()
 
     async def _report(self) -> None:
         """A periodic status line, so an operator sees progress without metrics."""

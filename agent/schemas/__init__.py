@@ -72,12 +72,14 @@ def reference_markdown() -> str:
     from agent.command.config import AuditConfig, CommandsConfig, SigningConfig
     from agent.config import (
         AgentSection,
+        AzureIotHub,
         BufferConfig,
         HttpConfig,
         LoggingConfig,
         MqttConfig,
         SupervisionConfig,
     )
+    from agent.derive.config import CycleConfig, CycleTrigger, ReportConfig, WindowConfig
     from drivers.base import PollGroup, SimulateSpec, WriteSpec
     from drivers.links import Rs485Settings, RtuOverTcpLink, SerialLink, TcpGatewayLink
 
@@ -85,6 +87,7 @@ def reference_markdown() -> str:
         ("agent", AgentSection, "Who this agent is."),
         ("buffer", BufferConfig, "The durable store-and-forward buffer."),
         ("mqtt", MqttConfig, "The broker samples are published to."),
+        ("mqtt.azure", AzureIotHub, "Azure IoT Hub login (profile azure-iot-hub; docs/cloud.md)."),
         ("logging", LoggingConfig, "Logging (to stderr)."),
         ("http", HttpConfig, "The metrics, health and status endpoint (off when absent)."),
         (
@@ -112,6 +115,14 @@ def reference_markdown() -> str:
             "Guards and read-back of writes to a `writable: true` tag "
             "([commands.md](commands.md)); limits in engineering units.",
         ),
+        (
+            "devices[].report, devices[].poll_groups.NAME.report, devices[].tags[].report",
+            ReportConfig,
+            "Report by exception ([docs/derive.md](derive.md)).",
+        ),
+        ("devices[].cycles[]", CycleConfig, "A cycle snapshot ([docs/derive.md](derive.md))."),
+        ("devices[].cycles[].trigger", CycleTrigger, "What starts a cycle."),
+        ("devices[].windows[]", WindowConfig, "Window features ([docs/derive.md](derive.md))."),
     ]
     out = [
         "# Configuration reference",
@@ -165,6 +176,16 @@ reported with file:line and exit code 2:
   expand to must fit MQTT's 65,535 bytes. With `layout: device` tag names only appear in
   the JSON body and may be any text. `mqtt.client_id` and `username` must be valid MQTT
   strings.
+- **Cloud profiles** (`mqtt.profile`, docs/cloud.md): `aws-iot-core` needs `client_id`
+  (the thing name: 1-128 letters, digits, `:`, `_`, `-`), a `tls` section with
+  `cert_file`/`key_file`, a host name (not an address: SNI), topics of at most 7 `/` and
+  256 bytes (every topic the layout publishes, expanded with the longest device and tag
+  name), `max_message_bytes` ≤ 128,000 and `max_publishes_per_s` ≤ 100. `azure-iot-hub`
+  needs the `azure` section, MQTT 3.1.1, a `tls` section, exactly one login (a base64
+  `device_key`/`device_key_file`, or a TLS client certificate), no `layout: sparkplug`,
+  no topic templates, `client_id`, `username`, `password` or `retain_last` of its own,
+  device names (and tag names with `layout: tag`) of letters, digits and `- . _ ~` only
+  (they go into the message properties) and `max_message_bytes` ≤ 256,000.
 - **Port 0** (any free port) is for simulator mode only: a device `port: 0` or an OPC UA
   endpoint `opc.tcp://host:0/...` is an error for `validate` and `run`, and accepted by
   `validate --simulate`, `run --simulate` and `simulate`. (`http.port: 0` is always
@@ -181,8 +202,16 @@ reported with file:line and exit code 2:
   cannot hold, `min`/`max` outside what the type holds with its scale and offset); an
   `interlock` naming no tag of the device (or the tag itself); `commands.enabled` over a
   plaintext or unauthenticated broker session outside simulator mode, or with MQTT
-  3.1.1; a `commands.signing.key_file` that cannot be read, is readable by group or
-  others, or holds under 16 bytes; command topics with wildcards or equal to each other.
+  3.1.1 (except with the Sparkplug layout); a `commands.signing.key_file` that cannot be
+  read, is readable by group or others, or holds under 16 bytes; command topics with
+  wildcards or equal to each other.
+- **Derived data** ([derive.md](derive.md)): every tag a cycle or a window names must be
+  a tag of the device; an `edge` trigger needs a bool tag, `above`/`below` a numeric one,
+  window tags must be numeric and a tag's own deadband needs a numeric tag (where the
+  protocol's `type` says so); with `read: same_poll` the captured tags must be in the
+  trigger's poll group; a trigger (and, with `read: at_trigger`, a captured tag) may not
+  be in a subscribed group; derived names (`CYCLE`, `CYCLE.TAG`, `TAG.FEATURE`) may not
+  clash with a tag or with each other.
 
 What can change between `validate` and the start, and is therefore met at run time:
 
