@@ -407,3 +407,26 @@ async def test_commands_over_an_authenticated_tls_session(tmp_path: Path) -> Non
                 commander.close()
                 agent.stop()
                 await task
+
+
+async def test_status_and_metrics_count_the_results(running: Running) -> None:
+    from agent.http.metrics import make_registry, render
+    from agent.http.status import status_json
+
+    r = running
+    assert (await request(r, "temp_sp", 25.0))["result"] == "done"
+    assert (await request(r, "temp_sp", 999))["result"] == "refused"
+    corr = b"twice"
+    await request(r, "temp_sp", 26.0, correlation=corr)
+    await request(r, "temp_sp", 26.0, correlation=corr, n=2)
+    assert r.agent.commands is not None
+    service = r.agent.commands
+    async with asyncio.timeout(10):  # the last task ends just after its result is out
+        while service.pending:
+            await asyncio.sleep(0.01)
+    status = status_json(r.agent.snapshot())["commands"]
+    assert status["results"] == {"done": 2, "refused": 1, "duplicate": 1}
+    assert (status["received"], status["pending"], status["dropped"]) == (4, 0, 0)
+    text = render(make_registry(r.agent.snapshot)).decode()
+    assert 'edge_agent_commands_total{result="done"} 2.0' in text
+    assert "edge_agent_commands_pending 0.0" in text
