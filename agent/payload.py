@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from agent.buffer import Gap, Record
-from agent.buffer.common import record_samples
+from agent.buffer.common import record_json, record_samples
 from agent.config import AgentSection, MqttConfig
 from agent.publish import Message
 from agent.publish.sparkplug import SparkplugNode
@@ -133,7 +133,7 @@ class PayloadEncoder:
             if gaps:
                 extra["gaps"] = _gap_list(gaps, epoch)
             tail = b"," + orjson.dumps(extra)[1:]
-        return Message(topic=topic, payload=prefix + record.data + tail)
+        return Message(topic=topic, payload=prefix + record_json(record.data) + tail)
 
     def _tag_messages(self, record: Record, historical: bool, gaps: Sequence[Gap]) -> list[Message]:
         samples = _samples_of(record)
