@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.deadletter_cli import add_deadletter_commands
 
     add_deadletter_commands(sub, _load)
+    from agent.command.cli import add_write_command
+
+    add_write_command(sub, _load)
     from agent.dataset.cli import add_dataset_commands
 
     add_dataset_commands(sub, _load)

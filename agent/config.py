@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, create_model, model_validator
 from pydantic_core import ErrorDetails
 
+from agent.command.checks import Broker, command_problems
+from agent.command.config import CommandsConfig
 from agent.derive.config import check_device as check_derive
 from agent.profiles import Expanded, Located, expand_profiles, merge_located
 from agent.publish import cloud
@@ -452,6 +454,10 @@ class Config(ConfigModel):
         default=None, description="The metrics/health/status endpoint; off when absent."
     )
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    commands: CommandsConfig = Field(
+        default_factory=CommandsConfig,
+        description="Writes from the platform (docs/commands.md); off unless enabled.",
+    )
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
@@ -564,6 +570,7 @@ def parse_config(
                         simulate,
                         buffer=config.buffer,
                         http=config.http,
+                        commands=config.commands,
                     ):
                         return config
             del expanded
@@ -622,9 +629,10 @@ def _parse_reporting(
     devices: list[tuple[int, DeviceCommon]]
     buffer: BufferConfig | None = None
     http: HttpConfig | None = None
+    commands: CommandsConfig | None = None
     if config is not None:
         agent, mqtt, devices = config.agent, config.mqtt, list(enumerate(config.devices))
-        buffer, http = config.buffer, config.http
+        buffer, http, commands = config.buffer, config.http, config.commands
     else:
         # Check what did validate, so these problems come together with the others.
         agent, mqtt, devices = _valid_sections(data)
@@ -633,9 +641,13 @@ def _parse_reporting(
         with contextlib.suppress(ValidationError):
             raw_http = data.get("http")
             http = HttpConfig.model_validate(raw_http) if raw_http is not None else None
+        with contextlib.suppress(ValidationError):
+            commands = CommandsConfig.model_validate(data.get("commands", {}))
     located.extend(
         _locate(loc, msg, expanded, shown)
-        for loc, msg in _start_checks(agent, mqtt, devices, simulate, buffer=buffer, http=http)
+        for loc, msg in _start_checks(
+            agent, mqtt, devices, simulate, buffer=buffer, http=http, commands=commands
+        )
     )
     if located or config is None:
         raise ConfigError(merge_located(located, shown))
@@ -864,11 +876,25 @@ def _start_checks(
     *,
     buffer: BufferConfig | None = None,
     http: HttpConfig | None = None,
+    commands: CommandsConfig | None = None,
 ) -> list[Problem]:
     """What starting the agent would otherwise find out: each device's own checks,
     names and topics MQTT cannot carry, endpoint ports of 0 outside simulator mode,
-    host names that cannot be, a buffer path that can never be a file."""
+    host names that cannot be, a buffer path that can never be a file, writes that
+    cannot be (agent.command.checks)."""
     out: list[Problem] = []
+    broker = (
+        Broker(
+            tls=mqtt.tls is not None,
+            authenticated=mqtt.username is not None
+            or (mqtt.tls is not None and mqtt.tls.cert_file is not None),
+            mqtt5=mqtt.protocol == "5",
+            sparkplug=mqtt.layout == "sparkplug",
+        )
+        if mqtt is not None
+        else None
+    )
+    out.extend(command_problems(commands, devices, broker, simulate))
     if buffer is not None:
         problem = _buffer_path_problem(buffer)
         if problem is not None:

@@ -28,14 +28,21 @@ import contextlib
 import random
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import structlog
 
 from agent.normalize import Columns, Readings, bad_readings
-from drivers.base import ColumnReader, DeviceCommon, Driver, DriverError, SubscribingDriver
+from drivers.base import (
+    ColumnReader,
+    DeviceCommon,
+    Driver,
+    DriverError,
+    DriverUnavailable,
+    SubscribingDriver,
+)
 
 log = structlog.get_logger()
 
@@ -127,6 +134,11 @@ class DevicePoller:
         self._connect_guard_s = per_request + 5
         # group → loop time of its last all-bad report while down
         self._down_reported: dict[str, float] = {}
+        # Polls and writes (agent.command) take turns on the one connection.
+        self._turn = asyncio.Lock()
+        # A write that was interrupted leaves the connection in an unknown state.
+        self._reset: tuple[str, str] | None = None
+        self._running = False
         # Groups to read now, outside their schedule (read_soon), and what wakes the loop.
         self._soon: set[str] = set()
         self._wake: asyncio.Event | None = None
@@ -139,6 +151,7 @@ class DevicePoller:
         return 3 * max(longest, 1.0) + self._connect_guard_s + self._read_guard_s
 
     async def run(self) -> None:
+        self._running = True
         loop = asyncio.get_running_loop()
         now = loop.time()
         # Stable per device (not random): restarts and reloads keep the same spread.
@@ -151,7 +164,8 @@ class DevicePoller:
         try:
             if not due:  # subscribe-only device: keep the connection, nothing to poll
                 while True:
-                    await self._ensure_connected()
+                    async with self._turn:  # a write may be connecting too
+                        await self._ensure_connected()
                     await self._report_subscribed_down()
                     self.status.cycles += 1
                     await asyncio.sleep(self._retry_delay())
@@ -166,7 +180,8 @@ class DevicePoller:
                     await self._sleep(delay)
                     continue  # woken for a read now, or due: look again
                 started = loop.time()
-                await self._poll(group)
+                async with self._turn:
+                    await self._poll(group)
                 interval = self._groups[group]
                 nxt = due[group] + interval
                 now = loop.time()
@@ -178,6 +193,7 @@ class DevicePoller:
                     nxt += missed * interval
                 due[group] = nxt
         finally:
+            self._running = False  # a write still waiting for its turn must not reconnect
             await self._disconnect()
 
     def read_soon(self, groups: frozenset[str]) -> None:
@@ -208,7 +224,8 @@ class DevicePoller:
         for group in sorted(self._soon):
             self._soon.discard(group)
             started = loop.time()
-            await self._poll(group)
+            async with self._turn:  # writes (agent.command) take turns with every read
+                await self._poll(group)
             self.status.last_poll_duration_s = loop.time() - started
             self.status.cycles += 1
 
@@ -225,6 +242,8 @@ class DevicePoller:
 
     async def _poll(self, group: str) -> None:
         self.status.polls += 1
+        if self._reset is not None:
+            await self._drop_interrupted()
         await self._ensure_connected()
         readings: Readings | None = None
         if self._connected:
@@ -257,6 +276,41 @@ class DevicePoller:
                     n = self.status.errors_by_reason.get(r.reason, 0)
                     self.status.errors_by_reason[r.reason] = n + 1
         await self.sink(readings)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[Driver]:
+        """The connected driver for one write request (agent.command.access), between two
+        polls: nothing else uses the connection meanwhile. Raises DriverUnavailable when
+        the device is not connected and not due for a reconnect (nothing is sent). A
+        request that ends with DriverUnavailable, a timeout or a cancellation drops the
+        connection (its state is unknown); the poller reconnects as after a failed read."""
+        async with self._turn:
+            if not self._running:
+                raise DriverUnavailable("stopped", "the device's poller is not running")
+            if self._reset is not None:
+                await self._drop_interrupted()
+            await self._ensure_connected()
+            if not self._connected:
+                raise DriverUnavailable(
+                    self.status.reason or "unreachable", "the device is not connected"
+                )
+            try:
+                yield self.driver
+            except DriverUnavailable as exc:
+                await self._lost(exc.reason, str(exc), exc.code)
+                raise
+            except (TimeoutError, asyncio.CancelledError):
+                # Closing here could hang as well; the next poll or write does it.
+                self._reset = ("timeout", "a write request did not finish")
+                raise
+
+    async def _drop_interrupted(self) -> None:
+        """Close the connection an interrupted write left in an unknown state; the next
+        connect is due at once (the device did not fail, a request was given up)."""
+        reason, detail = self._reset or ("", "")
+        self._reset = None
+        self._log.info("device.connection.reset", reason=reason, detail=detail)
+        await self._disconnect()
 
     def _down_report_due(self, group: str) -> bool:
         """While down: the first poll after the transition reports, then one every

@@ -282,6 +282,54 @@ class SimulateSpec(ConfigModel):
         return self
 
 
+WriteValue = bool | int | float | str
+
+
+class WriteSpec(ConfigModel):
+    """Guards and verification of writes to one tag (`writable: true`); docs/commands.md.
+
+    Limits are in engineering units (the published value, after scale/offset)."""
+
+    min: float | None = Field(default=None, description="Smallest value a write may set.")
+    max: float | None = Field(default=None, description="Largest value a write may set.")
+    allowed: list[WriteValue] | None = Field(
+        default=None,
+        min_length=1,
+        description="The only values a write may set (e.g. recipe numbers, modes).",
+    )
+    max_step: float | None = Field(
+        default=None,
+        gt=0,
+        description="Largest change in one write from the value the device holds "
+        "(read just before the write).",
+    )
+    max_per_min: int | None = Field(
+        default=None, ge=1, description="Largest number of writes to this tag in any 60 s."
+    )
+    interlock: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of a tag of the same device that must read true (a permissive) "
+        "for the write to go ahead; read just before the write.",
+    )
+    verify: bool = Field(
+        default=True,
+        description="Read the tag back after the write; the result says what it holds.",
+    )
+    tolerance: float = Field(
+        default=0.0,
+        ge=0,
+        description="Largest difference between the value written and the value read back "
+        "(engineering units) for the write to count as verified.",
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> WriteSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is larger than max {self.max:g}")
+        return self
+
+
 class TagCommon(ConfigModel):
     """Fields every tag has, whatever the protocol."""
 
@@ -294,6 +342,22 @@ class TagCommon(ConfigModel):
     simulate: SimulateSpec | None = Field(
         default=None, description="Simulated value in simulator mode (a default is chosen)."
     )
+    writable: bool = Field(
+        default=False,
+        description="The platform (commands) and `edge-agent write` may write this tag; "
+        "writes also need `commands.enabled` (docs/commands.md).",
+    )
+    write: WriteSpec | None = Field(
+        default=None,
+        description="Limits, interlock and read-back of writes to this tag (writable: true).",
+    )
+
+    @model_validator(mode="after")
+    def _write_needs_writable(self) -> TagCommon:
+        if self.write is not None and not self.writable:
+            raise ValueError("'write' settings on a tag without writable: true")
+        return self
+
     report: ReportConfig | None = Field(
         default=None,
         description="Report by exception for this tag (overrides its group's and "

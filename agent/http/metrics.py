@@ -36,6 +36,29 @@ class AgentCollector(Collector):
         yield from self._buffer(snap)
         yield from self._mqtt(snap)
         yield from self._poison(snap)
+        yield from self._commands(snap)
+
+    def _commands(self, a: AgentSnapshot) -> Iterator[Metric]:
+        c = a.commands
+        if c is None:
+            return
+        results = CounterMetricFamily(
+            "edge_agent_commands",
+            "Write requests answered (docs/commands.md), by result: done, refused, failed, "
+            "duplicate.",
+            labels=["result"],
+        )
+        for result, n in c.results:
+            results.add_metric([result], n)
+        yield results
+        yield GaugeMetricFamily(
+            "edge_agent_commands_pending", "Write requests being handled.", value=c.pending
+        )
+        yield CounterMetricFamily(
+            "edge_agent_commands_dropped",
+            "Write requests dropped unanswered: too many were waiting.",
+            value=c.dropped,
+        )
 
     def _agent(self, a: AgentSnapshot) -> Iterator[Metric]:
         info = InfoMetricFamily("edge_agent", "The agent's identity.")

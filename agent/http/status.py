@@ -175,6 +175,20 @@ def status_json(snap: AgentSnapshot) -> dict[str, Any]:
         ],
         "devices": devices,
         "rates": {"interval_s": snap.rates_interval_s, "points": list(snap.rates)},
+        "commands": _commands(snap),
+    }
+
+
+def _commands(snap: AgentSnapshot) -> dict[str, Any] | None:
+    c = snap.commands
+    if c is None:
+        return None
+    return {
+        "received": c.received,
+        "pending": c.pending,
+        "results": dict(c.results),
+        "dropped": c.dropped,
+        "audit_unpublished": c.audit_unpublished,
     }
 
 

@@ -23,6 +23,23 @@ class Message:
     payload: bytes
     qos: int = 1
     retain: bool = False
+    #: MQTT 5 properties (a command's result): correlation data echoed to the requester,
+    #: the payload's content type and user properties. Ignored by MQTT 3.1.1.
+    correlation_data: bytes | None = None
+    content_type: str | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A message the agent received on a subscription, with its MQTT 5 properties."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    content_type: str | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

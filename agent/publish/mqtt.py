@@ -48,7 +48,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
-from agent.publish import PACKET_TOO_LARGE, Message, PublishResult, packet_size
+from agent.publish import PACKET_TOO_LARGE, Incoming, Message, PublishResult, packet_size
 from agent.publish.cloud import TokenBucket, publish_rate
 from agent.publish.session import ConnectFailed, Connector, Session, connect
 
@@ -125,7 +125,7 @@ class MqttPublisher:
         self._config = config
         self._client_id = client_id
         self._prepare = prepare
-        self._subscriptions: list[tuple[str, int, Callable[[str, bytes], None]]] = []
+        self._subscriptions: list[tuple[str, int, Callable[[Incoming], None]]] = []
         self._on_connect_messages = on_connect_messages
         self._link: _Link | None = None
         self._connected = asyncio.Event()
@@ -226,10 +226,16 @@ class MqttPublisher:
         each reconnect, before the on-connect messages go out). `callback(topic, payload)`
         runs on the event loop for each message that matches; it must not block or raise
         (an exception is logged and the message dropped)."""
+        self.subscribe_incoming(topic_filter, lambda m: callback(m.topic, m.payload), qos=qos)
+
+    def subscribe_incoming(
+        self, topic_filter: str, callback: Callable[[Incoming], None], *, qos: int = 1
+    ) -> None:
+        """As `subscribe`, with each message's MQTT 5 properties (agent.command)."""
         self._subscriptions.append((topic_filter, qos, callback))
         link = self._link
         if link is not None and link.open:
-            link.session.subscribe(topic_filter, qos, callback)
+            link.session.subscribe_incoming(topic_filter, qos, callback)
 
     def stats(self) -> PublisherStats:
         link = self._link
@@ -343,7 +349,7 @@ class MqttPublisher:
         session.on_puback = lambda mid, rc: self._on_puback(link, mid, rc)
         session.on_end = lambda _reason: link.window_free.set()
         for topic_filter, qos, callback in self._subscriptions:
-            session.subscribe(topic_filter, qos, callback)
+            session.subscribe_incoming(topic_filter, qos, callback)
         births: Sequence[Message] = ()
         if self._on_connect_messages is not None:
             try:

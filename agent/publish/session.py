@@ -49,11 +49,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
-from agent.publish import Message, cloud
+from agent.publish import Incoming, Message, cloud
 from agent.publish.tls import (
     VAGUE_CLOSE,
     TlsSetupError,
@@ -133,7 +134,18 @@ class Session:
     def publish(self, msg: Message) -> tuple[MQTTErrorCode, int]:
         """Hand one message to paho: (rc, mid). Raises ValueError for a message paho
         rejects (a topic with + or #, a payload over 268,435,455 bytes, a bad QoS)."""
-        info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+        props: Properties | None = None
+        if msg.correlation_data is not None or msg.content_type or msg.user_properties:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if msg.correlation_data is not None:
+                props.CorrelationData = msg.correlation_data
+            if msg.content_type:
+                props.ContentType = msg.content_type
+            if msg.user_properties:
+                props.UserProperty = list(msg.user_properties)
+        info = self.client.publish(
+            msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props
+        )
         return MQTTErrorCode(info.rc), info.mid
 
     def disconnect(self) -> None:
@@ -146,10 +158,17 @@ class Session:
     ) -> None:
         """Route messages matching `topic_filter` to callback(topic, payload) and subscribe.
         A callback that raises is logged and its message dropped."""
+        self.subscribe_incoming(topic_filter, qos, lambda m: callback(m.topic, m.payload))
+
+    def subscribe_incoming(
+        self, topic_filter: str, qos: int, callback: Callable[[Incoming], None]
+    ) -> None:
+        """As `subscribe`, with the message's MQTT 5 properties (response topic,
+        correlation data, user properties: agent.command)."""
 
         def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
             try:
-                callback(msg.topic, bytes(msg.payload))
+                callback(_incoming(msg))
             except Exception:
                 log.exception("mqtt.subscription.callback_failed", topic=msg.topic)
 
@@ -498,6 +517,23 @@ class Connector:
                 await asyncio.shield(session.ended)
         session.end("credentials renewed")
         return True
+
+
+def _incoming(msg: mqtt.MQTTMessage) -> Incoming:
+    """A received message with the MQTT 5 properties agent.command needs."""
+    props = getattr(msg, "properties", None)
+    response = getattr(props, "ResponseTopic", None)
+    correlation = getattr(props, "CorrelationData", None)
+    content_type = getattr(props, "ContentType", None)
+    users = getattr(props, "UserProperty", None) or []
+    return Incoming(
+        topic=msg.topic,
+        payload=bytes(msg.payload),
+        response_topic=response if isinstance(response, str) else None,
+        correlation_data=bytes(correlation) if isinstance(correlation, bytes | bytearray) else None,
+        content_type=content_type if isinstance(content_type, str) else None,
+        user_properties=tuple((str(k), str(v)) for k, v in users),
+    )
 
 
 def _reader(session: Session) -> Callable[[], MQTTErrorCode]:

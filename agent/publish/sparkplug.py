@@ -301,6 +301,18 @@ class SparkplugNode:
             metrics=[m.name if m.name is not None else m.alias for m in metrics],
         )
 
+    @property
+    def dcmd_filter(self) -> str:
+        """The topic filter of every device's DCMD (writes; agent.command)."""
+        return f"{self._node_prefix}/DCMD/{self.edge_node_id}/+"
+
+    def metric_name(self, device: str, alias: int) -> str | None:
+        """The tag a metric alias of `device` stands for (as its DBIRTH declared)."""
+        dev = self._devices.get(device)
+        if dev is None:
+            return None
+        return next((m.name for m in dev.metrics.values() if m.alias == alias), None)
+
     def request_rebirth(self) -> None:
         self.stats.rebirth_requests += 1
         log.info("sparkplug.rebirth", devices=len(self._devices))

@@ -291,17 +291,47 @@ def fields(buf: bytes) -> list[tuple[int, int | bytes]]:
     return out
 
 
+_SIGNED_BITS = {1: 8, 2: 16, 3: 32, 4: 64}  # Int8..Int64: two's complement in the field
+_FLOAT = struct.Struct("<f")
+
+
 @dataclass(frozen=True, slots=True)
 class CommandMetric:
-    """One metric of an NCMD: name or alias, and its boolean/integer value if any."""
+    """One metric of an NCMD or DCMD: name or alias; `value` its boolean/integer field
+    as sent (what node control acts on); `data` its value typed by the metric's datatype
+    (Int8..Int64 sign-extended, Float and Double as floats, Boolean, String/Text), None
+    when it carries none; `datatype` the Sparkplug datatype when given."""
 
     name: str | None
     alias: int | None
     value: int | None
+    data: bool | int | float | str | None = None
+    datatype: int | None = None
+
+
+def _typed(
+    field_no: int, raw: int | bytes, datatype: int | None
+) -> bool | int | float | str | None:
+    if field_no in (10, 11) and isinstance(raw, int):
+        bits = _SIGNED_BITS.get(datatype or 0)
+        if bits is not None:
+            raw &= (1 << bits) - 1
+            if raw >= 1 << (bits - 1):
+                raw -= 1 << bits
+        return raw
+    if field_no == 12 and isinstance(raw, int):
+        return float(_FLOAT.unpack(raw.to_bytes(4, "little"))[0])
+    if field_no == 13 and isinstance(raw, int):
+        return float(_DOUBLE.unpack(raw.to_bytes(8, "little"))[0])
+    if field_no == 14 and isinstance(raw, int):
+        return bool(raw)
+    if field_no == 15 and isinstance(raw, bytes):
+        return raw.decode("utf-8", errors="replace")
+    return None
 
 
 def decode_command(data: bytes) -> list[CommandMetric]:
-    """The metrics of an NCMD payload (only what the agent acts on). Raises ValueError."""
+    """The metrics of an NCMD or DCMD payload. Raises ValueError."""
     metrics = []
     for field_no, value in fields(data):
         if field_no != 2 or not isinstance(value, bytes):
@@ -309,14 +339,21 @@ def decode_command(data: bytes) -> list[CommandMetric]:
         name: str | None = None
         alias: int | None = None
         number: int | None = None
+        datatype: int | None = None
+        raw_value: tuple[int, int | bytes] | None = None
         for f, v in fields(value):
             if f == 1 and isinstance(v, bytes):
                 name = v.decode("utf-8", errors="replace")
             elif f == 2 and isinstance(v, int):
                 alias = v
-            elif f in (10, 11, 14) and isinstance(v, int):
-                number = v
-        metrics.append(CommandMetric(name, alias, number))
+            elif f == 4 and isinstance(v, int):
+                datatype = v
+            elif f in (10, 11, 12, 13, 14, 15):
+                raw_value = (f, v)
+                if f in (10, 11, 14) and isinstance(v, int):
+                    number = v
+        typed = _typed(*raw_value, datatype) if raw_value is not None else None
+        metrics.append(CommandMetric(name, alias, number, typed, datatype))
     return metrics
 
 

@@ -31,6 +31,8 @@ import structlog
 from agent import __version__
 from agent.buffer import Buffer
 from agent.buffer.common import open_buffer
+from agent.command.guards import Refusal
+from agent.command.service import CommandService
 from agent.config import Config
 from agent.deadletter_cli import open_store
 from agent.derive.stage import DeviceDerive
@@ -62,6 +64,7 @@ log = structlog.get_logger()
 WRITER_TASK = "buffer-writer"
 FORWARDER_TASK = "forwarder"
 MQTT_TASK = "mqtt"
+COMMANDS_TASK = "commands"
 #: How often time windows that are over are closed when no reading closes them.
 DERIVE_TICK_S = 1.0
 
@@ -199,6 +202,8 @@ class Agent:
         self.status_sync: DeviceStatusSync | None = None
         # layout sparkplug: the edge node (births, deaths, seq, bdSeq); see docs/sparkplug.md
         self.sparkplug: SparkplugNode | None = None
+        # commands.enabled: writes from the platform (docs/commands.md)
+        self.commands: CommandService | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -248,6 +253,59 @@ class Agent:
             on_connect_messages=self._status_msgs.birth,
         )
 
+    def _make_commands(self, config: Config, publisher: Publisher) -> CommandService:
+        """The command service: audit log opened (and locked), signing key read, requests
+        subscribed on the agent's session. Raises DeviceBuildError (nothing started)."""
+        from agent.command.audit import AuditLocked, AuditLog, AuditUnavailable
+        from agent.command.handler import CommandHandler
+        from agent.command.service import CommandService
+        from agent.command.signing import KeyProblem, read_key
+
+        commands = config.commands
+        audit = AuditLog(commands.audit)
+        try:
+            audit.open()
+        except (AuditLocked, AuditUnavailable) as exc:
+            raise DeviceBuildError([f"commands.audit.path: {exc}"]) from None
+        key = None
+        if commands.signing is not None:
+            try:
+                key = read_key(commands.signing.key_file)
+            except KeyProblem as exc:
+                audit.close()
+                raise DeviceBuildError([f"commands.signing.key_file: {exc}"]) from None
+        handler = CommandHandler(
+            commands,
+            lambda: {d.name: d for d in self.config.devices},
+            lambda name: self.devices[name].poller if name in self.devices else None,
+            audit,
+            key=key,
+            transport=transport_refusal(config, self.simulate),
+        )
+        restored = handler.restore()
+        node = self.sparkplug
+        service = CommandService(
+            handler,
+            publisher,
+            agent_id=config.agent.id,
+            alias_name=node.metric_name if node is not None else (lambda _d, _a: None),
+        )
+        subscribe = getattr(publisher, "subscribe_incoming", None)
+        if callable(subscribe):
+            subscribe(service.topic, service.on_request)
+            if node is not None:
+                subscribe(node.dcmd_filter, service.on_dcmd)
+        else:  # a publisher without subscriptions (a test's fake): nothing arrives
+            log.warning("command.not_subscribed", publisher=type(publisher).__name__)
+        log.info(
+            "command.enabled",
+            topic=service.topic,
+            signing=commands.signing is not None,
+            audit=commands.audit.path,
+            restored=restored,
+        )
+        return service
+
     async def run(self) -> None:
         config = self.config
         await self.buffer.open()
@@ -282,6 +340,13 @@ class Agent:
         if self._publisher is None:
             self._publisher = self._make_publisher(config)
         publisher = self.publisher
+        if config.commands.enabled:
+            try:
+                self.commands = self._make_commands(config, publisher)
+            except DeviceBuildError:
+                await self.driver_context.aclose()
+                await self.buffer.close()
+                raise
         if self._status_msgs is not None:
             self.status_sync = DeviceStatusSync(self._status_msgs, publisher)
         forwarder = self.forwarder = Forwarder(
@@ -351,6 +416,8 @@ class Agent:
                         await publisher.publish([self.sparkplug.clean_death()])
             await publisher.close()
             await sup.stop(MQTT_TASK, forget=False)
+            if self.commands is not None:
+                self.commands.handler.audit.close()
             forwarder.dead_letters.close()
             await self.buffer.close()
             log.info(
@@ -437,6 +504,24 @@ class Agent:
         sup.start("derive-clock", self._derive_clock)
         sup.start("status", self._report)
         sup.start("rates", lambda: self.rates.run(self))
+        if self.commands is not None:
+            service = self.commands
+            helpers.append(COMMANDS_TASK)
+            sup.start(COMMANDS_TASK, service.run)
+            # Every request is bounded by commands.timeout_s; a result publish by the
+            # broker's publish_timeout_s.
+            self.heartbeats.add(
+                Probe(
+                    COMMANDS_TASK,
+                    busy=lambda: service.pending > 0,
+                    progress=lambda: service.finished,
+                    deadline_s=2 * self.config.commands.timeout_s
+                    + 2 * self.config.mqtt.publish_timeout_s
+                    + 5,
+                    what="write requests are pending and none finished",
+                    action="report",
+                )
+            )
         if backlog:
             helpers.append("drain-progress")
             sup.start("drain-progress", self._drain_progress)
@@ -673,6 +758,24 @@ class Agent:
                 mqtt="connected" if self.publisher.connected else "disconnected",
             )
             last_t, last_sent = now, sent
+
+
+def transport_refusal(config: Config, simulate: bool | None) -> Refusal | None:
+    """Why commands arriving on the agent's broker session are not trusted, or None: the
+    session must be TLS and authenticated (a user name or a client certificate), except in
+    simulator mode. `validate` refuses such a config first; this is the run-time guard."""
+    mqtt = config.mqtt
+    if simulate is True:
+        return None
+    if mqtt.tls is None:
+        return Refusal(
+            "insecure_session",
+            "the agent's broker session is not TLS; commands are accepted over plaintext "
+            "only in simulator mode",
+        )
+    if mqtt.username is None and mqtt.tls.cert_file is None:
+        return Refusal("insecure_session", "the agent's broker session is not authenticated")
+    return None
 
 
 def drain_eta(records_left: int, sent_per_s: float) -> float | None:

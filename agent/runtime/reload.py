@@ -22,7 +22,16 @@ from agent.config import Config, ConfigError, load_config
 # Sections a reload cannot change on the fly (see the module doc). A reload that changes
 # one of them is refused as a whole, so the running config is always one whole version of
 # the file.
-RESTART_SECTIONS = ("agent", "buffer", "mqtt", "logging", "http", "supervision", "links")
+RESTART_SECTIONS = (
+    "agent",
+    "buffer",
+    "mqtt",
+    "logging",
+    "http",
+    "supervision",
+    "links",
+    "commands",
+)
 
 
 @dataclass

@@ -109,6 +109,19 @@ class ForwarderView:
 
 
 @dataclass(frozen=True, slots=True)
+class CommandsView:
+    """Writes from the platform (agent.command), when `commands.enabled`."""
+
+    received: int
+    pending: int
+    #: results by outcome: done, refused, failed, and duplicate (a repeated id answered)
+    results: tuple[tuple[str, int], ...]
+    #: requests dropped because too many were waiting; audit records not published
+    dropped: int
+    audit_unpublished: int
+
+
+@dataclass(frozen=True, slots=True)
 class AgentSnapshot:
     taken: float  # epoch seconds
     agent_id: str
@@ -135,6 +148,7 @@ class AgentSnapshot:
     failure: str | None  # the task failure that stops the agent, once there is one
     rates_interval_s: float
     rates: tuple[dict[str, float], ...]
+    commands: CommandsView | None = None
 
 
 def _pairs(d: dict[str, int]) -> tuple[tuple[str, int], ...]:
@@ -154,6 +168,19 @@ def _writable(agent: Agent) -> tuple[bool, str | None]:
 
 def _stall(s: Stall) -> StallView:
     return StallView(s.task, s.reason, s.for_s, s.deadline_s)
+
+
+def _commands(agent: Agent) -> CommandsView | None:
+    service = agent.commands
+    if service is None:
+        return None
+    return CommandsView(
+        received=service.received,
+        pending=service.pending,
+        results=_pairs(service.handler.counts),
+        dropped=service.dropped,
+        audit_unpublished=service.audit_unpublished,
+    )
 
 
 def take_snapshot(agent: Agent) -> AgentSnapshot:
@@ -260,6 +287,7 @@ def take_snapshot(agent: Agent) -> AgentSnapshot:
         failure=None if failure is None else f"{failure.task}: {failure.error_text}",
         rates_interval_s=agent.rates.interval_s,
         rates=tuple(agent.rates.rates()),
+        commands=_commands(agent),
     )
 
 

@@ -69,6 +69,7 @@ def _default(field: Any) -> str:
 
 def reference_markdown() -> str:
     """docs/configuration.md: every config key with type, default and meaning."""
+    from agent.command.config import AuditConfig, CommandsConfig, SigningConfig
     from agent.config import (
         AgentSection,
         AzureIotHub,
@@ -79,7 +80,7 @@ def reference_markdown() -> str:
         SupervisionConfig,
     )
     from agent.derive.config import CycleConfig, CycleTrigger, ReportConfig, WindowConfig
-    from drivers.base import PollGroup, SimulateSpec
+    from drivers.base import PollGroup, SimulateSpec, WriteSpec
     from drivers.links import Rs485Settings, RtuOverTcpLink, SerialLink, TcpGatewayLink
 
     sections: list[tuple[str, type[BaseModel], str]] = [
@@ -94,6 +95,13 @@ def reference_markdown() -> str:
             SupervisionConfig,
             "How the agent treats a task that fails or stops making progress.",
         ),
+        (
+            "commands",
+            CommandsConfig,
+            "Writes from the platform, off unless enabled ([commands.md](commands.md)).",
+        ),
+        ("commands.signing", SigningConfig, "HMAC signatures on requests (off when absent)."),
+        ("commands.audit", AuditConfig, "The local audit log of every request."),
         ("links.NAME (type: serial)", SerialLink, "An RS-485/RS-232 line on a serial port."),
         ("links.NAME.rs485", Rs485Settings, "Linux RS-485 mode (adapters switched by RTS)."),
         ("links.NAME (type: rtu_over_tcp)", RtuOverTcpLink, "A serial device server."),
@@ -101,6 +109,12 @@ def reference_markdown() -> str:
         *_protocol_sections(),
         ("devices[].poll_groups.NAME", PollGroup, "A poll group."),
         ("devices[].tags[].simulate", SimulateSpec, "Simulated value (simulator mode)."),
+        (
+            "devices[].tags[].write",
+            WriteSpec,
+            "Guards and read-back of writes to a `writable: true` tag "
+            "([commands.md](commands.md)); limits in engineering units.",
+        ),
         (
             "devices[].report, devices[].poll_groups.NAME.report, devices[].tags[].report",
             ReportConfig,
@@ -181,6 +195,16 @@ reported with file:line and exit code 2:
 - **Numbers**: a tag's `scale` and `offset` must be finite (`.nan`, `.inf` are errors).
 - **The buffer file**: `buffer.path` may not be a directory, and no parent of it may be a
   file. A missing directory is created at start.
+- **Writes** ([commands.md](commands.md)): `writable: true` on a tag its protocol cannot
+  write (the device's `write_refusal`: a Modbus input register, say) or of a type that
+  cannot be written; `scale: 0` on a writable number; `write` limits that contradict the
+  type (`min`/`max`/`max_step`/`tolerance` on a bool or string, `allowed` values the type
+  cannot hold, `min`/`max` outside what the type holds with its scale and offset); an
+  `interlock` naming no tag of the device (or the tag itself); `commands.enabled` over a
+  plaintext or unauthenticated broker session outside simulator mode, or with MQTT
+  3.1.1 (except with the Sparkplug layout); a `commands.signing.key_file` that cannot be
+  read, is readable by group or others, or holds under 16 bytes; command topics with
+  wildcards or equal to each other.
 - **Derived data** ([derive.md](derive.md)): every tag a cycle or a window names must be
   a tag of the device; an `edge` trigger needs a bool tag, `above`/`below` a numeric one,
   window tags must be numeric and a tag's own deadband needs a numeric tag (where the

@@ -20,6 +20,14 @@ class FakeTag(TagCommon):
     """A fake tag: a value of one type, from the simulator's generator or the script."""
 
     type: FakeType = Field(default="float", description="Type of the value.")
+    read_only: bool = Field(
+        default=False, description="The fake device refuses writes to this tag."
+    )
+
+    @property
+    def write_type(self) -> str:
+        """The raw type of writes (agent.command.convert's names)."""
+        return {"bool": "bool", "int": "int64", "float": "float64", "str": "string"}[self.type]
 
 
 class FakeDevice(DeviceCommon):
@@ -32,3 +40,9 @@ class FakeDevice(DeviceCommon):
         description="Where the device is served: fake://NAME (devices may share one).",
     )
     tags: list[FakeTag] = Field(min_length=1, description="The values to read.")
+
+    def write_refusal(self, tag: str) -> str | None:
+        for t in self.tags:
+            if t.name == tag:
+                return "the tag is read_only" if t.read_only else None
+        return f"no tag {tag!r}"

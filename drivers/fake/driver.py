@@ -12,6 +12,7 @@ calls of a device, which are used up one by one:
     script.read({"temp": 21.5})                              # then one read returns 21.5
     script.read(error=DriverUnavailable("timeout"), times=2)  # then two reads fail
     script.read(hang_s=math.inf)                             # then a read never returns
+    script.write(error=DriverError("exception 2"))            # the next write fails
     bench.calls                                              # every call, in order
 
 Devices on the same endpoint share one `FakeLink` through the DriverContext (as units
@@ -27,11 +28,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from drivers.base import DriverContext, DriverUnavailable, RawReading, Value
+from drivers.base import (
+    DriverContext,
+    DriverUnavailable,
+    RawReading,
+    Scalar,
+    Value,
+    WriteRefused,
+)
 from drivers.fake.config import FakeDevice
 from drivers.fake.simulator import FakeNetwork, FakeServer
 
-Op = Literal["connect", "read", "close"]
+Op = Literal["connect", "read", "write", "close"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +69,7 @@ class FakeScript:
     def __init__(self) -> None:
         self.connects: deque[Step] = deque()
         self.reads: deque[Step] = deque()
+        self.writes: deque[Step] = deque()
 
     def connect(
         self, *, error: Exception | None = None, hang_s: float | None = None, times: int = 1
@@ -79,9 +88,23 @@ class FakeScript:
         self.reads.extend([Step(values=values, error=error, hang_s=hang_s)] * times)
         return self
 
+    def write(
+        self,
+        *,
+        error: Exception | None = None,
+        hang_s: float | None = None,
+        store: Value | None = None,
+        times: int = 1,
+    ) -> FakeScript:
+        """Script the next writes: wait, raise, or (store) keep another value than the
+        one written, as a device that changes what it is sent."""
+        values = {"": store} if store is not None else None
+        self.writes.extend([Step(values=values, error=error, hang_s=hang_s)] * times)
+        return self
+
     @property
     def pending(self) -> int:
-        return len(self.connects) + len(self.reads)
+        return len(self.connects) + len(self.reads) + len(self.writes)
 
 
 class FakeLink:
@@ -172,6 +195,34 @@ class FakeDriver:
             self._server.reads += 1
         self._record("read", group, "ok")
         return readings
+
+    async def write(self, tag: str, raw: Scalar) -> None:
+        """Store `raw` in the fake server (reads return it), unless scripted otherwise.
+        A tag marked read_only is refused (WriteRefused), as a driver refuses an area
+        its protocol cannot write."""
+        step = self.script.writes.popleft() if self.script.writes else None
+        try:
+            if not self._connected or self.link is None or self._server is None:
+                raise DriverUnavailable("not_connected", "write before connect")
+            if self.link.closed:
+                raise DriverUnavailable("link_closed", f"the link to {self.link.endpoint} closed")
+            refusal = self.device.write_refusal(tag)
+            if refusal is not None:
+                raise WriteRefused("read_only", refusal)
+            self.link.requests += 1
+            stored: Value = raw
+            if step is not None:
+                await _hang(step.hang_s)
+                if step.error is not None:
+                    raise step.error
+                scripted = step.values[""] if step.values is not None else None
+                if scripted is not None and not isinstance(scripted, RawReading):
+                    stored = scripted
+            self._server.write(self.device.name, tag, stored)  # type: ignore[arg-type]
+        except Exception as exc:
+            self._record("write", tag, f"{type(exc).__name__}: {exc}")
+            raise
+        self._record("write", tag, "ok")
 
     def _reading(self, tag: str, step: Step | None) -> RawReading:
         if step is not None and step.values is not None and tag in step.values:

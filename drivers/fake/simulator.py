@@ -26,6 +26,9 @@ class FakeServer:
         self.reads = 0
         self._t0 = time.monotonic()
         self._values: dict[str, dict[str, Generator]] = {}
+        # (device, tag) → the value last written: served instead of the generator's
+        self.written: dict[tuple[str, str], Scalar] = {}
+        self.writes = 0
         for n, device in enumerate(devices):
             gens: dict[str, Generator] = {}
             for i, tag in enumerate(device.tags):
@@ -37,7 +40,14 @@ class FakeServer:
         return device in self._values
 
     def value(self, device: str, tag: str) -> Scalar:
+        if (device, tag) in self.written:
+            return self.written[(device, tag)]
         return self._values[device][tag](time.monotonic() - self._t0)
+
+    def write(self, device: str, tag: str, value: Scalar) -> None:
+        """Store a written value; reads return it from now on."""
+        self.writes += 1
+        self.written[(device, tag)] = value
 
 
 class FakeNetwork:
