@@ -766,7 +766,14 @@ class Forwarder:
         key = _reason_key(reason)
         self.stats.dead_lettered_by_reason[key] = self.stats.dead_lettered_by_reason.get(key, 0) + 1
         if self._dead_pending is not None:
-            self._fold(record.device, record.first_seq, record.last_seq, record.count, letter_id)
+            self._fold(
+                record.device,
+                record.first_seq,
+                record.last_seq,
+                record.count,
+                letter_id,
+                record.epoch,
+            )
         fields: dict[str, Any] = {
             "device": record.device,
             "first_seq": record.first_seq,
@@ -803,7 +810,7 @@ class Forwarder:
         if self._dead_pending is None:
             self._dead_pending = {}
             for d in await self.dead_letters.unannounced():
-                self._fold(d.device, d.first_seq, d.last_seq, d.count, d.id)
+                self._fold(d.device, d.first_seq, d.last_seq, d.count, d.id, d.epoch)
         gaps = sorted(self._dead_pending.values(), key=lambda g: g.first_seq)
         if len(gaps) > MAX_DEAD_LETTER_GAPS:
             gaps = [
@@ -816,21 +823,32 @@ class Forwarder:
             ]
         return gaps
 
-    def _fold(self, device: str, first_seq: int, last_seq: int, count: int, letter_id: int) -> None:
-        """Add one dead letter to its device's pending notice: one range per device, whose
-        seqs need not be contiguous (the range then also covers seqs delivered in between,
-        which a Gap allows). So the notice stays small however many records were set aside
-        before a message could carry it (e.g. an ACL that denies every topic)."""
+    def _fold(
+        self,
+        device: str,
+        first_seq: int,
+        last_seq: int,
+        count: int,
+        letter_id: int,
+        epoch: str = "",
+    ) -> None:
+        """Add one dead letter to its device's pending notice: one range per device (and
+        epoch), whose seqs need not be contiguous (the range then also covers seqs
+        delivered in between, which a Gap allows). So the notice stays small however many
+        records were set aside before a message could carry it (e.g. an ACL that denies
+        every topic). A notice of another epoch than the message's names its epoch."""
         assert self._dead_pending is not None
-        g = self._dead_pending.get(device)
-        self._dead_pending[device] = (
-            Gap(first_seq, last_seq, count, DEAD_LETTER_GAP)
+        key = f"{device}\0{epoch}"
+        g = self._dead_pending.get(key)
+        self._dead_pending[key] = (
+            Gap(first_seq, last_seq, count, DEAD_LETTER_GAP, epoch)
             if g is None
             else Gap(
                 min(g.first_seq, first_seq),
                 max(g.last_seq, last_seq),
                 g.count + count,
                 DEAD_LETTER_GAP,
+                epoch,
             )
         )
         self._dead_max_id = max(self._dead_max_id, letter_id)

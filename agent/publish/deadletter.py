@@ -67,10 +67,13 @@ create table if not exists dead_letters (
 _MIGRATIONS = (
     "alter table dead_letters add column announced integer not null default 0",
     "alter table dead_letters add column replay integer not null default 0",
+    # The buffer epoch of the record's seqs ('' in entries made before it was kept: they
+    # are published with the current epoch, as they always were).
+    "alter table dead_letters add column epoch text not null default ''",
 )
 _COLUMNS = (
     "id, moved_at, device, first_seq, last_seq, count, created, reason, code, tries,"
-    " announced, replay, data"
+    " announced, replay, epoch, data"
 )
 
 
@@ -88,6 +91,7 @@ class DeadLetter:
     tries: int
     announced: bool  # its gap notice was delivered
     replay: bool  # queued for replay
+    epoch: str  # the buffer epoch of its seqs ('' = not known: the current one)
     data: bytes
 
     def as_record(self) -> Record:
@@ -101,6 +105,7 @@ class DeadLetter:
             count=self.count,
             created=self.created,
             data=self.data,
+            epoch=self.epoch,
         )
 
 
@@ -258,7 +263,8 @@ class DeadLetters:
             with con:
                 cur = con.execute(
                     "insert into dead_letters (moved_at, device, first_seq, last_seq, count,"
-                    " created, reason, code, tries, data) values (?,?,?,?,?,?,?,?,?,?)",
+                    " created, reason, code, tries, epoch, data)"
+                    " values (?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         time.time(),
                         record.device,
@@ -269,6 +275,7 @@ class DeadLetters:
                         reason,
                         code,
                         tries,
+                        record.epoch,
                         record.data,
                     ),
                 )
@@ -311,7 +318,8 @@ class DeadLetters:
                 tries=row[9],
                 announced=bool(row[10]),
                 replay=bool(row[11]),
-                data=bytes(row[12]),
+                epoch=str(row[12]),
+                data=bytes(row[13]),
             )
             for row in rows
         ]
