@@ -251,6 +251,13 @@ class OpcUaTag(TagCommon):
         return self
 
     @property
+    def write_type(self) -> None:
+        """Writes take the node's own DataType (the driver reads it from the server):
+        `type` is only what the simulator serves, so the command layer must not convert
+        to it (agent.command.convert: None = the device's type)."""
+        return None
+
+    @property
     def address(self) -> str:
         """The node id or browse path, whichever is configured (for messages)."""
         return self.node_id or self.browse_path or ""

@@ -172,3 +172,16 @@ def test_the_devices_own_type() -> None:
     assert to_raw("x", ANY) == "x"
     with pytest.raises(ConversionError, match="not a finite number"):
         to_raw(math.nan, ANY)
+
+
+def test_an_opcua_tag_is_written_with_the_nodes_own_type() -> None:
+    """An OPC UA tag's `type` is only what the simulator serves (default Double): a write
+    must not be converted to it, or an integer node left at the default would get a float
+    the driver refuses. The driver builds the Variant from the node's DataType."""
+    from agent.command.convert import ANY, raw_type
+    from drivers.opcua.config import OpcUaTag
+
+    tag = OpcUaTag(name="setpoint", node_id="ns=2;s=Setpoint")
+    assert tag.type == "Double"
+    assert raw_type(tag) is ANY
+    assert type(to_raw(5.0, raw_type(tag) or ANY)) is int
