@@ -376,3 +376,18 @@ async def test_close_while_reconnecting() -> None:
         await pub.close()
     assert not pub.connected
     assert pub.stats().connects == 0
+
+
+async def test_the_session_socket_does_not_wait_for_nagle(broker: MosquittoBroker) -> None:
+    """TCP_NODELAY on the agent's connection: without it a small packet (a command result,
+    the last PUBLISH of a round) waits for the ACK of the one before it."""
+    import socket
+
+    from agent.publish.session import connect
+
+    session = await connect(_config(broker), "pub-nodelay")
+    try:
+        assert session.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        session.disconnect()
+        session.end("test over")
