@@ -386,8 +386,10 @@ async def connect(
     # paho leaves Nagle on: a small message (a command result, the last PUBLISH of a
     # round, a PUBACK) then waits for the ACK of the one before it, ≈ 40-90 ms per round
     # trip on loopback. MQTT packets are written whole, so nothing is gained by delaying.
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    setsockopt = getattr(sock, "setsockopt", None)  # paho types it as a SocketLike
+    if setsockopt is not None:
+        with contextlib.suppress(OSError):
+            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     session = Session(client, loop, sock.fileno(), sock)
     session.renew_at = renew_at
     session._bind_callbacks()
