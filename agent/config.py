@@ -188,11 +188,15 @@ class MqttConfig(ConfigModel):
         default=None, description="File whose first line is the password (instead of password)."
     )
     keepalive_s: int = Field(default=30, ge=5, le=65535, description="MQTT keep-alive.")
-    layout: Literal["device", "tag", "sparkplug"] = Field(
-        default="device",
-        description="device: one message per device per poll with all its samples; "
-        "tag: one message per sample on topic_tag; sparkplug: Sparkplug B edge node "
-        "(needs the sparkplug section).",
+    layout: Literal["lean", "compact", "device", "tag", "sparkplug"] = Field(
+        default="lean",
+        description="lean (default): one message per device per poll, names and units "
+        "once, quality only where not good (schema edge-agent/batch/2); compact: values by "
+        "index, with a retained metadata message per device on topic_meta "
+        "(edge-agent/compact/1); device: one message per device per poll with every "
+        "sample in full (edge-agent/batch/1, the default before 2.0); tag: one message per "
+        "sample on topic_tag; sparkplug: Sparkplug B edge node (needs the sparkplug "
+        "section). See docs/layouts.md.",
     )
     sparkplug: SparkplugConfig | None = Field(
         default=None, description="Sparkplug B settings; required with layout: sparkplug."
@@ -204,6 +208,12 @@ class MqttConfig(ConfigModel):
     topic_tag: str = Field(
         default="edge/{agent}/{device}/{tag}",
         description="Topic of the tag layout; fields as topic, plus {tag}.",
+    )
+    topic_meta: str = Field(
+        default="edge-meta/{agent}/{device}/{meta}",
+        description="Layout compact: where each device's metadata (index -> tag, type, "
+        "unit) is retained; fields as topic, plus {meta} (the metadata id, with -<part> "
+        "when it is sent in parts).",
     )
     max_inflight: int = Field(
         default=100, ge=1, le=1000, description="Messages sent and not yet acknowledged."
@@ -242,8 +252,11 @@ class MqttConfig(ConfigModel):
     max_message_bytes: int | None = Field(
         default=None,
         ge=1024,
-        description="Largest MQTT packet to send (e.g. a cloud broker's message limit); "
-        "larger batches are split. The broker's own Maximum Packet Size always applies.",
+        description="Largest MQTT packet to send (e.g. a cloud broker's message limit); a "
+        "record whose message would be larger is split into as many messages as needed, "
+        "with exact seq ranges. Default: the broker's Maximum Packet Size from the MQTT 5 "
+        "CONNACK when it announces one, else 131072 (128 KiB). A broker's announced limit "
+        "always applies on top of this.",
     )
     dead_letter_max_bytes: int = Field(
         default=64 * 1024 * 1024,
@@ -265,6 +278,18 @@ class MqttConfig(ConfigModel):
                 "layout sparkplug needs a sparkplug section with at least group_id, "
                 "e.g. sparkplug: {group_id: plant1}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _meta_topic(self) -> MqttConfig:
+        if self.layout == "compact":
+            missing = [f for f in ("{device}", "{meta}") if f not in self.topic_meta]
+            if missing:
+                raise ValueError(
+                    f"layout compact: topic_meta must contain {' and '.join(missing)} (each "
+                    "device's metadata, and each version of it, is retained on a topic of "
+                    "its own)"
+                )
         return self
 
     @model_validator(mode="before")
@@ -589,6 +614,7 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         for key, allowed in (
             ("topic", _TOPIC_FIELDS),
             ("topic_tag", _TOPIC_FIELDS | {"tag"}),
+            ("topic_meta", _TOPIC_FIELDS | {"meta"}),
             ("status_topic", _TOPIC_FIELDS - {"device"}),
             ("device_status_topic", _TOPIC_FIELDS),
         ):

@@ -1,0 +1,114 @@
+"""What every JSON layout shares: the message head, gap notices, the samples of a record.
+
+A layout turns one buffered record (or a slice of one, when the forwarder splits a record
+to fit the broker's packet size) into MQTT messages. Layouts are pure: they read the
+record through `agent.buffer.common.record_samples` (the one decode entry point of the
+buffer's record format) and never do I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.buffer import Gap, Record
+from agent.buffer.common import record_samples
+
+#: The fields every sample dict has (agent.schema.WireSample); `value_text` is present
+#: only in samples whose value JSON cannot carry.
+SAMPLE_FIELDS = (
+    "device",
+    "tag",
+    "value",
+    "quality",
+    "reason",
+    "code",
+    "ts_source",
+    "ts_agent",
+    "unit",
+    "seq",
+)
+
+
+class PayloadError(ValueError):
+    """A record that cannot be turned into messages (its stored bytes are not a record of
+    samples): no attempt will ever succeed, so the caller sets it aside."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who publishes: agent.id and the optional site/area/line of the config."""
+
+    agent: str
+    site: str | None = None
+    area: str | None = None
+    line: str | None = None
+
+    def fields(self) -> dict[str, str | None]:
+        """The topic template fields (besides device and tag)."""
+        return {"agent": self.agent, "site": self.site, "area": self.area, "line": self.line}
+
+
+def gap_list(gaps: Sequence[Gap], epoch: str) -> list[dict[str, Any]]:
+    """Gap notices as published; a gap of another epoch than the message's says which."""
+    out = []
+    for g in gaps:
+        item: dict[str, Any] = {
+            "first_seq": g.first_seq,
+            "last_seq": g.last_seq,
+            "count": g.count,
+            "reason": g.reason,
+        }
+        if g.epoch and g.epoch != epoch:
+            item["epoch"] = g.epoch
+        out.append(item)
+    return out
+
+
+def samples_of(record: Record) -> list[dict[str, Any]]:
+    """The samples of a record, or PayloadError naming the record."""
+    try:
+        samples: Any = record_samples(record.data)
+    except ValueError as exc:
+        raise PayloadError(f"record {record.id} ({record.device}): {exc}") from None
+    if not isinstance(samples, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("tag"), str) and type(s.get("seq")) is int
+        for s in samples
+    ):
+        raise PayloadError(f"record {record.id} ({record.device}): not a list of samples")
+    return samples
+
+
+def seq_members(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`seq: [first, last]`, plus `seqs` (every sample's seq, in order) when the seqs are
+    not consecutive: a consumer always knows each sample's exact seq."""
+    first = samples[0]["seq"]
+    last = samples[-1]["seq"]
+    out: dict[str, Any] = {"seq": [first, last]}
+    if last - first + 1 != len(samples) or any(
+        s["seq"] != first + i for i, s in enumerate(samples)
+    ):
+        out["seqs"] = [s["seq"] for s in samples]
+    return out
+
+
+def extra_of(sample: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `sample` that differ from what the message implies (`defaults`),
+    besides tag, value and seq, which every layout carries in its own way. A field the
+    defaults do not know (a future one) is always carried."""
+    out: dict[str, Any] = {}
+    for key, value in sample.items():
+        if key in ("tag", "value", "seq"):
+            continue
+        if key in defaults:
+            if value != defaults[key] or type(value) is not type(defaults[key]):
+                out[key] = value
+        else:
+            out[key] = value
+    for key in defaults:
+        if key not in sample:
+            # A sample without a field the defaults imply (not made by agent.normalize):
+            # say so, so the decoder does not invent it.
+            out.setdefault("absent", []).append(key)
+    return out
