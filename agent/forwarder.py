@@ -574,10 +574,17 @@ class Forwarder:
         record the encoder fails on is split too, so that only the samples it cannot
         encode are set aside: parts with `poison` set carry no messages.
 
-        A record whose samples alone are larger than the limit is split before it is
-        encoded: the encoder runs once per part that is sent, which matters for an
-        encoder with state (Sparkplug marks a device born when it makes its DBIRTH)."""
-        if limit is not None and record.count > 1 and len(record.data) > limit:
+        With an encoder that keeps state per message (`stateful`: Sparkplug marks a
+        device born when it makes its DBIRTH), a record whose stored data alone is larger
+        than the limit is split before it is encoded, so that the encoder runs once per
+        part that is sent. The JSON layouts are encoded and measured: their messages are
+        far smaller than the stored samples."""
+        if (
+            limit is not None
+            and record.count > 1
+            and len(record.data) > limit
+            and getattr(self.encoder, "stateful", False)
+        ):
             return self._split_encode(
                 record, historical, gaps, limit, math.ceil(len(record.data) / limit)
             )
@@ -876,7 +883,7 @@ class Forwarder:
 
 #: A part is planned to fill this share of the packet limit (its head and a slice that
 #: encodes longer than the average are what the rest is for).
-_FILL = 0.9
+_FILL = 0.95
 
 #: At most this many dead-letter gaps ride on one message; with more devices they are
 #: announced as one range.

@@ -67,6 +67,9 @@ class PayloadEncoder:
         #: backlog: drop, or data of a device declared dead); the forwarder treats an
         #: empty result from any other layout as a record that cannot be sent.
         self.may_skip = sparkplug is not None
+        #: Encoding changes state that a discarded message would lose (Sparkplug's
+        #: births): the forwarder then splits large records before encoding them.
+        self.stateful = sparkplug is not None
         self.origin = Origin(agent.id, agent.site, agent.area, agent.line)
         self._fields = self.origin.fields()
         self._head_full: dict[str, Any] = {"agent": agent.id, **self._fields}
