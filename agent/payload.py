@@ -171,8 +171,18 @@ class PayloadEncoder:
             )
             return [Message(topic=self.topic(record.device), payload=payload)]
         if layout == "compact":
-            pre = self.preamble(record)
-            mapping = self.mappings[record.device]
+            mapping = self.mappings.get(record.device)
+            # A part of a record whose preamble was taken (the forwarder's split) must
+            # not change the mapping: its tags are covered, its units and types are
+            # carried per sample where they differ.
+            pre: list[Message] = []
+            if (
+                mapping is None
+                or not mapping.covers(samples)
+                or (record.device, mapping.id) not in self._announced
+            ):
+                pre = self.preamble(record)
+                mapping = self.mappings[record.device]
             payload = compact.encode(
                 self._head_compact,
                 record.device,

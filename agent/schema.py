@@ -204,7 +204,7 @@ class LeanPayload(_Wire):
     line: str | None = Field(default=None, description="agent.line (absent when not set).")
     epoch: str = _EPOCH
     device: str
-    ts: datetime = _TS
+    ts: datetime | None = _TS
     seq: list[int] = _SEQ
     seqs: list[int] | None = _SEQS
     tags: list[str] = Field(description="Tag of each sample, in seq order.")
@@ -227,7 +227,7 @@ class CompactPayload(_Wire):
     epoch: str = _EPOCH
     device: str
     meta: str = Field(description="Id of the metadata (index → tag, type, unit) to apply.")
-    ts: datetime = _TS
+    ts: datetime | None = _TS
     seq: list[int] = _SEQ
     seqs: list[int] | None = _SEQS
     i: int | list[int] | None = Field(

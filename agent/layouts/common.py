@@ -106,7 +106,7 @@ def extra_of(sample: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]
                 out[key] = value
         else:
             out[key] = value
-    for key in defaults:
+    for key in ("value", *defaults):
         if key not in sample:
             # A sample without a field the defaults imply (not made by agent.normalize):
             # say so, so the decoder does not invent it.

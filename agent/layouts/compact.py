@@ -95,31 +95,39 @@ class Mapping:
     id: str = ""
 
     def update(self, samples: Sequence[dict[str, Any]]) -> bool:
-        """Take in the tags of `samples`; True when the mapping changed."""
+        """Take in the tags of `samples`; True when the mapping changed. A tag's unit is
+        the one of its first sample here; a type not known yet is taken from the first
+        sample with a value."""
         changed = False
         seen: set[str] = set()
         for s in samples:
             tag = s["tag"]
-            if tag in seen:
-                continue
-            seen.add(tag)
+            value = s.get("value")
             n = self.index.get(tag)
-            unit = s.get("unit")
             if n is None:
                 self.index[tag] = len(self.entries)
-                self.entries.append([tag, value_type(s.get("value")), unit])
+                self.entries.append([tag, value_type(value), s.get("unit")])
+                seen.add(tag)
                 changed = True
                 continue
             entry = self.entries[n]
-            if entry[2] != unit:
-                entry[2] = unit
-                changed = True
-            if entry[1] is None and s.get("value") is not None:
-                entry[1] = value_type(s["value"])
+            if tag not in seen:
+                seen.add(tag)
+                if entry[2] != s.get("unit"):
+                    entry[2] = s.get("unit")
+                    changed = True
+            if entry[1] is None and value is not None:
+                entry[1] = value_type(value)
                 changed = True
         if changed or not self.id:
             self.id = hashlib.sha256(orjson.dumps(self.entries)).hexdigest()[:16]
         return changed
+
+    def covers(self, samples: Sequence[dict[str, Any]]) -> bool:
+        """Every tag of `samples` has an entry (what encoding needs; units and types
+        that differ are carried per sample)."""
+        index = self.index
+        return all(s["tag"] in index for s in samples)
 
 
 def meta_payloads(
@@ -179,7 +187,7 @@ def encode(
 ) -> bytes:
     """The payload of one data message carrying `samples`; every tag must be in
     `mapping` (Mapping.update them first)."""
-    ts = samples[0]["ts_agent"]
+    ts = samples[0].get("ts_agent")
     entries = mapping.entries
     index = mapping.index
     positions = [index[s["tag"]] for s in samples]
@@ -187,7 +195,7 @@ def encode(
     extra = []
     for n, (s, at) in enumerate(zip(samples, positions, strict=True)):
         entry = entries[at]
-        value = s["value"]
+        value = s.get("value")
         moved = False
         if entry[1] == "float32" and value is not None:
             if type(value) is float and float32_exact(value):
@@ -226,9 +234,10 @@ def encode(
         "epoch": epoch,
         "device": device,
         "meta": mapping.id,
-        "ts": ts,
-        **seq_members(samples),
     }
+    if ts is not None:
+        body["ts"] = ts
+    body.update(seq_members(samples))
     start = positions[0]
     if positions != list(range(start, start + len(positions))):
         body["i"] = positions

@@ -171,7 +171,7 @@ class Decoder:
         if len(values) != len(tags):
             raise DecodeError(f"{len(values)} values for {len(tags)} tags")
         seqs = _seqs(body, len(tags))
-        ts = body["ts"]
+        ts = body.get("ts")
         units = body.get("units") or {}
         out.samples = [
             {
@@ -204,7 +204,7 @@ class Decoder:
         if len(positions) != len(values):
             raise DecodeError(f"{len(positions)} indexes for {len(values)} values")
         seqs = _seqs(body, len(values))
-        ts = body["ts"]
+        ts = body.get("ts")
         samples = []
         for n, value, seq in zip(positions, values, seqs, strict=True):
             if not 0 <= n < len(entries):

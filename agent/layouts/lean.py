@@ -40,16 +40,18 @@ def encode(
     """The payload of one message carrying `samples` (one device's, seq order).
 
     `head`: schema, agent and the optional site/area/line (no nulls)."""
-    ts = samples[0]["ts_agent"]
+    ts = samples[0].get("ts_agent")
     units: dict[str, Any] = {}
     for s in samples:
         unit = s.get("unit")
         if unit is not None and s["tag"] not in units:
             units[s["tag"]] = unit
-    body: dict[str, Any] = {**head, "epoch": epoch, "device": device, "ts": ts}
+    body: dict[str, Any] = {**head, "epoch": epoch, "device": device}
+    if ts is not None:
+        body["ts"] = ts
     body.update(seq_members(samples))
     body["tags"] = [s["tag"] for s in samples]
-    body["values"] = [s["value"] for s in samples]
+    body["values"] = [s.get("value") for s in samples]
     if units:
         body["units"] = units
     extra = []
