@@ -5,6 +5,7 @@ dead-letter store's byte bound."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -252,8 +253,9 @@ def test_pieces_cover_the_record_exactly(count: int, n: int) -> None:
     record = Record(1, "d", 10, 9 + count, count, 0.0, data)
     pieces = _pieces(record, n)
     assert len(pieces) == min(n, count)
-    assert pieces[0].first_seq == 10 and pieces[-1].last_seq == 9 + count
-    for a, b in zip(pieces, pieces[1:], strict=False):
+    assert pieces[0].first_seq == 10
+    assert pieces[-1].last_seq == 9 + count
+    for a, b in itertools.pairwise(pieces):
         assert b.first_seq == a.last_seq + 1
     assert max(p.count for p in pieces) - min(p.count for p in pieces) <= 1
     assert sum(p.count for p in pieces) == count

@@ -268,9 +268,12 @@ def test_lean_is_small_and_says_everything_once() -> None:
     record = _poll(1000)
     [m] = encoder("lean").encode(record)
     body = orjson.loads(m.payload)
-    assert body["ts"] == TS and body["seq"] == [1, 1000] and "seqs" not in body
+    assert body["ts"] == TS
+    assert body["seq"] == [1, 1000]
+    assert "seqs" not in body
     assert "extra" not in body  # all good, one ts, units from the units map
-    assert body["units"]["t0001"] == "kW" and "t0000" not in body["units"]
+    assert body["units"]["t0001"] == "kW"
+    assert "t0000" not in body["units"]
     assert len(m.payload) / 1000 < 32
 
 
@@ -282,7 +285,8 @@ def test_compact_float32_values_are_short_and_come_back_exactly() -> None:
     assert compact.value_type(v) == "float32"
     assert compact.value_type(20.5) == "float64"  # as short either way: not a float32
     assert compact.value_type(0.1) == "float64"  # not a float32 value at all
-    assert compact.value_type(1) == "int" and compact.value_type(True) == "bool"
+    assert compact.value_type(1) == "int"
+    assert compact.value_type(True) == "bool"
     assert compact.value_type(None) is None
 
 
@@ -290,7 +294,8 @@ def test_compact_metadata_goes_out_once_per_connection_and_on_change() -> None:
     enc = encoder("compact")
     first = _poll(4)
     [meta] = enc.preamble(first)
-    assert meta.retain and meta.topic.startswith("edge-meta/gw/plc/")
+    assert meta.retain
+    assert meta.topic.startswith("edge-meta/gw/plc/")
     body = orjson.loads(meta.payload)
     assert [e["tag"] for e in body["tags"]] == ["t0000", "t0001", "t0002", "t0003"]
     assert body["tags"][1] == {"tag": "t0001", "type": "float32", "unit": "kW"}
@@ -307,7 +312,8 @@ def test_compact_metadata_goes_out_once_per_connection_and_on_change() -> None:
     assert [e["tag"] for e in body2["tags"]] == ["t0000", "t0001", "t0002", "t0003", "new"]
     [data] = enc.encode(other)
     data_body = orjson.loads(data.payload)
-    assert data_body["i"] == 3 and data_body["meta"] == body2["meta"]
+    assert data_body["i"] == 3
+    assert data_body["meta"] == body2["meta"]
     # A consumer that only has the old mapping cannot decode it and is told so.
     decoder = Decoder()
     decoder.decode(meta.payload)

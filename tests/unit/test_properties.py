@@ -8,8 +8,9 @@ What must hold for every input hypothesis finds:
 - a device timestamp that cannot be published (naive, before 1970, year 9999) is null;
 - the buffer stores the batch and gives back exactly those seqs;
 - every JSON payload parses, validates against the shipped JSON Schema of its layout,
-  carries the epoch, and decodes (reference decoder) to exactly the stored samples; every topic is one paho accepts; Sparkplug payloads decode with bindings made
-  from the published .proto (not with the agent's code);
+  carries the epoch, and decodes (reference decoder) to exactly the stored samples;
+  every topic is one paho accepts; Sparkplug payloads decode with bindings made from
+  the published .proto (not with the agent's code);
 - a name the loader accepts gives topics MQTT can carry; one it refuses is refused with
   file:line, never with a traceback.
 """

@@ -174,7 +174,7 @@ def test_every_json_payload_carries_the_epoch_and_value_text() -> None:
     for m in PayloadEncoder(agent, MqttConfig(layout="tag"), epoch="e-1").encode(record):
         assert SamplePayload.model_validate_json(m.payload).epoch == "e-1"
     for layout in ("lean", "compact"):
-        enc = PayloadEncoder(agent, MqttConfig(layout=layout), epoch="e-1")  # type: ignore[arg-type]
+        enc = PayloadEncoder(agent, MqttConfig(layout=layout), epoch="e-1")
         [lean] = batches(enc.preamble(record) + enc.encode(record))
         assert lean.epoch == "e-1"
         assert (lean.samples[0].value, lean.samples[0].value_text) == (None, "NaN")
