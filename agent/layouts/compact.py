@@ -68,7 +68,8 @@ def float32_short(v: float) -> float:
 
 
 def value_type(value: Any) -> str | None:
-    """The type an entry declares, from the first value seen (None: not known yet)."""
+    """The type an entry declares, from the first value that decides it (None: not
+    known yet). Each entry's type changes at most once, from unknown to known."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -76,11 +77,14 @@ def value_type(value: Any) -> str | None:
     if isinstance(value, int):
         return "int"
     if isinstance(value, float):
-        # float32 only when the value looks widened from a float32 (shorter as one): a
-        # float64 tag that happens to hold 20.5 stays float64.
-        if float32_exact(value) and len(repr(float32_short(value))) < len(repr(value)):
+        # float32 when the value looks widened from a float32 (shorter as one); float64
+        # when it is no float32 at all. A value that is both and as short either way
+        # (50.0, 20.5, 0.0) decides nothing: the type stays unknown until one does.
+        if not float32_exact(value):
+            return "float64"
+        if len(repr(float32_short(value))) < len(repr(value)):
             return "float32"
-        return "float64"
+        return None
     if isinstance(value, str):
         return "string"
     return "json"
@@ -117,8 +121,10 @@ class Mapping:
                     entry[2] = s.get("unit")
                     changed = True
             if entry[1] is None and value is not None:
-                entry[1] = value_type(value)
-                changed = True
+                decided = value_type(value)
+                if decided is not None:
+                    entry[1] = decided
+                    changed = True
         if changed or not self.id:
             self.id = hashlib.sha256(orjson.dumps(self.entries)).hexdigest()[:16]
         return changed

@@ -283,11 +283,21 @@ def test_compact_float32_values_are_short_and_come_back_exactly() -> None:
     assert compact.float32_short(v) == 73.12346
     assert f32(compact.float32_short(v)) == v
     assert compact.value_type(v) == "float32"
-    assert compact.value_type(20.5) == "float64"  # as short either way: not a float32
+    assert compact.value_type(20.5) is None  # as short either way: decides nothing
     assert compact.value_type(0.1) == "float64"  # not a float32 value at all
     assert compact.value_type(1) == "int"
     assert compact.value_type(True) == "bool"
     assert compact.value_type(None) is None
+    # A float32 tag whose first value is round gets its type with the first one that is not.
+    mapping = compact.Mapping()
+    mapping.update([{"tag": "x", "value": 50.0, "unit": None}])
+    first = mapping.id
+    assert mapping.entries == [["x", None, None]]
+    assert not mapping.update([{"tag": "x", "value": 0.0, "unit": None}])
+    assert mapping.update([{"tag": "x", "value": v, "unit": None}])
+    assert mapping.entries == [["x", "float32", None]]
+    assert mapping.id != first
+    assert not mapping.update([{"tag": "x", "value": 0.1, "unit": None}])  # decided once
 
 
 def test_compact_metadata_goes_out_once_per_connection_and_on_change() -> None:
