@@ -194,7 +194,7 @@ class MqttConfig(ConfigModel):
         "once, quality only where not good (schema edge-agent/batch/2); compact: values by "
         "index, with a retained metadata message per device on topic_meta "
         "(edge-agent/compact/1); device: one message per device per poll with every "
-        "sample in full (edge-agent/batch/1, the default before 2.0); tag: one message per "
+        "sample in full (edge-agent/batch/1, the former default); tag: one message per "
         "sample on topic_tag; sparkplug: Sparkplug B edge node (needs the sparkplug "
         "section). See docs/layouts.md.",
     )
@@ -203,7 +203,8 @@ class MqttConfig(ConfigModel):
     )
     topic: str = Field(
         default="edge/{agent}/{device}",
-        description="Topic of the device layout; fields {agent} {site} {area} {line} {device}.",
+        description="Topic of the data messages (layouts lean, compact, device); fields "
+        "{agent} {site} {area} {line} {device}.",
     )
     topic_tag: str = Field(
         default="edge/{agent}/{device}/{tag}",

@@ -248,7 +248,17 @@ class Agent:
             devices=len(config.devices),
             buffered_records=backlog,
             last_seq=seq.last,
+            layout=config.mqtt.layout,
         )
+        if "layout" not in config.mqtt.model_fields_set:
+            # The default changed from `device`: say so once, where an operator looks
+            # after an upgrade (docs/layouts.md, upgrade notes).
+            log.info(
+                "mqtt.layout.default",
+                layout=config.mqtt.layout,
+                note="mqtt.layout is not set: publishing layout lean (edge-agent/batch/2); "
+                "set mqtt.layout: device for the former payloads (edge-agent/batch/1)",
+            )
         try:
             # Everything that can refuse the config is built before anything runs.
             built = self._build_devices([d for d in config.devices if d.enabled])
