@@ -427,3 +427,99 @@ def test_default_layout_is_lean_and_compact_needs_device_and_meta_in_its_topic()
 def test_the_decoder_refuses_what_is_not_a_message_precisely(payload: bytes, error: str) -> None:
     with pytest.raises(DecodeError, match=error):
         decode(payload)
+
+
+# ---------------------------------------------------------------------- boundaries
+
+
+async def _forwarder(encoder: PayloadEncoder) -> tuple[MemoryBuffer, FakePublisher, Forwarder]:
+    buf = MemoryBuffer(BufferConfig(kind="memory"))
+    await buf.open()
+    pub = FakePublisher()
+    await pub.start()
+    return buf, pub, Forwarder(buf, pub, encoder)
+
+
+async def _append(buf: MemoryBuffer, device: str, first: int, tags: list[str]) -> None:
+    from tests.support.samples import wire_sample
+
+    await buf.append(device, [wire_sample(device, first + i, tag=t) for i, t in enumerate(tags)])
+
+
+async def test_a_preamble_that_raises_sets_that_record_aside_and_others_flow() -> None:
+    class Broken(PayloadEncoder):
+        def preamble(self, record: Record, *, limit: int | None = None) -> list[Message]:
+            if record.device == "bad":
+                raise RuntimeError("metadata bug")
+            return super().preamble(record, limit=limit)
+
+    buf, pub, fwd = await _forwarder(
+        Broken(AGENT, MqttConfig(layout="compact", topic="edge/gw/{device}"), epoch=EPOCH)
+    )
+    await _append(buf, "bad", 1, ["a", "b"])
+    await _append(buf, "ok", 3, ["a", "b"])
+    await fwd.forward_once()
+    [letter] = await fwd.dead_letters.all()
+    assert (letter.device, letter.reason) == ("bad", "cannot encode: RuntimeError: metadata bug")
+    got = samples_of_published(pub)
+    assert [s["seq"] for s in got] == [3, 4]
+    assert buf.stats().records == 0
+
+
+async def test_metadata_goes_out_again_after_a_reconnect_and_before_the_data() -> None:
+    buf, pub, fwd = await _forwarder(
+        PayloadEncoder(AGENT, MqttConfig(layout="compact", topic="edge/gw/{device}"), epoch=EPOCH)
+    )
+    await _append(buf, "plc", 1, ["a", "b"])
+    await fwd.forward_once()
+    await _append(buf, "plc", 3, ["a", "b"])
+    await fwd.forward_once()
+    topics = [m.topic.split("/")[0] for m in pub.published]
+    assert topics == ["edge-meta", "edge", "edge"]  # once per connection
+    pub.set_connected(False)
+    pub.set_connected(True)  # a new session: connected_since changes
+    await _append(buf, "plc", 5, ["a", "b"])
+    await fwd.forward_once()
+    assert [m.topic.split("/")[0] for m in pub.published[3:]] == ["edge-meta", "edge"]
+    assert [s["seq"] for s in samples_of_published(pub)] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_refused_metadata_message_keeps_the_record_until_it_is_delivered() -> None:
+    buf, pub, fwd = await _forwarder(
+        PayloadEncoder(AGENT, MqttConfig(layout="compact", topic="edge/gw/{device}"), epoch=EPOCH)
+    )
+    await _append(buf, "plc", 1, ["a", "b"])
+    pub.fail_next(1, "Quota exceeded", code=0x97)  # the metadata, sent first
+    await fwd.forward_once()
+    assert buf.stats().records == 1  # not committed: its metadata was not delivered
+    fwd.stats.backing_off["plc"].retry_at = 0
+    await fwd.forward_once()
+    assert buf.stats().records == 0
+    # The retry carried the metadata again (before its data): a consumer that kept the
+    # first data message (MetaMissing) decodes it once the retained metadata is there.
+    assert [m.retain for m in pub.published] == [False, True, False]
+    with pytest.raises(MetaMissing):
+        Decoder().decode(pub.published[0].payload)
+    assert [s["seq"] for s in samples_of_published(pub)] == [1, 2, 1, 2]
+
+
+def samples_of_published(pub: FakePublisher) -> list[dict[str, Any]]:
+    """As a consumer with the retained metadata at hand: metadata first, then data."""
+    decoder = Decoder()
+    for m in pub.published:
+        if m.retain:
+            decoder.decode(m.payload)
+    out: list[dict[str, Any]] = []
+    for m in pub.published:
+        if not m.retain:
+            out += decoder.decode(m.payload).samples
+    return out
+
+
+def test_topic_meta_with_an_unknown_field_is_reported_with_its_line() -> None:
+    from agent.config import ConfigError, parse_config
+
+    text = "agent: {id: gw}\nmqtt:\n  layout: compact\n  topic_meta: 'm/{device}/{meta}/{x}'\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "c.yaml")
+    assert any("c.yaml:4 mqtt.topic_meta: unknown field {x}" in p for p in err.value.problems)
