@@ -72,24 +72,27 @@ def samples_of(record: Record) -> list[dict[str, Any]]:
         samples: Any = record_samples(record.data)
     except ValueError as exc:
         raise PayloadError(f"record {record.id} ({record.device}): {exc}") from None
-    if not isinstance(samples, list) or not all(
-        isinstance(s, dict) and isinstance(s.get("tag"), str) and type(s.get("seq")) is int
-        for s in samples
-    ):
-        raise PayloadError(f"record {record.id} ({record.device}): not a list of samples")
+    bad = PayloadError(f"record {record.id} ({record.device}): not a list of samples")
+    if not isinstance(samples, list) or not all(type(s) is dict for s in samples):
+        raise bad
+    try:
+        tags = [s["tag"] for s in samples]
+        seqs = [s["seq"] for s in samples]
+    except KeyError:
+        raise bad from None
+    if set(map(type, tags)) - {str} or set(map(type, seqs)) - {int}:
+        raise bad
     return samples
 
 
 def seq_members(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """`seq: [first, last]`, plus `seqs` (every sample's seq, in order) when the seqs are
     not consecutive: a consumer always knows each sample's exact seq."""
-    first = samples[0]["seq"]
-    last = samples[-1]["seq"]
-    out: dict[str, Any] = {"seq": [first, last]}
-    if last - first + 1 != len(samples) or any(
-        s["seq"] != first + i for i, s in enumerate(samples)
-    ):
-        out["seqs"] = [s["seq"] for s in samples]
+    seqs = [s["seq"] for s in samples]
+    first = seqs[0]
+    out: dict[str, Any] = {"seq": [first, seqs[-1]]}
+    if seqs != list(range(first, first + len(seqs))):
+        out["seqs"] = seqs
     return out
 
 

@@ -35,6 +35,7 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -46,6 +47,7 @@ SCHEMA = "edge-agent/compact/1"
 META_SCHEMA = "edge-agent/meta/1"
 
 _PLAIN = frozenset(SAMPLE_FIELDS)
+_COMMON = itemgetter("quality", "reason", "code", "ts_source", "ts_agent", "device")
 _F32 = struct.Struct("<f")
 
 
@@ -97,11 +99,19 @@ class Mapping:
     entries: list[list[Any]] = field(default_factory=list)  # [tag, type, unit]
     index: dict[str, int] = field(default_factory=dict)
     id: str = ""
+    #: What the last update saw (tags, units), and whether some type is not known yet:
+    #: a poll like the last one changes nothing and is not looked at sample by sample.
+    last: tuple[list[str], list[Any]] | None = None
+    undecided: bool = False
 
     def update(self, samples: Sequence[dict[str, Any]]) -> bool:
         """Take in the tags of `samples`; True when the mapping changed. A tag's unit is
         the one of its first sample here; a type not known yet is taken from the first
         sample with a value."""
+        seen_now = ([s["tag"] for s in samples], [s.get("unit") for s in samples])
+        if seen_now == self.last and not self.undecided and self.id:
+            return False
+        self.last = seen_now
         changed = False
         seen: set[str] = set()
         for s in samples:
@@ -125,6 +135,7 @@ class Mapping:
                 if decided is not None:
                     entry[1] = decided
                     changed = True
+        self.undecided = any(entry[1] is None for entry in self.entries)
         if changed or not self.id:
             self.id = hashlib.sha256(orjson.dumps(self.entries)).hexdigest()[:16]
         return changed
@@ -197,30 +208,29 @@ def encode(
     entries = mapping.entries
     index = mapping.index
     positions = [index[s["tag"]] for s in samples]
-    values: list[Any] = []
-    extra = []
-    for n, (s, at) in enumerate(zip(samples, positions, strict=True)):
-        entry = entries[at]
-        value = s.get("value")
-        moved = False
-        if entry[1] == "float32" and value is not None:
+    values: list[Any] = [s.get("value") for s in samples]
+    # float32 entries: the fewest digits; a value that is no float32 goes to extra.
+    moved: set[int] = set()
+    for n, at in enumerate(positions):
+        if entries[at][1] == "float32":
+            value = values[n]
+            if value is None:
+                continue
             if type(value) is float and float32_exact(value):
-                value = float32_short(value)
+                values[n] = float32_short(value)
             else:
-                moved = True  # not a float32: carried exactly in extra
-        values.append(None if moved else value)
-        if (
-            not moved
-            and s.keys() == _PLAIN
-            and s["quality"] == "good"
-            and s["reason"] is None
-            and s["code"] is None
-            and s["ts_source"] is None
-            and s["ts_agent"] == ts
-            and s["device"] == device
-            and s["unit"] == entry[2]
-        ):
-            continue
+                moved.add(n)
+                values[n] = None
+    common = ("good", None, None, None, ts, device)
+    odd = {n for n, s in enumerate(samples) if s.keys() != _PLAIN or _COMMON(s) != common}
+    odd |= moved
+    units = [s.get("unit") for s in samples]
+    expected = [entries[at][2] for at in positions]
+    if units != expected:
+        odd |= {n for n, (a, b) in enumerate(zip(units, expected, strict=True)) if a != b}
+    extra = []
+    for n in sorted(odd):
+        s = samples[n]
         defaults = {
             "device": device,
             "quality": "good",
@@ -228,10 +238,10 @@ def encode(
             "code": None,
             "ts_source": None,
             "ts_agent": ts,
-            "unit": entry[2],
+            "unit": entries[positions[n]][2],
         }
         x = extra_of(s, defaults)
-        if moved:
+        if n in moved:
             x["value"] = s["value"]
         if x:
             extra.append({"n": n, **x})
