@@ -333,6 +333,15 @@ class Forwarder:
             platform_bytes=self.platform_message_bytes,
         )
 
+    def _check_session(self) -> float | None:
+        """The current connection's start; tells the encoder when it is a new one (its
+        metadata must be published again on it)."""
+        since = self.publisher.connected_since
+        if since != self._session:
+            self._session = since
+            self.encoder.new_session()
+        return since
+
     def _preamble(self, record: Record, limit: int | None) -> list[Message]:
         """What the layout must publish before this record's data (compact metadata)."""
         try:
@@ -363,10 +372,7 @@ class Forwarder:
         dead_gaps = await self._pending_dead_gaps()
         dead_through = self._dead_max_id
         gaps = [*buffer_gaps, *dead_gaps]
-        since = self.publisher.connected_since
-        if since != self._session:
-            self._session = since
-            self.encoder.new_session()
+        since = self._check_session()
         limit = self._limit()
         parts: list[_Part] = []
         poison: dict[int, _Poison] = {}
@@ -819,6 +825,7 @@ class Forwarder:
         letters = await self.dead_letters.take_replays(_REPLAY_BATCH)
         if not letters:
             return 0
+        self._check_session()
         limit = self._limit()
         parts: list[_Part] = []
         for i, letter in enumerate(letters):
