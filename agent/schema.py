@@ -151,6 +151,11 @@ class SamplePayload(Sample):
 _TS = Field(
     description="ts_agent of every sample of the message, unless its `extra` entry gives its own."
 )
+_TS_CHANGES = Field(
+    default=None,
+    description="[[i, ts], ...]: from sample i on, ts_agent is ts (only when it changes "
+    "within the message: records of several polls, subscription deliveries).",
+)
 _SEQ = Field(
     min_length=2,
     max_length=2,
@@ -205,6 +210,7 @@ class LeanPayload(_Wire):
     epoch: str = _EPOCH
     device: str
     ts: datetime | None = _TS
+    ts_changes: list[tuple[int, datetime | None]] | None = _TS_CHANGES
     seq: list[int] = _SEQ
     seqs: list[int] | None = _SEQS
     tags: list[str] = Field(description="Tag of each sample, in seq order.")
@@ -228,6 +234,7 @@ class CompactPayload(_Wire):
     device: str
     meta: str = Field(description="Id of the metadata (index → tag, type, unit) to apply.")
     ts: datetime | None = _TS
+    ts_changes: list[tuple[int, datetime | None]] | None = _TS_CHANGES
     seq: list[int] = _SEQ
     seqs: list[int] | None = _SEQS
     i: int | list[int] | None = Field(

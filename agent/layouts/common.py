@@ -96,6 +96,36 @@ def seq_members(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def ts_members(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`ts`: the first sample's ts_agent; `ts_changes: [[i, ts], ...]`: from sample i on,
+    ts_agent is ts (only when it changes within the message: records merged from several
+    polls, subscription deliveries). Every sample's ts_agent is then said exactly, and
+    once per poll, not once per sample."""
+    stamps = [s.get("ts_agent") for s in samples]
+    out: dict[str, Any] = {}
+    if stamps[0] is not None:
+        out["ts"] = stamps[0]
+    if stamps.count(stamps[0]) != len(stamps):
+        out["ts_changes"] = [
+            [i, stamps[i]] for i in range(1, len(stamps)) if stamps[i] != stamps[i - 1]
+        ]
+    return out
+
+
+def ts_of(samples: Sequence[dict[str, Any]], members: dict[str, Any]) -> list[Any]:
+    """Each sample's ts_agent as `ts_members` says it (what a decoder reads)."""
+    out = []
+    current = members.get("ts")
+    changes = iter(members.get("ts_changes") or ())
+    nxt = next(changes, None)
+    for i in range(len(samples)):
+        if nxt is not None and nxt[0] == i:
+            current = nxt[1]
+            nxt = next(changes, None)
+        out.append(current)
+    return out
+
+
 def extra_of(sample: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The fields of `sample` that differ from what the message implies (`defaults`),
     besides tag, value and seq, which every layout carries in its own way. A field the

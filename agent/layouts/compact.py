@@ -9,10 +9,11 @@ Data message (on ``mqtt.topic``)::
 
 Sample ``n`` of the message is entry ``i + n`` of the device's metadata ``<id>`` (or
 ``i[n]`` when ``i`` is a list; ``i`` absent means 0), value ``v[n]``, seq ``seq[0] + n``
-(or ``seqs[n]``), ts_agent ``ts``, quality good, the entry's unit — except where
-``extra`` (sparse) says otherwise, as in layout lean. A value of a ``float32`` entry is
-written with the fewest digits that give back the same float32 (``73.12346`` rather than
-``73.12345886230469``); a consumer rounds it to float32 (the reference decoder does).
+(or ``seqs[n]``), ts_agent ``ts`` (or from ``ts_changes``), quality good, the entry's
+unit — except where ``extra`` (sparse) says otherwise, as in layout lean. A value of a
+``float32`` entry is written with the fewest digits that give back the same float32
+(``73.12346`` rather than ``73.12345886230469``); a consumer rounds it to float32 (the
+reference decoder does).
 
 Metadata message (retained, on ``mqtt.topic_meta``)::
 
@@ -41,13 +42,21 @@ from typing import Any
 import orjson
 
 from agent.buffer import Gap
-from agent.layouts.common import SAMPLE_FIELDS, PayloadError, extra_of, gap_list, seq_members
+from agent.layouts.common import (
+    SAMPLE_FIELDS,
+    PayloadError,
+    extra_of,
+    gap_list,
+    seq_members,
+    ts_members,
+    ts_of,
+)
 
 SCHEMA = "edge-agent/compact/1"
 META_SCHEMA = "edge-agent/meta/1"
 
 _PLAIN = frozenset(SAMPLE_FIELDS)
-_COMMON = itemgetter("quality", "reason", "code", "ts_source", "ts_agent", "device")
+_COMMON = itemgetter("quality", "reason", "code", "ts_source", "device")
 _F32 = struct.Struct("<f")
 
 
@@ -204,7 +213,9 @@ def encode(
 ) -> bytes:
     """The payload of one data message carrying `samples`; every tag must be in
     `mapping` (Mapping.update them first)."""
-    ts = samples[0].get("ts_agent")
+    stamps = ts_members(samples)
+    ts_list = ts_of(samples, stamps) if "ts_changes" in stamps else None
+    ts = stamps.get("ts")
     entries = mapping.entries
     index = mapping.index
     positions = [index[s["tag"]] for s in samples]
@@ -221,7 +232,7 @@ def encode(
             else:
                 moved.add(n)
                 values[n] = None
-    common = ("good", None, None, None, ts, device)
+    common = ("good", None, None, None, device)
     odd = {n for n, s in enumerate(samples) if s.keys() != _PLAIN or _COMMON(s) != common}
     odd |= moved
     units = [s.get("unit") for s in samples]
@@ -237,7 +248,7 @@ def encode(
             "reason": None,
             "code": None,
             "ts_source": None,
-            "ts_agent": ts,
+            "ts_agent": ts if ts_list is None else ts_list[n],
             "unit": entries[positions[n]][2],
         }
         x = extra_of(s, defaults)
@@ -251,8 +262,7 @@ def encode(
         "device": device,
         "meta": mapping.id,
     }
-    if ts is not None:
-        body["ts"] = ts
+    body.update(stamps)
     body.update(seq_members(samples))
     start = positions[0]
     if positions != list(range(start, start + len(positions))):

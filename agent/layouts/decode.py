@@ -87,6 +87,22 @@ def _seqs(body: dict[str, Any], n: int) -> list[int]:
     return list(seqs)
 
 
+def _stamps(body: dict[str, Any], n: int) -> list[Any]:
+    """Each sample's ts_agent: `ts`, changed from sample i on by `ts_changes` [[i, ts]]."""
+    out = []
+    current = body.get("ts")
+    changes = iter(body.get("ts_changes") or ())
+    nxt = next(changes, None)
+    for i in range(n):
+        if nxt is not None and nxt[0] == i:
+            current = nxt[1]
+            nxt = next(changes, None)
+        out.append(current)
+    if nxt is not None:
+        raise DecodeError(f"ts_changes entry {nxt!r} outside the message's samples")
+    return out
+
+
 def _apply_extra(samples: list[dict[str, Any]], extra: list[dict[str, Any]], key: str) -> None:
     for x in extra:
         n = x[key]
@@ -171,7 +187,7 @@ class Decoder:
         if len(values) != len(tags):
             raise DecodeError(f"{len(values)} values for {len(tags)} tags")
         seqs = _seqs(body, len(tags))
-        ts = body.get("ts")
+        stamps = _stamps(body, len(tags))
         units = body.get("units") or {}
         out.samples = [
             {
@@ -186,7 +202,7 @@ class Decoder:
                 "unit": units.get(tag),
                 "seq": seq,
             }
-            for tag, value, seq in zip(tags, values, seqs, strict=True)
+            for tag, value, seq, ts in zip(tags, values, seqs, stamps, strict=True)
         ]
         _apply_extra(out.samples, body.get("extra") or [], "i")
         return out
@@ -204,9 +220,9 @@ class Decoder:
         if len(positions) != len(values):
             raise DecodeError(f"{len(positions)} indexes for {len(values)} values")
         seqs = _seqs(body, len(values))
-        ts = body.get("ts")
+        stamps = _stamps(body, len(values))
         samples = []
-        for n, value, seq in zip(positions, values, seqs, strict=True):
+        for n, value, seq, ts in zip(positions, values, seqs, stamps, strict=True):
             if not 0 <= n < len(entries):
                 raise DecodeError(f"index {n} outside metadata {meta_id!r}")
             entry = entries[n]

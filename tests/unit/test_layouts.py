@@ -277,6 +277,26 @@ def test_lean_is_small_and_says_everything_once() -> None:
     assert len(m.payload) / 1000 < 32
 
 
+@pytest.mark.parametrize("layout", ["lean", "compact"])
+def test_polls_merged_into_one_message_say_each_timestamp_once(layout: str) -> None:
+    """Records of several polls in one message (merged under a publish-rate limit): one
+    ts_agent per poll in `ts_changes`, nothing per sample."""
+    later = "2026-12-01T08:00:00.223456Z"
+    one, two = _poll(100), _poll(100, ts=later, first=101)
+    samples = record_samples(one.data) + record_samples(two.data)
+    merged = Record(1, "plc", 1, 200, 200, 0.0, orjson.dumps(samples))
+    enc = encoder(layout)
+    [*pre, m] = enc.preamble(merged) + enc.encode(merged)
+    body = orjson.loads(m.payload)
+    assert body["ts"] == TS
+    assert body["ts_changes"] == [[100, later]]
+    assert "extra" not in body  # the unit of each tag too: said once
+    decoder = Decoder()
+    for p in pre:
+        decoder.decode(p.payload)
+    assert canonical(decoder.decode(m.payload).samples) == canonical(samples)
+
+
 def test_compact_float32_values_are_short_and_come_back_exactly() -> None:
     v = f32(73.123456)
     assert repr(v) == "73.12345886230469"
