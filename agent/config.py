@@ -37,6 +37,7 @@ from pydantic import Field, SecretStr, ValidationError, create_model, model_vali
 from pydantic_core import ErrorDetails
 
 from agent.profiles import Expanded, Located, expand_profiles, merge_located
+from agent.publish import cloud
 from agent.yamlsafe import YamlProblem, load_yaml
 from drivers import registry
 from drivers.base import ConfigModel, DeviceCommon
@@ -169,8 +170,63 @@ class SparkplugConfig(ConfigModel):
     )
 
 
+class AzureIotHub(ConfigModel):
+    """Azure IoT Hub login (``mqtt.profile: azure-iot-hub``); see docs/cloud.md."""
+
+    hub_host: str = Field(
+        min_length=1,
+        description="The hub's host name, e.g. myhub.azure-devices.net; also the default "
+        "mqtt.host.",
+    )
+    device_id: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9\-.%_*?!(),:=@$']+$",
+        description="The device identity registered in the hub (also the MQTT client id).",
+    )
+    device_key: SecretStr | None = Field(
+        default=None,
+        description="The device's symmetric key (base64) for SAS tokens; use ${ENV_VAR}. "
+        "Without a key, the TLS client certificate (X.509) is the login.",
+    )
+    device_key_file: str | None = Field(
+        default=None, description="File whose first line is the device key (instead of device_key)."
+    )
+    sas_ttl_s: int = Field(
+        default=3600,
+        ge=300,
+        le=86400,
+        description="Lifetime of each SAS token; the agent reconnects with a fresh token "
+        "after 80 % of it.",
+    )
+
+    @model_validator(mode="after")
+    def _one_key(self) -> AzureIotHub:
+        if self.device_key is not None and self.device_key_file is not None:
+            raise ValueError("give device_key or device_key_file, not both")
+        return self
+
+    def resolved_device_key(self) -> str | None:
+        return read_secret(self.device_key, self.device_key_file)
+
+
 class MqttConfig(ConfigModel):
     """The broker the samples are published to."""
+
+    profile: Literal["generic", "aws-iot-core", "azure-iot-hub"] = Field(
+        default="generic",
+        description="generic: any MQTT broker; aws-iot-core / azure-iot-hub: keep to that "
+        "platform's rules (checked by validate; docs/cloud.md).",
+    )
+    azure: AzureIotHub | None = Field(
+        default=None, description="Azure IoT Hub login; required with profile azure-iot-hub."
+    )
+    max_publishes_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Publishes per second on one connection (a token bucket; messages wait, "
+        "none is dropped); default: the profile's (aws-iot-core 90), else no limit.",
+    )
 
     host: str = Field(default="127.0.0.1", description="Broker host name or address.")
     port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
@@ -301,7 +357,30 @@ class MqttConfig(ConfigModel):
             return {**data, "port": 8883}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _azure_defaults(cls, data: Any) -> Any:
+        # Azure IoT Hub fixes the protocol, host, client id and topics: fill in what the
+        # file leaves out; what it sets otherwise is refused by the start checks.
+        if not isinstance(data, dict) or data.get("profile") != cloud.AZURE:
+            return data
+        azure = data.get("azure")
+        if not isinstance(azure, dict):
+            return data
+        out = {**data}
+        out.setdefault("protocol", "3.1.1")
+        if isinstance(azure.get("hub_host"), str):
+            out.setdefault("host", azure["hub_host"])
+        device_id = azure.get("device_id")
+        if isinstance(device_id, str):
+            layout = data.get("layout", "lean")
+            for key, template in cloud.azure_topics(device_id, str(layout)).items():
+                out.setdefault(key, template)
+        return out
+
     def resolved_client_id(self, agent_id: str) -> str:
+        if self.profile == cloud.AZURE and self.azure is not None:
+            return self.azure.device_id
         return self.client_id or f"edge-agent-{agent_id}"
 
     def resolved_password(self) -> str | None:
@@ -827,7 +906,11 @@ def _start_checks(
     if mqtt is not None:
         problem = host_problem(mqtt.host)
         if problem is not None:
-            out.append((("mqtt", "host"), problem))
+            # Under azure-iot-hub the host is, unless given, the hub's host name.
+            at = "host"
+            if mqtt.azure is not None and mqtt.host == mqtt.azure.hub_host:
+                at = "azure.hub_host"
+            out.append((("mqtt", *at.split(".")), problem))
     for i, device in devices:
         out.extend((("devices", i, *loc), msg) for loc, msg in device.check(simulate=simulate))
         for j, tag in enumerate(getattr(device, "tags", [])):
@@ -862,6 +945,8 @@ def _start_checks(
                     out.append((("mqtt", key), problem))
     if agent is None or mqtt is None:
         return out
+    if mqtt.profile != "generic" or mqtt.azure is not None:
+        out.extend(_profile_checks(agent, mqtt, devices))
     if mqtt.layout == "sparkplug":
         out.extend(_sparkplug_checks(agent, mqtt, devices))
         return out
@@ -971,6 +1056,274 @@ def _length_problems(
                 f" tag {_short(longest_tag)}" if "tag" in fields else ""
             )
             out.append(f"the topic of {what} is {size:,} bytes, over MQTT's {TOPIC_MAX_BYTES:,}")
+    return out
+
+
+_AWS_THING_NAME = re.compile(r"^[A-Za-z0-9:_-]{1,128}$")
+
+
+def _profile_checks(
+    agent: AgentSection, mqtt: MqttConfig, devices: list[tuple[int, DeviceCommon]]
+) -> list[Problem]:
+    """mqtt.profile: what the cloud platform would refuse (agent.publish.cloud)."""
+    out: list[Problem] = []
+    profile = mqtt.profile
+    if mqtt.azure is not None and profile != cloud.AZURE:
+        out.append(
+            (("mqtt", "azure"), "the azure section is used only with profile: azure-iot-hub")
+        )
+    limit = cloud.message_limit(profile)
+    if limit is not None and mqtt.max_message_bytes is not None and mqtt.max_message_bytes > limit:
+        out.append(
+            (
+                ("mqtt", "max_message_bytes"),
+                f"{mqtt.max_message_bytes:,} is above {profile}'s message limit of {limit:,} bytes",
+            )
+        )
+    if profile == cloud.AWS:
+        out.extend(_aws_checks(agent, mqtt, devices))
+    elif profile == cloud.AZURE:
+        out.extend(_azure_checks(mqtt, devices))
+    return out
+
+
+def _topics_in_use(mqtt: MqttConfig) -> list[str]:
+    if mqtt.layout == "sparkplug":
+        return []
+    topics = ["topic_tag" if mqtt.layout == "tag" else "topic"]
+    if mqtt.layout == "compact":
+        topics.append("topic_meta")
+    return [*topics, "status_topic", "device_status_topic"]
+
+
+def _aws_checks(
+    agent: AgentSection, mqtt: MqttConfig, devices: list[tuple[int, DeviceCommon]]
+) -> list[Problem]:
+    out: list[Problem] = []
+    if mqtt.client_id is None:
+        out.append(
+            (
+                ("mqtt", "client_id"),
+                "aws-iot-core: set client_id to the thing name (AWS IoT Core identifies "
+                "the connection by it)",
+            )
+        )
+    elif not _AWS_THING_NAME.match(mqtt.client_id):
+        out.append(
+            (
+                ("mqtt", "client_id"),
+                f"aws-iot-core: {_short(mqtt.client_id)} is not a thing name "
+                "(1-128 characters: letters, digits, ':', '_', '-')",
+            )
+        )
+    if mqtt.tls is None:
+        out.append(
+            (
+                ("mqtt", "tls"),
+                "aws-iot-core needs mutual TLS: a tls section with cert_file and key_file "
+                "(the thing's certificate)",
+            )
+        )
+    elif mqtt.tls.cert_file is None:
+        out.append(
+            (
+                ("mqtt", "tls"),
+                "aws-iot-core needs the thing's client certificate: set tls.cert_file and "
+                "tls.key_file",
+            )
+        )
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(mqtt.host.strip("[]"))
+        out.append(
+            (
+                ("mqtt", "host"),
+                "aws-iot-core: give the endpoint's host name (e.g. "
+                "abc123-ats.iot.eu-west-1.amazonaws.com), not an address: TLS must send the "
+                "name (SNI), AWS refuses a connection without it",
+            )
+        )
+    rate = mqtt.max_publishes_per_s
+    if rate is not None and rate > cloud.AWS_PUBLISH_LIMIT_PER_S:
+        out.append(
+            (
+                ("mqtt", "max_publishes_per_s"),
+                f"{rate:g} is above aws-iot-core's {cloud.AWS_PUBLISH_LIMIT_PER_S} publishes "
+                "per second per connection",
+            )
+        )
+    values = {"agent": agent.id, "site": agent.site, "area": agent.area, "line": agent.line}
+    for key in _topics_in_use(mqtt):
+        template: str = getattr(mqtt, key)
+        try:
+            literal = "".join(t for t, _, _, _ in string.Formatter().parse(template))
+        except ValueError:
+            continue  # reported by _check_template
+        slashes = literal.count("/")
+        if slashes > cloud.AWS_MAX_SLASHES:
+            out.append(
+                (
+                    ("mqtt", key),
+                    f"aws-iot-core allows at most {cloud.AWS_MAX_SLASHES} '/' in a topic; "
+                    f"{template!r} has {slashes}",
+                )
+            )
+        longest = _longest_topic(template, values, devices)
+        size = len(longest.encode("utf-8", "replace")) if longest is not None else 0
+        if longest is not None and size > cloud.AWS_TOPIC_MAX_BYTES:
+            out.append(
+                (
+                    ("mqtt", key),
+                    f"aws-iot-core allows topics of at most {cloud.AWS_TOPIC_MAX_BYTES} bytes; "
+                    f"{_short(longest, 60)} is {size}",
+                )
+            )
+    if mqtt.layout == "sparkplug" and mqtt.sparkplug is not None:
+        edge = mqtt.sparkplug.edge_node_id or agent.id
+        for i, d in devices:
+            topic = f"spBv1.0/{mqtt.sparkplug.group_id}/DBIRTH/{edge}/{d.name}"
+            size = len(topic.encode("utf-8", "replace"))
+            if size > cloud.AWS_TOPIC_MAX_BYTES:
+                out.append(
+                    (
+                        ("devices", i, "name"),
+                        f"aws-iot-core allows topics of at most {cloud.AWS_TOPIC_MAX_BYTES} "
+                        f"bytes; the Sparkplug topic {_short(topic, 60)} is {size}",
+                    )
+                )
+    return out
+
+
+def _longest_topic(
+    template: str, values: dict[str, str | None], devices: list[tuple[int, DeviceCommon]]
+) -> str | None:
+    """The longest topic `template` makes for these devices and tags (None: cannot say)."""
+    fields = _template_fields(template) or []
+    best: str | None = None
+    names = [d.name for _, d in devices] if "device" in fields else [""]
+    tags = [""]
+    if "tag" in fields:
+        tags = [t.name for _, d in devices for t in getattr(d, "tags", [])] or [""]
+    device = max(names, key=lambda n: len(n.encode("utf-8", "replace")), default="")
+    tag = max(tags, key=lambda n: len(n.encode("utf-8", "replace")), default="")
+    with contextlib.suppress(KeyError, IndexError, ValueError):
+        best = template.format(
+            **{k: v or "" for k, v in values.items()},
+            device=device,
+            tag=tag,
+            meta="f" * 16 + "-99999",  # layout compact's metadata id, with a part number
+        )
+    return best
+
+
+def _azure_checks(mqtt: MqttConfig, devices: list[tuple[int, DeviceCommon]]) -> list[Problem]:
+    out: list[Problem] = []
+    azure = mqtt.azure
+    if azure is None:
+        out.append(
+            (
+                ("mqtt", "profile"),
+                "azure-iot-hub needs an azure section: hub_host, device_id and device_key "
+                "(or a TLS client certificate)",
+            )
+        )
+        return out
+    if mqtt.protocol != "3.1.1":
+        out.append(
+            (
+                ("mqtt", "protocol"),
+                "azure-iot-hub speaks MQTT 3.1.1 only: remove protocol or set it to '3.1.1'",
+            )
+        )
+    has_key = azure.device_key is not None or azure.device_key_file is not None
+    has_cert = mqtt.tls is not None and mqtt.tls.cert_file is not None
+    if mqtt.tls is None:
+        out.append(
+            (
+                ("mqtt", "tls"),
+                "azure-iot-hub accepts TLS connections only: add a tls section "
+                "(tls: {} trusts the system's CAs)",
+            )
+        )
+    if not has_key and not has_cert:
+        out.append(
+            (
+                ("mqtt", "azure"),
+                "azure-iot-hub needs a login: azure.device_key (SAS token) or tls.cert_file "
+                "and tls.key_file (X.509)",
+            )
+        )
+    elif has_key and has_cert:
+        out.append(
+            (
+                (
+                    "mqtt",
+                    "azure",
+                    "device_key" if azure.device_key is not None else "device_key_file",
+                ),
+                "give azure.device_key or a TLS client certificate, not both",
+            )
+        )
+    if azure.device_key is not None:
+        problem = cloud.key_problem(azure.device_key.get_secret_value())
+        if problem is not None:
+            out.append((("mqtt", "azure", "device_key"), f"the device key is {problem}"))
+    if mqtt.layout == "sparkplug":
+        out.append(
+            (
+                ("mqtt", "layout"),
+                "azure-iot-hub has fixed topics (devices/{device_id}/messages/events/): "
+                "layout sparkplug cannot be used there; use lean, compact, device or tag",
+            )
+        )
+    fixed = cloud.azure_topics(azure.device_id, mqtt.layout)
+    for key, template in fixed.items():
+        if getattr(mqtt, key) != template:
+            out.append(
+                (
+                    ("mqtt", key),
+                    f"azure-iot-hub publishes to devices/{azure.device_id}/messages/events/ "
+                    f"with the names in the message properties: remove {key}",
+                )
+            )
+    if mqtt.client_id is not None and mqtt.client_id != azure.device_id:
+        out.append(
+            (
+                ("mqtt", "client_id"),
+                "azure-iot-hub: the client id is azure.device_id; remove client_id",
+            )
+        )
+    for key in ("username", "password", "password_file"):
+        if getattr(mqtt, key) is not None:
+            out.append(
+                (
+                    ("mqtt", key),
+                    f"azure-iot-hub: the login is made from the azure section (device key or "
+                    f"certificate); remove {key}",
+                )
+            )
+    if mqtt.retain_last:
+        out.append(
+            (
+                ("mqtt", "retain_last"),
+                "azure-iot-hub keeps no retained messages: remove retain_last",
+            )
+        )
+    for i, device in devices:
+        names: list[tuple[tuple[Any, ...], str]] = [(("devices", i, "name"), device.name)]
+        if mqtt.layout == "tag":
+            names += [
+                (("devices", i, "tags", j, "name"), t.name)
+                for j, t in enumerate(getattr(device, "tags", []))
+            ]
+        for loc, name in names:
+            if name and not set(name) <= cloud.URL_UNRESERVED:
+                out.append(
+                    (
+                        loc,
+                        f"{_short(name)}: azure-iot-hub carries this name in the message "
+                        "properties; use only letters, digits and - . _ ~",
+                    )
+                )
     return out
 
 

@@ -52,6 +52,11 @@ acknowledged. Entries an operator queued for replay (``edge-agent deadletter rep
 picked up within `replay_check_s` and published with their original seqs, marked
 historical.
 
+**Merging** (`merge_records`, on where the publisher paces publishes, e.g. AWS IoT Core's
+100 per second): a device's records of one round go out as one message, within the
+packet limit, instead of one message each; the buffer records behind it are committed
+together once it was acknowledged.
+
 Gap notices: seq ranges the buffer dropped ride on the first message of the next round
 and are cleared from the buffer once that message was acknowledged.
 """
@@ -95,6 +100,12 @@ _REPLAY_BATCH = 100
 _STORE_FAILED = PublishResult(False, "dead-letter store failed")
 
 
+#: merge_records without a packet limit: a merged record's data stays below this.
+MERGE_MAX_BYTES = 64_000
+#: Left for the message's envelope (topic, device head, gap notices) under the limit.
+MERGE_MARGIN_BYTES = 4_096
+
+
 @dataclass
 class DeviceBackoff:
     """A device whose records wait because the broker refused one (transiently)."""
@@ -120,6 +131,7 @@ class ForwarderStats:
     dead_lettered_by_reason: dict[str, int] = field(default_factory=dict)  # records
     split_records: int = 0  # records sent as several parts to fit the packet size
     split_parts: int = 0
+    merged_records: int = 0  # records sent inside a merged one (merge_records)
     replayed_records: int = 0  # dead letters delivered after `deadletter replay`
     replayed_samples: int = 0
     historical_records: int = 0  # records sent marked historical (each attempt)
@@ -166,7 +178,12 @@ class _Part:
 class Forwarder:
     """max_message_bytes: `mqtt.max_message_bytes` (None: the broker's announced limit,
     else platform_message_bytes, else 128 KiB; see agent.publish.limits).
-    platform_message_bytes: the message limit of the broker profile's platform, if any."""
+    platform_message_bytes: the message limit of the broker profile's platform, if any
+    (agent.publish.cloud.message_limit).
+
+    merge_records: send a device's records of one round as one message (within the
+    packet limit) instead of one message per record — for a publish-rate limit (AWS IoT
+    Core), where more messages would only queue up and the buffer would fill."""
 
     def __init__(
         self,
@@ -179,6 +196,7 @@ class Forwarder:
         max_refusals: int = 5,
         max_message_bytes: int | None = None,
         platform_message_bytes: int | None = None,
+        merge_records: bool = False,
         device_backoff_min_s: float = 0.5,
         device_backoff_max_s: float = 30.0,
         replay_check_s: float = REPLAY_CHECK_S,
@@ -189,6 +207,8 @@ class Forwarder:
         self.max_message_bytes = max_message_bytes
         self.platform_message_bytes = platform_message_bytes
         self._session: float | None = None  # connected_since the encoder last heard of
+        self.merge_records = merge_records
+        self._members: dict[int, list[int]] = {}  # merged record id → buffer record ids
         self.device_backoff_min_s = device_backoff_min_s
         self.device_backoff_max_s = device_backoff_max_s
         self.replay_check_s = replay_check_s
@@ -368,6 +388,9 @@ class Forwarder:
         self._refusals = {i: n for i, n in self._refusals.items() if i >= first_id}
         self._split_limit = {i: n for i, n in self._split_limit.items() if i >= first_id}
         self._singles = {i for i in self._singles if i >= first_id}
+        self._members = {}
+        if self.merge_records:
+            records = self._merge(records, self._limit())
         buffer_gaps = await self._pending_gaps()
         dead_gaps = await self._pending_dead_gaps()
         dead_through = self._dead_max_id
@@ -537,9 +560,9 @@ class Forwarder:
             if i not in failed and i not in poison and i not in kept
         ]
         if delivered or dead:
-            await self.buffer.commit([r.id for r in delivered] + dead)
+            await self.buffer.commit(self._ids([r.id for r in delivered] + dead))
         if delivered:
-            self.stats.records_sent += len(delivered)
+            self.stats.records_sent += len(self._ids([r.id for r in delivered]))
             self.stats.samples_delivered += sum(r.count for r in delivered) - set_aside
             self.stats.last_delivery = now
             self.stats.last_latency_s = now - delivered[-1].created
@@ -570,6 +593,65 @@ class Forwarder:
             self._failing = False
             self._backoff.reset()
         return True
+
+    # ------------------------------------------------------------------ merging
+
+    def _ids(self, ids: list[int]) -> list[int]:
+        """Buffer record ids behind the round's (possibly merged) record ids."""
+        return [m for i in ids for m in self._members.get(i, (i,))]
+
+    def _merge(self, records: list[Record], limit: int | None) -> list[Record]:
+        """merge_records: a device's records of this round become one record (one
+        message) as long as it stays within `limit` (default MERGE_MAX_BYTES), so a
+        publish-rate limit costs latency, not data. Records with a history (refused,
+        split, sent one sample at a time) and records that do not decode stay alone; a
+        merged record takes the first one's id (its members are committed together)."""
+        budget = (limit or MERGE_MAX_BYTES) - MERGE_MARGIN_BYTES
+        groups: list[list[Record]] = []
+        sizes: list[int] = []
+        open_group: dict[tuple[str, str], int] = {}  # (device, epoch) → index in groups
+        special = self._singles | self._split_limit.keys() | self._refusals.keys()
+        for record in records:
+            key = (record.device, record.epoch)
+            at = open_group.get(key)
+            if record.id in special:
+                groups.append([record])
+                sizes.append(len(record.data))
+                continue
+            if at is not None and sizes[at] + len(record.data) <= budget:
+                groups[at].append(record)
+                sizes[at] += len(record.data)
+                continue
+            open_group[key] = len(groups)
+            groups.append([record])
+            sizes.append(len(record.data))
+        out: list[Record] = []
+        for group in groups:
+            if len(group) == 1:
+                out.append(group[0])
+                continue
+            try:
+                samples = [s for r in group for s in record_samples(r.data)]
+            except (ValueError, TypeError):
+                out.extend(group)  # one of them is damaged: each goes its own way
+                continue
+            merged = _sub(group[0], samples)
+            merged = Record(
+                id=merged.id,
+                device=merged.device,
+                first_seq=group[0].first_seq,
+                last_seq=group[-1].last_seq,
+                count=sum(r.count for r in group),
+                created=group[0].created,
+                data=merged.data,
+                epoch=group[0].epoch,
+            )
+            self._members[merged.id] = [r.id for r in group]
+            if any(r.id in self._attempted for r in group):
+                self._attempted.add(merged.id)
+            self.stats.merged_records += len(group)
+            out.append(merged)
+        return out
 
     # ------------------------------------------------------------------ decisions
 

@@ -29,6 +29,7 @@ from agent.config import AgentSection, MqttConfig
 from agent.layouts import compact, lean, verbose
 from agent.layouts.common import Origin, PayloadError, samples_of
 from agent.publish import Message, packet_size
+from agent.publish.cloud import allows_retain
 from agent.publish.sparkplug import SparkplugNode
 
 __all__ = ["PayloadEncoder", "PayloadError"]
@@ -84,6 +85,9 @@ class PayloadEncoder:
         self._topics: dict[str, str] = {}
         self.mappings: dict[str, compact.Mapping] = {}
         self._announced: set[tuple[str, str]] = set()
+        # A platform that keeps no retained messages (Azure IoT Hub) refuses them: there
+        # the metadata is an ordinary message in the stream, before the data it maps.
+        self._meta_retain = allows_retain(mqtt.profile)
         self._cached: tuple[Record, list[dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------------ topics
@@ -145,7 +149,11 @@ class PayloadEncoder:
             self._head_meta, record.device, mapping, _room(self, record.device, limit)
         ):
             out.append(
-                Message(topic=self.meta_topic(record.device, suffix), payload=payload, retain=True)
+                Message(
+                    topic=self.meta_topic(record.device, suffix),
+                    payload=payload,
+                    retain=self._meta_retain,
+                )
             )
         self._announced.add(key)
         return out

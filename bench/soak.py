@@ -269,7 +269,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "max_queued_messages 100000",
                 *([f"max_packet_size {POISON_MAX_PACKET}"] if args.poison else []),
             ],
-            log_types=("error", "warning"),
+            # --keep-logs: every packet, to trace a lost seq through the broker.
+            log_types=("all",) if args.keep_logs else ("error", "warning"),
         ).start()
         sub: Subscriber | None = None
         agent: Proc | None = None
@@ -312,8 +313,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         rss_first = rss
                 if events and now >= events[0][0]:
                     _, kind = events.pop(0)
+                    at = round(time.time(), 2)
                     done_events.append(
-                        fault(kind, broker, agent, plc, sub, args, directory / "buffer.db")
+                        {
+                            **fault(kind, broker, agent, plc, sub, args, directory / "buffer.db"),
+                            "at": at,
+                        }
                     )
                     continue
                 time.sleep(0.5)
@@ -346,12 +351,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     proc.kill()
             if sub is not None:
                 sub.close()
-            broker.close()
             if args.keep_logs:
-                for name in ("agent.log", "plc.log"):
-                    src = directory / name
+                Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+                for src in (directory / "agent.log", directory / "plc.log", broker.log_path):
                     if src.exists():
-                        (Path(args.keep_logs) / name).write_bytes(src.read_bytes())
+                        (Path(args.keep_logs) / src.name).write_bytes(src.read_bytes())
+            broker.close()
 
 
 def fault(
@@ -371,8 +376,7 @@ def fault(
         time.sleep(args.outage_s / 2)
         damaged = damage_file(buffer_path)
         time.sleep(args.outage_s / 2)
-        broker.start()
-        sub.wait_subscribed(30)
+        restart_subscriber_first(broker, sub)
         return {
             "event": "buffer_damaged",
             "bytes_overwritten": damaged,
@@ -381,8 +385,7 @@ def fault(
     if kind == "outage":
         broker.stop()  # SIGTERM: mosquitto saves its sessions (persistence on)
         time.sleep(args.outage_s)
-        broker.start()
-        sub.wait_subscribed(30)
+        restart_subscriber_first(broker, sub)
         return {"event": "broker_outage", "down_s": round(time.monotonic() - t0, 1)}
     if kind == "kill":
         agent.kill()
@@ -399,6 +402,26 @@ def fault(
     time.sleep(args.plc_down_s)
     plc.start()
     return {"event": "plc_restart", "down_s": round(time.monotonic() - t0, 1)}
+
+
+def restart_subscriber_first(broker: MosquittoBroker, sub: Subscriber) -> None:
+    """Start the broker again, letting the measuring subscriber back in before the agent.
+
+    mosquitto 2.0.11 with persistence and an ACL file (the poison run's) restores a
+    persistent session at start but queues nothing for it until its client reconnects:
+    what the agent publishes in between is acknowledged to the agent (PUBACK 0) and never
+    reaches the subscriber — a loss of the measurement, not of the agent
+    (tests/integration/test_broker_sessions.py, docs/library-notes.md). So the broker
+    first admits only the subscriber's client id (`clientid_prefixes`, reloaded on
+    SIGHUP) and opens to every client once the subscriber has subscribed again; the
+    agent's connection attempts in between are refused and retried."""
+    normal = list(broker.extra_config)
+    broker.reconfigure([*normal, f"clientid_prefixes {sub.client_id}"])
+    broker.start()
+    try:
+        sub.wait_subscribed(30)
+    finally:
+        broker.reconfigure(normal)
 
 
 def damage_file(path: Path, pages: int = 4, page: int = 4096) -> int:
@@ -449,6 +472,16 @@ def read_buffer(path: Path) -> tuple[int, list[tuple[int, int]], list[tuple[int,
     # The lease file (`<path>.seq`: "<leased end> <epoch>") is not read: seqs leased and
     # never handed out are announced as `skipped` gaps when they are given up.
     return high, buffered, gaps
+
+
+def _neighbour(
+    seen: dict[int, tuple[str, str, str]], produced_at: dict[int, float], seq: int, step: int
+) -> dict[str, Any] | None:
+    """The nearest delivered seq from `seq` on in direction `step` (±1)."""
+    for q in range(seq, seq + step * 5000, step):
+        if q in seen:
+            return {"seq": q, "device": seen[q][0], "ts_agent": round(produced_at[q], 2)}
+    return None
 
 
 def figures(
@@ -543,6 +576,16 @@ def figures(
         "lost": len(lost),
         "lost_first": lost[:10],
         "lost_ranges": _ranges(lost)[:20],
+        # Who sits next to each lost range, by the ts_agent (Unix s) of the seqs just
+        # outside it: compare with the events' "at" to place a loss on the timeline.
+        "lost_context": [
+            {
+                "range": r,
+                "before": _neighbour(seen, produced_at, int(r.split("-")[0]) - 1, -1),
+                "after": _neighbour(seen, produced_at, int(r.split("-")[-1]) + 1, 1),
+            }
+            for r in _ranges(lost)[:5]
+        ],
         "max_backlog": max_backlog,
         "resume_after_kill_s": resumes,
         "rss_kib_start": rss[0],

@@ -20,6 +20,11 @@ properties — is agent.publish.session; this module decides what is sent on it:
   announced fails at once with 'Packet too large' (0x95) instead of getting the
   connection dropped (and every retry with it). `max_packet_size` exposes the limit so
   the forwarder can split batches to fit.
+- **Publish rate.** Where the platform limits publishes per connection (AWS IoT Core:
+  100/s) or ``mqtt.max_publishes_per_s`` is set, a token bucket per connection makes
+  ``publish()`` wait before handing paho the next message; nothing is dropped, the
+  forwarder's round just takes longer and the buffer holds what waits
+  (agent.publish.cloud).
 - A message paho rejects (``ValueError``: a topic with ``+``/``#``, an oversize payload)
   fails at once with ``permanent=True``; the connection stays up.
 - MQTT 5 PUBACK reason codes ≥ 0x80 (e.g. 0x87 Not authorized, what mosquitto answers for a
@@ -44,6 +49,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
 from agent.publish import PACKET_TOO_LARGE, Message, PublishResult, packet_size
+from agent.publish.cloud import TokenBucket, publish_rate
 from agent.publish.session import ConnectFailed, Connector, Session, connect
 
 log = structlog.get_logger()
@@ -71,6 +77,7 @@ class PublisherStats:
     inflight: int
     window: int
     max_packet_size: int | None = None  # the broker's, from the MQTT 5 CONNACK
+    renewals: int = 0  # planned reconnects with fresh credentials (Azure SAS tokens)
 
 
 @dataclass(eq=False)
@@ -83,6 +90,8 @@ class _Link:
         default_factory=dict
     )
     window_free: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Publishes per second on this connection (mqtt.max_publishes_per_s / the profile).
+    bucket: TokenBucket | None = None
 
     @property
     def open(self) -> bool:
@@ -236,6 +245,7 @@ class MqttPublisher:
             inflight=len(link.pending) if link is not None else 0,
             window=link.window if link is not None else 0,
             max_packet_size=self.max_packet_size,
+            renewals=c.renewals,
         )
 
     async def publish(self, messages: Sequence[Message]) -> list[PublishResult]:
@@ -249,6 +259,10 @@ class MqttPublisher:
             while link.open and len(link.pending) >= link.window:
                 link.window_free.clear()
                 await link.window_free.wait()
+            if link.bucket is not None and (wait := link.bucket.delay()) > 0:
+                # A platform's publish rate (AWS IoT Core): messages wait, none is dropped.
+                # One wait suffices: only births, sent at connect, take without waiting.
+                await asyncio.sleep(wait)
             if not link.open:
                 break
             futures.append(self._hand_over(link, msg))
@@ -285,6 +299,8 @@ class MqttPublisher:
             fut.set_result(self._fail(f"paho: {mqtt.error_string(rc)}"))
             return fut
         self._sent += 1
+        if link.bucket is not None:
+            link.bucket.take()
         timer = session.loop.call_later(self._config.publish_timeout_s, self._on_timeout, link, mid)
         link.pending[mid] = (fut, timer)
         return fut
@@ -321,6 +337,9 @@ class MqttPublisher:
         if session.receive_maximum is not None:
             window = min(window, session.receive_maximum)
         link = self._link = _Link(session, window)
+        rate = publish_rate(self._config.profile, self._config.max_publishes_per_s)
+        if rate is not None:
+            link.bucket = TokenBucket(*rate)
         session.on_puback = lambda mid, rc: self._on_puback(link, mid, rc)
         session.on_end = lambda _reason: link.window_free.set()
         for topic_filter, qos, callback in self._subscriptions:

@@ -19,6 +19,11 @@ and the loop that (re)connects.
   backoff and jitter (reconnect_min_s … reconnect_max_s), reset after a successful connect.
   Transitions are logged once: ``mqtt.connected`` (INFO), ``mqtt.disconnected`` (WARNING)
   and ``mqtt.connect.failed`` (WARNING, again only when the failure reason changes).
+- **Credentials per attempt** (agent.publish.cloud.login): the user name and password
+  are made for every connection attempt; a login that expires (an Azure IoT Hub SAS
+  token) sets ``Session.renew_at``, and the connector then closes the session cleanly at
+  that time and connects again at once with fresh credentials (``mqtt.credentials.renew``,
+  counted in ``renewals``, not as a disconnect).
 - **CONNACK properties.** paho 2.2 ignores the broker's MQTT 5 Receive Maximum and Maximum
   Packet Size; the session keeps both (`receive_maximum`, `max_packet_size`) for the
   publisher to enforce.
@@ -48,7 +53,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
-from agent.publish import Message
+from agent.publish import Message, cloud
 from agent.publish.tls import (
     VAGUE_CLOSE,
     TlsSetupError,
@@ -95,6 +100,9 @@ class Session:
         self.on_puback: Callable[[int, ReasonCode], None] = lambda _mid, _rc: None
         self.on_end: Callable[[str], None] = lambda _reason: None
         self.closing = False
+        #: Unix time by which to reconnect with fresh credentials (an Azure SAS token
+        #: that expires); None: the login does not expire.
+        self.renew_at: float | None = None
 
     @property
     def open(self) -> bool:
@@ -271,7 +279,7 @@ class _ConnectJob:
 
 def _new_client(
     cfg: MqttConfig, client_id: str, will: Message | None, window: int
-) -> tuple[mqtt.Client, TrackingContext | None]:
+) -> tuple[mqtt.Client, TrackingContext | None, float | None]:
     v5 = cfg.protocol == "5"
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
@@ -283,14 +291,15 @@ def _new_client(
     client.connect_timeout = CONNECT_TIMEOUT_S
     client.max_inflight_messages_set(window)
     client.max_queued_messages_set(window)
-    if cfg.username is not None:
-        try:
-            password = cfg.resolved_password()
-        except OSError as exc:
-            raise ConnectFailed(
-                f"cannot read password_file: {exc.strerror or type(exc).__name__}"
-            ) from None
-        client.username_pw_set(cfg.username, password)
+    try:
+        credentials = cloud.login(cfg)  # mqtt.profile: e.g. a fresh Azure SAS token
+    except OSError as exc:
+        what = "device_key_file" if cfg.profile == cloud.AZURE else "password_file"
+        raise ConnectFailed(f"cannot read {what}: {exc.strerror or type(exc).__name__}") from None
+    except ValueError as exc:
+        raise ConnectFailed(str(exc)) from None
+    if credentials.username is not None:
+        client.username_pw_set(credentials.username, credentials.password)
     ctx: TrackingContext | None = None
     if cfg.tls is not None:
         try:
@@ -300,7 +309,7 @@ def _new_client(
         client.tls_set_context(ctx)
     if will is not None:
         client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-    return client, ctx
+    return client, ctx, credentials.renew_at
 
 
 async def connect(
@@ -309,7 +318,7 @@ async def connect(
     """One attempt: TCP connect, CONNECT, wait for CONNACK. Raises ConnectFailed.
     window: paho's in-flight and queue limit (default cfg.max_inflight)."""
     loop = asyncio.get_running_loop()
-    client, ctx = _new_client(cfg, client_id, will, window or cfg.max_inflight)
+    client, ctx, renew_at = _new_client(cfg, client_id, will, window or cfg.max_inflight)
 
     def call() -> MQTTErrorCode:
         if cfg.protocol == "5":
@@ -356,6 +365,7 @@ async def connect(
         raise ConnectFailed(f"connect: {mqtt.error_string(rc)}")
 
     session = Session(client, loop, sock.fileno(), sock)
+    session.renew_at = renew_at
     session._bind_callbacks()
     fd = sock.fileno()
     loop.add_reader(fd, session.guarded, _reader(session))
@@ -419,6 +429,7 @@ class Connector:
         self.connects = 0
         self.disconnects = 0
         self.connect_failures = 0
+        self.renewals = 0  # planned reconnects with fresh credentials
         self.connected_since: float | None = None
 
     def _backoff(self, delay: float) -> float:
@@ -453,6 +464,7 @@ class Connector:
             self.connected_since = time.time()
             self._on_up(session)
             try:
+                renewing = await self._until_end_or_renewal(session)
                 reason = await asyncio.shield(session.ended)
             finally:
                 session.end("closed")
@@ -460,9 +472,32 @@ class Connector:
                 self._on_down(session, session.ended.result())
             if self.closing:
                 return
+            if renewing:
+                continue  # a planned reconnect with fresh credentials: no backoff
             self.disconnects += 1
             self._log.warning("mqtt.disconnected", reason=reason)
             await asyncio.sleep(self._backoff(delay))
+
+    async def _until_end_or_renewal(self, session: Session) -> bool:
+        """Wait for the session to end; when its credentials are due for renewal first
+        (session.renew_at), close it cleanly and return True."""
+        if session.renew_at is None:
+            await asyncio.shield(session.ended)
+            return False
+        try:
+            async with asyncio.timeout(max(0.0, session.renew_at - cloud.clock())):
+                await asyncio.shield(session.ended)
+            return False
+        except TimeoutError:
+            pass
+        self.renewals += 1
+        self._log.info("mqtt.credentials.renew", note="reconnecting with a fresh token")
+        session.disconnect()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await asyncio.shield(session.ended)
+        session.end("credentials renewed")
+        return True
 
 
 def _reader(session: Session) -> Callable[[], MQTTErrorCode]:

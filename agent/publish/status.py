@@ -13,6 +13,14 @@ reason and since when, published on each transition and again, for every device,
 each connect (so a status that changed during an outage is not lost). A device removed by a
 reload gets its retained status cleared (an empty retained message on its topic).
 
+Platforms without retained messages or wills (``mqtt.profile: azure-iot-hub``, see
+agent.publish.cloud): the same messages go out **not retained** — ``online`` after every
+connect, device statuses after every connect and on each transition, ``offline`` on a
+clean stop — and there is **no will**, so a consumer learns of a lost connection from the
+platform (IoT Hub's device connection state), not from us. A removed device gets a
+``{"state": "removed"}`` message instead of an empty retained one. These messages are
+marked ``msg-type=status`` / ``device-status`` in the message properties.
+
 `StatusMessages` is pure code that builds the messages. `DeviceStatusSync` is the task
 that delivers them: it keeps the newest message per topic until the broker acknowledged it
 (retrying with backoff while it fails, dropping a message only when a newer one for the
@@ -32,7 +40,7 @@ import structlog
 
 from agent.config import AgentSection, MqttConfig
 from agent.poller import Backoff
-from agent.publish import Message, Publisher
+from agent.publish import Message, Publisher, cloud
 
 log = structlog.get_logger()
 
@@ -74,6 +82,8 @@ class StatusMessages:
             "started": _iso(started),
         }
         self._devices: dict[str, Message] = {}
+        self._retain = cloud.allows_retain(mqtt.profile)
+        self._will = cloud.allows_will(mqtt.profile)
 
     @property
     def topic(self) -> str:
@@ -85,10 +95,13 @@ class StatusMessages:
 
     def _agent(self, state: str, reason: str | None) -> Message:
         body = {**self._common, "state": state, "reason": reason}
-        return Message(self._topic, orjson.dumps(body), qos=1, retain=True)
+        return Message(self._topic, orjson.dumps(body), qos=1, retain=self._retain)
 
-    def will(self) -> Message:
-        """The offline message the broker publishes if the connection dies."""
+    def will(self) -> Message | None:
+        """The offline message the broker publishes if the connection dies; None where
+        the platform takes no will (azure-iot-hub)."""
+        if not self._will:
+            return None
         return self._agent("offline", "connection lost")
 
     def online(self) -> Message:
@@ -112,6 +125,10 @@ class StatusMessages:
         status on the broker, and it is no longer re-sent after a connect."""
         self._devices.pop(device, None)
         topic = self._mqtt.device_status_topic.format(**self._fields, device=device)
+        if not self._retain:
+            body = {"schema": DEVICE_STATUS_SCHEMA, "agent": self._common["agent"]}
+            body |= {"device": device, "state": "removed"}
+            return Message(topic, orjson.dumps(body), qos=1, retain=False)
         return Message(topic, b"", qos=1, retain=True)
 
     def device(self, device: str, state: DeviceState, reason: str | None, since: float) -> Message:
@@ -125,7 +142,7 @@ class StatusMessages:
             "since": _iso(since),
         }
         topic = self._mqtt.device_status_topic.format(**self._fields, device=device)
-        msg = Message(topic, orjson.dumps(body), qos=1, retain=True)
+        msg = Message(topic, orjson.dumps(body), qos=1, retain=self._retain)
         self._devices[device] = msg
         return msg
 

@@ -38,6 +38,7 @@ from agent.normalize import Normalizer, SeqCounter
 from agent.payload import PayloadEncoder
 from agent.poller import DevicePoller, DeviceStatus
 from agent.publish import Publisher
+from agent.publish.cloud import message_limit, publish_rate
 from agent.publish.sparkplug import SparkplugNode, sparkplug_node
 from agent.publish.status import DeviceStatusSync, StatusMessages
 from agent.runtime.reload import ReloadResult, plan_reload, read_config
@@ -291,6 +292,13 @@ class Agent:
             dead_letters=open_store(config),
             max_refusals=config.mqtt.max_refusals,
             max_message_bytes=config.mqtt.max_message_bytes,
+            # mqtt.profile's limit (agent.publish.cloud.message_limit) when none is set:
+            # agent.publish.limits.effective_max_message_bytes combines them.
+            platform_message_bytes=message_limit(config.mqtt.profile),
+            # Paced publishes (AWS IoT Core): fewer, larger messages instead of a queue
+            # (the batch layouts; lean and compact say each poll's timestamp once).
+            merge_records=config.mqtt.layout in ("lean", "compact", "device")
+            and publish_rate(config.mqtt.profile, config.mqtt.max_publishes_per_s) is not None,
         )
         sup = self.supervisor
         try:

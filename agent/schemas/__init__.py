@@ -74,6 +74,7 @@ def reference_markdown() -> str:
     """docs/configuration.md: every config key with type, default and meaning."""
     from agent.config import (
         AgentSection,
+        AzureIotHub,
         BufferConfig,
         HttpConfig,
         LoggingConfig,
@@ -87,6 +88,7 @@ def reference_markdown() -> str:
         ("agent", AgentSection, "Who this agent is."),
         ("buffer", BufferConfig, "The durable store-and-forward buffer."),
         ("mqtt", MqttConfig, "The broker samples are published to."),
+        ("mqtt.azure", AzureIotHub, "Azure IoT Hub login (profile azure-iot-hub; docs/cloud.md)."),
         ("logging", LoggingConfig, "Logging (to stderr)."),
         ("http", HttpConfig, "The metrics, health and status endpoint (off when absent)."),
         (
@@ -154,6 +156,16 @@ reported with file:line and exit code 2:
   expand to must fit MQTT's 65,535 bytes. With `layout: device` tag names only appear in
   the JSON body and may be any text. `mqtt.client_id` and `username` must be valid MQTT
   strings.
+- **Cloud profiles** (`mqtt.profile`, docs/cloud.md): `aws-iot-core` needs `client_id`
+  (the thing name: 1-128 letters, digits, `:`, `_`, `-`), a `tls` section with
+  `cert_file`/`key_file`, a host name (not an address: SNI), topics of at most 7 `/` and
+  256 bytes (every topic the layout publishes, expanded with the longest device and tag
+  name), `max_message_bytes` ≤ 128,000 and `max_publishes_per_s` ≤ 100. `azure-iot-hub`
+  needs the `azure` section, MQTT 3.1.1, a `tls` section, exactly one login (a base64
+  `device_key`/`device_key_file`, or a TLS client certificate), no `layout: sparkplug`,
+  no topic templates, `client_id`, `username`, `password` or `retain_last` of its own,
+  device names (and tag names with `layout: tag`) of letters, digits and `- . _ ~` only
+  (they go into the message properties) and `max_message_bytes` ≤ 256,000.
 - **Port 0** (any free port) is for simulator mode only: a device `port: 0` or an OPC UA
   endpoint `opc.tcp://host:0/...` is an error for `validate` and `run`, and accepted by
   `validate --simulate`, `run --simulate` and `simulate`. (`http.port: 0` is always

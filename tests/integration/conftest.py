@@ -1,16 +1,20 @@
-"""Fixtures that start real servers on loopback: a mosquitto broker and test subscribers.
+"""Fixtures that start real servers on loopback: a mosquitto broker, test subscribers,
+and `any_broker`, which runs a test once against mosquitto and once against a second
+MQTT implementation (NATS's MQTT listener, tests/support/nats.py).
 
-Tests that use them are skipped when mosquitto is not installed, except under CI=true,
-where they fail (see tests/support/broker.py)."""
+Tests that use them are skipped when mosquitto (or nats-server) is not installed, except
+under CI=true, where they fail (see tests/support/broker.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import pytest
 
 from tests.support.broker import MosquittoBroker, require_mosquitto
+from tests.support.nats import NatsBroker, require_nats
 from tests.support.subscriber import Subscriber
 
 
@@ -69,3 +73,26 @@ def subscriber_factory() -> Iterator[SubscriberFactory]:
     yield make
     for sub in made:
         sub.close()
+
+
+@dataclass(frozen=True)
+class BrokerUnderTest:
+    """One broker implementation: where it listens and the MQTT version to speak to it
+    (NATS speaks 3.1.1 only)."""
+
+    name: Literal["mosquitto", "nats"]
+    host: str
+    port: int
+    protocol: Literal["5", "3.1.1"]
+
+
+@pytest.fixture(params=["mosquitto", "nats"])
+def any_broker(request: pytest.FixtureRequest) -> Iterator[BrokerUnderTest]:
+    """A started broker, once per implementation: mosquitto (MQTT 5) and nats-server's
+    MQTT listener (MQTT 3.1.1), so that a test assumes nothing only mosquitto does."""
+    if request.param == "mosquitto":
+        with MosquittoBroker(binary=require_mosquitto()) as mosquitto:
+            yield BrokerUnderTest("mosquitto", mosquitto.host, mosquitto.port, "5")
+    else:
+        with NatsBroker(binary=require_nats()) as nats:
+            yield BrokerUnderTest("nats", nats.host, nats.port, "3.1.1")

@@ -106,6 +106,9 @@ class TlsListener:
     cafile: Path
     require_certificate: bool = True
     tls_version: str = "tlsv1.2"
+    #: More mosquitto.conf lines for this listener, e.g. ``("max_qos 1",
+    #: "use_identity_as_username true")``.
+    extra: tuple[str, ...] = ()
 
 
 class BrokerError(RuntimeError):
@@ -159,6 +162,11 @@ class MosquittoBroker:
         if self._port is None:
             raise RuntimeError("broker not started")
         return self._port
+
+    @property
+    def extra_config(self) -> list[str]:
+        """The extra mosquitto.conf lines in use (see `reconfigure`)."""
+        return list(self._extra)
 
     @property
     def tls_port(self) -> int:
@@ -244,6 +252,15 @@ class MosquittoBroker:
                 os.kill(self._proc.pid, signal.SIGCONT)
             self._paused = False
 
+    def reload_users(self, users: Mapping[str, str]) -> None:
+        """Replace the password file and make the running broker read it again (SIGHUP);
+        connected clients stay connected, new logins are checked against `users`."""
+        if self._dir is None or self._users is None or self._proc is None:
+            raise RuntimeError("reload_users needs a started broker made with users=")
+        self._users = dict(users)
+        write_password_file(self._dir / "passwd", self._users)
+        os.kill(self._proc.pid, signal.SIGHUP)
+
     def close(self) -> None:
         """Stop the broker and delete its directory. Safe to call more than once."""
         try:
@@ -270,9 +287,21 @@ class MosquittoBroker:
 
     # ------------------------------------------------------------------ internals
 
+    def reconfigure(self, extra_config: Sequence[str]) -> None:
+        """Replace the `extra_config` lines (same ports). A running broker re-reads its
+        config (SIGHUP), where only what mosquitto.conf(5) marks "Reloaded on reload
+        signal" takes effect; a stopped one uses it at its next start."""
+        self._extra = list(extra_config)
+        if self._dir is None:
+            return
+        self._write_config()
+        if self.running and self._proc is not None:
+            os.kill(self._proc.pid, signal.SIGHUP)
+
     def _write_config(self) -> None:
         assert self._dir is not None
-        self._port = free_port(self.host)
+        if self._port is None:
+            self._port = free_port(self.host)
         lines = [
             f"listener {self._port} {self.host}",
             *(
@@ -300,7 +329,8 @@ class MosquittoBroker:
         lines += self._extra
         if self._tls is not None:
             # Last: in mosquitto.conf the lines after `listener` configure that listener.
-            self._tls_port = free_port(self.host)
+            if self._tls_port is None:
+                self._tls_port = free_port(self.host)
             tls = self._tls
             lines += [
                 f"listener {self._tls_port} {self.host}",
@@ -309,6 +339,7 @@ class MosquittoBroker:
                 f"keyfile {tls.keyfile}",
                 f"require_certificate {'true' if tls.require_certificate else 'false'}",
                 f"tls_version {tls.tls_version}",
+                *tls.extra,
             ]
         (self._dir / "mosquitto.conf").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

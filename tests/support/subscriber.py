@@ -50,6 +50,7 @@ class Subscriber:
         self.host = host
         self.port = port
         self.topic_filter = topic_filter
+        self.client_id = client_id
         self._timeout_s = timeout_s
         # A persistent session (MQTT 5, needs a client_id): the broker queues QoS 1
         # messages for us while we are disconnected, across a broker restart too when the
