@@ -507,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.deadletter_cli import add_deadletter_commands
 
     add_deadletter_commands(sub, _load)
+    from agent.dataset.cli import add_dataset_commands
+
+    add_dataset_commands(sub, _load)
     _add_optional_commands(sub)
     return parser
 

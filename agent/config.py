@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, create_model, model_validator
 from pydantic_core import ErrorDetails
 
+from agent.derive.config import check_device as check_derive
 from agent.profiles import Expanded, Located, expand_profiles, merge_located
 from agent.publish import cloud
 from agent.yamlsafe import YamlProblem, load_yaml
@@ -913,6 +914,7 @@ def _start_checks(
             out.append((("mqtt", *at.split(".")), problem))
     for i, device in devices:
         out.extend((("devices", i, *loc), msg) for loc, msg in device.check(simulate=simulate))
+        out.extend((("devices", i, *loc), msg) for loc, msg in check_derive(device))
         for j, tag in enumerate(getattr(device, "tags", [])):
             for key in ("scale", "offset"):
                 number = getattr(tag, key, 0.0)

@@ -72,11 +72,11 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import structlog
 
 from agent.buffer import Buffer, Gap, Record
 from agent.buffer.common import record_samples
+from agent.buffer.record import encode_samples
 from agent.payload import PayloadEncoder
 from agent.poller import Backoff
 from agent.publish import (
@@ -1019,6 +1019,9 @@ def _pieces(record: Record, n: int) -> list[Record]:
 
 
 def _sub(record: Record, samples: list[dict[str, Any]]) -> Record:
+    """A sub-record of `record` holding `samples` (a slice of its decoded samples),
+    encoded by the record codec, so that it decodes to exactly those samples; it keeps
+    the record's epoch."""
     return Record(
         id=record.id,
         device=record.device,
@@ -1026,5 +1029,6 @@ def _sub(record: Record, samples: list[dict[str, Any]]) -> Record:
         last_seq=int(samples[-1]["seq"]),
         count=len(samples),
         created=record.created,
-        data=orjson.dumps(samples),
+        data=encode_samples(samples),
+        epoch=record.epoch,
     )

@@ -127,6 +127,9 @@ class DevicePoller:
         self._connect_guard_s = per_request + 5
         # group → loop time of its last all-bad report while down
         self._down_reported: dict[str, float] = {}
+        # Groups to read now, outside their schedule (read_soon), and what wakes the loop.
+        self._soon: set[str] = set()
+        self._wake: asyncio.Event | None = None
 
     @property
     def stall_deadline_s(self) -> float:
@@ -152,11 +155,16 @@ class DevicePoller:
                     await self._report_subscribed_down()
                     self.status.cycles += 1
                     await asyncio.sleep(self._retry_delay())
+            self._wake = asyncio.Event()
             while True:
+                if self._soon:
+                    await self._poll_soon()
+                    continue
                 group = min(due, key=due.__getitem__)
                 delay = due[group] - loop.time()
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    await self._sleep(delay)
+                    continue  # woken for a read now, or due: look again
                 started = loop.time()
                 await self._poll(group)
                 interval = self._groups[group]
@@ -171,6 +179,38 @@ class DevicePoller:
                 due[group] = nxt
         finally:
             await self._disconnect()
+
+    def read_soon(self, groups: frozenset[str]) -> None:
+        """Read these polled groups now, outside their schedule (a cycle snapshot's
+        `read: at_trigger`); their regular polls keep their times. Subscribed and unknown
+        groups are ignored. Safe to call from any task of the loop; never waits."""
+        wanted = {g for g in groups if g in self._groups and g not in self._subscribe}
+        if not wanted:
+            return
+        self._soon |= wanted
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _sleep(self, delay: float) -> None:
+        wake = self._wake
+        if wake is None:
+            await asyncio.sleep(delay)
+            return
+        wake.clear()
+        if self._soon:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await wake.wait()
+
+    async def _poll_soon(self) -> None:
+        loop = asyncio.get_running_loop()
+        for group in sorted(self._soon):
+            self._soon.discard(group)
+            started = loop.time()
+            await self._poll(group)
+            self.status.last_poll_duration_s = loop.time() - started
+            self.status.cycles += 1
 
     def _retry_delay(self) -> float:
         loop = asyncio.get_running_loop()

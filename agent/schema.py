@@ -87,6 +87,37 @@ class Sample(_Wire):
         "persisted across restarts. A gap means samples were dropped; a repeat is a "
         "duplicate delivery. (agent, epoch, seq) identifies a sample.",
     )
+    # Optional members of derived samples (docs/derive.md); absent on raw samples.
+    repeat: bool | None = Field(
+        default=None,
+        description="Report by exception: true on a heartbeat, a re-send of the tag's last "
+        "published sample with its original value, quality and timestamps (only seq is "
+        "new). Absent otherwise.",
+    )
+    cycle: int | None = Field(
+        default=None,
+        description="Cycle snapshots: the cycle id, on every sample of the cycle's record "
+        "(the counter's value, or the agent's durable per-device sequence). Absent "
+        "otherwise.",
+    )
+    missed: CyclesMissed | None = Field(
+        default=None,
+        description="Cycle snapshots, on the cycle's own sample: cycle ids the counter "
+        "skipped since the previous snapshot. Absent when none were missed.",
+    )
+    window_start: datetime | None = Field(
+        default=None,
+        description="Window features: start of the window (inclusive); ts_agent is its "
+        "end. Absent otherwise.",
+    )
+
+
+class CyclesMissed(_Wire):
+    """Cycles a counter skipped between two snapshots (agent.derive.cycles)."""
+
+    first: int = Field(description="First cycle id not seen.")
+    last: int = Field(description="Last cycle id not seen.")
+    count: int = Field(description="Cycles not seen (last - first + 1).")
 
 
 class GapNotice(_Wire):
@@ -291,3 +322,8 @@ class WireSample(TypedDict):
     unit: str | None
     seq: int
     value_text: NotRequired[str]  # only when the value was made bad (agent.normalize)
+    # agent.derive: only on derived samples
+    repeat: NotRequired[bool]
+    cycle: NotRequired[int]
+    missed: NotRequired[dict[str, int]]
+    window_start: NotRequired[datetime]

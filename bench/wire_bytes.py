@@ -105,7 +105,7 @@ def records(tags: list[TagCommon], polls: list[list[RawReading]]) -> list[Record
                 batch.last_seq,
                 batch.count,
                 0.0,
-                batch.data,
+                batch.full,  # dictionary + body: what the buffer's take() hands out
                 epoch="3f2a9c0d4b5e6f708192a3b4c5d6e7f8",
             )
         )

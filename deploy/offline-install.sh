@@ -59,6 +59,7 @@ else
   "$rel/venv/bin/python" -c \
     'from agent.buffer.sqlite import FORMAT_VERSION; print(FORMAT_VERSION)' > "$rel/BUFFER_FORMAT"
   cp "$pkg/VERSION" "$pkg/edge-agent.service" "$pkg/agent.yaml.example" "$rel/"
+  cp "$pkg/edge-agent-collect.service" "$rel/"
   cp "$pkg/edge-agent-rollback" "$pkg/uninstall.sh" "$pkg/lib.sh" "$rel/"
   cp -r "$pkg/docs" "$rel/"
   touch "$rel/.complete"

@@ -18,7 +18,11 @@ from datetime import datetime
 from typing import Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agent.derive.config import CycleConfig, ReportConfig, WindowConfig
+from drivers.machines import MOULDING_ROLES, PRESS_ROLES
+from drivers.machines import ROLES as MACHINE_ROLES
 
 log = structlog.get_logger(__name__)
 
@@ -209,8 +213,18 @@ class ConfigModel(BaseModel):
 class SimulateSpec(ConfigModel):
     """How the simulator drives a tag's value (simulator mode only)."""
 
-    generator: Literal["constant", "ramp", "sine", "random_walk", "counter", "toggle"] = Field(
-        description="Shape of the simulated value over time."
+    generator: Literal[
+        "constant",
+        "ramp",
+        "sine",
+        "random_walk",
+        "counter",
+        "toggle",
+        "injection_moulding",
+        "press",
+    ] = Field(
+        description="Shape of the simulated value over time; injection_moulding and press "
+        "are simulated machines whose tags each show one `role` (drivers/machines.py)."
     )
     value: float | int | bool | str | None = Field(
         default=None, description="constant: the value; others: the starting value."
@@ -218,11 +232,54 @@ class SimulateSpec(ConfigModel):
     min: float | None = Field(default=None, description="Lower bound (ramp, sine, random_walk).")
     max: float | None = Field(default=None, description="Upper bound (ramp, sine, random_walk).")
     period_s: float = Field(
-        default=60.0, gt=0, description="ramp/sine: seconds per cycle; toggle: seconds per state."
+        default=60.0,
+        gt=0,
+        description="ramp/sine: seconds per cycle; toggle: seconds per state; "
+        "injection_moulding: nominal cycle time of a shot; press: seconds per stroke.",
     )
     step: float = Field(
         default=1.0, description="counter: increment per period_s; random_walk: max step."
     )
+    role: str | None = Field(
+        default=None,
+        description="injection_moulding / press only: the machine's signal this tag shows, "
+        f"injection_moulding: {', '.join(MOULDING_ROLES)}; press: {', '.join(PRESS_ROLES)}.",
+    )
+    seed: int = Field(
+        default=0,
+        description="injection_moulding / press: which machine; tags with the same "
+        "generator, period_s and seed show one machine.",
+    )
+    fault_period_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="press: a fault signature grows over each such period, then resets "
+        "(as after a repair); none: a healthy press.",
+    )
+
+    @model_validator(mode="after")
+    def _machine_fields(self) -> SimulateSpec:
+        roles = MACHINE_ROLES.get(self.generator)
+        if roles is None:
+            extra = [
+                k
+                for k, default in (("role", None), ("seed", 0), ("fault_period_s", None))
+                if getattr(self, k) != default
+            ]
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)}: only for the injection_moulding and press generators"
+                )
+            return self
+        if self.role is None:
+            raise ValueError(f"{self.generator} needs a role, one of: {', '.join(roles)}")
+        if self.role not in roles:
+            raise ValueError(
+                f"role {self.role!r} is not one of {self.generator}'s: {', '.join(roles)}"
+            )
+        if self.fault_period_s is not None and self.generator != "press":
+            raise ValueError("fault_period_s: only for the press generator")
+        return self
 
 
 class TagCommon(ConfigModel):
@@ -237,12 +294,22 @@ class TagCommon(ConfigModel):
     simulate: SimulateSpec | None = Field(
         default=None, description="Simulated value in simulator mode (a default is chosen)."
     )
+    report: ReportConfig | None = Field(
+        default=None,
+        description="Report by exception for this tag (overrides its group's and "
+        "device's `report`); see docs/derive.md.",
+    )
 
 
 class PollGroup(ConfigModel):
     """A set of tags of one device read together at one interval."""
 
     interval_s: float = Field(gt=0, description="Seconds between polls of this group.")
+    report: ReportConfig | None = Field(
+        default=None,
+        description="Report by exception for the tags of this group (overrides the "
+        "device's `report`); see docs/derive.md.",
+    )
 
 
 class DeviceCommon(ConfigModel):
@@ -272,6 +339,19 @@ class DeviceCommon(ConfigModel):
         gt=0,
         description="While the device is down: seconds between its all-bad sample sets "
         "(the transition itself is reported at once).",
+    )
+    report: ReportConfig | None = Field(
+        default=None,
+        description="Report by exception for every tag of the device (a group's or a "
+        "tag's own `report` overrides it); see docs/derive.md.",
+    )
+    cycles: list[CycleConfig] = Field(
+        default_factory=list,
+        description="Cycle snapshots: one record per machine cycle (docs/derive.md).",
+    )
+    windows: list[WindowConfig] = Field(
+        default_factory=list,
+        description="Window features of chosen tags (docs/derive.md).",
     )
 
     def endpoint_text(self) -> str:

@@ -2,7 +2,8 @@
 
 A generator is built once per tag from its `SimulateSpec` (or a default chosen from
 the tag's type) and asked for a value at a time `t` in seconds since the simulator
-started. `random_walk` keeps state; the others are pure in `t`.
+started. `random_walk` keeps state; the others are pure in `t`. The simulated machines
+(`injection_moulding`, `press`) are in drivers/machines.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from drivers.base import Scalar, SimulateSpec
+from drivers.machines import machine_signal
 
 Kind = Literal["bool", "int", "float", "str"]
 Generator = Callable[[float], Scalar]
@@ -65,6 +67,14 @@ def make_generator(
         return float(x)
 
     g = spec.generator
+    if g in ("injection_moulding", "press"):
+        assert spec.role is not None  # SimulateSpec checks it
+        signal = machine_signal(
+            g, spec.role, period_s=period, seed=spec.seed, fault_period_s=spec.fault_period_s
+        )
+        if kind == "str":
+            return lambda t: str(signal(t))
+        return lambda t: cast(float(signal(t)))
     if g == "constant":
         const: Scalar = start if start is not None else low
         if kind == "str":

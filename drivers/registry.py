@@ -53,8 +53,10 @@ ENTRY_POINT_GROUP = "edge_agent.protocols"
 #: "subscribe": its driver can be a SubscribingDriver (some groups pushed, not polled);
 #: "columns": its driver has `read_columns` (ColumnReader);
 #: "shared_links": its devices share links through DriverContext.shared;
+#: "write": its driver is a WritingDriver (`write(tag, raw)`), and its device model's
+#: `write_refusal(tag)` says which tags cannot be written;
 #: "simulate": it has a simulator (set automatically when `simulate` is given).
-CAPABILITIES = frozenset({"subscribe", "columns", "shared_links", "simulate"})
+CAPABILITIES = frozenset({"subscribe", "columns", "shared_links", "write", "simulate"})
 
 DriverFactory = Callable[[Any, DriverContext], Driver]
 """`create_driver(device, context) -> Driver`: the device is an instance of the

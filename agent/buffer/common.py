@@ -1,4 +1,4 @@
-"""Helpers shared by the buffer implementations: batch encoding and checks, size
+"""Helpers shared by the buffer implementations: record decoding, size
 accounting, the drop-episode log, gaps, the append notifier, and `open_buffer`.
 
 Both implementations (`agent.buffer.sqlite`, `agent.buffer.memory`) follow the same rules
@@ -19,13 +19,14 @@ import asyncio
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import structlog
 
 from agent.buffer import Gap as Gap  # re-exported: it used to be defined here
+from agent.buffer.record import EncodedBatch as EncodedBatch  # re-exported
+from agent.buffer.record import RecordEncoder, decode_samples, is_record
 from agent.schema import WireSample
 
 if TYPE_CHECKING:
@@ -45,21 +46,7 @@ GAPS_MAX = 10_000
 
 DropReason = Literal["drop_oldest", "drop_newest", "too_large", "max_age", "memory_full", "corrupt"]
 
-_ORJSON_OPTS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
-
 log = structlog.get_logger()
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedBatch:
-    first_seq: int
-    last_seq: int
-    count: int
-    data: bytes
-
-    @property
-    def size(self) -> int:
-        return record_size(len(self.data))
 
 
 def new_epoch() -> str:
@@ -73,40 +60,23 @@ def record_size(data_len: int) -> int:
 
 
 def encode_batch(samples: Sequence[WireSample], last_seq: int) -> EncodedBatch:
-    """Check the seqs of a batch and encode it as a JSON array (the wire form).
+    """Check the seqs of a batch and encode it as a record (`agent.buffer.record`), with
+    a fresh encoder (no dictionary kept: the buffers keep their own `RecordEncoder`).
 
     Raises ValueError when the batch is empty, or when seqs are not strictly increasing
-    or not above `last_seq` (a programming error in the caller: seqs are allocated once
-    per agent and never reused)."""
-    if not samples:
-        raise ValueError("empty batch: append at least one sample")
-    first = samples[0]["seq"]
-    n = len(samples)
-    if type(first) is int and first > last_seq:
-        # The common case, consecutive int seqs, checked at C speed; anything else takes
-        # the per-sample loop below (which names the offending sample).
-        seqs = [s["seq"] for s in samples]
-        if seqs == list(range(first, first + n)) and set(map(type, seqs)) == {int}:
-            data = orjson.dumps(samples, option=_ORJSON_OPTS)
-            return EncodedBatch(first, first + n - 1, n, data)
-    prev = last_seq
-    for s in samples:
-        seq = s["seq"]
-        if type(seq) is not int or seq <= prev:
-            raise ValueError(
-                f"seq {seq!r} of {s.get('device')!r}/{s.get('tag')!r} is not above "
-                f"{prev} (last_seq was {last_seq}): seqs must be strictly increasing"
-            )
-        prev = seq
-    data = orjson.dumps(samples, option=_ORJSON_OPTS)
-    return EncodedBatch(samples[0]["seq"], prev, len(samples), data)
+    or not above `last_seq`."""
+    return RecordEncoder().encode(samples, last_seq)
 
 
 def record_samples(data: bytes) -> list[dict[str, Any]]:
-    """The samples of a stored record's `data`, in seq order: the one way every reader
-    (layouts, the forwarder's split, salvage, dead letters) decodes a record, so the
-    stored format can change in one place. Raises ValueError for data that is not a
-    record."""
+    """The samples of a record's `data`, in seq order: the one way every reader (layouts,
+    the forwarder's split, salvage, dead letters) decodes a record, so the stored format
+    can change in one place. Reads format 3 (`agent.buffer.record`: columnar, checked)
+    and format 2 (the JSON array of samples) alike; the dicts have the format-2 shape
+    (timestamps as their ISO 8601 text, NaN/±Inf as None). Raises ValueError for data
+    that is not a record, or a record that fails its checksum (`CorruptRecord`)."""
+    if is_record(data):
+        return decode_samples(data)
     try:
         samples = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -114,6 +84,14 @@ def record_samples(data: bytes) -> list[dict[str, Any]]:
     if not isinstance(samples, list):
         raise ValueError("not a record: not a list of samples")
     return samples
+
+
+def record_json(data: bytes) -> bytes:
+    """The samples of a record as a JSON array (the format-2 bytes themselves for a
+    format-2 record). Raises ValueError as `record_samples`."""
+    if is_record(data):
+        return orjson.dumps(decode_samples(data))
+    return data
 
 
 class GapList:

@@ -19,10 +19,10 @@ from agent.buffer.common import (
     Gap,
     GapList,
     Notifier,
-    encode_batch,
     new_epoch,
     record_size,
 )
+from agent.buffer.record import RecordEncoder
 from agent.config import BufferConfig
 from agent.schema import WireSample
 
@@ -52,6 +52,7 @@ class MemoryBuffer:
         self._open = False
         self._epoch = new_epoch()
         self._dropped_by: dict[str, int] = {}
+        self._encoder = RecordEncoder()
 
     async def open(self) -> None:
         """Nothing to recover: a memory buffer starts empty, with a new epoch (its seqs
@@ -80,10 +81,12 @@ class MemoryBuffer:
             raise RuntimeError("buffer is not open")
         if not samples:
             return
-        batch = encode_batch(samples, self._last_seq)
+        batch = self._encoder.encode(samples, self._last_seq)
+        # Self-contained records (dictionary + body), counted whole: no dictionary table.
+        data = batch.full
         now = time.time()
         self._expire(now)
-        size = batch.size
+        size = record_size(len(data))
         limit = self._config.max_bytes
         self._last_seq = batch.last_seq
         refused: DropReason | None = None
@@ -106,7 +109,7 @@ class MemoryBuffer:
         rid = self._next_id
         self._next_id += 1
         self._records[rid] = Record(
-            rid, device, batch.first_seq, batch.last_seq, batch.count, now, batch.data, self._epoch
+            rid, device, batch.first_seq, batch.last_seq, batch.count, now, data, self._epoch
         )
         self._ids.append(rid)
         self._bytes += size

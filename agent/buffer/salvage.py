@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from agent.buffer.common import record_samples
+from agent.buffer.record import CorruptRecord, Dictionary, check_body, check_dictionary, is_body
 
 #: Records are read this many ids at a time.
 SALVAGE_CHUNK = 1024
@@ -35,7 +36,10 @@ def try_(fn: Callable[[], _T], default: _T) -> _T:
         return default
 
 
-RecordRow = tuple[int, str, int, int, int, float, bytes, str]
+#: id, device, first_seq, last_seq, count, created, data, epoch, dict
+RecordRow = tuple[int, str, int, int, int, float, bytes, str, int]
+#: The columns of a record row when the caller does not say.
+DEFAULT_COLS = "id, device, first_seq, last_seq, count, created, data, epoch, dict"
 
 
 @dataclass
@@ -49,18 +53,59 @@ class Copied:
     high: int = 0  # highest seq of a copied record
 
 
+def copy_dicts(old: sqlite3.Connection, con: sqlite3.Connection) -> dict[int, Dictionary]:
+    """Copy every tag dictionary of `old` that reads back and passes its checksum into
+    `con`, with its id; returns them by id. A file without the table (format 1 or 2) has
+    none."""
+    hi = try_(lambda: int(old.execute("SELECT coalesce(max(id), 0) FROM dicts").fetchone()[0]), -1)
+    if hi < 0:  # the table's last page is unreadable: bound the ids by what refers to them
+        hi = try_(
+            lambda: int(old.execute("SELECT coalesce(max(dict), 0) FROM records").fetchone()[0]),
+            _DICT_IDS_GUESS,
+        )
+    out: dict[int, Dictionary] = {}
+    for did, blob in _read_dicts(old, 1, hi):
+        try:
+            d = check_dictionary(bytes(blob))
+        except (CorruptRecord, TypeError):
+            continue
+        con.execute("INSERT INTO dicts (id, data) VALUES (?, ?)", (int(did), d.blob))
+        out[int(did)] = d
+    return out
+
+
+#: Dictionary ids searched when neither table tells the highest one.
+_DICT_IDS_GUESS = 4096
+
+
+def _read_dicts(old: sqlite3.Connection, lo: int, hi: int) -> list[Any]:
+    """The dictionary rows with lo <= id <= hi; a range that fails is split in halves."""
+    if hi < lo:
+        return []
+    try:
+        return old.execute(
+            "SELECT id, data FROM dicts WHERE id BETWEEN ? AND ? ORDER BY id", (lo, hi)
+        ).fetchall()
+    except sqlite3.Error:
+        if lo == hi:
+            return []
+        mid = (lo + hi) // 2
+        return _read_dicts(old, lo, mid) + _read_dicts(old, mid + 1, hi)
+
+
 def copy_intact(
     old: sqlite3.Connection,
     con: sqlite3.Connection,
-    epoch_col: str,
+    cols: str,
     insert_sql: str,
     skip: set[int] | frozenset[int] = frozenset(),
 ) -> Copied:
     """Copy every record of `old` that reads back whole into `con` (inside the caller's
-    transaction, with `insert_sql` taking the 8 columns of a record), with its id; ids in
-    `skip` are left out. Ids stay above every id the
-    old file gave out, like AUTOINCREMENT."""
+    transaction, with `insert_sql` taking the 9 columns `cols` of a record), with its id,
+    and the tag dictionaries they refer to; ids in `skip` are left out. Ids stay above
+    every id the old file gave out, like AUTOINCREMENT."""
     out = Copied()
+    dicts = copy_dicts(old, con)
     hi = try_(
         lambda: int(
             old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()[0]
@@ -75,7 +120,7 @@ def copy_intact(
     in_bad = False
     for start in range(max(lo, 1), hi + 1, SALVAGE_CHUNK):
         end = min(start + SALVAGE_CHUNK - 1, hi)
-        for row in read_range(old, start, end, epoch_col):
+        for row in read_range(old, start, end, cols, dicts):
             if row is None:
                 if not in_bad:
                     out.bad_after.append(out.kept[-1][1] if out.kept else None)
@@ -110,28 +155,43 @@ def lost_ranges(copied: Copied, high: int, floor: int) -> list[tuple[int, int]]:
 
 
 def read_range(
-    old: sqlite3.Connection, lo: int, hi: int, epoch_col: str = "epoch"
+    old: sqlite3.Connection,
+    lo: int,
+    hi: int,
+    cols: str = DEFAULT_COLS,
+    dicts: dict[int, Dictionary] | None = None,
 ) -> list[RecordRow | None]:
     """The records with lo <= id <= hi of a damaged file, in id order: a row, or None
     for a stretch that cannot be read (a range that fails is split in halves down to
-    single ids) or whose data does not hold what its columns say."""
+    single ids) or whose data does not hold what its columns say (see `intact`)."""
     try:
         rows = old.execute(
-            "SELECT id, device, first_seq, last_seq, count, created, data, "
-            f"{epoch_col} FROM records WHERE id BETWEEN ? AND ? ORDER BY id",
-            (lo, hi),
+            f"SELECT {cols} FROM records WHERE id BETWEEN ? AND ? ORDER BY id", (lo, hi)
         ).fetchall()
     except sqlite3.Error:
         if lo == hi:
             return [None]
         mid = (lo + hi) // 2
-        return read_range(old, lo, mid, epoch_col) + read_range(old, mid + 1, hi, epoch_col)
-    return [row if intact(row) else None for row in rows]
+        return read_range(old, lo, mid, cols, dicts) + read_range(old, mid + 1, hi, cols, dicts)
+    return [row if intact(row, dicts or {}) else None for row in rows]
 
 
-def intact(row: Any) -> bool:
+def intact(row: Any, dicts: dict[int, Dictionary]) -> bool:
+    """Whether a row reads back whole: a format-3 body passes its checksum, matches its
+    row's seqs and count and belongs to a dictionary in `dicts` (by id and checksum) of
+    its device; a format-2 row's JSON decodes to exactly its seq range and device."""
     try:
-        rid, device, first, last, count, created, data, epoch = row
+        rid, device, first, last, count, created, data, epoch, did = row
+        if not (isinstance(rid, int) and isinstance(created, float) and isinstance(epoch, str)):
+            return False
+        if is_body(data):
+            head = check_body(data)
+            if (head.first_seq, head.last_seq, head.count) != (first, last, count):
+                return False
+            if head.json:
+                return True
+            d = dicts.get(did)
+            return d is not None and d.crc == head.dict_crc and d.device == device
         samples = record_samples(data)
         return (
             isinstance(samples, list)

@@ -4,8 +4,11 @@ Design
 ======
 
 Unit of storage
-    A *record* is one batch (one poll of one device): its samples encoded once with orjson
-    as a JSON array of Sample objects (the wire form), plus the seq range it holds. The
+    A *record* is one batch (one poll of one device), encoded once by `agent.buffer.record`
+    (columnar, checksummed: see its docstring for the layout), plus the seq range it holds.
+    The row stores the record's body; the device's tag dictionary (names, units, value
+    kinds) is stored once in ``dicts`` and joined to the body by `take`, so every reader
+    gets self-contained data and decodes it with `agent.buffer.common.record_samples`. The
     forwarder takes records oldest first and deletes them (`commit`) only after the broker
     acknowledged them, so delivery is at least once and in order per device.
 
@@ -30,12 +33,14 @@ Invariants
       figures are written only by that thread; `stats()` returns an immutable snapshot the
       thread publishes after each change, so it costs no I/O.
 
-On-disk format (``PRAGMA user_version`` = 2)
+On-disk format (``PRAGMA user_version`` = 3)
     ::
 
         records(id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT, first_seq INTEGER,
                 last_seq INTEGER, count INTEGER, created REAL /* epoch s */, data BLOB,
-                epoch TEXT)
+                epoch TEXT, dict INTEGER /* dicts.id; 0: data is a format-2 JSON array */)
+        dicts(id INTEGER PRIMARY KEY, data BLOB UNIQUE)   -- tag dictionaries (record.py)
+        set_aside(...)   -- records that failed their checks at take, the newest 64
         meta(key TEXT PRIMARY KEY, value INTEGER)     -- 'last_seq': seq high-water mark
         gaps(id INTEGER PRIMARY KEY, first_seq INTEGER, last_seq INTEGER, count INTEGER,
              reason TEXT /* see agent.buffer.Gap */, created REAL, epoch TEXT)
@@ -46,7 +51,32 @@ On-disk format (``PRAGMA user_version`` = 2)
     A format-1 file (before epochs) is upgraded at open: the epoch columns are added
     with ``''``, which stands for the ``legacy_epoch`` made at the upgrade (no row is
     rewritten); a format-1 ``.seq`` (a bare number) is read as a lease without epoch.
-    A format-2 file is refused by a format-1 agent ("newer format").
+    A format-2 file is upgraded at open by adding ``dicts``, ``set_aside`` and the
+    ``dict`` column (0): its rows stay JSON arrays and are read as they are (`take` and
+    `record_samples` tell the two apart by the data's first bytes). Converting them would
+    cost minutes and a second write of the whole backlog at the first start (flash wear,
+    and a crash in the middle to handle), for rows that are delivered and deleted soon
+    anyway; they carry no checksum, as before. A newer file is refused by an older agent
+    ("newer format"): format 3 by a format-2 agent, and the install and rollback scripts
+    (deploy/offline-install.sh, deploy/edge-agent-rollback) refuse to switch to a release
+    whose ``BUFFER_FORMAT`` is below the buffer's while it holds records.
+
+    A new file has 1 KiB pages (``PAGE_SIZE``): records of one poll of a large device
+    take 2-4 KiB, and in 4 KiB pages such a record takes a whole page (two do not fit),
+    while every commit writes whole pages to the WAL. With 1 KiB pages the file holds
+    2.4-3.6 bytes a value instead of 4.4, and a third of the bytes are written to the
+    disk (bench/README.md, "Record format"). A file made before format 3 (4 KiB pages)
+    is rebuilt with 1 KiB pages the first time it drains empty (a VACUUM of the few pages
+    left, with the journal in DELETE mode meanwhile; INFO ``buffer.page_size.changed``);
+    until then 2-4 KiB records can take up to twice their counted size on its disk.
+
+    Checks: `take` verifies every format-3 row (the body's CRC32, its header against the
+    row's seqs and count, the dictionary's CRC32 against the one the body names). A row
+    that fails is moved to ``set_aside`` in one transaction with its gap (reason
+    ``corrupt``, its seq range) and ERROR ``buffer.record.corrupt``; it is never
+    published. A damaged dictionary (ERROR ``buffer.dictionary.corrupt`` at open) makes
+    every record that refers to it fail that way. Dictionaries no waiting record refers
+    to are deleted when the buffer drains (with the other drained maintenance).
 
     The file is opened with ``locking_mode=EXCLUSIVE``: a second agent (or a stray
     ``sqlite3`` shell) pointed at the same file fails at open instead of interleaving
@@ -58,15 +88,17 @@ Size accounting and the on-disk margin
     (`agent.buffer.common`), kept in memory and initialised at open from the table. The
     file itself is larger than the counted bytes by:
 
-    - page rounding: a record larger than a page (4 KiB) spills into overflow pages whose
-      last one is on average half empty, i.e. up to ~4 KiB per large record (≈ 2 % for
-      100 KiB records; nothing for records that fit in a page);
+    - page rounding: a record larger than a page (1 KiB; 4 KiB in a file made before
+      format 3 that has not drained yet) spills into overflow pages whose last one is on
+      average half empty, i.e. up to a page per large record;
+    - the tag dictionaries (one per device and configuration, a few bytes per tag), not
+      counted;
     - B-tree slack: pages are rarely full; ≈ 10-30 % for small inline records;
     - free pages after deletions (``auto_vacuum=INCREMENTAL``: reused by later appends,
       given back to the file system when the buffer drains empty (at most every
       ``_DRAINED_MAINTENANCE_EVERY_S``, 5 s, unless they exceed 4 MiB) and whenever free
       pages exceed a quarter of the counted bytes);
-    - the WAL: checkpointed automatically every ~4 MiB, truncated to at most
+    - the WAL: checkpointed automatically every 1,000 pages (~1 MiB), truncated to at most
       ``JOURNAL_SIZE_LIMIT`` (4 MiB) after a checkpoint, to zero when the buffer drains
       (at the same rate as the free pages).
 
@@ -228,16 +260,26 @@ from agent.buffer.common import (
     EncodedBatch,
     GapList,
     Notifier,
-    encode_batch,
     new_epoch,
     record_size,
+)
+from agent.buffer.record import (
+    CorruptRecord,
+    Dictionary,
+    RecordEncoder,
+    check_body,
+    check_dictionary,
+    is_body,
+    split_record,
 )
 from agent.buffer.salvage import Copied, copy_intact, lost_ranges, seq_ranges, try_
 from agent.config import BufferConfig
 from agent.schema import WireSample
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 JOURNAL_SIZE_LIMIT = 4 << 20
+#: Page size of a new file (see "Size accounting and the on-disk margin").
+PAGE_SIZE = 1024
 #: How long open() waits for a lock held by another process before giving up.
 LOCK_TIMEOUT_S = 1.0
 #: While degraded, how often an append or commit tries the disk again.
@@ -265,7 +307,23 @@ CREATE TABLE IF NOT EXISTS records (
     count INTEGER NOT NULL,
     created REAL NOT NULL,
     data BLOB NOT NULL,
-    epoch TEXT NOT NULL DEFAULT ''
+    epoch TEXT NOT NULL DEFAULT '',
+    dict INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS dicts (id INTEGER PRIMARY KEY, data BLOB NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS set_aside (
+    id INTEGER PRIMARY KEY,
+    record_id INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    created REAL NOT NULL,
+    data BLOB NOT NULL,
+    epoch TEXT NOT NULL,
+    dict INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gaps (
@@ -286,12 +344,20 @@ _UPGRADE_1 = """
 ALTER TABLE records ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
 ALTER TABLE gaps ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
 """
+#: Format 2 to 3: records refer to their tag dictionary; rows written by a format-2 agent
+#: keep 0 (no dictionary: their data is the JSON array of samples, read as it is).
+_UPGRADE_2 = """
+ALTER TABLE records ADD COLUMN dict INTEGER NOT NULL DEFAULT 0;
+"""
 _SCHEMA = f"BEGIN EXCLUSIVE;{_TABLES}PRAGMA user_version = {FORMAT_VERSION};COMMIT;"
 
 _INSERT_RECORD = (
-    "INSERT INTO records (id, device, first_seq, last_seq, count, created, data, epoch) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO records (id, device, first_seq, last_seq, count, created, data, epoch, dict) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: Records set aside because they fail their checks are kept (for inspection) up to this
+#: many, the oldest forgotten first.
+SET_ASIDE_KEEP = 64
 _INSERT_GAP = (
     "INSERT INTO gaps (first_seq, last_seq, count, reason, created, epoch) "
     "VALUES (?, ?, ?, ?, ?, ?)"
@@ -314,7 +380,11 @@ def _is_corruption(exc: BaseException) -> bool:
     if not isinstance(exc, sqlite3.DatabaseError):
         return False
     name = getattr(exc, "sqlite_errorname", "") or ""
-    return name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT"))
+    # A text column whose bytes were overwritten: SQLite reads the row, Python's sqlite3
+    # cannot decode it (damage SQLite's own page checks do not see).
+    return name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) or str(exc).startswith(
+        "Could not decode to UTF-8"
+    )
 
 
 def is_disk_error(exc: BaseException) -> bool:
@@ -384,6 +454,14 @@ class SqliteBuffer:
         self._dropped_by: dict[str, int] = {}
         self._oldest_first_seq: int | None = None
         self._epoch_col = "epoch"  # "''" on a read-only stand-in of a format-1 file
+        # The columns of a record row (a stand-in of an older file lacks some).
+        self._cols = _record_cols("epoch", "dict")
+        # Tag dictionaries (see "On-disk format"): blob -> id, id -> decoded.
+        self._encoder = RecordEncoder()
+        self._dict_ids: dict[bytes, int] = {}
+        self._dicts: dict[int, Dictionary] = {}
+        self._set_aside_failed: set[int] = set()  # damaged records the disk would not move
+        self._page_size_ok = False  # checked (and fixed) at the first drain, see _repage
         self._stats = self._snapshot()
 
     # ------------------------------------------------------------------ lifecycle
@@ -501,7 +579,8 @@ class SqliteBuffer:
         con = sqlite3.connect(path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
         try:
             con.execute("PRAGMA locking_mode=EXCLUSIVE")
-            # Only takes effect on a new file (before the first table is created).
+            # Both only take effect on a new file (before the first table is created).
+            con.execute(f"PRAGMA page_size={PAGE_SIZE}")
             con.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -520,9 +599,10 @@ class SqliteBuffer:
                 )
             # In one exclusive transaction, which also takes the lock that is then kept
             # for the life of the connection (locking_mode=EXCLUSIVE).
-            if version == 1:
+            if version in (1, 2):
+                upgrade = (_UPGRADE_1 if version == 1 else "") + _UPGRADE_2
                 con.executescript(
-                    f"BEGIN EXCLUSIVE;{_UPGRADE_1}{_TABLES}"
+                    f"BEGIN EXCLUSIVE;{upgrade}{_TABLES}"
                     f"PRAGMA user_version = {FORMAT_VERSION};COMMIT;"
                 )
             else:
@@ -746,6 +826,7 @@ class SqliteBuffer:
                     0,
                 )
                 col = "epoch" if try_(lambda: _has_epoch(old), False) else "''"
+                dcol = "dict" if try_(lambda: _has_column(old, "dict"), False) else "0"
                 old_gaps = try_(
                     lambda: [
                         Gap(int(a), int(b), int(c), str(d), str(e))
@@ -758,7 +839,7 @@ class SqliteBuffer:
                 )
                 old_epoch = try_(lambda: _info(old, "epoch"), None)
                 old_legacy = try_(lambda: _info(old, "legacy_epoch"), None)
-                copied = copy_intact(old, con, col, _INSERT_RECORD)
+                copied = copy_intact(old, con, _record_cols(col, dcol), _INSERT_RECORD)
                 if copied.hi == 0 and not note:
                     note = "no readable records table"
             # The lost seqs of each unreadable stretch lie between the intact records
@@ -840,9 +921,7 @@ class SqliteBuffer:
             return self._salvage_failed(exc, err, tmp_files)
         try:
             new.execute("BEGIN IMMEDIATE")
-            copied = copy_intact(
-                old, new, self._epoch_col, _INSERT_RECORD, skip=self._pending_deletes
-            )
+            copied = copy_intact(old, new, self._cols, _INSERT_RECORD, skip=self._pending_deletes)
             lost = lost_ranges(copied, high, floor=floor)
             for first, last in lost:
                 self._gaps.add(Gap(first, last, last - first + 1, "corrupt", self._epoch))
@@ -982,11 +1061,46 @@ class SqliteBuffer:
         self._max_id = int(max_id)
         # Never below ids already given out (records held in memory while degraded).
         self._id_hw = max(self._id_hw, self._max_id, int(id_seq[0]) if id_seq else 0)
+        self._load_dicts(con)
         forgotten = self._gaps.forgotten
         self._gaps = GapList(gaps)
         self._gaps.forgotten = forgotten
         self._refresh_oldest()
         self._publish()
+
+    def _load_dicts(self, con: sqlite3.Connection) -> None:
+        """The tag dictionaries in the file; a damaged one is left out (the records that
+        refer to it fail their check at take and are set aside as corrupt)."""
+        rows: list[Any] = try_(lambda: con.execute("SELECT id, data FROM dicts").fetchall(), [])
+        self._dict_ids = {}
+        self._dicts = {}
+        for did, blob in rows:
+            try:
+                d = check_dictionary(bytes(blob))
+            except CorruptRecord as exc:
+                log.error(
+                    "buffer.dictionary.corrupt", path=str(self._path), dict_id=did, error=str(exc)
+                )
+                continue
+            self._dicts[int(did)] = d
+            self._dict_ids[d.blob] = int(did)
+
+    def _dict_id(self, con: sqlite3.Connection, blob: bytes) -> int:
+        """The id of a tag dictionary in the file, inserted if new (inside the caller's
+        transaction; the caller notes it with `_note_dict` once that committed)."""
+        if not blob:
+            return 0
+        did = self._dict_ids.get(blob)
+        if did is not None:
+            return did
+        con.execute("INSERT OR IGNORE INTO dicts (data) VALUES (?)", (blob,))
+        return int(con.execute("SELECT id FROM dicts WHERE data = ?", (blob,)).fetchone()[0])
+
+    def _note_dict(self, did: int, blob: bytes) -> None:
+        if did and did not in self._dicts:
+            d = check_dictionary(blob)
+            self._dicts[did] = d
+            self._dict_ids[d.blob] = did
 
     # ------------------------------------------------------------------ epoch and lease
 
@@ -1120,12 +1234,27 @@ class SqliteBuffer:
         """Make `con` the connection (a v1 read-only stand-in has no epoch columns)."""
         self._con = con
         self._epoch_col = "epoch" if try_(lambda: _has_epoch(con), True) else "''"
+        dict_col = "dict" if try_(lambda: _has_column(con, "dict"), True) else "0"
+        self._cols = _record_cols(self._epoch_col, dict_col)
 
     def _row_epoch(self, value: object) -> str:
         return str(value) if value else self._legacy_epoch or self._epoch
 
     def _record(self, row: Any) -> Record:
-        rid, device, first, last, count, created, data, epoch = row
+        """The record of a row, its data self-contained (see "On-disk format"); raises
+        CorruptRecord when the row fails its checks."""
+        rid, device, first, last, count, created, data, epoch, did = row
+        if is_body(data):
+            head = check_body(data)
+            if (head.first_seq, head.last_seq, head.count) != (first, last, count):
+                raise CorruptRecord("record: its header does not match its row")
+            if not head.json:
+                d = self._dicts.get(did)
+                if d is None:
+                    raise CorruptRecord(f"record: its dictionary {did} is missing or damaged")
+                if d.crc != head.dict_crc:
+                    raise CorruptRecord("record: refers to another dictionary")
+                data = d.blob + data
         return Record(rid, device, first, last, count, created, data, epoch or self._legacy_epoch)
 
     def _count_drop(self, reason: str, records: int, samples: int) -> None:
@@ -1160,7 +1289,7 @@ class SqliteBuffer:
     # ------------------------------------------------------------------ append
 
     def _append_sync(self, device: str, samples: Sequence[WireSample]) -> None:
-        batch = encode_batch(samples, self._last_seq)
+        batch = self._encoder.encode(samples, self._last_seq)
         now = time.time()
         self._ensure_lease(batch.last_seq)
         if self._degraded is not None and time.monotonic() >= self._next_probe:
@@ -1195,7 +1324,7 @@ class SqliteBuffer:
 
     def _append_disk(self, device: str, batch: EncodedBatch, now: float) -> None:
         con = self._require_con()
-        size = batch.size
+        size = record_size(len(batch.data))
         limit = self._config.max_bytes
         refused: DropReason | None = None
         if size > limit:
@@ -1205,6 +1334,7 @@ class SqliteBuffer:
         expired: list[_Row] = []
         evicted: list[_Row] = []
         new_id = 0
+        did = 0
         gaps_before = (list(self._gaps.gaps), self._gaps.forgotten)
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -1219,9 +1349,10 @@ class SqliteBuffer:
                     evicted = self._evict(
                         con, self._bytes - expired_bytes + size - limit, "drop_oldest"
                     )
+                did = self._dict_id(con, batch.dictionary)
                 cur = con.execute(
                     "INSERT INTO records (device, first_seq, last_seq, count, created, data, "
-                    "epoch) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "epoch, dict) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         device,
                         batch.first_seq,
@@ -1230,6 +1361,7 @@ class SqliteBuffer:
                         now,
                         batch.data,
                         self._epoch,
+                        did,
                     ),
                 )
                 new_id = int(cur.lastrowid or 0)
@@ -1242,6 +1374,7 @@ class SqliteBuffer:
             self._gaps.gaps, self._gaps.forgotten = gaps_before
             raise
         self._last_seq = batch.last_seq
+        self._note_dict(did, batch.dictionary)
         if expired:
             self._forget(expired, "max_age")
         if refused is not None:
@@ -1412,7 +1545,10 @@ class SqliteBuffer:
         self._publish()
 
     def _append_memory(self, device: str, batch: EncodedBatch, now: float) -> None:
-        size = batch.size
+        # Held self-contained (dictionary + body) and counted so; moved to the file as
+        # body and dictionary (see _try_recover).
+        data = batch.full
+        size = record_size(len(data))
         limit = self._config.memory_fallback_bytes
         self._last_seq = batch.last_seq
         if size > limit:
@@ -1444,7 +1580,7 @@ class SqliteBuffer:
         self._id_hw += 1
         rid = self._id_hw
         self._spill[rid] = Record(
-            rid, device, batch.first_seq, batch.last_seq, batch.count, now, batch.data, self._epoch
+            rid, device, batch.first_seq, batch.last_seq, batch.count, now, data, self._epoch
         )
         self._spill_bytes += size
         self._records += 1
@@ -1476,13 +1612,25 @@ class SqliteBuffer:
                     "DELETE FROM records WHERE id IN (SELECT value FROM json_each(?))",
                     (orjson.dumps(sorted(self._pending_deletes)),),
                 )
-            con.executemany(
-                _INSERT_RECORD,
-                (
-                    (r.id, r.device, r.first_seq, r.last_seq, r.count, r.created, r.data, r.epoch)
-                    for r in self._spill.values()
-                ),
-            )
+            rows: list[tuple[Any, ...]] = []
+            for r in self._spill.values():
+                blob, body = split_record(r.data)
+                did = self._dict_id(con, blob)
+                self._dict_ids.setdefault(blob, did)  # reloaded from the file below
+                rows.append(
+                    (
+                        r.id,
+                        r.device,
+                        r.first_seq,
+                        r.last_seq,
+                        r.count,
+                        r.created,
+                        body,
+                        r.epoch,
+                        did,
+                    )
+                )
+            con.executemany(_INSERT_RECORD, rows)
             used = int(
                 con.execute(
                     "SELECT coalesce(sum(length(data)), 0) + count(*) * ? FROM records",
@@ -1503,6 +1651,7 @@ class SqliteBuffer:
                 with contextlib.suppress(sqlite3.Error):
                     con.execute("ROLLBACK")
             self._gaps.gaps, self._gaps.forgotten = gaps_before
+            self._load_dicts(con)  # the ids noted above were rolled back
             if not is_disk_error(exc):
                 raise
             return
@@ -1533,8 +1682,7 @@ class SqliteBuffer:
         return (
             self._require_con()
             .execute(
-                "SELECT id, device, first_seq, last_seq, count, created, data, "
-                f"{self._epoch_col} FROM records WHERE id > ? ORDER BY id LIMIT ?",
+                f"SELECT {self._cols} FROM records WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, max_records + len(self._pending_deletes)),
             )
             .fetchall()
@@ -1559,7 +1707,17 @@ class SqliteBuffer:
                 # A disk that cannot even be read: deliver what memory holds meanwhile.
                 self._enter_degraded(exc)
         pending = self._pending_deletes
-        out = [self._record(row) for row in rows if row[0] not in pending][:max_records]
+        bad: list[tuple[Any, str]] = []
+        for row in rows:
+            if row[0] in pending or row[0] in self._set_aside_failed:
+                continue
+            try:
+                out.append(self._record(row))
+            except CorruptRecord as exc:
+                bad.append((row, str(exc)))
+        if bad:
+            self._set_aside(bad)
+        out = out[:max_records]
         if len(out) < max_records and self._spill:
             for rid, rec in self._spill.items():
                 if rid > after_id:
@@ -1567,6 +1725,93 @@ class SqliteBuffer:
                     if len(out) >= max_records:
                         break
         return out
+
+    def _set_aside(self, bad: list[tuple[Any, str]]) -> None:
+        """Records that fail their checks at take: moved to ``set_aside`` (the newest
+        SET_ASIDE_KEEP kept for inspection) and reported as gaps with reason ``corrupt``,
+        never published. When the disk refuses that, they are only hidden from take."""
+        con = self._require_con()
+        gaps_before = (list(self._gaps.gaps), self._gaps.forgotten)
+        deleted: list[tuple[Any, str, int, int]] = []
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            for row, error in bad:
+                rid, device, first, last, count, created, data, epoch, did = row
+                con.execute(
+                    "INSERT INTO set_aside (record_id, device, first_seq, last_seq, count, "
+                    "created, data, epoch, dict, error, at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        rid,
+                        device,
+                        first,
+                        last,
+                        count,
+                        created,
+                        data,
+                        epoch,
+                        did,
+                        error,
+                        time.time(),
+                    ),
+                )
+                gone = con.execute(
+                    "DELETE FROM records WHERE id = ? RETURNING count, length(data)", (rid,)
+                ).fetchone()
+                if gone is None:
+                    continue
+                lo, hi = sorted((int(first), int(last)))
+                self._add_gap(con, Gap(lo, hi, int(count), "corrupt", self._row_epoch(epoch)))
+                deleted.append((row, error, int(gone[0]), int(gone[1])))
+            con.execute(
+                "DELETE FROM set_aside WHERE id NOT IN "
+                "(SELECT id FROM set_aside ORDER BY id DESC LIMIT ?)",
+                (SET_ASIDE_KEEP,),
+            )
+            con.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if con.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    con.execute("ROLLBACK")
+            self._gaps.gaps, self._gaps.forgotten = gaps_before
+            for row, error in bad:
+                if row[0] not in self._set_aside_failed:
+                    self._set_aside_failed.add(row[0])
+                    log.error(
+                        "buffer.record.corrupt",
+                        path=str(self._path),
+                        record_id=row[0],
+                        device=row[1],
+                        first_seq=row[2],
+                        last_seq=row[3],
+                        error=error,
+                        set_aside=False,
+                        detail=f"hidden from delivery; the disk refused to move it: {exc}",
+                    )
+            return
+        for row, error, count, length in deleted:
+            self._records -= 1
+            self._samples -= count
+            self._bytes -= record_size(length)
+            self._count_drop("corrupt", 1, count)
+            log.error(
+                "buffer.record.corrupt",
+                path=str(self._path),
+                record_id=row[0],
+                device=row[1],
+                first_seq=row[2],
+                last_seq=row[3],
+                samples=count,
+                error=error,
+                set_aside=True,
+                detail=(
+                    "the record fails its checksum or layout checks: it is not published; "
+                    "its seq range is reported to consumers as a gap (reason corrupt); "
+                    "the damaged row is kept in the set_aside table"
+                ),
+            )
+        self._refresh_max_id()
+        self._refresh_oldest()
+        self._publish()
 
     def _commit_sync(self, ids: list[int]) -> None:
         con = self._require_con()
@@ -1673,6 +1918,11 @@ class SqliteBuffer:
                 now - self._last_drained_maintenance >= _DRAINED_MAINTENANCE_EVERY_S
                 or self._free_bytes(con) > _VACUUM_MIN_BYTES
             ):
+                # Dictionaries no waiting record refers to (a device whose tags changed).
+                con.execute("DELETE FROM dicts WHERE id NOT IN (SELECT dict FROM records)")
+                self._load_dicts(con)
+                if not self._page_size_ok:
+                    self._repage(con)
                 con.executescript("PRAGMA incremental_vacuum;")
                 con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                 self._commits_since_check = 0
@@ -1686,6 +1936,30 @@ class SqliteBuffer:
                 self._recover_damage(exc)
                 return
             log.warning("buffer.vacuum.failed", path=str(self._path), error=str(exc))
+
+    def _repage(self, con: sqlite3.Connection) -> None:
+        """A file made before format 3 has 4 KiB pages: rebuild it with PAGE_SIZE the first
+        time it drains (a VACUUM of the few pages left; see "On-disk format"). The journal
+        is switched to DELETE for it, as SQLite requires, and back to WAL."""
+        self._page_size_ok = True  # tried once per open, whatever happens
+        old = int(con.execute("PRAGMA page_size").fetchone()[0])
+        if old == PAGE_SIZE:
+            return
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        con.execute("PRAGMA journal_mode=DELETE").fetchall()
+        try:
+            con.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            con.execute("VACUUM")
+        finally:
+            mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        new = int(con.execute("PRAGMA page_size").fetchone()[0])
+        log.info(
+            "buffer.page_size.changed",
+            path=str(self._path),
+            old_page_size=old,
+            page_size=new,
+            journal_mode=str(mode),
+        )
 
     @staticmethod
     def _free_bytes(con: sqlite3.Connection) -> int:
@@ -1802,6 +2076,15 @@ def _valid_epoch(epoch: str) -> bool:
 def _info(con: sqlite3.Connection, key: str) -> str | None:
     row = con.execute("SELECT value FROM info WHERE key = ?", (key,)).fetchone()
     return str(row[0]) if row is not None and row[0] else None
+
+
+def _record_cols(epoch_col: str, dict_col: str) -> str:
+    """The columns of a record row, in `_INSERT_RECORD`'s order."""
+    return f"id, device, first_seq, last_seq, count, created, data, {epoch_col}, {dict_col}"
+
+
+def _has_column(con: sqlite3.Connection, name: str) -> bool:
+    return any(row[1] == name for row in con.execute("PRAGMA table_info(records)"))
 
 
 def _has_epoch(con: sqlite3.Connection) -> bool:

@@ -142,8 +142,16 @@ class AgentCollector(Collector):
             "1 for the device's current state (starting, up, down).",
             labels=["device", "state"],
         )
+        derived = CounterMetricFamily(
+            "edge_agent_device_derived",
+            "What the derive stage did (docs/derive.md), by kind: held_back, repeats, "
+            "cycles, cycles_missed, counter_resets, debounced, windows.",
+            labels=["device", "kind"],
+        )
         for st in a.devices:
             name = st.name
+            for kind, n in st.derived:
+                derived.add_metric([name, kind], n)
             polls.add_metric([name], st.polls)
             failed.add_metric([name], st.failed_polls)
             skipped.add_metric([name], st.skipped_polls)
@@ -154,7 +162,7 @@ class AgentCollector(Collector):
             up.add_metric([name], 1 if st.state == "up" else 0)
             for s in DEVICE_STATES:
                 state.add_metric([name, s], 1 if st.state == s else 0)
-        yield from (polls, failed, skipped, connects, errors, duration, up, state)
+        yield from (polls, failed, skipped, connects, errors, duration, up, state, derived)
 
     def _poison(self, a: AgentSnapshot) -> Iterator[Metric]:
         p = a.forwarder.poison

@@ -79,6 +79,7 @@ def status_json(snap: AgentSnapshot) -> dict[str, Any]:
             "down_reports": d.down_reports,
             "last_poll_duration_s": round(d.last_poll_duration_s, 6),
             "errors_by_reason": dict(d.errors_by_reason),
+            **({"derived": dict(d.derived)} if d.derived else {}),
             "tags": [
                 {
                     "tag": t.tag,

@@ -33,6 +33,8 @@ from agent.buffer import Buffer
 from agent.buffer.common import open_buffer
 from agent.config import Config
 from agent.deadletter_cli import open_store
+from agent.derive.stage import DeviceDerive
+from agent.derive.state import DeriveState, state_path
 from agent.forwarder import Forwarder
 from agent.normalize import Normalizer, SeqCounter
 from agent.payload import PayloadEncoder
@@ -60,6 +62,8 @@ log = structlog.get_logger()
 WRITER_TASK = "buffer-writer"
 FORWARDER_TASK = "forwarder"
 MQTT_TASK = "mqtt"
+#: How often time windows that are over are closed when no reading closes them.
+DERIVE_TICK_S = 1.0
 
 
 def device_tags(device: DeviceCommon) -> list[TagCommon]:
@@ -105,6 +109,7 @@ class DeviceRun:
 
     poller: DevicePoller
     task: asyncio.Task[None]
+    derive: DeviceDerive | None = None
 
 
 @dataclass
@@ -114,6 +119,7 @@ class _Built:
     device: DeviceCommon
     poller: DevicePoller
     latest: dict[str, WireSample]
+    derive: DeviceDerive | None = None
 
 
 ConfigAdapter = Callable[[Config], Config]
@@ -176,7 +182,12 @@ class Agent:
         )
         self.heartbeats = Heartbeats(on_stall=self._on_stall)
         self.stall_s = sup.stall_s
-        self.writer = BufferWriter(self.buffer, self._stored, self._append_retrying)
+        self.derive_state = DeriveState(
+            state_path(config.buffer.path) if config.buffer.kind == "sqlite" else None
+        )
+        self.writer = BufferWriter(
+            self.buffer, self._stored, self._append_retrying, derive_state=self.derive_state
+        )
         # What drivers share (one serial line or gateway connection for many units):
         # lent by this run, closed once every poller has stopped.
         self.driver_context = DriverContext(config.links)
@@ -435,7 +446,8 @@ class Agent:
         self._running = True
         for item in built:
             self._start_built(item)
-        helpers = ["status", "rates"]
+        helpers = ["status", "rates", "derive-clock"]
+        sup.start("derive-clock", self._derive_clock)
         sup.start("status", self._report)
         sup.start("rates", lambda: self.rates.run(self))
         if backlog:
@@ -482,7 +494,12 @@ class Agent:
             groups.setdefault(tag.group, []).append(tag.name)
         normalizer = Normalizer(device.name, tags)
         driver = make_driver(device, self.driver_context)
-        sink, latest = self.writer.sink(device.name, normalizer, seq)
+        derive = (
+            DeviceDerive(device, tags, self.derive_state)
+            if DeviceDerive.wanted(device, tags)
+            else None
+        )
+        sink, latest = self.writer.sink(device.name, normalizer, seq, derive)
         poller = DevicePoller(
             device,
             str(getattr(device, "protocol", "?")),
@@ -492,14 +509,16 @@ class Agent:
             subscribe_groups=device.subscribe_groups(),
             on_state_change=self._device_state_changed,
         )
-        return _Built(device, poller, latest)
+        if derive is not None:
+            derive.set_reader(poller.read_soon)
+        return _Built(device, poller, latest, derive)
 
     def _start_built(self, item: _Built) -> None:
         name = item.device.name
         poller = item.poller
         self.latest[name] = item.latest
         task = self.supervisor.start(_task_name(name), poller.run)
-        self.devices[name] = DeviceRun(poller, task)
+        self.devices[name] = DeviceRun(poller, task, item.derive)
         self.heartbeats.add(
             Probe(
                 _task_name(name),
@@ -522,7 +541,8 @@ class Agent:
             self.status_sync.send(msg)
 
     async def _stop_device(self, name: str) -> None:
-        self.devices.pop(name)
+        run = self.devices.pop(name)
+        self.writer.forget(name, run.derive)
         self.heartbeats.remove(_task_name(name))
         await self.supervisor.stop(_task_name(name))  # the poller closes its driver
         self.latest.pop(name, None)
@@ -607,6 +627,12 @@ class Agent:
         return result
 
     # ------------------------------------------------------------------ progress
+
+    async def _derive_clock(self) -> None:
+        """Once a second, the writer closes the time windows that are over (agent.derive)."""
+        while True:
+            await asyncio.sleep(DERIVE_TICK_S)
+            await self.writer.tick()
 
     async def _report(self) -> None:
         """A periodic status line, so an operator sees progress without metrics."""

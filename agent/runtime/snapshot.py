@@ -59,6 +59,8 @@ class DeviceView:
     last_poll_duration_s: float
     errors_by_reason: tuple[tuple[str, int], ...]
     tags: tuple[TagView, ...]
+    #: The derive stage's counts (agent.derive.stage.DeviceDerive.counts); () without one.
+    derived: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +198,7 @@ def take_snapshot(agent: Agent) -> AgentSnapshot:
                 last_poll_duration_s=st.last_poll_duration_s,
                 errors_by_reason=_pairs(st.errors_by_reason),
                 tags=tags,
+                derived=tuple(run.derive.counts().items()) if run.derive is not None else (),
             )
         )
     tasks = tuple(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +31,8 @@ from typing import Any, Protocol
 import structlog
 
 from agent.buffer import Buffer
+from agent.derive.stage import DeviceDerive
+from agent.derive.state import DeriveState
 from agent.normalize import Normalizer, Readings, SeqCounter
 from agent.poller import ReadingSink
 from agent.schema import WireSample
@@ -50,6 +53,7 @@ class DeviceSink:
     normalizer: Normalizer
     seq: SeqCounter
     latest: dict[str, WireSample]
+    derive: DeviceDerive | None = None
 
 
 Write = tuple[DeviceSink, Readings, datetime]
@@ -75,9 +79,15 @@ class BufferWriter:
     until `stop()` (then returns once everything handed over before is stored)."""
 
     def __init__(
-        self, buffer: Buffer, on_stored: StoredHook, on_retry: RetryHook | None = None
+        self,
+        buffer: Buffer,
+        on_stored: StoredHook,
+        on_retry: RetryHook | None = None,
+        derive_state: DeriveState | None = None,
     ) -> None:
         self.buffer = buffer
+        #: The derive stage's durable state (saved after the stores that changed it).
+        self.derive_state = derive_state if derive_state is not None else DeriveState(None)
         self._on_stored = on_stored
         self._on_retry = on_retry
         #: Appends that raised and were tried again, since start.
@@ -87,20 +97,47 @@ class BufferWriter:
         self.queue: asyncio.Queue[Write | None] = asyncio.Queue(WRITE_QUEUE_MAX)
         #: Trips to the buffer finished (good or not): the writer's heartbeat.
         self.trips = 0
+        self._derive_failed = False
+        # device → its sink, for devices with time windows (see tick()).
+        self._timed: dict[str, DeviceSink] = {}
 
     def sink(
-        self, device: str, normalizer: Normalizer, seq: SeqCounter
+        self,
+        device: str,
+        normalizer: Normalizer,
+        seq: SeqCounter,
+        derive: DeviceDerive | None = None,
     ) -> tuple[ReadingSink, dict[str, WireSample]]:
         """The sink a device's poller hands its readings to, and the device's newest
-        sample per tag (filled by the writer)."""
-        target = DeviceSink(device, normalizer, seq, {})
+        published sample per tag (filled by the writer). `derive`: the device's derive
+        stage (agent.derive), between the normaliser and the buffer."""
+        target = DeviceSink(device, normalizer, seq, {}, derive)
         queue = self.queue
+        if derive is not None and derive.timed:
+            self._timed[device] = target
+        else:
+            self._timed.pop(device, None)
 
         async def sink(readings: Readings) -> None:
             if readings:
                 await queue.put((target, readings, datetime.now(UTC)))
 
         return sink, target.latest
+
+    async def tick(self) -> None:
+        """A clock tick for every device with time windows: closes the windows that are
+        over even when the device is not read (down, or its window tags are in a slow
+        group). Goes through the queue, so it is ordered with the polls."""
+        now = datetime.now(UTC)
+        for target in list(self._timed.values()):
+            await self.queue.put((target, [], now))
+
+    def forget(self, device: str, derive: DeviceDerive | None) -> None:
+        """A device's derive stage stopped (the device was removed, or rebuilt by a
+        reload, whose new sink is already registered): no more ticks for it."""
+        target = self._timed.get(device)
+        if target is not None and target.derive is derive:
+            del self._timed[device]
 
     async def stop(self) -> None:
         """Tell `run()` to return once what was handed over before is stored."""
@@ -119,26 +156,33 @@ class BufferWriter:
         while not stopping:
             item = await writes.get()
             batch: list[tuple[str, list[WireSample]]] = []
+            derived: list[DeviceDerive] = []
             stored = False
             try:
                 while item is not None:
                     target, readings, ts_agent = item
-                    try:
-                        samples = target.normalizer.samples(readings, ts_agent, target.seq)
-                    except Exception as exc:  # one device's bad data must not stop the rest
-                        log.exception("normalize.failed", device=target.device)
-                        self._on_stored(target.device, len(readings), exc)
-                        samples = []
-                    latest = target.latest
-                    for sample in samples:
-                        latest[sample["tag"]] = sample
-                    if samples:
-                        batch.append((target.device, samples))
+                    if target.derive is None:
+                        try:
+                            samples = target.normalizer.samples(readings, ts_agent, target.seq)
+                        except Exception as exc:  # one device's bad data must not stop the rest
+                            log.exception("normalize.failed", device=target.device)
+                            self._on_stored(target.device, len(readings), exc)
+                            samples = []
+                        latest = target.latest
+                        for sample in samples:
+                            latest[sample["tag"]] = sample
+                        if samples:
+                            batch.append((target.device, samples))
+                    else:
+                        for samples in self._derived(target, readings, ts_agent):
+                            batch.append((target.device, samples))
+                        derived.append(target.derive)
                     if len(batch) >= WRITE_BATCH_MAX or writes.empty():
                         break
                     item = writes.get_nowait()
                 stopping = item is None
                 if not batch:
+                    await self._save_derive(derived)
                     continue
                 if many is not None:
                     try:
@@ -162,6 +206,8 @@ class BufferWriter:
                         f"the buffer returned {len(errors)} results for {len(batch)} batches"
                     )
                 stored = True
+                # The cycle state that made these records, before anything else is stored.
+                await self._save_derive(derived)
                 for (dev, samples), error in zip(batch, errors, strict=True):
                     self._on_stored(dev, len(samples), error)
             except Exception as exc:
@@ -171,6 +217,44 @@ class BufferWriter:
                 raise
             finally:
                 self.trips += 1
+
+    def _derived(
+        self, target: DeviceSink, readings: Readings, ts_agent: datetime
+    ) -> list[list[WireSample]]:
+        """A device with a derive stage: normalise, derive, then number what leaves."""
+        derive = target.derive
+        assert derive is not None
+        try:
+            samples = target.normalizer.samples(readings, ts_agent, SeqCounter(0))
+        except Exception as exc:  # one device's bad data must not stop the rest
+            log.exception("normalize.failed", device=target.device)
+            self._on_stored(target.device, len(readings), exc)
+            return []
+        try:
+            records = derive.process(samples, time.monotonic(), ts_agent)
+        except Exception:
+            # A bug in the stage: publish the poll as read rather than lose it.
+            if not self._derive_failed:
+                log.exception("derive.failed", device=target.device, note="published raw")
+            self._derive_failed = True
+            records = [samples]
+        latest = target.latest
+        seq = target.seq
+        for record in records:
+            first = seq.take(len(record))
+            for i, sample in enumerate(record):
+                sample["seq"] = first + i
+                latest[sample["tag"]] = sample
+        return records
+
+    async def _save_derive(self, derived: list[DeviceDerive]) -> None:
+        if not any(d.dirty for d in derived):
+            return
+        state = self.derive_state
+        for d in derived:
+            d.saved()
+        if state.path is not None:
+            await asyncio.to_thread(state.write, state.encode())
 
     async def _until_stored(self, append: Callable[[], Any], samples: int) -> Any:
         """Run `append` until it does not raise, with backoff; the outage is logged once."""

@@ -81,6 +81,7 @@ def reference_markdown() -> str:
         MqttConfig,
         SupervisionConfig,
     )
+    from agent.derive.config import CycleConfig, CycleTrigger, ReportConfig, WindowConfig
     from drivers.base import PollGroup, SimulateSpec
     from drivers.links import Rs485Settings, RtuOverTcpLink, SerialLink, TcpGatewayLink
 
@@ -103,6 +104,14 @@ def reference_markdown() -> str:
         *_protocol_sections(),
         ("devices[].poll_groups.NAME", PollGroup, "A poll group."),
         ("devices[].tags[].simulate", SimulateSpec, "Simulated value (simulator mode)."),
+        (
+            "devices[].report, devices[].poll_groups.NAME.report, devices[].tags[].report",
+            ReportConfig,
+            "Report by exception ([docs/derive.md](derive.md)).",
+        ),
+        ("devices[].cycles[]", CycleConfig, "A cycle snapshot ([docs/derive.md](derive.md))."),
+        ("devices[].cycles[].trigger", CycleTrigger, "What starts a cycle."),
+        ("devices[].windows[]", WindowConfig, "Window features ([docs/derive.md](derive.md))."),
     ]
     out = [
         "# Configuration reference",
@@ -175,6 +184,13 @@ reported with file:line and exit code 2:
 - **Numbers**: a tag's `scale` and `offset` must be finite (`.nan`, `.inf` are errors).
 - **The buffer file**: `buffer.path` may not be a directory, and no parent of it may be a
   file. A missing directory is created at start.
+- **Derived data** ([derive.md](derive.md)): every tag a cycle or a window names must be
+  a tag of the device; an `edge` trigger needs a bool tag, `above`/`below` a numeric one,
+  window tags must be numeric and a tag's own deadband needs a numeric tag (where the
+  protocol's `type` says so); with `read: same_poll` the captured tags must be in the
+  trigger's poll group; a trigger (and, with `read: at_trigger`, a captured tag) may not
+  be in a subscribed group; derived names (`CYCLE`, `CYCLE.TAG`, `TAG.FEATURE`) may not
+  clash with a tag or with each other.
 
 What can change between `validate` and the start, and is therefore met at run time:
 

@@ -52,6 +52,6 @@ PROTOCOL = Protocol(
     simulate=_simulate,
     plan=_plan,
     add_commands=_add_commands,
-    capabilities=frozenset({"columns"}),
+    capabilities=frozenset({"columns", "write"}),
     summary="MELSEC SLMP (MC protocol 3E/4E binary): D, W, R, ZR, M, L, B, X, Y, SM, SD, TN, CN",
 )

@@ -10,9 +10,10 @@ Frame layout (binary code, all multi-byte fields little-endian):
 `len` counts the bytes after it (timer or end code included). An answer with a non-zero
 end code carries, for most end codes, the 9 bytes of the request's route and command.
 
-Commands used: batch read 0401 (sub-command 0000 word units, 0001 bit units) and random
-read 0403 (0000), each device given as a 3-byte number and a 1-byte device code, the
-form every series accepts (Q/L form). Words travel little-endian; a 32-bit value is the
+Commands used: batch read 0401 (sub-command 0000 word units, 0001 bit units), random
+read 0403 (0000) and batch write 1401 (0000 word units, 0001 bit units), each device
+given as a 3-byte number and a 1-byte device code, the form every series accepts (Q/L
+form). Words travel little-endian; a 32-bit value is the
 low word first (D100 low, D101 high), as the CPU stores it. Bit units pack two points per
 byte, the first point in the high nibble.
 """
@@ -29,6 +30,7 @@ from drivers.base import Value
 __all__ = [
     "ANSWER_HEADER",
     "CMD_BATCH_READ",
+    "CMD_BATCH_WRITE",
     "CMD_RANDOM_READ",
     "END_CODES",
     "CodecError",
@@ -37,6 +39,8 @@ __all__ = [
     "Route",
     "SlotCodec",
     "batch_read_body",
+    "batch_write_body",
+    "encode_raw",
     "encode_value",
     "end_code_reason",
     "parse_answer_header",
@@ -46,6 +50,7 @@ __all__ = [
 
 CMD_BATCH_READ: Final = 0x0401
 CMD_RANDOM_READ: Final = 0x0403
+CMD_BATCH_WRITE: Final = 0x1401
 SUB_WORD: Final = 0x0000
 SUB_BIT: Final = 0x0001
 
@@ -144,6 +149,12 @@ def request_frame(
 def batch_read_body(number: int, code: int, points: int) -> bytes:
     """Data of a batch read: head device number (3 bytes), device code, point count."""
     return number.to_bytes(3, "little") + bytes((code,)) + struct.pack("<H", points)
+
+
+def batch_write_body(number: int, code: int, points: int, data: bytes) -> bytes:
+    """Data of a batch write: head device, device code, point count, then the points
+    (little-endian words, or bit units packed as `encode_bit_points` does)."""
+    return batch_read_body(number, code, points) + data
 
 
 def random_read_body(words: Sequence[tuple[int, int]], dwords: Sequence[tuple[int, int]]) -> bytes:
@@ -267,3 +278,52 @@ def encode_bit_points(bits: Sequence[bool]) -> bytes:
         if b:
             out[i >> 1] |= 0x10 if i & 1 == 0 else 0x01
     return bytes(out)
+
+
+_RAW_RANGE: Final[dict[str, tuple[int, int]]] = {
+    "int16": (-(1 << 15), (1 << 15) - 1),
+    "uint16": (0, (1 << 16) - 1),
+    "int32": (-(1 << 31), (1 << 31) - 1),
+    "uint32": (0, (1 << 32) - 1),
+    "int64": (-(1 << 63), (1 << 63) - 1),
+    "uint64": (0, (1 << 64) - 1),
+}
+
+
+def encode_raw(data_type: str, raw: object, words: int = 1) -> bytes:
+    """A raw value written by the driver → the bytes the CPU stores, exactly as
+    `SlotCodec.decode` reads them (little-endian words, low word first; strings ASCII,
+    low byte first, NUL-padded to `words` words). Strict, unlike `encode_value`: raises
+    CodecError for a value of another kind, out of the type's range, not finite, or a
+    string that is not ASCII or longer than 2 x `words` characters."""
+    if data_type == "string":
+        if not isinstance(raw, str):
+            raise CodecError(f"type string needs a string, got {raw!r}")
+        try:
+            data = raw.encode("ascii")
+        except UnicodeEncodeError:
+            raise CodecError(f"string {raw!r} is not ASCII") from None
+        if len(data) > 2 * words:
+            raise CodecError(f"string {raw!r} longer than {2 * words} characters")
+        return data.ljust(2 * words, b"\x00")
+    if data_type == "bool":
+        if not isinstance(raw, bool):
+            raise CodecError(f"type bool needs true or false, got {raw!r}")
+        return struct.pack("<H", 1 if raw else 0)
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise CodecError(f"type {data_type} needs a number, got {raw!r}")
+    codec = _SCALAR[data_type]
+    if data_type.startswith("float"):
+        number = float(raw)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise CodecError(f"{raw!r} is not a finite number")
+        try:
+            return codec.pack(number)
+        except (OverflowError, struct.error):
+            raise CodecError(f"{raw!r} does not fit {data_type}") from None
+    if not isinstance(raw, int):
+        raise CodecError(f"type {data_type} needs an integer, got {raw!r}")
+    lo, hi = _RAW_RANGE[data_type]
+    if not lo <= raw <= hi:
+        raise CodecError(f"{raw!r} does not fit {data_type} ({lo}..{hi})")
+    return codec.pack(raw)

@@ -95,6 +95,19 @@ ABSENT: dict[Series, dict[str, str]] = {
     "iq-r": {},
 }
 
+#: Device families the driver refuses to write, and why. SLMP itself would accept most
+#: of these writes; what they would do to a running CPU is why they are refused.
+READ_ONLY: dict[str, str] = {
+    "X": "inputs are refreshed from the input modules every scan, so a written value does "
+    "not last; write a Y, M or D the program reads instead",
+    "SM": "special relays are set by the CPU; writing one changes how the CPU runs",
+    "SD": "special registers are set by the CPU; writing one changes how the CPU runs",
+    "SB": "link special relays are set by the network module",
+    "SW": "link special registers are set by the network module",
+    "TS": "timer contacts are set by the timer; write its current value (TN) instead",
+    "CS": "counter contacts are set by the counter; write its current value (CN) instead",
+}
+
 #: Batch-read caps per request: words (all series), bits (bit units) per series.
 MAX_WORDS = 960
 MAX_BITS: dict[Series, int] = {"q": 7168, "l": 7168, "iq-r": 7168, "iq-f": 3584}
@@ -307,6 +320,16 @@ class MelsecDevice(DeviceCommon):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def write_refusal(self, tag: str) -> str | None:
+        """Device families the driver does not write (see `READ_ONLY`); every other
+        family is written with batch write 1401."""
+        found = next((t for t in self.tags if t.name == tag), None)
+        if found is None:
+            return f"no tag {tag!r} on device {self.name!r}"
+        kind, _, _ = split_address(found.address)
+        why = READ_ONLY.get(kind.name)
+        return f"{kind.name} ({kind.description}) is not written: {why}" if why else None
 
     def bit_cap(self) -> int:
         cap = MAX_BITS[self.series]

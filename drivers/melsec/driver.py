@@ -29,21 +29,29 @@ from typing import NoReturn, cast
 
 import structlog
 
-from drivers.base import DriverUnavailable, RawReading, Value
+from drivers.base import DriverError, DriverUnavailable, RawReading, Scalar, Value, WriteRefused
 from drivers.melsec.codec import (
     ADDRESS_CODES,
     ANSWER_HEADER,
+    CMD_BATCH_READ,
+    CMD_BATCH_WRITE,
+    SUB_BIT,
+    SUB_WORD,
     CodecError,
     DecodeFailure,
     Route,
+    batch_read_body,
+    batch_write_body,
+    encode_bit_points,
+    encode_raw,
     end_code_reason,
     parse_answer_header,
     request_frame,
 )
-from drivers.melsec.config import MelsecDevice, Series
+from drivers.melsec.config import Address, MelsecDevice, Series
 from drivers.melsec.plan import DevicePlan, GroupPlan, Request, TagSlot, plan_device, sub_batch
 
-__all__ = ["ERROR_ANSWER_MAX", "MelsecDriver"]
+__all__ = ["ERROR_ANSWER_MAX", "MelsecDriver", "WriteRequest"]
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +66,22 @@ RANDOM_UNSUPPORTED = frozenset({0xC059, 0xC05F})
 
 # Serial numbers of retried 4E requests whose late answers are still discarded.
 _STALE_MAX = 8
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """One request of a write: batch write 1401 (word or bit units), or the batch read
+    0401 of one word that a read-modify-write starts with. Quacks like a plan Request
+    where the exchange needs it (command, subcommand, body, data_length, describe)."""
+
+    command: int
+    subcommand: int
+    body: bytes
+    data_length: int
+    text: str
+
+    def describe(self) -> str:
+        return self.text
 
 
 class _Link(asyncio.Protocol):
@@ -170,9 +194,14 @@ class MelsecDriver:
         self._link: _Link | None = None
         self._serial = 0
         self._stale: set[int] = set()
-        self._frames3e: dict[int, tuple[Request, bytes]] = {}
+        self._frames3e: dict[int, tuple[Request | WriteRequest, bytes]] = {}
         self._isolated: dict[tuple[str, int], _Isolation] = {}
         self._log = log.bind(device=device.name, endpoint=self.endpoint)
+        self._tags = {t.name: t for t in device.tags}
+        # One request in flight (a poll and a write may run at once); one write at a time
+        # (a read-modify-write of a word's bit holds it from the read to the write).
+        self._io_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
         #: Requests sent since connect (tests and the bench read it).
         self.requests_sent = 0
 
@@ -249,6 +278,90 @@ class MelsecDriver:
         if link is not None:
             with contextlib.suppress(Exception):
                 link.abort()
+
+    # ------------------------------------------------------------------ writes
+
+    async def write(self, tag: str, raw: Scalar) -> None:
+        """Write tag `tag` with raw value `raw` (drivers.base.WritingDriver): batch write
+        1401, in bit units (sub-command 0001) for a bit device, in word units (0000) for
+        a value of word devices (all its words in one request). A bit of a word device
+        (D100.3) is written by read-modify-write: batch read 0401 of the word, then 1401
+        of the word with that bit changed, under this driver's write lock.
+
+        Raises WriteRefused (a family the driver does not write, a value the type cannot
+        hold: nothing sent), DriverError("end code 0x…") when the CPU refuses the request,
+        DriverUnavailable when the outcome is unknown (timeout, connection lost, an
+        answer that does not fit the request)."""
+        config = self._tags.get(tag)
+        if config is None:
+            raise WriteRefused("unknown tag", f"no tag {tag!r} on device {self.device.name!r}")
+        refusal = self.device.write_refusal(tag)
+        if refusal is not None:
+            raise WriteRefused("not writable", f"{tag}: {refusal}")
+        addr = self.device.address_of(config)
+        series = self.device.series
+        data_type = config.resolved_type()
+        text = addr.text(series)
+        try:
+            data = encode_raw(data_type, raw, config.word_count())
+        except CodecError as exc:
+            raise WriteRefused("value does not fit", f"{tag} ({data_type}): {exc}") from None
+        code = addr.kind.code
+        async with self._write_lock:
+            try:
+                if addr.kind.is_bit:
+                    request = WriteRequest(
+                        CMD_BATCH_WRITE,
+                        SUB_BIT,
+                        batch_write_body(addr.number, code, 1, encode_bit_points([bool(raw)])),
+                        0,
+                        f"batch write {text} (1 bit)",
+                    )
+                elif addr.bit is not None:
+                    word_text = Address(addr.kind, addr.number).text(series)
+                    read = WriteRequest(
+                        CMD_BATCH_READ,
+                        SUB_WORD,
+                        batch_read_body(addr.number, code, 1),
+                        2,
+                        f"batch read {word_text} (1 word, read-modify-write of {text})",
+                    )
+                    answer = await self._exchange(read)
+                    self._refused(answer, read)
+                    current = int.from_bytes(answer.data, "little")
+                    mask = 1 << addr.bit
+                    word = current | mask if raw else current & ~mask
+                    request = WriteRequest(
+                        CMD_BATCH_WRITE,
+                        SUB_WORD,
+                        batch_write_body(addr.number, code, 1, word.to_bytes(2, "little")),
+                        0,
+                        f"batch write {word_text} (1 word, bit {addr.bit:X} of it)",
+                    )
+                else:
+                    words = len(data) // 2
+                    request = WriteRequest(
+                        CMD_BATCH_WRITE,
+                        SUB_WORD,
+                        batch_write_body(addr.number, code, words, data),
+                        0,
+                        f"batch write {text} ({words} word{'' if words == 1 else 's'})",
+                    )
+                self._refused(await self._exchange(request), request)
+            except DriverUnavailable as exc:
+                # The outcome is unknown: drop the connection, so a late answer is never
+                # taken for the answer to a later request (3E has no serial numbers).
+                self._log.warning("melsec.write.unknown_outcome", tag=tag, reason=exc.reason)
+                link = self._link
+                if link is not None:
+                    link.abort()
+                raise
+
+    def _refused(self, answer: _Answer, request: WriteRequest) -> None:
+        if answer.code != 0:
+            reason = end_code_reason(answer.code)
+            self._log.warning("melsec.write.refused", request=request.describe(), reason=reason)
+            raise DriverError(reason, f"{self.endpoint}: {request.describe()}", answer.code)
 
     def _drop_random_reads(self, group: str, code: int) -> None:
         """The CPU (or module) does not take random reads: plan `group` with batch reads
@@ -382,7 +495,7 @@ class MelsecDriver:
 
     # ------------------------------------------------------------------ wire
 
-    def _frame_of(self, request: Request) -> bytes:
+    def _frame_of(self, request: Request | WriteRequest) -> bytes:
         if self._frame == "3e":
             # Cached per request object; the object is kept with its frame, so an id()
             # reused by a later (isolation) sub-request can never pick up this frame.
@@ -411,8 +524,12 @@ class MelsecDriver:
             self._serial,
         )
 
-    async def _exchange(self, request: Request) -> _Answer:
+    async def _exchange(self, request: Request | WriteRequest) -> _Answer:
         """Send `request`, return its checked answer. Raises DriverUnavailable."""
+        async with self._io_lock:
+            return await self._exchange_locked(request)
+
+    async def _exchange_locked(self, request: Request | WriteRequest) -> _Answer:
         link = self._link
         if link is None or link.transport is None:
             raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
@@ -460,7 +577,7 @@ class MelsecDriver:
         if link.lost.done() and not link.buf:
             raise DriverUnavailable(link.lost_reason, f"{self.endpoint}: connection closed")
 
-    async def _answer(self, link: _Link, request: Request, serial: int) -> _Answer:
+    async def _answer(self, link: _Link, request: Request | WriteRequest, serial: int) -> _Answer:
         head = self._header
         while True:
             buf = link.buf
@@ -506,7 +623,7 @@ class MelsecDriver:
                 self._protocol_error("protocol error: wrong data length", request)
             return _Answer(code, data if code == 0 else b"")
 
-    def _protocol_error(self, reason: str, request: Request) -> NoReturn:
+    def _protocol_error(self, reason: str, request: Request | WriteRequest) -> NoReturn:
         raise DriverUnavailable(reason, f"{self.endpoint}: answer to {request.describe()}")
 
     # ------------------------------------------------------------------ decoding

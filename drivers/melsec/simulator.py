@@ -5,8 +5,12 @@ the configured devices; the independent check is aslmp's client reading it and o
 reading aslmp's testing server (tests/integration/test_melsec_crosscheck.py):
 
 - Commands: batch read 0401 in word units (0000; bit devices read 16 points per word) and
-  bit units (0001), random read 0403 (0000). Anything else, writes included, gets end
-  code 0xC059 (not supported): the simulator is read-only.
+  bit units (0001), random read 0403 (0000), batch write 1401 in word units (0000; bit
+  devices take 16 points per word) and bit units (0001). Anything else gets end code
+  0xC059 (not supported). A write is stored as sent, and every tag it touches stops
+  following its generator: the next read returns the written value, so a commissioning
+  can be rehearsed. Like a CPU (and aslmp's testing server), the simulator accepts writes
+  to every family it has; the families the driver refuses to write are its own policy.
 - Device memory: every device family of the series, with the CPU's default number of
   points (`RANGES`); numbers the config does not use read 0, as on a real CPU. A read past
   the end gets 0xC056, a family the series lacks (ZR on iQ-F) or a bit-units read of a
@@ -37,10 +41,12 @@ from drivers.base import Scalar
 from drivers.generators import Generator, Kind, default_spec, make_generator
 from drivers.melsec.codec import (
     CMD_BATCH_READ,
+    CMD_BATCH_WRITE,
     CMD_RANDOM_READ,
     SUB_BIT,
     SUB_WORD,
     Route,
+    decode_bit_points,
     encode_bit_points,
     encode_value,
 )
@@ -150,6 +156,9 @@ class _Cpu:
     bits: dict[int, bytearray]  # device code → 1 byte per point
     refreshed: float = -math.inf
     requests: int = 0
+    writes: int = 0
+    # (device code, number) of every word or point a client wrote: the tags there keep it.
+    held: set[tuple[int, int]] = field(default_factory=set)
 
     @classmethod
     def build(cls, device: MelsecDevice, seed: int) -> _Cpu:
@@ -171,8 +180,15 @@ class _Cpu:
             tags.append(_SimTag(tag, addr, tag.resolved_type(), tag.word_count(), gen, to_raw))
         return cls(device, tags, words, bits)
 
+    def _is_held(self, sim: _SimTag) -> bool:
+        code, number = sim.address.kind.code, sim.address.number
+        size = 1 if sim.address.kind.is_bit else sim.words
+        return any((code, n) in self.held for n in range(number, number + size))
+
     def refresh(self, t: float) -> None:
         for sim in self.tags:
+            if self.held and self._is_held(sim):
+                continue
             code = sim.address.kind.code
             try:
                 raw = sim.to_raw(sim.generator(t))
@@ -217,6 +233,38 @@ class _Cpu:
                 out += value.to_bytes(2, "little")
             return 0, bytes(out)
         return 0xC05C, b""
+
+    def write_words(self, code: int, number: int, count: int, data: bytes) -> int:
+        """Store `count` words from `number` (bit devices: 16 points each); end code."""
+        if code in self.words:
+            store = self.words[code]
+            if number + count > len(store) // 2:
+                return 0xC056
+            store[2 * number : 2 * (number + count)] = data
+            self.held.update((code, n) for n in range(number, number + count))
+            return 0
+        if code in self.bits:
+            store = self.bits[code]
+            if number + 16 * count > len(store):
+                return 0xC056
+            for w in range(count):
+                value = int.from_bytes(data[2 * w : 2 * w + 2], "little")
+                for i in range(16):
+                    store[number + 16 * w + i] = (value >> i) & 1
+            self.held.update((code, n) for n in range(number, number + 16 * count))
+            return 0
+        return 0xC05C
+
+    def write_bits(self, code: int, number: int, bits: Sequence[bool]) -> int:
+        if code not in self.bits:
+            return 0xC05C
+        store = self.bits[code]
+        if number + len(bits) > len(store):
+            return 0xC056
+        for i, bit in enumerate(bits):
+            store[number + i] = 1 if bit else 0
+        self.held.update((code, n) for n in range(number, number + len(bits)))
+        return 0
 
     def read_bits(self, code: int, number: int, count: int) -> tuple[int, bytes]:
         if code not in self.bits:
@@ -333,6 +381,10 @@ class MelsecSimulator:
 
     def request_count(self, device_name: str) -> int:
         return self._cpus[device_name].requests
+
+    def write_count(self, device_name: str) -> int:
+        """Batch writes the simulated CPU accepted since start."""
+        return self._cpus[device_name].writes
 
     def cpu(self, device_name: str) -> _Cpu:
         """The simulated CPU of a device (tests read its memory)."""
@@ -473,6 +525,31 @@ class MelsecSimulator:
                     return error(0xC052)
                 end, out = cpu.read_words(code, number, count)
             return struct.pack("<H", 0) + out if end == 0 else error(end)
+        if command == CMD_BATCH_WRITE and sub in (SUB_WORD, SUB_BIT):
+            if len(data) < 6:
+                return error(0xC061)
+            number = int.from_bytes(data[0:3], "little")
+            code = data[3]
+            (count,) = struct.unpack_from("<H", data, 4)
+            points = data[6:]
+            if code not in KIND_BY_CODE:
+                return error(0xC05C)
+            if sub == SUB_BIT:
+                if count == 0 or count > MAX_BITS[series]:
+                    return error(0xC051)
+                if len(points) != (count + 1) // 2:
+                    return error(0xC061)
+                end = cpu.write_bits(code, number, decode_bit_points(points, count))
+            else:
+                if count == 0 or count > MAX_WORDS:
+                    return error(0xC052)
+                if len(points) != 2 * count:
+                    return error(0xC061)
+                end = cpu.write_words(code, number, count, points)
+            if end:
+                return error(end)
+            cpu.writes += 1
+            return struct.pack("<H", 0)
         if command == CMD_RANDOM_READ and sub == SUB_WORD:
             if len(data) < 2:
                 return error(0xC061)

@@ -94,6 +94,6 @@ PROTOCOL = Protocol(
     plan_links=_plan_links,
     simulate_links=_simulate_links,
     add_commands=_add_commands,
-    capabilities=frozenset({"columns", "shared_links"}),
-    summary="Modbus TCP, RTU on serial lines, RTU over TCP, gateways: block reads",
+    capabilities=frozenset({"columns", "shared_links", "write"}),
+    summary="Modbus TCP, RTU on serial lines, RTU over TCP, gateways: block reads, writes",
 )

@@ -192,6 +192,20 @@ class ModbusDevice(DeviceCommon):
     request_pause_s: float = Field(
         default=0.0, ge=0, description="Pause between requests, for devices that need one."
     )
+    write_functions: Literal["single", "multiple"] = Field(
+        default="single",
+        description="Writes of one coil or one register: single uses function 5/6, "
+        "multiple uses 15/16 (for devices that implement only those). Values of several "
+        "registers always use 16.",
+    )
+    bit_write: Literal["mask", "read_modify_write"] = Field(
+        default="mask",
+        description="Writes of a `bit` tag (a bit inside a holding register): mask uses "
+        "function 22 (mask write, applied by the device in one step); read_modify_write "
+        "reads the register and writes it back whole (function 3 then 6/16), for devices "
+        "without function 22. It overwrites a change the PLC makes to the register's other "
+        "bits between the read and the write.",
+    )
     tags: list[ModbusTag] = Field(min_length=1, description="The values to read.")
 
     def check(self, *, simulate: bool | None = None) -> list[tuple[tuple[str | int, ...], str]]:
@@ -267,6 +281,18 @@ class ModbusDevice(DeviceCommon):
             except ValueError as exc:
                 out.append((("tags", index, "simulate"), str(exc)))
         return out
+
+    def write_refusal(self, tag: str) -> str | None:
+        """Coils and holding registers can be written (function 5/6/15/16/22); discrete
+        inputs and input registers are read-only in the Modbus data model."""
+        found = next((t for t in self.tags if t.name == tag), None)
+        if found is None:
+            return f"no tag {tag!r} on device {self.name!r}"
+        table = found.resolved_table()
+        if table in ("discrete_input", "input"):
+            kind = "a discrete input" if table == "discrete_input" else "an input register"
+            return f"{kind} is read-only in Modbus (only coils and holding registers are written)"
+        return None
 
     @field_validator("host")
     @classmethod

@@ -1,4 +1,5 @@
-"""Modbus driver: block reads planned once, decoded with our codec.
+"""Modbus driver: block reads planned once, decoded with our codec; writes of one tag
+(functions 5/6/15/16/22, planned in `drivers.modbus.write`, encoded with the same codec).
 
 A device with `host` has its own Modbus/TCP connection (pymodbus' client, below). A
 device with `link` is one unit on a shared `drivers.links.Link` (a serial line, a
@@ -48,7 +49,7 @@ import structlog
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from drivers.base import DriverUnavailable, RawReading, Value
+from drivers.base import DriverError, DriverUnavailable, RawReading, Scalar, Value, WriteRefused
 from drivers.links import Link, LinkError
 from drivers.modbus import rtu
 from drivers.modbus.codec import CodecError, DecodeFailure
@@ -62,6 +63,7 @@ from drivers.modbus.plan import (
     plan_device,
     sub_request,
 )
+from drivers.modbus.write import WRITE_FUNCTIONS, WriteOp, echo_size, merge_bit, plan_write
 
 __all__ = [
     "EXCEPTION_NAMES",
@@ -73,6 +75,7 @@ __all__ = [
     "check_frame",
     "exception_reason",
     "mbap_read_request",
+    "mbap_request",
     "parse_mbap_answer",
 ]
 
@@ -114,13 +117,14 @@ def exception_reason(code: int) -> str:
 
 
 def check_frame(data: bytes, request: bytes) -> str:
-    """Check received bytes `data` against the Modbus/TCP read `request` they answer.
+    """Check received bytes `data` against the Modbus/TCP `request` they answer (a read,
+    or a write, whose answer must echo the request's address and value or quantity).
 
     Returns FRAME_OK when `data` is exactly one complete, consistent answer (values or
     an exception response), FRAME_INCOMPLETE when more bytes are needed, or the reason
     of the first inconsistency (`protocol error: wrong transaction id`, `… wrong
     protocol id`, `… bad length`, `… wrong unit id`, `… wrong function code`,
-    `… wrong byte count`, `… wrong length`, `… unexpected data`). Checks run on
+    `… wrong byte count`, `… wrong length`, `… wrong echo`, `… unexpected data`). Checks run on
     partial data too, so a wrong header is reported as soon as it arrives.
     """
     n = len(data)
@@ -145,6 +149,13 @@ def check_frame(data: bytes, request: bytes) -> str:
         return "protocol error: unexpected data"
     if data[7] & 0x80:
         return FRAME_OK if length == 3 else "protocol error: wrong length"
+    if request[7] in WRITE_FUNCTIONS:  # the answer echoes the request
+        echo = echo_size(request[7])
+        if length != 2 + echo:
+            return "protocol error: wrong length"
+        if data[8 : 8 + echo] != request[8 : 8 + echo]:
+            return "protocol error: wrong echo"
+        return FRAME_OK
     count = int.from_bytes(request[10:12], "big")
     expected = 2 * count if request[7] in (3, 4) else (count + 7) // 8
     if data[8] != expected:
@@ -270,6 +281,9 @@ class ModbusDriver:
         # id(request) → (request, tag index per slot); the request keeps its id unique.
         self._slot_indices: dict[int, tuple[Request, list[int]]] = {}
         self._requests_in_poll = 0
+        self._tags = {t.name: t for t in device.tags}
+        self._io_lock = asyncio.Lock()  # one request at a time on the own connection
+        self._write_lock = asyncio.Lock()  # one write (a read-modify-write) at a time
         self._log = log.bind(device=device.name)
 
     @property
@@ -516,23 +530,35 @@ class ModbusDriver:
     async def _execute(self, request: Request) -> Any:
         if self.link is not None:
             return await self._execute_on_link(self.link, request)
+        unit = self.device.unit_id
+        start, count = request.start, request.count
+
+        def call(client: AsyncModbusTcpClient) -> Any:
+            if request.table == "holding":
+                return client.read_holding_registers(start, count=count, device_id=unit)
+            if request.table == "input":
+                return client.read_input_registers(start, count=count, device_id=unit)
+            if request.table == "coil":
+                return client.read_coils(start, count=count, device_id=unit)
+            return client.read_discrete_inputs(start, count=count, device_id=unit)
+
+        return await self._run_tcp(call, request.describe())
+
+    async def _run_tcp(self, call: Callable[[AsyncModbusTcpClient], Any], what: str) -> Any:
+        """One request over the device's own connection: `call(client)` makes it, `what`
+        names it in errors. One request at a time (a poll and a write may run at once;
+        the frame guard checks each answer against the one request in flight)."""
+        async with self._io_lock:
+            return await self._run_tcp_locked(call, what)
+
+    async def _run_tcp_locked(self, call: Callable[[AsyncModbusTcpClient], Any], what: str) -> Any:
         client, lost, guard = self._client, self._lost, self._guard
         if client is None or lost is None or guard is None or lost.done() or not client.connected:
             raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
         if guard.error.done():
             raise DriverUnavailable(guard.error.result(), f"{self.endpoint}: stray data")
         guard.partial = False
-        unit = self.device.unit_id
-        start, count = request.start, request.count
-        if request.table == "holding":
-            call = client.read_holding_registers(start, count=count, device_id=unit)
-        elif request.table == "input":
-            call = client.read_input_registers(start, count=count, device_id=unit)
-        elif request.table == "coil":
-            call = client.read_coils(start, count=count, device_id=unit)
-        else:
-            call = client.read_discrete_inputs(start, count=count, device_id=unit)
-        task: asyncio.Future[Any] = asyncio.ensure_future(call)
+        task: asyncio.Future[Any] = asyncio.ensure_future(call(client))
         try:
             # pymodbus leaves a request pending until its timeout when the connection
             # drops or a frame is malformed; racing the request against both reports
@@ -543,9 +569,7 @@ class ModbusDriver:
                 task.cancel()
                 await asyncio.wait((task,))
         if guard.error.done():  # checked first: a malformed frame never becomes a value
-            raise DriverUnavailable(
-                guard.error.result(), f"{self.endpoint}: answer to {request.describe()}"
-            )
+            raise DriverUnavailable(guard.error.result(), f"{self.endpoint}: answer to {what}")
         if task.cancelled() or (lost.done() and not task.done()):
             raise DriverUnavailable("connection lost", f"{self.endpoint}: connection closed")
         exc = task.exception()
@@ -557,11 +581,11 @@ class ModbusDriver:
             if guard.partial:
                 raise DriverUnavailable(
                     "protocol error: incomplete frame",
-                    f"{self.endpoint}: answer to {request.describe()} stopped short",
+                    f"{self.endpoint}: answer to {what} stopped short",
                 ) from None
             raise DriverUnavailable(
                 "timeout",
-                f"{self.endpoint}: no answer to {request.describe()} within "
+                f"{self.endpoint}: no answer to {what} within "
                 f"{self.device.timeout_s} s x {self.device.retries + 1}",
             ) from None
         if isinstance(exc, ConnectionException | OSError):
@@ -569,6 +593,140 @@ class ModbusDriver:
         if isinstance(exc, ModbusException):
             raise DriverUnavailable("protocol error", f"{self.endpoint}: {exc}") from None
         raise exc
+
+    # ------------------------------------------------------------------ writes
+
+    async def write(self, tag: str, raw: Scalar) -> None:
+        """Write tag `tag` with its raw value `raw` (drivers.base.WritingDriver).
+
+        Coils: function 5 (15 with `write_functions: multiple`); one holding register:
+        6 (16); several registers: 16, in one request; a `bit` tag: 22 (mask write), or
+        with `bit_write: read_modify_write` 3 then 6 (16), both under this driver's write
+        lock. Raises WriteRefused (read-only table, a value the type cannot hold: nothing
+        sent), DriverError("modbus exception N (…)") when the device refuses the write,
+        DriverUnavailable when the outcome is unknown (timeout, connection lost, an
+        answer that is not the echo of the request)."""
+        config = self._tags.get(tag)
+        if config is None:
+            raise WriteRefused("unknown tag", f"no tag {tag!r} on device {self.device.name!r}")
+        refusal = self.device.write_refusal(tag)
+        if refusal is not None:
+            raise WriteRefused("not writable", f"{tag}: {refusal}")
+        device = self.device
+        try:
+            op = plan_write(
+                config,
+                raw,
+                device_byte_order=device.byte_order,
+                write_functions=device.write_functions,
+                bit_write=device.bit_write,
+            )
+        except CodecError as exc:
+            raise WriteRefused("value does not fit", f"{tag} ({config.type}): {exc}") from None
+        async with self._write_lock:
+            try:
+                if op is None:  # read-modify-write of a bit inside a holding register
+                    current = await self._read_register(config.resolved_address())
+                    op = merge_bit(config, raw, current, device.write_functions)
+                await self._send_write(op)
+            except DriverUnavailable as exc:
+                self._abandon(tag, exc)
+                raise
+
+    def _abandon(self, tag: str, exc: DriverUnavailable) -> None:
+        """A write whose outcome is unknown: on the device's own connection, close it, so
+        a late answer can never be paired with a later request (the next poll reports
+        the lost connection and the poller reconnects). A shared link resynchronises by
+        itself (silence on a serial line, transaction ids on a gateway)."""
+        self._log.warning("modbus.write.unknown_outcome", tag=tag, reason=exc.reason)
+        client, lost = self._client, self._lost
+        if lost is not None and not lost.done():
+            lost.set_result(None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    async def _read_register(self, address: int) -> int:
+        """One holding register (function 3), for a read-modify-write."""
+        what = f"function 3 (read holding registers) at holding {address}, 1 register"
+        unit = self.device.unit_id
+        if self.link is not None:
+            answer = await self._transact_on_link(self.link, 3, address, 1, None, what)
+            code, words = answer
+        else:
+            response = await self._run_tcp(
+                lambda c: c.read_holding_registers(address, count=1, device_id=unit), what
+            )
+            code = _code(response)
+            words = [] if code is not None else list(response.registers)
+        if code is not None:
+            raise DriverError(exception_reason(code), f"{self.endpoint}: {what}", code)
+        if len(words) != 1:
+            raise DriverUnavailable(
+                "protocol error: wrong byte count", f"{self.endpoint}: {len(words)} registers"
+            )
+        return int(words[0])
+
+    async def _send_write(self, op: WriteOp) -> None:
+        what = op.describe()
+        unit = self.device.unit_id
+        if self.link is not None:
+            code, _ = await self._transact_on_link(self.link, op.function_code, 0, 0, op, what)
+        else:
+            address, words = op.address, op.words
+            fc = op.function_code
+
+            def call(client: AsyncModbusTcpClient) -> Any:
+                if fc == 5:
+                    return client.write_coil(address, bool(words[0]), device_id=unit)
+                if fc == 15:
+                    return client.write_coils(address, [bool(w) for w in words], device_id=unit)
+                if fc == 6:
+                    return client.write_register(address, words[0], device_id=unit)
+                if fc == 16:
+                    return client.write_registers(address, list(words), device_id=unit)
+                return client.mask_write_register(
+                    address=address, and_mask=words[0], or_mask=words[1], device_id=unit
+                )
+
+            code = _code(await self._run_tcp(call, what))
+        if code is not None:
+            self._log.warning("modbus.write.refused", op=what, reason=exception_reason(code))
+            raise DriverError(exception_reason(code), f"{self.endpoint}: {what}", code)
+
+    async def _transact_on_link(
+        self, link: Link, fc: int, start: int, count: int, op: WriteOp | None, what: str
+    ) -> tuple[int | None, list[int]]:
+        """One request of a write through the shared link: (exception code, registers).
+        A malformed answer (after the link's retries) leaves the outcome unknown."""
+        if not self._acquired:
+            raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
+        unit = self.device.unit_id
+        check: Callable[[bytes, bytes], str]
+        if link.is_serial:
+            frame = (
+                rtu.write_request(unit, op.pdu())
+                if op
+                else rtu.read_request(unit, fc, start, count)
+            )
+            check = rtu.check_rtu_frame
+        else:
+            tid = link.next_tid()
+            frame = (
+                mbap_request(tid, unit, op.pdu())
+                if op
+                else mbap_read_request(tid, unit, fc, start, count)
+            )
+            check = check_frame
+        try:
+            answer = await link.transact(
+                unit, frame, check, self.device.timeout_s, retries=self.device.retries
+            )
+        except LinkError as exc:
+            raise DriverUnavailable(exc.reason, f"{self.endpoint}: {what}: {exc.detail}") from None
+        if link.is_serial:
+            return rtu.parse_answer(answer, frame)
+        return parse_mbap_answer(answer, frame)
 
     async def _execute_on_link(self, link: Link, request: Request) -> Any:
         if not self._acquired:
@@ -673,6 +831,11 @@ class _Answer:
 def mbap_read_request(tid: int, unit: int, function_code: int, start: int, count: int) -> bytes:
     """A Modbus/TCP read request (MBAP header + PDU)."""
     pdu = bytes((function_code,)) + start.to_bytes(2, "big") + count.to_bytes(2, "big")
+    return mbap_request(tid, unit, pdu)
+
+
+def mbap_request(tid: int, unit: int, pdu: bytes) -> bytes:
+    """A Modbus/TCP request: MBAP header + `pdu`."""
     return (
         tid.to_bytes(2, "big")
         + b"\x00\x00"
@@ -687,6 +850,8 @@ def parse_mbap_answer(frame: bytes, request: bytes) -> tuple[int | None, list[in
     `check_frame`: registers for function 3/4, exactly `count` bits for 1/2."""
     if frame[7] & 0x80:
         return frame[8], []
+    if request[7] in WRITE_FUNCTIONS:
+        return None, []
     count = int.from_bytes(request[10:12], "big")
     payload = frame[9:]
     if request[7] in (3, 4):

@@ -7,6 +7,8 @@ one answer, so the length of a good answer is known from the request:
     read coils / discrete inputs (1, 2):  unit fc count | ceil(n / 8) bytes | crc
     read registers (3, 4):                unit fc count | 2 n bytes        | crc
     exception:                            unit fc|0x80 code                | crc
+    write (5, 6, 15, 16):                 unit fc address value/quantity   | crc
+    mask write (22):                      unit fc address and-mask or-mask | crc
 
 `check_rtu_frame` checks received bytes against the request incrementally, with the
 same verdicts as the Modbus/TCP `check_frame` (FRAME_OK, FRAME_INCOMPLETE or the
@@ -38,6 +40,7 @@ __all__ = [
     "request_size",
     "response_size",
     "with_crc",
+    "write_request",
 ]
 
 FRAME_OK: Final = ""
@@ -83,6 +86,17 @@ def read_request(unit: int, function_code: int, start: int, count: int) -> bytes
     )
 
 
+def write_request(unit: int, pdu: bytes) -> bytes:
+    """The RTU frame of a write request whose PDU is `pdu` (drivers.modbus.write)."""
+    if not 0 <= unit <= 255 or not pdu or pdu[0] not in _WRITES:
+        raise ValueError(f"bad write request unit={unit} pdu={pdu[:1].hex()}")
+    return with_crc(bytes((unit,)) + pdu)
+
+
+# Write function code → bytes of the request echoed in the answer after the function code.
+_WRITES: Final[dict[int, int]] = {5: 4, 6: 4, 15: 4, 16: 4, 22: 6}
+
+
 def request_size() -> int:
     """Bytes of a read request frame: unit, fc, start (2), count (2), CRC (2)."""
     return 8
@@ -114,6 +128,12 @@ def check_rtu_frame(data: bytes | bytearray, request: bytes) -> str:
         return FRAME_INCOMPLETE
     if data[1] & 0x80:
         total = 5
+    elif request[1] in _WRITES:
+        echo = _WRITES[request[1]]
+        total = 4 + echo
+        # The answer echoes the request: address and value (quantity, masks).
+        if data[2 : 2 + echo] != request[2 : 2 + echo][: max(0, n - 2)]:
+            return "protocol error: wrong echo"
     else:
         count = int.from_bytes(request[4:6], "big")
         expected = _payload_size(request[1], count)
@@ -135,6 +155,8 @@ def parse_answer(frame: bytes | bytearray, request: bytes) -> tuple[int | None, 
     `check_rtu_frame`."""
     if frame[1] & 0x80:
         return frame[2], []
+    if request[1] in _WRITES:
+        return None, []
     count = int.from_bytes(request[4:6], "big")
     payload = frame[3:-2]
     if request[1] in (3, 4):
@@ -148,6 +170,8 @@ def encode_answer(request: bytes, values: Sequence[int] | None, exception: int =
     unit, fc = request[0], request[1]
     if exception:
         return with_crc(bytes((unit, fc | 0x80, exception)))
+    if fc in _WRITES:  # a write is confirmed by echoing the request
+        return with_crc(request[: 2 + _WRITES[fc]])
     assert values is not None
     if fc in (3, 4):
         payload = b"".join(int(v).to_bytes(2, "big") for v in values)

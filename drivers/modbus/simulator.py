@@ -8,7 +8,12 @@ the address on the wire; register "40001" is holding address 0.
 
 - Only configured addresses answer. A request touching any unconfigured register or bit
   gets exception 2 (illegal data address), so a typo in a config shows as a bad quality,
-  not as a zero. Writes get exception 1 (illegal function): the simulator is read-only.
+  not as a zero. The same holds for writes: a write touching an unconfigured address
+  gets exception 2.
+- Writes (function 5, 6, 15, 16 and 22 on coils and holding registers; the other two
+  tables cannot be addressed by a Modbus write) are stored as sent, and every tag they
+  touch stops following its generator: the next read returns the written value, so a
+  commissioning can be rehearsed against the simulator.
 - Values come from `drivers.generators` in engineering units and are turned back into
   raw values (raw = (value - offset) / scale, rounded and clamped for integer types),
   then encoded with our own codec and the tag's byte order, so simulation and decoding
@@ -49,6 +54,7 @@ log = structlog.get_logger(__name__)
 
 _TABLES: tuple[Table, ...] = ("coil", "discrete_input", "holding", "input")
 _READ_FC: dict[int, Table] = {1: "coil", 2: "discrete_input", 3: "holding", 4: "input"}
+_WRITE_FC: dict[int, Table] = {5: "coil", 15: "coil", 6: "holding", 16: "holding", 22: "holding"}
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -80,6 +86,23 @@ class _Unit:
     masks: dict[Table, bytearray]
     refreshed: dict[Table, float] = field(default_factory=dict)
     requests: int = 0
+    # Addresses written by a client: the tags there keep the written value.
+    held: dict[Table, bytearray] = field(
+        default_factory=lambda: {t: bytearray(65536) for t in ("coil", "holding")}
+    )
+    writes: int = 0
+
+    def hold(self, table: Table, address: int, count: int) -> None:
+        """Mark `count` addresses from `address` as written."""
+        self.held[table][address : address + count] = b"\x01" * count
+        self.writes += 1
+
+    def is_held(self, sim: _SimTag) -> bool:
+        held = self.held.get(sim.table)
+        return (
+            held is not None
+            and held.find(1, sim.address, sim.address + sim.spec.register_count) != -1
+        )
 
 
 def _raw_converter(
@@ -270,6 +293,10 @@ class ModbusSimulator:
         """Requests received for `device_name` since start (including refused ones)."""
         return self._units[device_name].requests
 
+    def write_count(self, device_name: str) -> int:
+        """Writes the simulator accepted for `device_name` since start."""
+        return self._units[device_name].writes
+
     # ------------------------------------------------------------------ internals
 
     async def _start_server(self, entry: _Server) -> None:
@@ -324,15 +351,24 @@ class ModbusSimulator:
             registers: list[int],
             set_values: list[int] | list[bool] | None,
         ) -> ExcCodes | None:
-            table = _READ_FC.get(function_code)
-            if table is None or set_values is not None:
-                return ExcCodes.ILLEGAL_FUNCTION
+            if set_values is not None:
+                table = _WRITE_FC.get(function_code)
+                if table is None:
+                    return ExcCodes.ILLEGAL_FUNCTION
+                # pymodbus passes a coil block's register count: the written bits count.
+                count = len(set_values)
+            else:
+                table = _READ_FC.get(function_code) or _WRITE_FC.get(function_code)
+                if table is None:
+                    return ExcCodes.ILLEGAL_FUNCTION
             if unit.masks[table].find(0, address, address + count) != -1:
                 return ExcCodes.ILLEGAL_ADDRESS
             now = asyncio.get_running_loop().time()
             if now - unit.refreshed.get(table, -math.inf) >= self.update_interval_s:
                 unit.refreshed[table] = now
                 self._refresh(unit, table, registers, start_address, now - self._t0)
+            if set_values is not None:
+                unit.hold(table, address, count)
             return None
 
         return action
@@ -344,6 +380,8 @@ class ModbusSimulator:
             # pymodbus packs 16 bits per register, bit 0 of the register = lowest address;
             # `base` is the register index of the block's first 16 bits.
             for sim in unit.tags[table]:
+                if unit.is_held(sim):
+                    continue
                 index, bit = divmod(sim.address, 16)
                 index -= base
                 if sim.to_raw(sim.generator(t)):
@@ -352,6 +390,8 @@ class ModbusSimulator:
                     registers[index] &= ~(1 << bit)
             return
         for sim in unit.tags[table]:
+            if unit.is_held(sim):
+                continue
             try:
                 words = encode(sim.spec, sim.to_raw(sim.generator(t)))
             except (CodecError, ValueError, TypeError, OverflowError) as exc:
@@ -375,7 +415,7 @@ class ModbusSimulator:
 # a unit id nobody serves stays silent, as on a real RS-485 line.
 
 
-_REQUEST_FIXED = {1: 8, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8}
+_REQUEST_FIXED = {1: 8, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8, 22: 10}
 
 
 class _RtuUnits:
@@ -436,6 +476,8 @@ class _RtuUnits:
         if unit is None or unit_id in self.sim.silent_units.get(self.name, ()):
             return None
         unit.requests += 1
+        if fc in _WRITE_FC:
+            return self._write(unit_id, unit, frame)
         table = _READ_FC.get(fc)
         if table is None:
             return encode_answer(frame[:2], None, exception=1)
@@ -456,6 +498,53 @@ class _RtuUnits:
         else:
             values = regs[start : start + count]
         return encode_answer(frame, values)
+
+    def _write(self, unit_id: int, unit: _Unit, frame: bytes) -> bytes:
+        """Apply a write request (5, 6, 15, 16, 22) and answer with its echo."""
+        from drivers.modbus.rtu import encode_answer
+
+        fc = frame[1]
+        table = _WRITE_FC[fc]
+        start = int.from_bytes(frame[2:4], "big")
+        field_ = int.from_bytes(frame[4:6], "big")
+        if fc == 5 and field_ not in (0x0000, 0xFF00):
+            return encode_answer(frame, None, exception=3)
+        if fc in (15, 16):
+            count = field_
+            limit = 1968 if fc == 15 else 123
+            size = (count + 7) // 8 if fc == 15 else 2 * count
+            if not 1 <= count <= limit or frame[6] != size:
+                return encode_answer(frame, None, exception=3)
+        else:
+            count = 1
+        if start + count > 65536 or unit.masks[table].find(0, start, start + count) != -1:
+            return encode_answer(frame, None, exception=2)
+        regs = self.regs[(unit_id, table)]
+        # Bring the table up to date first: a partial write keeps its neighbours' values.
+        now = asyncio.get_running_loop().time()
+        if now - unit.refreshed.get(table, -math.inf) >= self.sim.update_interval_s:
+            unit.refreshed[table] = now
+            ModbusSimulator._refresh(unit, table, regs, 0, now - self.sim.t0)
+        if table == "coil":
+            bits = (
+                [field_ == 0xFF00]
+                if fc == 5
+                else [bool((frame[7 + i // 8] >> (i % 8)) & 1) for i in range(count)]
+            )
+            for i, bit in enumerate(bits):
+                index, shift = divmod(start + i, 16)
+                regs[index] = regs[index] | (1 << shift) if bit else regs[index] & ~(1 << shift)
+        elif fc == 6:
+            regs[start] = field_
+        elif fc == 16:
+            regs[start : start + count] = [
+                int.from_bytes(frame[7 + 2 * i : 9 + 2 * i], "big") for i in range(count)
+            ]
+        else:  # 22: (current AND and_mask) OR (or_mask AND NOT and_mask)
+            and_mask, or_mask = field_, int.from_bytes(frame[6:8], "big")
+            regs[start] = (regs[start] & and_mask) | (or_mask & ~and_mask & 0xFFFF)
+        unit.hold(table, start, count)
+        return encode_answer(frame, None)
 
     def spoil(self, answer: bytes) -> bytes:
         """Line noise for tests: every `noise_every`-th answer is damaged, in turn by a

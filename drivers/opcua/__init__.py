@@ -66,6 +66,6 @@ PROTOCOL = Protocol(
     create_driver=_create_driver,
     simulate=_simulate,
     add_commands=_add_commands,
-    capabilities=frozenset({"subscribe"}),
-    summary="OPC UA: polled reads and subscriptions, security policies, certificate trust",
+    capabilities=frozenset({"subscribe", "write"}),
+    summary="OPC UA: polled reads, subscriptions and writes, security policies, certificate trust",
 )

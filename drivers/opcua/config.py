@@ -373,6 +373,19 @@ class OpcUaDevice(DeviceCommon):
             return g.subscription
         return self.subscription
 
+    def write_refusal(self, tag: str) -> str | None:
+        """A tag configured as a structure or an array cannot be written (one write is
+        one scalar); any other tag can be tried: the server's DataType, checked at the
+        write, decides (drivers/opcua/README.md, Writes)."""
+        found = next((t for t in self.tags if t.name == tag), None)
+        if found is None:
+            return f"no tag {tag!r} on device {self.name!r}"
+        if found.type == "Structure":
+            return "a structure cannot be written (one write is one scalar value)"
+        if found.array_length is not None:
+            return "an array cannot be written (one write is one scalar value)"
+        return None
+
     def subscribe_groups(self) -> frozenset[str]:
         """Groups in subscribe mode: the driver pushes their values, nobody polls them."""
         groups = {t.group for t in self.tags}

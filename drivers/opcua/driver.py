@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import enum
 import math
+import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -62,7 +63,9 @@ from drivers.base import (
     DriverUnavailable,
     RawReading,
     SampleSink,
+    Scalar,
     Value,
+    WriteRefused,
 )
 from drivers.opcua import certs
 from drivers.opcua.config import (
@@ -387,10 +390,66 @@ class SubscriptionStats:
     stale: int = 0  # times the watchdog declared the subscription stale
 
 
+#: Built-in types a write can carry, and the raw values each accepts.
+WRITABLE_TYPES: dict[ua.VariantType, tuple[int, int] | str] = {
+    ua.VariantType.Boolean: "bool",
+    ua.VariantType.SByte: (-(1 << 7), (1 << 7) - 1),
+    ua.VariantType.Byte: (0, (1 << 8) - 1),
+    ua.VariantType.Int16: (-(1 << 15), (1 << 15) - 1),
+    ua.VariantType.UInt16: (0, (1 << 16) - 1),
+    ua.VariantType.Int32: (-(1 << 31), (1 << 31) - 1),
+    ua.VariantType.UInt32: (0, (1 << 32) - 1),
+    ua.VariantType.Int64: (-(1 << 63), (1 << 63) - 1),
+    ua.VariantType.UInt64: (0, (1 << 64) - 1),
+    ua.VariantType.Float: "float32",
+    ua.VariantType.Double: "float64",
+    ua.VariantType.String: "str",
+}
+
+# ValueRank: -1 scalar, -2 any, -3 scalar or one dimension; 0 and >= 1 are arrays only.
+_SCALAR_RANKS = frozenset({-1, -2, -3})
+
+
+def variant_for(vtype: ua.VariantType, raw: Scalar) -> ua.Variant:
+    """The Variant of type `vtype` holding `raw`; WriteRefused("value does not fit") when
+    the type cannot hold it (another kind of value, out of range, not finite),
+    WriteRefused("type not writable") for a type no scalar raw value can be."""
+    kind = WRITABLE_TYPES.get(vtype)
+    name = vtype.name
+    if kind is None:
+        raise WriteRefused("type not writable", f"the node's data type is {name}")
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise WriteRefused("value does not fit", f"{name} needs true or false, got {raw!r}")
+        return ua.Variant(raw, vtype)
+    if kind == "str":
+        if not isinstance(raw, str):
+            raise WriteRefused("value does not fit", f"{name} needs a string, got {raw!r}")
+        return ua.Variant(raw, vtype)
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise WriteRefused("value does not fit", f"{name} needs a number, got {raw!r}")
+    if isinstance(kind, tuple):
+        if not isinstance(raw, int):
+            raise WriteRefused("value does not fit", f"{name} needs an integer, got {raw!r}")
+        lo, hi = kind
+        if not lo <= raw <= hi:
+            raise WriteRefused("value does not fit", f"{raw!r} is outside {name} ({lo}..{hi})")
+        return ua.Variant(raw, vtype)
+    number = float(raw)
+    if not math.isfinite(number):
+        raise WriteRefused("value does not fit", f"{raw!r} is not a finite number")
+    if kind == "float32":
+        try:
+            struct.pack(">f", number)
+        except OverflowError:
+            raise WriteRefused("value does not fit", f"{raw!r} is outside Float") from None
+    return ua.Variant(number, vtype)
+
+
 class OpcUaDriver:
     """One OPC UA server, read by polling (Read service) or subscription.
 
-    Implements drivers.base.Driver and SubscribingDriver.
+    Implements drivers.base.Driver, SubscribingDriver and WritingDriver.
     """
 
     def __init__(self, device: OpcUaDevice, *, outbox_batches: int = OUTBOX_BATCHES) -> None:
@@ -421,6 +480,10 @@ class OpcUaDriver:
         """Read service calls made so far (tests and metrics)."""
         self.loaded_type_definitions = False
         """Whether the last connect loaded the server's structure type definitions."""
+        self._tags = {t.name: t for t in device.tags}
+        # Tag → the VariantType its node takes, read at the tag's first write after a
+        # connect (a PLC download may change a node's type: read again per session).
+        self._write_types: dict[str, ua.VariantType] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -670,6 +733,7 @@ class OpcUaDriver:
         namespaces: list[str] = list(ns_raw) if isinstance(ns_raw, list) else []
         resolved = await self._resolve(client, namespaces, max_translate)
         self._resolved = {}
+        self._write_types = {}
         for r in resolved:
             self._resolved.setdefault(r.tag.group, []).append(r)
         await self._load_types_if_needed(client, resolved)
@@ -809,6 +873,100 @@ class OpcUaDriver:
             else:
                 out.append(reading_from_datavalue(r.tag.name, next(values), ts_choice))
         return out
+
+    # ------------------------------------------------------------------------ write
+
+    async def write(self, tag: str, raw: Scalar) -> None:
+        """Write tag `tag` with raw value `raw` (drivers.base.WritingDriver): one Write
+        service call of the node's Value attribute, as a Variant of the node's DataType
+        (read once per session: DataType and ValueRank; an abstract DataType such as
+        Number takes the type of the node's current value). Raises WriteRefused (a
+        structure, an array, a type the raw value cannot be, a value the type cannot
+        hold: no Write sent), DriverError(status name) when the server refuses it
+        (BadNotWritable, BadUserAccessDenied, BadTypeMismatch, BadOutOfRange…),
+        DriverUnavailable when the connection fails."""
+        config = self._tags.get(tag)
+        if config is None:
+            raise WriteRefused("unknown tag", f"no tag {tag!r} on device {self.device.name!r}")
+        refusal = self.device.write_refusal(tag)
+        if refusal is not None:
+            raise WriteRefused("not writable", f"{tag}: {refusal}")
+        client = self._require_client()
+        resolved = next(
+            (r for r in self._resolved.get(config.group, []) if r.tag.name == tag), None
+        )
+        if resolved is None or resolved.node is None:
+            reason = (resolved.reason if resolved else None) or "BadNodeIdUnknown"
+            code = resolved.code if resolved is not None else None
+            raise DriverConfigError(reason, f"{tag}: {config.address}", code)
+        node = resolved.node
+        endpoint = self.device.endpoint
+        try:
+            vtype = self._write_types.get(tag)
+            if vtype is None:
+                vtype = await self._write_type(client, tag, node)
+            try:
+                variant = variant_for(vtype, raw)
+            except WriteRefused as exc:
+                raise WriteRefused(exc.reason, f"{tag}: {exc.detail}") from None
+            params = ua.WriteParameters()
+            params.NodesToWrite = [
+                ua.WriteValue(
+                    NodeId=node,
+                    AttributeId=AttributeIds.Value,
+                    Value=ua.DataValue(variant),
+                )
+            ]
+            results = await client.uaclient.write(params)
+        except DriverError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, endpoint) from exc
+        if len(results) != 1:
+            raise DriverUnavailable(
+                "protocol error", f"{endpoint}: {len(results)} results for one write"
+            )
+        code = int(results[0].value)
+        if code >> 30 != 0:  # not good (uncertain results do not happen for writes)
+            name = status_name(code)
+            log.warning("opcua.write.refused", device=self.device.name, tag=tag, status=name)
+            raise DriverError(name, f"{tag}: {config.address}", code)
+
+    async def _write_type(self, client: Client, tag: str, node: ua.NodeId) -> ua.VariantType:
+        """The VariantType a write of `node` takes, from its DataType and ValueRank."""
+        dtype_dv, rank_dv = [
+            (await self._read_raw(client, [node], attribute, 0))[0]
+            for attribute in (AttributeIds.DataType, AttributeIds.ValueRank)
+        ]
+        for dv in (dtype_dv, rank_dv):
+            code = int(dv.StatusCode.value) if dv.StatusCode is not None else 0
+            if code >> 30 >= 2:
+                raise DriverError(status_name(code), f"{tag}: reading its DataType", code)
+        dtype = dtype_dv.Value.Value if dtype_dv.Value is not None else None
+        rank = rank_dv.Value.Value if rank_dv.Value is not None else -1
+        if isinstance(rank, int) and rank not in _SCALAR_RANKS:
+            raise WriteRefused("not writable", f"{tag}: the node holds an array (ValueRank {rank})")
+        if not isinstance(dtype, ua.NodeId):
+            raise DriverError("BadTypeMismatch", f"{tag}: the node has no DataType")
+        builtin = dtype.NamespaceIndex == 0 and isinstance(dtype.Identifier, int)
+        if builtin and 1 <= int(dtype.Identifier) <= 25:
+            vtype = ua.VariantType(int(dtype.Identifier))
+        else:
+            from asyncua.common.ua_utils import data_type_to_variant_type
+
+            vtype = await data_type_to_variant_type(client.get_node(dtype))
+        if vtype == ua.VariantType.Variant:  # abstract (Number, Integer, BaseDataType)
+            current = (await self._read_raw(client, [node], AttributeIds.Value, 0))[0]
+            held = current.Value.VariantType if current.Value is not None else None
+            if held is None or held == ua.VariantType.Null:
+                raise WriteRefused(
+                    "type not writable",
+                    f"{tag}: the node's DataType is abstract and it holds no value to take "
+                    "the type from",
+                )
+            vtype = held
+        self._write_types[tag] = vtype
+        return vtype
 
     # ------------------------------------------------------------------- subscribe
 

@@ -6,7 +6,11 @@ created at exactly its configured NodeId or browse path, in its configured names
 (index or URI), with the data type named by the tag's `type` (Double by default), as an
 array when `array_length` is set, or as a structure of its `fields`. Values come from
 drivers.generators and are written only when they change, so a value set with
-`set_value` stays until the generator next moves.
+`set_value` stays until the generator next moves. A value a client writes (the Write
+service) stays for good: that node stops following its generator, so a commissioning
+can be rehearsed. Every node is writable except the tags named in `read_only`, whose
+AccessLevel lacks CurrentWrite; asyncua's server refuses a write to them with
+BadUserAccessDenied.
 
 Security is explicit: the server offers exactly the device's policy and mode (asyncua's
 default would also offer no security), with the simulator's own certificate kept in
@@ -58,6 +62,7 @@ from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.server import Server
 from asyncua.server.user_managers import UserManager
+from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.ua_binary import struct_from_binary, uatcp_to_binary
@@ -156,6 +161,7 @@ class _Var:
     node: Node
     make: Any  # () -> (python value, VariantType)
     last: Any = None
+    held: bool = False  # written by a client: the generator no longer drives it
 
 
 @dataclass
@@ -167,6 +173,7 @@ class _Served:
     variables: dict[str, _Var] = field(default_factory=dict)
     read_calls: list[int] = field(default_factory=list)
     diag: dict[str, Node] = field(default_factory=dict)
+    writes: int = 0
 
 
 class _Users(UserManager):
@@ -256,7 +263,8 @@ class OpcUaSimulator:
     `max_nodes_per_read`: announce and enforce this OperationLimit (None: asyncua's);
     `update_interval_s`: how often generated values are refreshed;
     `trusted_clients`: accept only client certificates in this directory (strict
-    servers, see the module docstring), refused the `rejection` way.
+    servers, see the module docstring), refused the `rejection` way;
+    `read_only`: device name → tags served without write access.
     """
 
     def __init__(
@@ -268,8 +276,10 @@ class OpcUaSimulator:
         update_interval_s: float = 0.1,
         trusted_clients: str | Path | None = None,
         rejection: Rejection = "service_fault",
+        read_only: dict[str, set[str]] | None = None,
     ) -> None:
         self._devices = list(devices)
+        self._read_only = {k: set(v) for k, v in (read_only or {}).items()}
         self._trusted_clients = Path(trusted_clients) if trusted_clients is not None else None
         self._rejection: Rejection = rejection
         self._cert_dir = Path(cert_dir)
@@ -296,6 +306,10 @@ class OpcUaSimulator:
         clients = self._served[device].server.bserver
         listed = clients.clients if clients is not None else None
         return listed.rejected if isinstance(listed, _StrictClients) else 0
+
+    def write_count(self, device: str) -> int:
+        """Nodes a client wrote successfully (the Write service) since start."""
+        return self._served[device].writes
 
     def read_calls(self, device: str) -> list[int]:
         """Sizes of the external Read requests served so far, in order."""
@@ -377,6 +391,8 @@ class OpcUaSimulator:
             # interval, which awaiting Node.write_value per node did not.
             write = s.server.write_attribute_value
             for var in s.variables.values():
+                if var.held:
+                    continue
                 value, vtype = var.make(t)
                 if value == var.last:
                     continue
@@ -441,6 +457,20 @@ class OpcUaSimulator:
                 raise ServiceError(StatusCodes.BadTooManyOperations)
 
         server.subscribe_server_callback(CallbackType.PreRead, pre_read)
+        by_node = {var.node.nodeid: var for var in served.variables.values()}
+
+        async def post_write(event: ServerItemCallback, _dispatcher: Any) -> None:
+            if not event.is_external or event.response_params is None:
+                return
+            for item, result in zip(
+                event.request_params.NodesToWrite, event.response_params, strict=False
+            ):
+                var = by_node.get(item.NodeId)
+                if var is not None and result.is_good() and item.AttributeId == AttributeIds.Value:
+                    var.held = True
+                    served.writes += 1
+
+        server.subscribe_server_callback(CallbackType.PostWrite, post_write)
         await server.start()
         if self._trusted_clients is not None and server.bserver is not None:
             # No connection exists yet: every one will be made with the strict list.
@@ -526,7 +556,8 @@ class OpcUaSimulator:
                 )
             else:
                 node = await parent.add_variable(nodeid, bname, ua.Variant(value, vtype))
-            await node.set_writable()
+            if tag.name not in self._read_only.get(s.device.name, set()):
+                await node.set_writable()
             s.variables[tag.name] = _Var(tag, node, make)
 
     def _maker(self, dev: OpcUaDevice, tag: OpcUaTag, seed: int) -> Any:

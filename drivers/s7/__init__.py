@@ -44,6 +44,6 @@ PROTOCOL = Protocol(
     create_driver=_create_driver,
     simulate=_simulate,
     plan=_plan,
-    capabilities=frozenset({"columns"}),
-    summary="Siemens S7-300/400/1200/1500 (ISO-on-TCP): DB, M, I, Q; multi-variable reads",
+    capabilities=frozenset({"columns", "write"}),
+    summary="Siemens S7-300/400/1200/1500 (ISO-on-TCP): DB, M, I, Q; multi-variable reads, writes",
 )

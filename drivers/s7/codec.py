@@ -14,7 +14,10 @@ carries up to N items of 12 bytes each (`12 0A 10 <transport size> <count:2> <db
 <area> <bit address:3>`) and is answered by one data item per request item:
 `<return code> <transport size> <length:2> <data>`, plus a fill byte after an odd-length
 item that is not the last one (a zero fill byte after an odd last item, counted in the
-header's data length, is tolerated). Every answer is checked against the request it answers
+header's data length, is tolerated). Write variable (function 05) carries the same item
+specification (transport size BIT with the bit in the address, or BYTE x count) and one
+data item per item (`00 <03 bit | 04 bytes> <length in bits:2> <data>`), and is answered
+by one return code per item. Every answer is checked against the request it answers
 (`parse_read_response`): a frame that does not fit raises FrameError and no value of it
 is decoded.
 """
@@ -48,10 +51,12 @@ __all__ = [
     "parse_cotp_connect",
     "parse_read_response",
     "parse_setup_response",
+    "parse_write_response",
     "read_request",
     "read_response_size",
     "setup_request",
     "tpkt",
+    "write_request",
 ]
 
 TPKT_HEADER: Final = 4
@@ -68,6 +73,9 @@ FUNC_SETUP: Final = 0xF0
 
 TS_BIT: Final = 0x01
 TS_BYTE: Final = 0x02
+#: Transport sizes of a data item (of a write request, or a read answer).
+DATA_TS_BIT: Final = 0x03  # length counts bits
+DATA_TS_BYTE: Final = 0x04  # BYTE/WORD/DWORD: length counts bits
 
 #: Item return codes (the first byte of every data item of an answer).
 ITEM_CODES: Final[dict[int, str]] = {
@@ -281,6 +289,46 @@ def read_request(ref: int, items: Sequence[ReadItem]) -> bytes:
             + (it.start << 3).to_bytes(3, "big")
         )
     return _job(ref, bytes(params))
+
+
+def write_request(ref: int, item: ReadItem, data: bytes, bit: int | None = None) -> bytes:
+    """The write-variable job of one item: `data` (count bytes) from byte `item.start`, or
+    with `bit` one bit (data: one byte, 0 or 1) at `item.start`.`bit`."""
+    if bit is not None:
+        if not 0 <= bit <= 7 or len(data) != 1 or data[0] not in (0, 1):
+            raise CodecError("a bit write carries one byte, 0 or 1, for bit 0-7")
+        ts, count, address, data_ts, length = TS_BIT, 1, item.start << 3 | bit, DATA_TS_BIT, 1
+    else:
+        if len(data) != item.count or not data:
+            raise CodecError(f"{len(data)} bytes for an item of {item.count}")
+        ts, count, address = TS_BYTE, item.count, item.start << 3
+        data_ts, length = DATA_TS_BYTE, 8 * len(data)
+    params = (
+        bytes((FUNC_WRITE, 1))
+        + b"\x12\x0a\x10"
+        + struct.pack(">BHHB", ts, count, item.db, item.area_code)
+        + address.to_bytes(3, "big")
+    )
+    return _job(ref, params, struct.pack(">BBH", 0, data_ts, length) + data)
+
+
+def write_request_size(data_bytes: int) -> int:
+    """Bytes of a one-item write job carrying `data_bytes` bytes."""
+    return JOB_HEADER + 2 + ITEM_SPEC + ITEM_HEADER + data_bytes
+
+
+def parse_write_response(pdu: bytes, ref: int, items: int = 1) -> list[int]:
+    """The return code of each item of the answer to a write job of `items` items.
+    Raises HeaderError when the PLC refused the whole job, FrameError for bytes that are
+    not that answer."""
+    plen, dlen, pos = _ack_header(pdu, ref)
+    if plen != 2 or pdu[pos] != FUNC_WRITE:
+        raise FrameError("protocol error: not a write-variable answer")
+    if pdu[pos + 1] != items:
+        raise FrameError("protocol error: wrong item count")
+    if dlen != items:
+        raise FrameError("protocol error: wrong write answer length")
+    return list(pdu[pos + 2 : pos + 2 + items])
 
 
 def read_response_size(sizes: Sequence[int]) -> int:

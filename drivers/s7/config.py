@@ -267,6 +267,19 @@ class S7Device(DeviceCommon):
             return local, parse_tsap(self.remote_tsap)
         return local, (CONNECTION_TYPE[self.connection_type] << 8) | (self.rack << 5) | self.slot
 
+    def write_refusal(self, tag: str) -> str | None:
+        """Inputs (I/E) are not written: the CPU overwrites the process image of the inputs
+        from the modules every cycle. DB, M and Q are written with write variable."""
+        found = next((t for t in self.tags if t.name == tag), None)
+        if found is None:
+            return f"no tag {tag!r} on device {self.name!r}"
+        if found.resolved_address().area == "I":
+            return (
+                "inputs (I) are not written: the CPU refreshes them from the input modules "
+                "every cycle; write an M, Q or DB address the program reads instead"
+            )
+        return None
+
     def check(self, *, simulate: bool | None = None) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems the field validators cannot see, as (location in this device, message):
         a value larger than one answer at `pdu_size` (the plan cannot be made), port 0

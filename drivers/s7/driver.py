@@ -29,16 +29,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import structlog
 
-from drivers.base import DriverConfigError, DriverUnavailable, RawReading, Value
+from drivers.base import (
+    DriverConfigError,
+    DriverError,
+    DriverUnavailable,
+    RawReading,
+    Scalar,
+    Value,
+    WriteRefused,
+)
 from drivers.s7 import codec
-from drivers.s7.codec import CodecError, FrameError, HeaderError, ItemResult
-from drivers.s7.config import S7Device
+from drivers.s7.codec import CodecError, FrameError, HeaderError, ItemResult, ReadItem
+from drivers.s7.config import AREA_CODE, S7Device, S7Tag
 from drivers.s7.plan import (
     DevicePlan,
     GroupPlan,
@@ -48,6 +57,7 @@ from drivers.s7.plan import (
     clusters,
     pack,
     plan_device,
+    spec_of,
     sub_variable,
 )
 
@@ -103,6 +113,9 @@ class S7Driver:
         # (group, planned variable) → its isolation; kept across reconnects.
         self._isolated: dict[tuple[str, Variable], _Isolation] = {}
         self._active: dict[str, tuple[Request, ...]] = {}
+        self._tags = {t.name: t for t in device.tags}
+        # One job at a time on the connection (a poll and a write may run at once).
+        self._io_lock = asyncio.Lock()
         self._log = log.bind(device=device.name)
 
     @property
@@ -315,26 +328,97 @@ class S7Driver:
         return self._ref
 
     async def _exchange(self, request: Request) -> list[ItemResult]:
-        writer = self._writer
-        if writer is None or self._reader is None or writer.is_closing():
-            raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
         items = request.items
         ref = self._next_ref()
         try:
-            async with asyncio.timeout(self.device.timeout_s):
-                writer.write(codec.cotp_data(codec.read_request(ref, items)))
-                await writer.drain()
-                pdu = await self._read_pdu()
+            pdu = await self._job(codec.read_request(ref, items), request.describe())
             return codec.parse_read_response(pdu, ref, items)
         except HeaderError as exc:
             raise DriverConfigError(str(exc), f"{self.endpoint}", code=exc.code) from None
-        except asyncio.CancelledError:
-            # Cancelled between request and answer: the answer may still come and must
-            # never be read as the answer to the next request.
-            writer.close()
-            raise
-        except BaseException as exc:
+        except FrameError as exc:
             raise self._map(exc, request.describe()) from None
+
+    async def _job(self, job: bytes, what: str) -> bytes:
+        """Send one S7 job and return the PDU that answers it (not yet checked)."""
+        async with self._io_lock:
+            writer = self._writer
+            if writer is None or self._reader is None or writer.is_closing():
+                raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
+            try:
+                async with asyncio.timeout(self.device.timeout_s):
+                    writer.write(codec.cotp_data(job))
+                    await writer.drain()
+                    return await self._read_pdu()
+            except asyncio.CancelledError:
+                # Cancelled between request and answer: the answer may still come and
+                # must never be read as the answer to the next request.
+                writer.close()
+                raise
+            except BaseException as exc:
+                raise self._map(exc, what) from None
+
+    # ------------------------------------------------------------------ writing
+
+    async def write(self, tag: str, raw: Scalar) -> None:
+        """Write tag `tag` with raw value `raw` (drivers.base.WritingDriver): one write
+        variable job of one item. A bool is written with the protocol's bit access
+        (transport size BIT, the bit in the address): the CPU changes that bit only.
+        Other values are written as their bytes (transport size BYTE), big-endian as
+        the CPU stores them; a STRING is written from its current-length byte on (the
+        maximum-length byte the CPU keeps is not touched).
+
+        Raises WriteRefused (inputs, a value the type cannot hold, a value larger than
+        one write at the negotiated PDU size: nothing sent), DriverError when the CPU
+        refuses the job or the item (`s7 error 0x…`, `s7 item 0x…`), DriverUnavailable
+        when the outcome is unknown (timeout, connection lost, an answer that does not
+        fit the request)."""
+        config = self._tags.get(tag)
+        if config is None:
+            raise WriteRefused("unknown tag", f"no tag {tag!r} on device {self.device.name!r}")
+        refusal = self.device.write_refusal(tag)
+        if refusal is not None:
+            raise WriteRefused("not writable", f"{tag}: {refusal}")
+        addr = config.resolved_address()
+        kind = config.resolved_type()
+        try:
+            start, data = _encode_raw(config, raw)
+        except CodecError as exc:
+            raise WriteRefused("value does not fit", f"{tag} ({kind}): {exc}") from None
+        if codec.write_request_size(len(data)) > self.pdu_size:
+            raise WriteRefused(
+                "value does not fit",
+                f"{tag}: {len(data)} bytes do not fit one write at PDU size {self.pdu_size}",
+            )
+        item = ReadItem(AREA_CODE[addr.area], addr.db, start, len(data))
+        bit = addr.bit if kind == "bool" else None
+        what = f"write {addr.text()}" + ("" if bit is not None else f" ({len(data)} bytes)")
+        ref = self._next_ref()
+        try:
+            pdu = await self._job(codec.write_request(ref, item, data, bit), what)
+            (code,) = codec.parse_write_response(pdu, ref)
+        except HeaderError as exc:
+            self._log.warning("s7.write.refused", request=what, reason=str(exc))
+            raise DriverError(str(exc), f"{self.endpoint}: {what}", code=exc.code) from None
+        except FrameError as exc:
+            self._abandon(tag, exc.reason)
+            raise self._map(exc, what) from None
+        except DriverUnavailable as exc:
+            self._abandon(tag, exc.reason)
+            raise
+        if code != 0xFF:
+            reason = codec.item_reason(code)
+            self._log.warning("s7.write.refused", request=what, reason=reason)
+            raise DriverError(reason, f"{self.endpoint}: {what}", code)
+
+    def _abandon(self, tag: str, reason: str) -> None:
+        """A write whose outcome is unknown: close the connection, so a late answer is
+        never read as the answer to a later job (the next poll reports the lost
+        connection and the poller reconnects)."""
+        self._log.warning("s7.write.unknown_outcome", tag=tag, reason=reason)
+        writer = self._writer
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
 
     def _map(self, exc: BaseException, what: str) -> BaseException:
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
@@ -396,3 +480,41 @@ def _fill_bad(
     reason = bad_reason(code, var)
     for slot in slots:
         bad[slot.index] = RawReading(slot.tag, None, "bad", reason, code)
+
+
+def _encode_raw(tag: S7Tag, raw: Scalar) -> tuple[int, bytes]:
+    """(first byte, bytes) a write of `raw` to `tag` sends; bool: (its byte, 00/01).
+    Raises CodecError for a value the tag's type cannot hold."""
+    addr = tag.resolved_address()
+    kind = tag.resolved_type()
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise CodecError(f"type bool needs true or false, got {raw!r}")
+        return addr.byte, b"\x01" if raw else b"\x00"
+    if kind == "string":
+        if not isinstance(raw, str):
+            raise CodecError(f"type string needs a string, got {raw!r}")
+        length = tag.length or 254
+        try:
+            text = raw.encode("latin-1")
+        except UnicodeEncodeError:
+            raise CodecError(f"string {raw!r} has characters outside Latin-1") from None
+        if len(text) > length:
+            raise CodecError(f"string {raw!r} longer than STRING[{length}]")
+        # From the current-length byte on; the characters after it are cleared.
+        return addr.byte + 1, bytes((len(text),)) + text.ljust(length, b"\x00")
+    if kind == "date_and_time":
+        if not isinstance(raw, str):
+            raise CodecError(f"type date_and_time needs an ISO date-time string, got {raw!r}")
+        try:
+            return addr.byte, codec.encode(spec_of(tag), raw)
+        except ValueError as exc:
+            raise CodecError(str(exc)) from None
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise CodecError(f"type {kind} needs a number, got {raw!r}")
+    if kind in ("real", "lreal"):
+        if not math.isfinite(raw):
+            raise CodecError(f"{raw!r} is not a finite number")
+    elif not isinstance(raw, int):
+        raise CodecError(f"type {kind} needs an integer, got {raw!r}")
+    return addr.byte, codec.encode(spec_of(tag), raw)

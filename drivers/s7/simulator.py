@@ -9,7 +9,14 @@
   needs. An item past the end is refused with 0x05 (address out of range), a DB the
   config does not use with 0x0A (object does not exist). A request or answer larger than
   the PDU gets header error 0x8500. Bit reads (transport size BIT) answer the bit alone,
-  as a CPU does. Writes are refused item by item with 0x03: the simulator is read-only.
+  as a CPU does.
+- Writes (write variable, transport size BIT or BYTE/WORD/DWORD) are stored as sent: a
+  bit write changes that bit only, as a CPU does. Every tag a write touches stops
+  following its generator, so the next read returns the written value and a
+  commissioning can be rehearsed. An item past the end gets 0x05, an unknown DB 0x0A, a
+  DB named in `write_protected_dbs` 0x03 (accessing the object not allowed: a DB the
+  CPU protects from writes), a data item whose length does not match its specification
+  0x07 (data type inconsistent); with `put_get=False` a write gets header error 0x8104.
 - Values come from `drivers.generators` in engineering units, turned back into raw values
   (raw = (value - offset) / scale), encoded with our codec; refreshed lazily when a read
   arrives and the last refresh is older than `update_interval_s`.
@@ -104,6 +111,9 @@ class _Cpu:
     remote_tsap: int
     refreshed: float = -math.inf
     requests: int = 0
+    writes: int = 0
+    # (area key, byte) written by a client: the tags there keep the written value.
+    held: set[tuple[tuple[str, int], int]] = field(default_factory=set)
     server: asyncio.Server | None = None
     host: str = "127.0.0.1"
     port: int = 0
@@ -145,8 +155,10 @@ class S7Simulator:
         put_get: bool = True,
         optimized_dbs: Collection[int] = (),
         grant_pdu: int | None = None,
+        write_protected_dbs: Collection[int] = (),
     ) -> None:
         self.update_interval_s = update_interval_s
+        self.write_protected_dbs = frozenset(write_protected_dbs)
         self.put_get = put_get
         self.optimized_dbs = frozenset(optimized_dbs)
         self.grant_pdu = grant_pdu
@@ -204,6 +216,10 @@ class S7Simulator:
 
     def request_count(self, device_name: str) -> int:
         return self._cpus[device_name].requests
+
+    def write_count(self, device_name: str) -> int:
+        """Write items the simulated CPU accepted since start."""
+        return self._cpus[device_name].writes
 
     def drop_connections(self, device_name: str) -> None:
         """Close every client connection of a device (tests of connection loss)."""
@@ -277,8 +293,7 @@ class S7Simulator:
                 elif func == codec.FUNC_READ:
                     answer = self._read(cpu, pdu, ref, pdu_size)
                 elif func == codec.FUNC_WRITE:
-                    count = pdu[codec.JOB_HEADER + 1]
-                    answer = codec.ack_data(ref, bytes((codec.FUNC_WRITE, count)), b"\x03" * count)
+                    answer = self._write(cpu, pdu, ref, pdu_size)
                 else:
                     answer = codec.ack_error(ref, 0x8104)
                 writer.write(codec.cotp_data(answer))
@@ -340,9 +355,88 @@ class S7Simulator:
             return codec.ack_error(ref, 0x8500)
         return codec.ack_data(ref, bytes((codec.FUNC_READ, count)), bytes(data))
 
+    def _write(self, cpu: _Cpu, pdu: bytes, ref: int, pdu_size: int) -> bytes:
+        if not self.put_get:
+            return codec.ack_error(ref, 0x8104)
+        if len(pdu) > pdu_size:
+            return codec.ack_error(ref, 0x8500)
+        plen, dlen = struct.unpack_from(">HH", pdu, 6)
+        count = pdu[codec.JOB_HEADER + 1]
+        if plen != 2 + count * codec.ITEM_SPEC or codec.JOB_HEADER + plen + dlen != len(pdu):
+            return codec.ack_error(ref, 0x8500)
+        specs = pdu[codec.JOB_HEADER + 2 : codec.JOB_HEADER + plen]
+        data = pdu[codec.JOB_HEADER + plen :]
+        now = asyncio.get_running_loop().time()
+        if now - cpu.refreshed >= self.update_interval_s:
+            cpu.refreshed = now
+            self._refresh(cpu, now - self._t0)
+        codes = bytearray()
+        pos = 0
+        for i in range(count):
+            spec = specs[i * 12 : i * 12 + 12]
+            ts, n, db, area_code = struct.unpack_from(">BHHB", spec, 3)
+            address = int.from_bytes(spec[9:12], "big")
+            if pos + 4 > len(data):
+                return codec.ack_error(ref, 0x8500)
+            data_ts, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
+            size = length if data_ts in (0x06, 0x07, 0x08, 0x09) else (length + 7) // 8
+            value = data[pos + 4 : pos + 4 + size]
+            pos += 4 + size + (size & 1 if i < count - 1 else 0)
+            codes.append(self._store(cpu, ts, n, db, area_code, address, data_ts, value))
+        if pos != len(data):
+            return codec.ack_error(ref, 0x8500)
+        return codec.ack_data(ref, bytes((codec.FUNC_WRITE, count)), bytes(codes))
+
+    def _store(
+        self,
+        cpu: _Cpu,
+        ts: int,
+        n: int,
+        db: int,
+        area_code: int,
+        address: int,
+        data_ts: int,
+        value: bytes,
+    ) -> int:
+        """Store one write item; its return code (0xFF success)."""
+        area = _CODE_AREA.get(area_code)
+        width = _TS_WIDTH.get(ts)
+        if area is None or width is None:
+            return 0x06
+        key = (area, db if area == "DB" else 0)
+        memory = cpu.memory.get(key)
+        if area == "DB" and db in self.write_protected_dbs:
+            return 0x03
+        if memory is None:
+            return 0x0A if area == "DB" else 0x05
+        start, bit = address >> 3, address & 7
+        if ts == codec.TS_BIT:
+            if n != 1 or data_ts != codec.DATA_TS_BIT or len(value) != 1 or value[0] > 1:
+                return 0x07
+            if start >= len(memory):
+                return 0x05
+            mask = 1 << bit
+            memory[start] = memory[start] | mask if value[0] else memory[start] & ~mask
+            cpu.held.add((key, start))
+            cpu.writes += 1
+            return 0xFF
+        size = n * width
+        if len(value) != size:
+            return 0x07
+        if bit or start + size > len(memory):
+            return 0x05
+        memory[start : start + size] = value
+        cpu.held.update((key, b) for b in range(start, start + size))
+        cpu.writes += 1
+        return 0xFF
+
     @staticmethod
     def _refresh(cpu: _Cpu, t: float) -> None:
         for sim in cpu.tags:
+            if cpu.held and any(
+                (sim.key, b) in cpu.held for b in range(sim.byte, sim.byte + sim.spec.size)
+            ):
+                continue
             memory = cpu.memory[sim.key]
             try:
                 raw = encode(sim.spec, sim.to_raw(sim.generator(t)))

@@ -52,6 +52,6 @@ PROTOCOL = Protocol(
     simulate=_simulate,
     plan=_plan,
     add_commands=_add_commands,
-    capabilities=frozenset({"columns"}),
-    summary="LS ELECTRIC XGT over FEnet (XGK/XGI/XGR/XGB): continuous and individual reads",
+    capabilities=frozenset({"columns", "write"}),
+    summary="LS ELECTRIC XGT over FEnet (XGK/XGI/XGR/XGB): continuous and individual reads, writes",
 )

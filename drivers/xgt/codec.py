@@ -12,6 +12,11 @@ A frame is a 20-byte Application Header followed by the Application Instruction:
              FEnet position (1) base<<4 | slot | BCC (1) sum of the 19 bytes before it
     request  command (2) 0x0054 read | data type (2) | reserved (2) | number of blocks (2) |
              per block: name length (2) + name ("%MW100"); continuous read: + count (2)
+    write    command (2) 0x0058 | data type (2) | reserved (2) | number of blocks (2) |
+             individual: every block's name length + name, then every block's data size
+             (2) + data; continuous: name length + name, byte count (2), the bytes
+    answer   command (2) 0x0059 | data type (2) | reserved (2) | error status (2) |
+             error status 0: number of blocks (2); else the error code as for a read
     response command (2) 0x0055 | data type (2) | reserved (2) | error status (2) |
              error status 0: number of blocks (2), per block: data size (2) + data
              error status non-zero (NAK): error code (2; older modules send 1 byte;
@@ -63,17 +68,23 @@ __all__ = [
     "ReadRequest",
     "ReadResponse",
     "ValueSpec",
+    "WriteRequest",
     "bcc",
     "continuous_read",
+    "continuous_write",
     "decode_header",
     "encode_frame",
     "encode_nak",
     "encode_read_response",
     "encode_value",
+    "encode_write_response",
     "error_reason",
     "individual_read",
+    "individual_write",
     "parse_read_request",
     "parse_read_response",
+    "parse_write_request",
+    "parse_write_response",
 ]
 
 COMPANY_XGT: Final = b"LSIS-XGT\x00\x00"
@@ -235,6 +246,113 @@ def continuous_read(name: str, count: int) -> bytes:
     return (
         struct.pack("<HHHH", CMD_READ, DT_CONTINUOUS, 0, 1) + _name_bytes(name) + _U16.pack(count)
     )
+
+
+def individual_write(items: Sequence[tuple[str, bytes]], size: str) -> bytes:
+    """The instruction of an individual write of (variable, data) pairs, all of size
+    letter `size` (a bit's data is one byte, 00 or 01)."""
+    if not 1 <= len(items) <= MAX_VARIABLES:
+        raise CodecError(f"an individual write names 1-{MAX_VARIABLES} variables")
+    body = struct.pack("<HHHH", CMD_WRITE, DATA_TYPE[size], 0, len(items))
+    body += b"".join(_name_bytes(name) for name, _ in items)
+    return body + b"".join(_U16.pack(len(data)) + data for _, data in items)
+
+
+def continuous_write(name: str, data: bytes) -> bytes:
+    """The instruction of a continuous write of `data` from byte variable `name`."""
+    if not 1 <= len(data) <= MAX_BLOCK_BYTES:
+        raise CodecError(f"a continuous write writes 1-{MAX_BLOCK_BYTES} bytes, not {len(data)}")
+    return (
+        struct.pack("<HHHH", CMD_WRITE, DT_CONTINUOUS, 0, 1)
+        + _name_bytes(name)
+        + _U16.pack(len(data))
+        + data
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """A write request as a PLC sees it: data type, variable names and their data."""
+
+    data_type: int
+    names: tuple[str, ...]
+    data: tuple[bytes, ...]
+
+
+def parse_write_request(body: bytes) -> WriteRequest:
+    """Parse a write instruction the way a PLC does; raises NakError with its code (0x01
+    block count, 0x02 data type, 0x05 too many bytes, 0x76 a body that does not match its
+    own counts)."""
+    if len(body) < 8:
+        raise NakError(0x76, "instruction shorter than 8 bytes")
+    command, data_type, _reserved, blocks = struct.unpack_from("<HHHH", body, 0)
+    if command != CMD_WRITE:
+        raise NakError(0x78, f"command 0x{command:04X} is not a write")
+    if data_type not in (*DATA_TYPE.values(), DT_CONTINUOUS):
+        raise NakError(0x02, f"data type 0x{data_type:04X}")
+    if data_type == DT_CONTINUOUS and blocks != 1:
+        raise NakError(0x01, "a continuous write has exactly one block")
+    if not 1 <= blocks <= MAX_VARIABLES:
+        raise NakError(0x01, f"{blocks} blocks")
+    pos = 8
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal pos
+        if pos + n > len(body):
+            raise NakError(0x76, f"instruction ends inside {what}")
+        out = body[pos : pos + n]
+        pos += n
+        return out
+
+    names = []
+    for _ in range(blocks):
+        (size,) = _U16.unpack(take(2, "a name length"))
+        if not 1 <= size <= MAX_NAME_LEN:
+            raise NakError(0x76, f"variable name length {size}")
+        try:
+            names.append(take(size, "a name").decode("ascii"))
+        except UnicodeDecodeError:
+            raise NakError(0x22, "variable name is not ASCII") from None
+        if data_type == DT_CONTINUOUS:
+            break
+    data = []
+    for _ in range(blocks):
+        (size,) = _U16.unpack(take(2, "a data size"))
+        if not 1 <= size <= MAX_BLOCK_BYTES:
+            raise NakError(0x05, f"{size} bytes")
+        data.append(take(size, "the data"))
+    if pos != len(body):
+        raise NakError(0x76, f"{len(body) - pos} bytes after the last block")
+    return WriteRequest(data_type, tuple(names), tuple(data))
+
+
+def encode_write_response(data_type: int, blocks: int) -> bytes:
+    """The instruction of an ACK answer to a write of `blocks` blocks."""
+    return struct.pack("<HHHHH", CMD_WRITE_ACK, data_type, 0, 0, blocks)
+
+
+def parse_write_response(body: bytes, data_type: int, blocks: int) -> int | None:
+    """Check the instruction of an answer to a write: None for an ACK of exactly
+    `blocks` blocks, the error code of a NAK. Raises FrameError for anything else (wrong
+    command or data type, wrong block count, missing or extra bytes)."""
+    if len(body) < 9:
+        raise FrameError(f"answer of {len(body)} bytes is too short")
+    command, answered_type, _reserved, status = struct.unpack_from("<HHHH", body, 0)
+    if command != CMD_WRITE_ACK:
+        raise FrameError(f"wrong command 0x{command:04X}")
+    if answered_type != data_type:
+        raise FrameError(f"wrong data type 0x{answered_type:04X}")
+    if status != 0:
+        rest = body[8:]
+        if len(rest) not in (1, 2):
+            raise FrameError(f"NAK with a {len(rest)}-byte error code")
+        return rest[0]
+    if len(body) != 10:
+        raise FrameError(f"ACK of {len(body)} bytes, expected 10")
+    (answered,) = _U16.unpack_from(body, 8)
+    if answered != blocks:
+        raise FrameError(f"wrong block count {answered}, wrote {blocks}")
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,6 +87,25 @@ BIT_AREAS: dict[str, frozenset[str]] = {
     "XGR": frozenset("IQMRWFKLNU"),
     "XGB_IEC": frozenset("IQMRWFKLNU"),
 }
+#: Areas the driver does not write, per CPU family, and why (FEnet itself documents no
+#: refusal for them; what a write would do is why the driver refuses it).
+READ_ONLY_AREAS: dict[str, dict[str, str]] = {
+    "XGK": {"F": "F holds the CPU's system flags"},
+    "XGB_MK": {"F": "F holds the CPU's system flags"},
+    "XGI": {
+        "F": "F holds the CPU's system flags",
+        "I": "I is refreshed from the input modules every scan, so a written value does not last",
+    },
+    "XGR": {
+        "F": "F holds the CPU's system flags",
+        "I": "I is refreshed from the input modules every scan, so a written value does not last",
+    },
+    "XGB_IEC": {
+        "F": "F holds the CPU's system flags",
+        "I": "I is refreshed from the input modules every scan, so a written value does not last",
+    },
+}
+
 #: CPU info byte of the request header (Application Header, "CPU Info").
 CPU_INFO: dict[str, int] = {"XGK": 0xA0, "XGI": 0xA4, "XGR": 0xA8, "XGB_MK": 0xB0, "XGB_IEC": 0xB4}
 
@@ -253,6 +272,23 @@ class XgtDevice(DeviceCommon):
         "often the whole request is tried again.",
     )
     tags: list[XgtTag] = Field(min_length=1, description="The values to read.")
+
+    def write_refusal(self, tag: str) -> str | None:
+        """Areas the driver does not write (`READ_ONLY_AREAS`: system flags, IEC inputs)
+        and timer/counter contacts (set by the timer/counter: write its current value)."""
+        found = next((t for t in self.tags if t.name == tag), None)
+        if found is None:
+            return f"no tag {tag!r} on device {self.name!r}"
+        addr = found.parsed()
+        why = READ_ONLY_AREAS[self.cpu].get(addr.area)
+        if why is not None:
+            return f"area {addr.area} is not written: {why}"
+        if addr.area in CONTACT_AREAS and addr.size == "X":
+            return (
+                f"{addr.text} is a timer/counter contact, set by the timer/counter; write its "
+                f"current value (%{addr.area}W{addr.offset}) instead"
+            )
+        return None
 
     @model_validator(mode="after")
     def _areas(self) -> XgtDevice:

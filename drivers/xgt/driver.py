@@ -28,14 +28,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import structlog
 
-from drivers.base import DriverUnavailable, RawReading, Value
+from drivers.base import DriverError, DriverUnavailable, RawReading, Scalar, Value, WriteRefused
 from drivers.xgt.codec import (
+    DATA_TYPE,
+    DT_CONTINUOUS,
     HEADER_LEN,
     SOURCE_RESPONSE,
     CodecError,
@@ -43,14 +46,19 @@ from drivers.xgt.codec import (
     FrameError,
     Header,
     ReadResponse,
+    ValueSpec,
     continuous_read,
+    continuous_write,
     decode_header,
     encode_frame,
+    encode_value,
     error_reason,
     individual_read,
+    individual_write,
     parse_read_response,
+    parse_write_response,
 )
-from drivers.xgt.config import CPU_INFO, XgtDevice
+from drivers.xgt.config import BIT_AREAS, CONTACT_AREAS, CPU_INFO, XgtDevice, XgtTag
 from drivers.xgt.plan import (
     DevicePlan,
     GroupPlan,
@@ -64,6 +72,8 @@ from drivers.xgt.plan import (
 __all__ = ["ISOLATE_CODES", "XgtDriver", "check_answer", "check_header"]
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 #: NAK codes that concern the addresses of a request: splitting it tells the refused tags
 #: from the good ones. Others concern the frame or the request as a whole.
@@ -162,6 +172,9 @@ class XgtDriver:
         self.requests_sent = 0
         # One exchange at a time on the stream, whoever calls (answers are not multiplexed).
         self._lock = asyncio.Lock()
+        # One write at a time (a read-modify-write holds it from the read to the write).
+        self._write_lock = asyncio.Lock()
+        self._tags = {t.name: t for t in device.tags}
         self._log = log.bind(device=device.name)
 
     @property
@@ -347,9 +360,18 @@ class XgtDriver:
 
     async def _execute(self, request: Request) -> ReadResponse:
         """Send `request`, wait for its answer and check it (see check_answer)."""
+
+        def parse(head: bytes, body: bytes, invoke_id: int) -> ReadResponse:
+            return check_answer(head, body, invoke_id, request)
+
+        return await self._locked(self._instruction(request), request.describe(), parse)
+
+    async def _locked(
+        self, instruction: bytes, what: str, parse: Callable[[bytes, bytes, int], T]
+    ) -> T:
         async with self._lock:
             try:
-                return await self._exchange(request)
+                return await self._exchange(instruction, what, parse)
             except asyncio.CancelledError:
                 # Cancelled mid-exchange: the answer may still come and would be read as
                 # the answer to the next request. Drop the connection (the poller
@@ -363,14 +385,16 @@ class XgtDriver:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _exchange(self, request: Request) -> ReadResponse:
-        """Send `request` and return its checked answer, resending it (new invoke id) up
-        to `retries` times when the PLC stays silent for `timeout_s`. A late answer to an
-        earlier attempt is recognised by its invoke id and skipped."""
+    async def _exchange(
+        self, instruction: bytes, what: str, parse: Callable[[bytes, bytes, int], T]
+    ) -> T:
+        """Send `instruction` and return its answer as checked by `parse(header bytes,
+        body, invoke id)`, resending it (new invoke id) up to `retries` times when the PLC
+        stays silent for `timeout_s`. A late answer to an earlier attempt is recognised
+        by its invoke id and skipped."""
         reader, writer = self._reader, self._writer
         if reader is None or writer is None or writer.is_closing():
             raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
-        instruction = self._instruction(request)
         attempts = self.device.retries + 1
         earlier: set[int] = set()
         try:
@@ -386,23 +410,23 @@ class XgtDriver:
                 answer = await self._attempt(reader, writer, frame, invoke_id, earlier)
                 if answer is not None:
                     header, head, body = answer
-                    response = check_answer(head, body, invoke_id, request)
+                    response = parse(head, body, invoke_id)
                     self._note_status(header)
                     return response
                 earlier.add(invoke_id)
                 if attempt < attempts:
-                    self._log.debug("xgt.request.retry", block=request.describe(), attempt=attempt)
+                    self._log.debug("xgt.request.retry", block=what, attempt=attempt)
             await self.close()
             raise DriverUnavailable(
                 "timeout",
-                f"{self.endpoint}: no answer to {request.describe()} within "
+                f"{self.endpoint}: no answer to {what} within "
                 f"{self.device.timeout_s} s x {attempts}",
             )
         except _Incomplete:
             await self.close()
             raise DriverUnavailable(
                 "protocol error: incomplete frame",
-                f"{self.endpoint}: answer to {request.describe()} stopped short",
+                f"{self.endpoint}: answer to {what} stopped short",
             ) from None
         except asyncio.IncompleteReadError as exc:
             await self.close()
@@ -411,11 +435,95 @@ class XgtDriver:
         except FrameError as exc:
             await self.close()
             raise DriverUnavailable(
-                f"protocol error: {exc}", f"{self.endpoint}: answer to {request.describe()}"
+                f"protocol error: {exc}", f"{self.endpoint}: answer to {what}"
             ) from None
         except OSError as exc:
             await self.close()
             raise DriverUnavailable("connection lost", f"{self.endpoint}: {exc}") from None
+
+    # ------------------------------------------------------------------ writes
+
+    async def write(self, tag: str, raw: Scalar) -> None:
+        """Write tag `tag` with raw value `raw` (drivers.base.WritingDriver).
+
+        A bool tag (%MX…) and a `bit` tag in an area with bit access: an individual
+        write of that one bit (data type X). A `bit` tag where the CPU has no bit access
+        to the area (or in a timer/counter's current value): read-modify-write — a
+        continuous read of the tag's bytes, then a continuous write of them with the bit
+        changed, under this driver's write lock. Every other value: one continuous write
+        (data type 0x14) of its bytes at its byte offset, little-endian as XGT memory is.
+
+        Raises WriteRefused (an area the driver does not write, a value the type cannot
+        hold: nothing sent), DriverError("xgt error 0x…") on a NAK, DriverUnavailable
+        when the outcome is unknown (timeout, connection lost, an answer that does not
+        fit)."""
+        config = self._tags.get(tag)
+        if config is None:
+            raise WriteRefused("unknown tag", f"no tag {tag!r} on device {self.device.name!r}")
+        refusal = self.device.write_refusal(tag)
+        if refusal is not None:
+            raise WriteRefused("not writable", f"{tag}: {refusal}")
+        addr = config.parsed()
+        kind = config.resolved_type()
+        try:
+            data = _encode_raw(config, raw)
+        except CodecError as exc:
+            raise WriteRefused("value does not fit", f"{tag} ({kind}): {exc}") from None
+        async with self._write_lock:
+            if kind in ("bool", "bit"):
+                bit = addr.offset if kind == "bool" else addr.byte_offset * 8 + (config.bit or 0)
+                has_bits = addr.area in BIT_AREAS[self.device.cpu]
+                if kind == "bool" or (has_bits and addr.area not in CONTACT_AREAS):
+                    name = f"%{addr.area}X{bit}"
+                    await self._write(
+                        individual_write([(name, b"\x01" if raw else b"\x00")], "X"),
+                        DATA_TYPE["X"],
+                        f"bit write {name}",
+                    )
+                    return
+                data = await self._modify_bit(config, bool(raw))
+            start = f"%{addr.area}B{addr.byte_offset}"
+            await self._write(
+                continuous_write(start, data),
+                DT_CONTINUOUS,
+                f"continuous write {start} x {len(data)} byte{'' if len(data) == 1 else 's'}",
+            )
+
+    async def _modify_bit(self, config: XgtTag, value: bool) -> bytes:
+        """The bytes of a `bit` tag read now, with its bit set to `value`."""
+        addr = config.parsed()
+        count = config.byte_count()
+        start = f"%{addr.area}B{addr.byte_offset}"
+        what = f"continuous read {start} x {count} bytes (read-modify-write of {config.name})"
+
+        def parse(head: bytes, body: bytes, invoke_id: int) -> ReadResponse:
+            header = check_header(head, invoke_id)
+            if header.length != len(body):
+                raise FrameError(f"header length {header.length} but {len(body)} bytes follow")
+            return parse_read_response(body, DT_CONTINUOUS, (count,))
+
+        response = await self._locked(continuous_read(start, count), what, parse)
+        code = _code(response)
+        if code is not None:
+            raise DriverError(error_reason(code), f"{self.endpoint}: {what}", code)
+        current = bytearray(response.blocks[0])
+        bit = config.bit or 0
+        mask = 1 << (bit % 8)
+        current[bit // 8] = current[bit // 8] | mask if value else current[bit // 8] & ~mask
+        return bytes(current)
+
+    async def _write(self, instruction: bytes, data_type: int, what: str) -> None:
+        def parse(head: bytes, body: bytes, invoke_id: int) -> int | None:
+            header = check_header(head, invoke_id)
+            if header.length != len(body):
+                raise FrameError(f"header length {header.length} but {len(body)} bytes follow")
+            return parse_write_response(body, data_type, 1)
+
+        code = await self._locked(instruction, what, parse)
+        if code is not None:
+            reason = error_reason(code)
+            self._log.warning("xgt.write.refused", request=what, reason=reason)
+            raise DriverError(reason, f"{self.endpoint}: {what}", code)
 
     async def _attempt(
         self,
@@ -485,3 +593,24 @@ def _fill_bad(slots: Sequence[TagSlot], code: int, out: _Columns) -> None:
     reason = error_reason(code)
     for slot in slots:
         out.bad[slot.index] = RawReading(slot.tag, None, "bad", reason, code)
+
+
+def _encode_raw(tag: XgtTag, raw: Scalar) -> bytes:
+    """The bytes a write of `raw` to `tag` stores (bool/bit: checked, b"" — the bit is
+    set by the caller). Raises CodecError for a value the tag's type cannot hold."""
+    kind = tag.resolved_type()
+    if kind in ("bool", "bit"):
+        if not isinstance(raw, bool):
+            raise CodecError(f"type {kind} needs true or false, got {raw!r}")
+        return b""
+    if kind == "string":
+        if not isinstance(raw, str):
+            raise CodecError(f"type string needs a string, got {raw!r}")
+    elif isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise CodecError(f"type {kind} needs a number, got {raw!r}")
+    elif kind in ("float32", "float64"):
+        if not math.isfinite(raw):
+            raise CodecError(f"{raw!r} is not a finite number")
+    elif not isinstance(raw, int):
+        raise CodecError(f"type {kind} needs an integer, got {raw!r}")
+    return encode_value(ValueSpec(kind, length=tag.length or 0), raw)

@@ -9,8 +9,14 @@ It parses requests as the FEnet manual describes them and answers as a PLC does:
 - header: company id "LSIS-XGT" (or "LGIS-GLOFA"), else NAK 0x75; the length must fit,
   else NAK 0x76 and the connection is closed; a BCC that is neither 0 nor the byte sum of
   the header gets NAK 0x77;
-- instruction: reads only (writes get NAK 0x78: the simulator is read-only); data types,
-  block counts and byte counts checked with the manual's codes (0x01, 0x02, 0x05);
+- instruction: reads and writes (individual, data types X/B/W/D/L, and continuous);
+  anything else gets NAK 0x78; data types, block counts and byte counts checked with the
+  manual's codes (0x01, 0x02, 0x05); a bit write whose data is not 00 or 01 gets 0x22;
+- writes are stored as sent and every tag they touch stops following its generator: the
+  next read returns the written value, so a commissioning can be rehearsed. Writes touch
+  only configured bytes, like reads (else 0x04); the FEnet manual documents no refusal
+  for a read-only area, so the areas the driver refuses to write (F, IEC inputs, timer and
+  counter contacts) are its own policy and the simulator accepts them;
 - variables: an area the configured CPU does not serve gets 0x03; a read touching any
   byte (bit, for contacts) that no tag of the config occupies gets 0x04 (address beyond
   the device area), so a typo in a config shows as a bad quality, not as a zero;
@@ -43,6 +49,7 @@ from drivers.base import Scalar
 from drivers.generators import Generator, Kind, default_spec, make_generator
 from drivers.xgt.codec import (
     CMD_READ_ACK,
+    CMD_WRITE,
     DATA_TYPE,
     DT_CONTINUOUS,
     HEADER_LEN,
@@ -56,7 +63,9 @@ from drivers.xgt.codec import (
     encode_nak,
     encode_read_response,
     encode_value,
+    encode_write_response,
     parse_read_request,
+    parse_write_request,
 )
 from drivers.xgt.config import (
     AREAS,
@@ -156,6 +165,9 @@ class _Plc:
     contacts: dict[str, dict[int, bool]]
     refreshed: float = -math.inf
     requests: int = 0
+    writes: int = 0
+    # (area, byte) written by a client, and written contacts: their tags keep the value.
+    held: set[tuple[str, int]] = field(default_factory=set)
     fault: Fault | None = None
     host: str = "127.0.0.1"
     port: int = 0
@@ -272,6 +284,10 @@ class XgtSimulator:
     def request_count(self, name: str) -> int:
         return self._plcs[name].requests
 
+    def write_count(self, name: str) -> int:
+        """Write requests device `name` accepted since start."""
+        return self._plcs[name].writes
+
     def set_fault(self, name: str, fault: Fault | None) -> None:
         """Replace every answer of device `name` with `fault(answer)` (None: no answer)."""
         self._plcs[name].fault = fault
@@ -368,11 +384,16 @@ class XgtSimulator:
                 raise NakError(0x75, f"source 0x{header.source:02X}")
             if head[19] not in (0, bcc(head)):
                 raise NakError(0x77)
-            request = parse_read_request(body)
             now = asyncio.get_running_loop().time()
             if now - plc.refreshed >= self.update_interval_s:
                 plc.refreshed = now
                 self._refresh(plc, now - self._t0)
+            if command == CMD_WRITE:
+                write = parse_write_request(body)
+                self._write(plc, write.data_type, write.names, write.data)
+                plc.writes += 1
+                return encode_write_response(write.data_type, len(write.data))
+            request = parse_read_request(body)
             if request.data_type == DT_CONTINUOUS:
                 blocks = [self._read_bytes(plc, request.names[0], request.count)]
             else:
@@ -413,6 +434,55 @@ class XgtSimulator:
         count = UNIT_BYTES[size]
         return self._read_bytes_at(plc, addr.area, addr.offset * count, count, name)
 
+    def _write(
+        self, plc: _Plc, data_type: int, names: Sequence[str], data: Sequence[bytes]
+    ) -> None:
+        """Apply a parsed write, all of it or (on a NAK) none of it."""
+        changes: list[tuple[str, int, bytes | None, int, bool]] = []
+        if data_type == DT_CONTINUOUS:
+            addr = self._address(plc, names[0], "B")
+            self._check_span(plc, addr.area, addr.offset, len(data[0]), names[0])
+            changes.append((addr.area, addr.offset, data[0], 0, False))
+        else:
+            size = _DT_SIZE[data_type]
+            for name, value in zip(names, data, strict=True):
+                addr = self._address(plc, name, size)
+                if size == "X":
+                    if value not in (b"\x00", b"\x01"):
+                        raise NakError(0x22, f"bit data {value.hex()}")
+                    if addr.area in CONTACT_AREAS:
+                        if addr.offset not in plc.contacts.get(addr.area, {}):
+                            raise NakError(0x04, name)
+                        changes.append((addr.area, addr.offset, None, 0, value == b"\x01"))
+                        continue
+                    self._check_span(plc, addr.area, addr.offset // 8, 1, name)
+                    changes.append(
+                        (addr.area, addr.offset // 8, None, addr.offset % 8, value == b"\x01")
+                    )
+                    continue
+                count = UNIT_BYTES[size]
+                if len(value) != count:
+                    raise NakError(0x76, f"{name}: {len(value)} bytes for a {size} variable")
+                self._check_span(plc, addr.area, addr.offset * count, count, name)
+                changes.append((addr.area, addr.offset * count, value, 0, False))
+        for area, start, block, bit, on in changes:
+            if block is not None:
+                plc.memory[area][start : start + len(block)] = block
+                plc.held.update((area, b) for b in range(start, start + len(block)))
+            elif area in CONTACT_AREAS:
+                plc.contacts[area][start] = on
+                plc.held.add((area, -1 - start))  # contacts: negative keys
+            else:
+                memory = plc.memory[area]
+                memory[start] = memory[start] | (1 << bit) if on else memory[start] & ~(1 << bit)
+                plc.held.add((area, start))
+
+    @staticmethod
+    def _check_span(plc: _Plc, area: str, start: int, count: int, name: str) -> None:
+        mask = plc.mask.get(area, bytearray())
+        if start + count > len(mask) or mask.find(0, start, start + count) != -1:
+            raise NakError(0x04, name)
+
     @staticmethod
     def _read_bytes_at(plc: _Plc, area: str, start: int, count: int, name: str) -> bytes:
         mask = plc.mask.get(area, bytearray())
@@ -422,7 +492,16 @@ class XgtSimulator:
 
     @staticmethod
     def _refresh(plc: _Plc, t: float) -> None:
+        held = plc.held
         for sim in plc.tags:
+            if held:
+                if sim.contact:
+                    if (sim.area, -1 - sim.bit) in held:
+                        continue
+                elif any(
+                    (sim.area, b) in held for b in range(sim.byte, sim.byte + sim.tag.byte_count())
+                ):
+                    continue
             raw = sim.to_raw(sim.generator(t))
             if sim.contact:
                 plc.contacts[sim.area][sim.bit] = bool(raw)

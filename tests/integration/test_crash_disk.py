@@ -221,8 +221,11 @@ def test_agent_starts_on_a_truncated_buffer_and_delivers_what_is_intact(
     assert new[0] == 601
 
 
-def wide_device(name: str, interval_s: float, tags: int) -> str:
-    lines = "".join(f"      - {{name: t{i}, address: {i}, type: uint16}}\n" for i in range(tags))
+def wide_device(name: str, interval_s: float, tags: int, simulate: str = "") -> str:
+    extra = f", simulate: {simulate}" if simulate else ""
+    lines = "".join(
+        f"      - {{name: t{i}, address: {i}, type: uint16{extra}}}\n" for i in range(tags)
+    )
     return f"""\
   - name: {name}
     protocol: modbus
@@ -242,11 +245,14 @@ def scribble(path: Path, at: float, length: int) -> None:
         f.write(os.urandom(min(length, size // 4)))
 
 
+@pytest.mark.timeout(420)  # 1.4 million values make a 3 MiB backlog, all delivered after
 def test_buffer_damaged_while_running_is_salvaged_and_delivery_goes_on(
     tmp_path: Path, persistent_broker: MosquittoBroker
 ) -> None:
     broker = persistent_broker
-    config = write_config(tmp_path, broker, wide_device("press", 0.05, 100))
+    # Values the record format cannot compress (random uint16s): 2 bytes each on disk.
+    noise = "{generator: random_walk, min: 0, max: 65535, step: 30000}"
+    config = write_config(tmp_path, broker, wide_device("press", 0.1, 2000, noise))
     db, wal = tmp_path / "buffer.db", tmp_path / "buffer.db-wal"
     with (
         Subscriber(
@@ -255,13 +261,16 @@ def test_buffer_damaged_while_running_is_salvaged_and_delivery_goes_on(
         AgentProcess(tmp_path / "agent.log", "run", str(config), "--simulate") as agent,
     ):
         wait_until(lambda: len(sub.messages()) >= 5, 60, "messages", agent)
-        # A backlog larger than SQLite's page cache, so that delivering it reads the disk.
+        # A backlog larger than SQLite's page cache (2,000 KiB), so that delivering it
+        # reads the disk.
         broker.stop()
-        wait_until(lambda: size_of(db) + size_of(wal) > 8 << 20, 60, "a backlog", agent)
+        # ≈ 20,000 values/s at 2.2 bytes each: about 70 s, more on a loaded machine.
+        wait_until(lambda: size_of(db) > 3 << 20, 150, "a backlog", agent)
         for path in (db, wal):
             if size_of(path) > 1 << 20:
-                for at in (0.2, 0.45, 0.7):
-                    scribble(path, at, 256 << 10)
+                # In the first third: pages the cache (the newest ~2,000) no longer holds.
+                for at in (0.05, 0.15, 0.25):
+                    scribble(path, at, 128 << 10)
         damaged_at = time.time()
         broker.start()
         sub.wait_subscribed(30)

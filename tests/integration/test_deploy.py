@@ -74,6 +74,40 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     assert problems == []
 
 
+def test_collector_unit_runs_collect_with_a_fixed_client_id(tmp_path: Path) -> None:
+    unit = unit_settings((DEPLOY / "edge-agent-collect.service").read_text())
+    service = unit["Service"]
+    start = shlex.split(service["ExecStart"][0])
+    assert start[1:4] == ["collect", "/etc/edge-agent/agent.yaml", "--out"]
+    assert start[4] == "/var/lib/edge-agent-collect"
+    assert service["ReadWritePaths"] == ["/var/lib/edge-agent-collect"]
+    assert "--client-id" in start
+    assert service["Restart"] == ["on-failure"]
+    assert service["RestartPreventExitStatus"] == ["2"]
+    # The command line is one the CLI accepts.
+    agent = ROOT / ".venv" / "bin" / "edge-agent"
+    if agent.exists():
+        args = [a.replace("%H", "host") for a in start[1:]]
+        help_run = subprocess.run(
+            [str(agent), *args[:1], "--help"], capture_output=True, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert help_run.returncode == 0
+        for option in (a for a in args if a.startswith("--")):
+            assert option in help_run.stdout
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None or not agent.exists():
+        return
+    text = (DEPLOY / "edge-agent-collect.service").read_text()
+    path = tmp_path / "edge-agent-collect.service"
+    path.write_text(text.replace("/opt/edge-agent/current/venv/bin/edge-agent", str(agent)))
+    result = subprocess.run(
+        [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert [ln for ln in result.stderr.splitlines() if "edge-agent-collect" in ln] == []
+
+
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     pending = ""

@@ -66,7 +66,13 @@ def read_frame(command: int, sub: int, body: bytes) -> bytes:
         (read_frame(0x0401, 0, batch_read_body(0, 0xA8, 1) + b"\x00"), 0xC061),
         (read_frame(0x0403, 0, random_read_body([(0, 0xA8)] * 193, [])), 0xC054),
         (read_frame(0x0403, 0, b"\x01\x00"), 0xC061),
-        (read_frame(0x1401, 0, batch_read_body(10, 0xA8, 1) + b"\x01\x00"), 0xC059),  # write
+        # writes (accepted ones: tests/integration/test_melsec_write.py)
+        (read_frame(0x1401, 0, batch_read_body(7999, 0xA8, 2) + b"\x01\x00" * 2), 0xC056),
+        (read_frame(0x1401, 0, batch_read_body(10, 0xA8, 2) + b"\x01\x00"), 0xC061),
+        (read_frame(0x1401, 0, batch_read_body(0, 0xB0, 1) + b"\x01\x00"), 0xC05C),  # no ZR
+        (read_frame(0x1401, 1, batch_read_body(0, 0xA8, 1) + b"\x10"), 0xC05C),  # bits of D
+        (read_frame(0x1401, 0, batch_read_body(0, 0xA8, 961) + b"\x00" * 1922), 0xC052),
+        (read_frame(0x1402, 0, b"\x01\x00"), 0xC059),  # random write: not served
         (read_frame(0x0619, 0, b"\x02\x00AB"), 0xC059),
     ],
 )

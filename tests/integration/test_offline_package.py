@@ -254,7 +254,8 @@ def test_package_holds_wheels_for_the_target_and_installs_offline(
         names = tar.getnames()
     top = packages.new.name.removesuffix(".tar.gz")
     assert top == f"edge-agent-{NEW}-linux-x86_64"
-    for part in ("install.sh", "edge-agent-rollback", "uninstall.sh", "lib.sh", "SHA256SUMS"):
+    for part in ("install.sh", "edge-agent-rollback", "uninstall.sh", "lib.sh", "SHA256SUMS",
+                 "edge-agent-collect.service", "docs/datasets.md"):  # fmt: skip
         assert f"{top}/{part}" in names
     wheels = [n.rsplit("/", 1)[1] for n in names if n.endswith(".whl")]
     assert f"edge_agent-{NEW}-py3-none-any.whl" in wheels
@@ -276,6 +277,9 @@ def test_package_holds_wheels_for_the_target_and_installs_offline(
     )
     assert done.returncode == 0, done.stderr
     assert gateway.link("current") == f"releases/{NEW}"
+    release = gateway.prefix / "releases" / NEW
+    assert (release / "edge-agent-collect.service").is_file()  # the collector's unit, not
+    assert (release / "docs" / "datasets.md").is_file()  # enabled (docs/datasets.md)
     assert (gateway.etc / "agent.yaml").read_text() == (ROOT / "deploy" / "agent.yaml").read_text()
     version = gateway.run(gateway.root / "usr-local-bin" / "edge-agent", "--version")
     assert version.stdout.strip() == f"edge-agent {NEW}"

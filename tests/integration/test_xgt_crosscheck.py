@@ -3,9 +3,9 @@
 Both are blocking socket clients; they run in a thread while the simulator serves on the
 event loop. pyXGTClient computes the header BCC and speaks individual and continuous reads;
 PyXGT sends a BCC of 0 and CPU info 0 (which the manual's "reserved" BCC allows) and reads
-individual variables. Their writes are not used (PyXGT's non-bit writes carry a wrong
-data size; the simulator is read-only anyway). Values must equal the configured constants
-and what our own driver reads.
+individual variables. Their writes are not used here (PyXGT's non-bit writes carry a wrong
+data size); pyXGTClient's writes are in tests/integration/test_xgt_write.py. Values must
+equal the configured constants and what our own driver reads.
 """
 
 from __future__ import annotations

@@ -376,7 +376,8 @@ async def _exchange(port: int, frame: bytes) -> bytes:
         (lambda f: f.__setitem__(19, (f[19] + 1) & 0xFF), 0x77),  # wrong non-zero BCC
         (lambda f: f.__setitem__(0, ord("X")), 0x75),  # not LS ELECTRIC's company id
         (lambda f: f.__setitem__(13, 0x11), 0x75),  # source of a response
-        (lambda f: f.__setitem__(20, 0x58), 0x78),  # a write: the simulator is read-only
+        (lambda f: f.__setitem__(20, 0x58), 0x76),  # a write without its data
+        (lambda f: f.__setitem__(20, 0x5A), 0x78),  # no such command
     ],
 )
 async def test_the_simulator_refuses_what_the_manual_refuses(

@@ -18,7 +18,13 @@ touches them. `mode` says how it misbehaves; switch it at run time with `set_mod
 - ``silent``: accepts and reads requests, never answers;
 - ``slow``: correct answers after `delay_s`;
 - ``close_after``: sends the first `close_after_bytes` bytes of the answer, then closes;
-- ``busy``: exception 6 (server device busy) to every request.
+- ``busy``: exception 6 (server device busy) to every request;
+- ``wrong_echo``: a write (5, 6, 15, 16, 22) is answered with an echo whose last byte
+  differs from the request's.
+
+Writes are answered with their echo in the other modes (``wrong_function``: under
+another function code) and recorded in `writes` (the request PDUs); a write touching an
+address in `illegal` gets exception 2.
 
 Like tests/support/proxy.py it runs its own event loop on a thread, so synchronous and
 asyncio tests can both use it.
@@ -49,6 +55,7 @@ Mode = Literal[
     "slow",
     "close_after",
     "busy",
+    "wrong_echo",
 ]
 
 GARBAGE = b"\xde\xad\xbe\xef garbage \xff"
@@ -84,6 +91,7 @@ class BadModbusServer(ThreadedServer):
         self.close_after_bytes = 0
         self.illegal: set[int] = set(illegal or ())
         self.requests: list[Seen] = []
+        self.writes: list[bytes] = []
         self.connections = 0
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -165,13 +173,27 @@ class BadModbusServer(ThreadedServer):
         count = int.from_bytes(pdu[3:5], "big")
         with self._lock:
             self.requests.append(Seen(fc, start, count))
+            if fc in (5, 6, 15, 16, 22):
+                self.writes.append(bytes(pdu))
             illegal = self.illegal
         mode = self.mode
         if mode == "silent":
             return None
         if mode == "garbage":
             return tid + GARBAGE
-        if fc not in (1, 2, 3, 4):
+        if fc in (5, 6, 15, 16, 22):
+            span = range(start, start + (count if fc in (15, 16) else 1))
+            if mode == "busy":
+                body = bytes([fc | 0x80, 6])
+            elif any(a in illegal for a in span):
+                body = bytes([fc | 0x80, 2])
+            else:
+                body = bytes(pdu[: 7 if fc == 22 else 5])
+                if mode == "wrong_echo":
+                    body = body[:-1] + bytes([body[-1] ^ 0x01])
+                elif mode == "wrong_function":
+                    body = bytes([6 if fc == 16 else 16]) + body[1:]
+        elif fc not in (1, 2, 3, 4):
             body = bytes([fc | 0x80, 1])
         elif mode == "busy":
             body = bytes([fc | 0x80, 6])

@@ -22,6 +22,7 @@ from agent.config import Config, parse_config
 from agent.publish import Message
 from agent.publish.fake import FakePublisher
 from agent.runtime import Agent, DeviceBuildError, SupervisionPolicy, TaskFailed
+from agent.runtime.supervisor import Probe, Stall
 from agent.schema import WireSample
 from agent.yamlsafe import load_yaml
 from tests.support.broker import free_port
@@ -193,6 +194,21 @@ async def test_a_stalled_forwarder_fails_healthz_is_restarted_and_recovers(
     agent = Agent(
         config, publisher=publisher, grace_s=0.2, health_interval_s=0.02, supervision=FAST
     )
+    # The restart waits until the test has looked at all three endpoints: otherwise the
+    # stalled state can be over (restarted, delivering) between two requests.
+    looked = asyncio.Event()
+    restart = agent.heartbeats._on_stall
+    assert restart is not None
+
+    def restart_after_looking(stall: Stall, probe: Probe) -> None:
+        async def later() -> None:
+            await looked.wait()
+            restart(stall, probe)
+
+        pending.append(asyncio.get_running_loop().create_task(later()))
+
+    pending: list[asyncio.Task[None]] = []
+    agent.heartbeats._on_stall = restart_after_looking
     task = asyncio.create_task(agent.run())
     try:
         await wait_for(lambda: agent.http_address is not None)
@@ -208,6 +224,7 @@ async def test_a_stalled_forwarder_fails_healthz_is_restarted_and_recovers(
             seen["readyz"] = (code, orjson.loads(body))
             _, metrics = await http_get(port, "/metrics")
             seen["metrics"] = metrics
+            looked.set()
             sent_at_stall = agent.forwarder.stats.records_sent if agent.forwarder else 0
             await wait_for(
                 lambda: (

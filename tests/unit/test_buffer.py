@@ -7,17 +7,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
-import orjson
 import pytest
 from structlog.testing import capture_logs
 
 from agent.buffer import Buffer
-from agent.buffer.common import RECORD_OVERHEAD_BYTES, Gap, open_buffer
+from agent.buffer.common import Gap, open_buffer, record_samples
 from agent.buffer.memory import MemoryBuffer
 from agent.buffer.sqlite import SqliteBuffer
 from agent.config import BufferConfig
 from agent.schema import Sample
-from tests.support.samples import MIB, make_samples, names, size_of
+from tests.support.samples import MIB, counted, make_samples, names, size_of
 
 Kind = Literal["sqlite", "memory"]
 Buf = SqliteBuffer | MemoryBuffer
@@ -78,7 +77,7 @@ async def test_append_take_commit_in_order(make: Factory) -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == 3
     # The data is the wire form: it validates as Samples, timestamps in UTC with Z.
-    decoded = orjson.loads(recs[0].data)
+    decoded = record_samples(recs[0].data)
     assert [Sample.model_validate(d).seq for d in decoded] == [1, 2, 3]
     assert decoded[0]["ts_agent"] == "2024-05-01T12:00:00Z"
     # take does not remove; commit deletes exactly the given ids, unknown ones ignored.
@@ -181,7 +180,7 @@ async def test_concurrent_appends_are_serialised(make: Factory) -> None:
     assert buf.stats().samples == 180
 
 
-async def test_stats(make: Factory) -> None:
+async def test_stats(make: Factory, kind: Kind) -> None:
     buf = await make(max_bytes=8 * MIB)
     empty = buf.stats()
     assert (empty.records, empty.samples, empty.bytes, empty.oldest_created) == (0, 0, 0, None)
@@ -192,7 +191,7 @@ async def test_stats(make: Factory) -> None:
     st = buf.stats()
     assert st.records == 2
     assert st.samples == 5
-    assert st.bytes == sum(len(r.data) + RECORD_OVERHEAD_BYTES for r in recs)
+    assert st.bytes == sum(counted(kind, r.data) for r in recs)
     assert st.oldest_created == recs[0].created
     assert st.last_seq == 5
     assert st.appended_samples == 5
@@ -200,11 +199,11 @@ async def test_stats(make: Factory) -> None:
     st = buf.stats()
     assert (st.records, st.samples, st.committed_samples) == (1, 2, 3)
     assert st.oldest_created == recs[1].created
-    assert st.bytes == len(recs[1].data) + RECORD_OVERHEAD_BYTES
+    assert st.bytes == counted(kind, recs[1].data)
     assert (st.dropped_samples, st.dropped_records) == (0, 0)
 
 
-async def test_drop_oldest_keeps_within_limit(make: Factory) -> None:
+async def test_drop_oldest_keeps_within_limit(make: Factory, kind: Kind) -> None:
     buf = await make(max_bytes=MIB, when_full="drop_oldest")
     per_sample = 20_000
     with capture_logs() as logs:
@@ -221,9 +220,9 @@ async def test_drop_oldest_keeps_within_limit(make: Factory) -> None:
         assert st.dropped_records == 120 - len(recs)
         assert st.dropped_samples == st.dropped_records
         assert st.records == len(recs)
-        assert st.bytes == sum(len(r.data) + RECORD_OVERHEAD_BYTES for r in recs)
+        assert st.bytes == sum(counted(kind, r.data) for r in recs)
         # The next record would not fit: it is by design the first to go.
-        assert st.bytes + len(recs[0].data) + RECORD_OVERHEAD_BYTES > MIB
+        assert st.bytes + counted(kind, recs[0].data) > MIB
         gaps = await buf.take_gaps()
         assert gaps == [Gap(1, st.dropped_records, st.dropped_records, "drop_oldest", buf.epoch)]
         # Delivering frees room: the next append fits and ends the episode.

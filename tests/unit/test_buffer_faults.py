@@ -183,6 +183,9 @@ async def test_disk_full_keeps_newest_in_memory_and_recovers(tmp_path: Path) -> 
         final = await buf.take(10)
         assert [r.id for r in final] == [recs[1].id, recs[3].id, recs[4].id, final[-1].id]
         assert final[-1].id > recs[4].id
+        # Moved to the file as body + dictionary (the oven's, new to the file), they come
+        # back byte for byte as they were held in memory.
+        assert [r.data for r in final[:3]] == [recs[1].data, recs[3].data, recs[4].data]
     finally:
         await buf.close()
     # All of it is in the file now.

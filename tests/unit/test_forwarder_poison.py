@@ -14,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.buffer import Record
+from agent.buffer.common import record_samples
 from agent.buffer.memory import MemoryBuffer
 from agent.config import AgentSection, BufferConfig, MqttConfig
 from agent.forwarder import Forwarder, _pieces
@@ -23,7 +24,7 @@ from agent.publish.deadletter import DeadLetters
 from agent.publish.fake import FakePublisher
 from agent.schema import BatchPayload
 from tests.support.payloads import batches
-from tests.support.samples import wire_sample
+from tests.support.samples import pad_text, wire_sample
 
 
 class _Encoder(PayloadEncoder):
@@ -259,9 +260,11 @@ def test_pieces_cover_the_record_exactly(count: int, n: int) -> None:
         assert b.first_seq == a.last_seq + 1
     assert max(p.count for p in pieces) - min(p.count for p in pieces) <= 1
     assert sum(p.count for p in pieces) == count
-    assert [s for p in pieces for s in orjson.loads(p.data)] == orjson.loads(data)
+    assert [s for p in pieces for s in record_samples(p.data)] == orjson.loads(data)
     for p in pieces:
-        assert [s["seq"] for s in orjson.loads(p.data)] == list(range(p.first_seq, p.last_seq + 1))
+        assert [s["seq"] for s in record_samples(p.data)] == list(
+            range(p.first_seq, p.last_seq + 1)
+        )
 
 
 async def test_replay_publishes_dead_letters_with_their_seqs(tmp_path: Path) -> None:
@@ -419,7 +422,7 @@ async def test_only_the_samples_the_encoder_fails_on_are_set_aside() -> None:
         def encode(
             self, record: Record, *, historical: bool = False, gaps: Any = ()
         ) -> list[Message]:
-            if any(s["seq"] == 7 for s in orjson.loads(record.data)):
+            if any(s["seq"] == 7 for s in record_samples(record.data)):
                 raise OverflowError("date value out of range")
             return super().encode(record, historical=historical, gaps=gaps)
 
@@ -432,7 +435,7 @@ async def test_only_the_samples_the_encoder_fails_on_are_set_aside() -> None:
     assert delivered == [1, 2, 3, 4, 5, 6, 8, 9, 10]
     [letter] = await fwd.dead_letters.all()
     assert (letter.first_seq, letter.last_seq, letter.count) == (7, 7, 1)
-    assert [s["seq"] for s in orjson.loads(letter.data)] == [7]
+    assert [s["seq"] for s in record_samples(letter.data)] == [7]
     assert buf.stats().records == 0
     assert fwd.stats.samples_delivered == 9
     await _append(buf, "d", 11)
@@ -470,7 +473,7 @@ async def test_a_device_with_one_bad_sample_per_poll_is_logged_once() -> None:
         def encode(
             self, record: Record, *, historical: bool = False, gaps: Any = ()
         ) -> list[Message]:
-            if any(s["tag"] == "bad" for s in orjson.loads(record.data)):
+            if any(s["tag"] == "bad" for s in record_samples(record.data)):
                 raise OverflowError("date value out of range")
             return super().encode(record, historical=historical, gaps=gaps)
 
@@ -547,7 +550,12 @@ async def test_sparkplug_batch_is_split_before_encoding_so_its_dbirth_goes_out()
     cfg = MqttConfig(layout="sparkplug", sparkplug=SparkplugConfig(group_id="plant"))
     fwd.encoder = PayloadEncoder(AgentSection(id="gw"), cfg)
     pub.max_packet_size = 8192
-    await buf.append("press", [wire_sample("press", s, tag=f"t{s}") for s in range(1, 101)])
+    # Samples alone larger than the limit (the stored record is compact: text values that
+    # compression cannot shrink make it so).
+    samples = [wire_sample("press", s, tag=f"t{s}") for s in range(1, 101)]
+    for s in samples:
+        s["value"] = pad_text(s["seq"], 100)
+    await buf.append("press", samples)
     await fwd.forward_once()
     kinds = [m.topic.split("/")[2] for m in pub.published]
     assert kinds[0] == "DBIRTH"  # the device is declared before its first DDATA

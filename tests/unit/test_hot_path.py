@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-import orjson
 import pytest
 
-from agent.buffer.common import encode_batch
+from agent.buffer.common import encode_batch, record_samples
 from agent.buffer.memory import MemoryBuffer
 from agent.buffer.sqlite import SqliteBuffer
 from agent.config import BufferConfig, parse_config
@@ -62,7 +61,7 @@ def test_encode_batch_fast_path_matches_and_still_refuses() -> None:
     samples = make_samples(5, 4)
     batch = encode_batch(samples, 4)
     assert (batch.first_seq, batch.last_seq, batch.count) == (5, 8, 4)
-    assert orjson.loads(batch.data)[3]["seq"] == 8
+    assert record_samples(batch.full)[3]["seq"] == 8
     gappy = make_samples(5, 1) + make_samples(9, 2)  # increasing, not consecutive: fine
     assert encode_batch(gappy, 0).last_seq == 10
     for seqs in ([5, 5], [6, 5], [5.0, 6.0], [True, 2], [5, 7, 6]):
@@ -207,7 +206,7 @@ async def test_writer_keeps_and_retries_polls_when_the_append_raises(tmp_path: P
     assert agent.status.samples_dropped_on_error == 0
     assert agent.status.buffer_error is None  # recovered
     records = await inner.take(10)
-    assert [s["value"] for r in records for s in orjson.loads(r.data)] == [0, 1, 2, 3, 4]
+    assert [s["value"] for r in records for s in record_samples(r.data)] == [0, 1, 2, 3, 4]
     events = [e["event"] for e in logs if e["event"].startswith("buffer.append")]
     assert events == ["buffer.append.retrying", "buffer.append.recovered"]
     await inner.close()

@@ -259,3 +259,23 @@ async def test_subscribed_groups_report_down_like_polled_ones() -> None:
     ]
     gaps = [b - a for a, b in zip(sink.times, sink.times[1:], strict=False)]
     assert all(g >= interval for g in gaps), gaps
+
+
+async def test_read_soon_polls_a_group_at_once_outside_its_schedule() -> None:
+    driver = FakeDriver()
+    sink = Sink()
+    dev = device(interval_s=3600.0, poll_groups={"fast": {"interval_s": 3600.0}})
+    poller = DevicePoller(dev, "fake", driver, TAGS, sink)
+    task = asyncio.create_task(poller.run())
+    try:
+        async with asyncio.timeout(10):
+            while len(driver.reads) < 2:  # the first poll of each group
+                await asyncio.sleep(0.01)
+            poller.read_soon(frozenset({"fast", "unknown"}))
+            while len(driver.reads) < 3:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    assert driver.reads[2] == "fast"
+    assert [r.tag for r in sink.batches[2]] == ["c"]

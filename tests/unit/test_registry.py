@@ -231,7 +231,7 @@ def test_fake_device_errors_point_at_file_and_line(bench: FakeBench) -> None:
     )
     assert info.value.problems[1].startswith(
         "plant.yaml:6 devices[0].intervl_s: unknown key 'intervl_s'; did you mean 'interval_s'?"
-        " (allowed: backoff_max_s, backoff_min_s, down_report_interval_s, enabled, endpoint,"
+        " (allowed: backoff_max_s, backoff_min_s, cycles, down_report_interval_s, enabled,"
     )
     assert info.value.problems[2] == (
         "plant.yaml:10 devices[0].tags[0].type: Input should be 'bool', 'int', 'float' or 'str'"
@@ -341,7 +341,7 @@ def test_protocols_command_and_protocol_subcommands(
         assert run_cli(["protocols"]) == 0
         assert run_cli(["fake", "ping"]) == 0
     out = capsys.readouterr().out
-    assert "modbus\tcolumns,shared_links,simulate\t" in out
+    assert "modbus\tcolumns,shared_links,simulate,write\t" in out
     assert "fake\t-\tfakes\n" in out
     assert calls == ["ping"]
 
