@@ -341,7 +341,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     topic = args.topic or _topic_filter(config)
     try:
-        return watch(config.mqtt, topic, count=args.count, seconds=args.seconds, raw=args.raw)
+        return watch(
+            config.mqtt,
+            topic,
+            count=args.count,
+            seconds=args.seconds,
+            raw=args.raw,
+            also=_meta_filters(config),
+        )
     except (KeyboardInterrupt, BrokenPipeError):
         return EXIT_OK
 
@@ -360,6 +367,21 @@ def _topic_filter(config: Config) -> str:
     if config.mqtt.layout == "sparkplug" and config.mqtt.sparkplug is not None:
         return f"spBv1.0/{config.mqtt.sparkplug.group_id}/#"
     return config.mqtt.topic.format(**fields)
+
+
+def _meta_filters(config: Config) -> tuple[str, ...]:
+    """Layout compact: the filter of the retained metadata its data needs."""
+    if config.mqtt.layout != "compact":
+        return ()
+    fields = {
+        "agent": config.agent.id,
+        "site": config.agent.site,
+        "area": config.agent.area,
+        "line": config.agent.line,
+        "device": "+",
+        "meta": "+",
+    }
+    return (config.mqtt.topic_meta.format(**fields),)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -247,22 +247,33 @@ class MqttConfig(ConfigModel):
         default=None, description="File whose first line is the password (instead of password)."
     )
     keepalive_s: int = Field(default=30, ge=5, le=65535, description="MQTT keep-alive.")
-    layout: Literal["device", "tag", "sparkplug"] = Field(
-        default="device",
-        description="device: one message per device per poll with all its samples; "
-        "tag: one message per sample on topic_tag; sparkplug: Sparkplug B edge node "
-        "(needs the sparkplug section).",
+    layout: Literal["lean", "compact", "device", "tag", "sparkplug"] = Field(
+        default="lean",
+        description="lean (default): one message per device per poll, names and units "
+        "once, quality only where not good (schema edge-agent/batch/2); compact: values by "
+        "index, with a retained metadata message per device on topic_meta "
+        "(edge-agent/compact/1); device: one message per device per poll with every "
+        "sample in full (edge-agent/batch/1, the former default); tag: one message per "
+        "sample on topic_tag; sparkplug: Sparkplug B edge node (needs the sparkplug "
+        "section). See docs/layouts.md.",
     )
     sparkplug: SparkplugConfig | None = Field(
         default=None, description="Sparkplug B settings; required with layout: sparkplug."
     )
     topic: str = Field(
         default="edge/{agent}/{device}",
-        description="Topic of the device layout; fields {agent} {site} {area} {line} {device}.",
+        description="Topic of the data messages (layouts lean, compact, device); fields "
+        "{agent} {site} {area} {line} {device}.",
     )
     topic_tag: str = Field(
         default="edge/{agent}/{device}/{tag}",
         description="Topic of the tag layout; fields as topic, plus {tag}.",
+    )
+    topic_meta: str = Field(
+        default="edge-meta/{agent}/{device}/{meta}",
+        description="Layout compact: where each device's metadata (index -> tag, type, "
+        "unit) is retained; fields as topic, plus {meta} (the metadata id, with -<part> "
+        "when it is sent in parts).",
     )
     max_inflight: int = Field(
         default=100, ge=1, le=1000, description="Messages sent and not yet acknowledged."
@@ -301,8 +312,11 @@ class MqttConfig(ConfigModel):
     max_message_bytes: int | None = Field(
         default=None,
         ge=1024,
-        description="Largest MQTT packet to send (e.g. a cloud broker's message limit); "
-        "larger batches are split. The broker's own Maximum Packet Size always applies.",
+        description="Largest MQTT packet to send (e.g. a cloud broker's message limit); a "
+        "record whose message would be larger is split into as many messages as needed, "
+        "with exact seq ranges. Default: the broker's Maximum Packet Size from the MQTT 5 "
+        "CONNACK when it announces one, else 131072 (128 KiB). A broker's announced limit "
+        "always applies on top of this.",
     )
     dead_letter_max_bytes: int = Field(
         default=64 * 1024 * 1024,
@@ -324,6 +338,18 @@ class MqttConfig(ConfigModel):
                 "layout sparkplug needs a sparkplug section with at least group_id, "
                 "e.g. sparkplug: {group_id: plant1}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _meta_topic(self) -> MqttConfig:
+        if self.layout == "compact":
+            missing = [f for f in ("{device}", "{meta}") if f not in self.topic_meta]
+            if missing:
+                raise ValueError(
+                    f"layout compact: topic_meta must contain {' and '.join(missing)} (each "
+                    "device's metadata, and each version of it, is retained on a topic of "
+                    "its own)"
+                )
         return self
 
     @model_validator(mode="before")
@@ -350,7 +376,7 @@ class MqttConfig(ConfigModel):
             out.setdefault("host", azure["hub_host"])
         device_id = azure.get("device_id")
         if isinstance(device_id, str):
-            layout = data.get("layout", "device")
+            layout = data.get("layout", "lean")
             for key, template in cloud.azure_topics(device_id, str(layout)).items():
                 out.setdefault(key, template)
         return out
@@ -681,6 +707,7 @@ def _cross_checks(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         for key, allowed in (
             ("topic", _TOPIC_FIELDS),
             ("topic_tag", _TOPIC_FIELDS | {"tag"}),
+            ("topic_meta", _TOPIC_FIELDS | {"meta"}),
             ("status_topic", _TOPIC_FIELDS - {"device"}),
             ("device_status_topic", _TOPIC_FIELDS),
         ):
@@ -1091,7 +1118,10 @@ def _profile_checks(
 def _topics_in_use(mqtt: MqttConfig) -> list[str]:
     if mqtt.layout == "sparkplug":
         return []
-    return ["topic_tag" if mqtt.layout == "tag" else "topic", "status_topic", "device_status_topic"]
+    topics = ["topic_tag" if mqtt.layout == "tag" else "topic"]
+    if mqtt.layout == "compact":
+        topics.append("topic_meta")
+    return [*topics, "status_topic", "device_status_topic"]
 
 
 def _aws_checks(
@@ -1204,7 +1234,12 @@ def _longest_topic(
     device = max(names, key=lambda n: len(n.encode("utf-8", "replace")), default="")
     tag = max(tags, key=lambda n: len(n.encode("utf-8", "replace")), default="")
     with contextlib.suppress(KeyError, IndexError, ValueError):
-        best = template.format(**{k: v or "" for k, v in values.items()}, device=device, tag=tag)
+        best = template.format(
+            **{k: v or "" for k, v in values.items()},
+            device=device,
+            tag=tag,
+            meta="f" * 16 + "-99999",  # layout compact's metadata id, with a part number
+        )
     return best
 
 
@@ -1265,7 +1300,7 @@ def _azure_checks(mqtt: MqttConfig, devices: list[tuple[int, DeviceCommon]]) -> 
             (
                 ("mqtt", "layout"),
                 "azure-iot-hub has fixed topics (devices/{device_id}/messages/events/): "
-                "layout sparkplug cannot be used there; use device or tag",
+                "layout sparkplug cannot be used there; use lean, compact, device or tag",
             )
         )
     fixed = cloud.azure_topics(azure.device_id, mqtt.layout)

@@ -239,6 +239,10 @@ def probe_messages(config: Config) -> list[Message]:
                     )
             else:
                 topics.append((mqtt.topic.format(**fields, device=d.name), payload))
+            if mqtt.layout == "compact":
+                # The retained metadata the data needs (an ACL may cover edge/ only).
+                meta = mqtt.topic_meta.format(**fields, device=d.name, meta="doctor-probe")
+                topics.append((meta, payload))
         topics.append((mqtt.status_topic.format(**fields), payload))
         if devices:
             topics.append(

@@ -16,11 +16,16 @@ the current connection, or were attempted before, are marked historical (agent.p
 
 Records that cannot be published as they are (docs/mqtt.md, "Poison records"):
 
-- **Too large.** When the publisher knows the broker's Maximum Packet Size (or
-  `max_message_bytes` is set), a record whose message would exceed it is split into
-  sub-records — halves of its sample array, recursively — each published as its own
-  message with exact first_seq/last_seq/count. The record is committed once every part was
-  acknowledged. A single sample that still does not fit is dead-lettered alone.
+- **Too large.** Every message fits the packet limit (`agent.publish.limits`:
+  `max_message_bytes`, else the broker's CONNACK Maximum Packet Size, else 128 KiB; the
+  broker's announced limit always applies): a record whose message would exceed it is
+  split into as many sub-records as its size asks for (consecutive slices of its samples,
+  split again if one still does not fit), each published as its own message with exact
+  first_seq/last_seq/count. The record is committed once every part was acknowledged. A
+  single sample that still does not fit is dead-lettered alone. Messages a layout needs
+  before a record's data (layout compact's metadata) come from `encoder.preamble` once
+  per record and are part of it: the record is committed only when they were
+  acknowledged too.
 - **Cannot be encoded.** The encoder raises (or returns something that is not a list of
   messages): the record is split the same way until only the samples it fails on are
   left; those are dead-lettered at once, the others are sent.
@@ -60,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Coroutine, Sequence
@@ -82,6 +88,7 @@ from agent.publish import (
     packet_size,
 )
 from agent.publish.deadletter import DeadLetters, DeadLetterStats
+from agent.publish.limits import effective_max_message_bytes
 
 log = structlog.get_logger()
 
@@ -169,8 +176,10 @@ class _Part:
 
 
 class Forwarder:
-    """max_message_bytes: a packet-size limit of our own (e.g. a cloud broker's message
-    limit), applied besides the one the broker announces.
+    """max_message_bytes: `mqtt.max_message_bytes` (None: the broker's announced limit,
+    else platform_message_bytes, else 128 KiB; see agent.publish.limits).
+    platform_message_bytes: the message limit of the broker profile's platform, if any
+    (agent.publish.cloud.message_limit).
 
     merge_records: send a device's records of one round as one message (within the
     packet limit) instead of one message per record — for a publish-rate limit (AWS IoT
@@ -186,6 +195,7 @@ class Forwarder:
         dead_letters: DeadLetters | None = None,
         max_refusals: int = 5,
         max_message_bytes: int | None = None,
+        platform_message_bytes: int | None = None,
         merge_records: bool = False,
         device_backoff_min_s: float = 0.5,
         device_backoff_max_s: float = 30.0,
@@ -195,6 +205,8 @@ class Forwarder:
         self.dead_letters = dead_letters if dead_letters is not None else DeadLetters(None)
         self.max_refusals = max_refusals
         self.max_message_bytes = max_message_bytes
+        self.platform_message_bytes = platform_message_bytes
+        self._session: float | None = None  # connected_since the encoder last heard of
         self.merge_records = merge_records
         self._members: dict[int, list[int]] = {}  # merged record id → buffer record ids
         self.device_backoff_min_s = device_backoff_min_s
@@ -333,13 +345,38 @@ class Forwarder:
         self._last_id = max(self._last_id, after)
         return out
 
-    def _limit(self) -> int | None:
-        limits = [
-            x
-            for x in (getattr(self.publisher, "max_packet_size", None), self.max_message_bytes)
-            if isinstance(x, int) and x > 0
-        ]
-        return min(limits) if limits else None
+    def _limit(self) -> int:
+        broker = getattr(self.publisher, "max_packet_size", None)
+        return effective_max_message_bytes(
+            self.max_message_bytes,
+            broker if isinstance(broker, int) and broker > 0 else None,
+            platform_bytes=self.platform_message_bytes,
+        )
+
+    def _check_session(self) -> float | None:
+        """The current connection's start; tells the encoder when it is a new one (its
+        metadata must be published again on it)."""
+        since = self.publisher.connected_since
+        if since != self._session:
+            self._session = since
+            self.encoder.new_session()
+        return since
+
+    def _preamble(self, record: Record, limit: int | None) -> list[Message]:
+        """What the layout must publish before this record's data (compact metadata)."""
+        try:
+            pre = self.encoder.preamble(record, limit=limit)
+        except Exception as exc:  # a record it cannot read: encoding fails the same way
+            raise _Poison(f"cannot encode: {type(exc).__name__}: {exc}") from None
+        for m in pre:
+            if limit is not None and packet_size(m) > limit:
+                self.encoder.unannounce(record.device)
+                raise _Poison(
+                    f"too large: a metadata message needs {packet_size(m)} bytes, the limit "
+                    f"is {limit}",
+                    PACKET_TOO_LARGE,
+                )
+        return pre
 
     async def forward_once(self) -> bool:
         """Send one round of records. Returns False when there was nothing to send."""
@@ -358,7 +395,7 @@ class Forwarder:
         dead_gaps = await self._pending_dead_gaps()
         dead_through = self._dead_max_id
         gaps = [*buffer_gaps, *dead_gaps]
-        since = self.publisher.connected_since
+        since = self._check_session()
         limit = self._limit()
         parts: list[_Part] = []
         poison: dict[int, _Poison] = {}
@@ -373,20 +410,25 @@ class Forwarder:
             learnt = self._split_limit.get(record.id)
             record_limit = learnt if limit is None else min(limit, learnt or limit)
             try:
+                pre = self._preamble(record, record_limit)
                 if record.id in self._singles:
                     encoded = self._encode_singles(record, historical, carry, record_limit)
                 else:
                     encoded = self._encode_fitting(record, historical, carry, record_limit)
             except _Poison as exc:  # not even splittable
+                self.encoder.unannounce(record.device)
                 poison[i] = exc
                 continue
             sendable = [p for p in encoded if p.poison is None]
             unsendable = [p for p in encoded if p.poison is not None]
             if len(encoded) == 1 and encoded[0].poison is not None:
+                self.encoder.unannounce(record.device)
                 poison[i] = encoded[0].poison
                 continue
             if unsendable:
                 bad_parts[i] = unsendable
+            if pre:
+                parts.append(_Part(i, record, pre))
             if carry and sendable and sendable[0].messages:
                 gaps_at = len(parts)
             if len(encoded) > 1:
@@ -465,6 +507,9 @@ class Forwarder:
                     refused_devices.setdefault(records[i].device, (_STORE_FAILED, 1))
                     break
                 set_aside += part.record.count
+        for i in failed:
+            # Its metadata (layout compact) may be what failed: sent again with it.
+            self.encoder.unannounce(records[i].device)
         for i in sorted(poison.keys() | failed.keys()):
             record = records[i]
             bad = poison.get(i)
@@ -617,35 +662,46 @@ class Forwarder:
         record the encoder fails on is split too, so that only the samples it cannot
         encode are set aside: parts with `poison` set carry no messages.
 
-        A record whose samples alone are larger than the limit is split before it is
-        encoded: the encoder runs once per part that is sent, which matters for an
-        encoder with state (Sparkplug marks a device born when it makes its DBIRTH)."""
-        if limit is not None and record.count > 1 and len(record.data) > limit:
-            return self._split_encode(record, historical, gaps, limit)
+        With an encoder that keeps state per message (`stateful`: Sparkplug marks a
+        device born when it makes its DBIRTH), a record whose stored data, or an upper
+        estimate of its messages, is larger than the limit is split before it is
+        encoded, so that the encoder runs once per part that is sent. The JSON layouts
+        are encoded and measured, then split by their messages' size."""
+        if limit is not None and record.count > 1 and getattr(self.encoder, "stateful", False):
+            # Whichever is larger: the stored bytes, or a generous bound of what the
+            # encoder makes per value (a compact stored record is far smaller than a
+            # Sparkplug DBIRTH of the same samples).
+            estimate = max(len(record.data), record.count * _STATEFUL_BYTES_PER_VALUE)
+            if estimate > limit:
+                return self._split_encode(
+                    record, historical, gaps, limit, math.ceil(estimate / limit)
+                )
         try:
             messages = self._encode(record, historical, gaps)
         except _Poison as exc:
             if record.count < 2:
                 return [_Part(0, record, [], exc)]
-        else:
-            if limit is None or all(packet_size(m) <= limit for m in messages):
-                return [_Part(0, record, messages)]
-            if record.count < 2:
-                biggest = max(packet_size(m) for m in messages)
-                reason = (
-                    f"too large: one sample needs a {biggest}-byte packet, the limit is {limit}"
-                )
-                return [_Part(0, record, [], _Poison(reason, PACKET_TOO_LARGE))]
-        return self._split_encode(record, historical, gaps, limit)
+            return self._split_encode(record, historical, gaps, limit, 2)
+        if limit is None or all(packet_size(m) <= limit for m in messages):
+            return [_Part(0, record, messages)]
+        biggest = max(packet_size(m) for m in messages)
+        if record.count < 2:
+            reason = f"too large: one sample needs a {biggest}-byte packet, the limit is {limit}"
+            return [_Part(0, record, [], _Poison(reason, PACKET_TOO_LARGE))]
+        # As many parts as the size asks for, with a margin for each part's own head; a
+        # part that still does not fit is split again.
+        return self._split_encode(
+            record, historical, gaps, limit, math.ceil(biggest / (limit * _FILL))
+        )
 
     def _split_encode(
-        self, record: Record, historical: bool, gaps: Sequence[Gap], limit: int | None
+        self, record: Record, historical: bool, gaps: Sequence[Gap], limit: int | None, n: int
     ) -> list[_Part]:
-        left, right = _halves(record)
-        head = self._encode_fitting(left, historical, gaps, limit)
-        # The gap notices ride on the first part that is sent.
-        carried = any(p.poison is None for p in head)
-        parts = head + self._encode_fitting(right, historical, () if carried else gaps, limit)
+        parts: list[_Part] = []
+        for piece in _pieces(record, max(2, n)):
+            # The gap notices ride on the first part that is sent.
+            carried = any(p.poison is None for p in parts)
+            parts += self._encode_fitting(piece, historical, () if carried else gaps, limit)
         if all(p.poison is not None for p in parts):
             # Nothing in it can go: one dead letter for the record, not one per sample.
             return [_Part(0, record, [], parts[0].poison)]
@@ -869,18 +925,25 @@ class Forwarder:
         letters = await self.dead_letters.take_replays(_REPLAY_BATCH)
         if not letters:
             return 0
+        self._check_session()
         limit = self._limit()
         parts: list[_Part] = []
         for i, letter in enumerate(letters):
+            record = letter.as_record()
+            pre: list[Message] = []
             try:
-                encoded = self._encode_fitting(letter.as_record(), True, (), limit)
+                pre = self._preamble(record, limit)
+                encoded = self._encode_fitting(record, True, (), limit)
             except _Poison as exc:
-                encoded = [_Part(i, letter.as_record(), [], exc)]
+                encoded = [_Part(i, record, [], exc)]
             unsendable = next((p.poison for p in encoded if p.poison is not None), None)
             if unsendable is not None:
                 # Still not publishable as it is: it stays, whole, with its new reason.
+                self.encoder.unannounce(record.device)
                 await self.dead_letters.replay_failed(letter.id, unsendable.reason, unsendable.code)
                 continue
+            if pre:
+                parts.append(_Part(i, record, pre))
             parts.extend(_Part(i, p.record, p.messages) for p in encoded)
         messages = [m for p in parts for m in p.messages]
         results = await self.publisher.publish(messages) if messages else []
@@ -893,6 +956,7 @@ class Forwarder:
             at += len(part.messages)
         done = [letters[i] for i in {p.index for p in parts} if i not in failed]
         for i, result in failed.items():
+            self.encoder.unannounce(letters[i].device)
             if not self._is_connection_failure(result):
                 await self.dead_letters.replay_failed(
                     letters[i].id, result.reason or "refused", result.code
@@ -924,6 +988,15 @@ class Forwarder:
         return self.buffer.stats().records
 
 
+#: Bytes per value a stateful encoder (Sparkplug) is assumed to need when the forwarder
+#: splits a record before encoding it (bench/wire_bytes.py measures ≈ 34 per value in
+#: DDATA, ≈ 43 in a DBIRTH, with short tag names).
+_STATEFUL_BYTES_PER_VALUE = 64
+
+#: A part is planned to fill this share of the packet limit (its head and a slice that
+#: encodes longer than the average are what the rest is for).
+_FILL = 0.95
+
 #: At most this many dead-letter gaps ride on one message; with more devices they are
 #: announced as one range.
 MAX_DEAD_LETTER_GAPS = 16
@@ -945,13 +1018,21 @@ def _reason_key(reason: str) -> str:
     return reason
 
 
-def _halves(record: Record) -> tuple[Record, Record]:
-    """Split a record's sample array in two sub-records with exact seqs and counts."""
+def _pieces(record: Record, n: int) -> list[Record]:
+    """Split a record's samples into n consecutive sub-records (as equal as can be) with
+    exact seqs and counts."""
     try:
         samples: list[dict[str, Any]] = record_samples(record.data)
-        mid = len(samples) // 2
-        return _sub(record, samples[:mid]), _sub(record, samples[mid:])
-    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        n = min(n, len(samples))
+        size, rest = divmod(len(samples), n)
+        out = []
+        at = 0
+        for k in range(n):
+            end = at + size + (1 if k < rest else 0)
+            out.append(_sub(record, samples[at:end]))
+            at = end
+        return out
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:
         raise _Poison(f"cannot split: {type(exc).__name__}: {exc}") from None
 
 

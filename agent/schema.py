@@ -28,8 +28,13 @@ PublishedValue = TypeAliasType(
 )
 
 SCHEMA_VERSION = 1
+#: Layout device (every sample in full; the default before layout lean).
 BATCH_SCHEMA = f"edge-agent/batch/{SCHEMA_VERSION}"
 SAMPLE_SCHEMA = f"edge-agent/sample/{SCHEMA_VERSION}"
+#: Layout lean (the default): the batch, version 2.
+LEAN_SCHEMA = "edge-agent/batch/2"
+COMPACT_SCHEMA = "edge-agent/compact/1"
+META_SCHEMA = "edge-agent/meta/1"
 
 Quality = Literal["good", "uncertain", "bad"]
 
@@ -172,6 +177,135 @@ class SamplePayload(Sample):
     epoch: str = _EPOCH
     historical: bool = _HISTORICAL
     gaps: list[GapNotice] | None = _GAPS
+
+
+_TS = Field(
+    description="ts_agent of every sample of the message, unless its `extra` entry gives its own."
+)
+_TS_CHANGES = Field(
+    default=None,
+    description="[[i, ts], ...]: from sample i on, ts_agent is ts (only when it changes "
+    "within the message: records of several polls, subscription deliveries).",
+)
+_SEQ = Field(
+    min_length=2,
+    max_length=2,
+    description="[first, last] seq of the message's samples: sample n has seq first + n, "
+    "unless `seqs` is present.",
+)
+_SEQS = Field(
+    default=None,
+    description="Every sample's seq, in order; only when they are not consecutive.",
+)
+
+
+class SampleExtra(BaseModel):
+    """What one sample says beyond the message's defaults (only what differs): quality,
+    reason and code of a sample that is not good, value_text, ts_source, its own
+    ts_agent or unit. `absent`: fields the sample does not have at all (rare)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    quality: Quality | None = None
+    reason: str | None = None
+    code: int | None = None
+    value_text: str | None = None
+    ts_source: datetime | None = None
+    ts_agent: datetime | None = None
+    unit: str | None = None
+    absent: list[str] | None = None
+
+
+class LeanExtra(SampleExtra):
+    i: int = Field(ge=0, description="Index of the sample in `tags`/`values`.")
+
+
+class CompactExtra(SampleExtra):
+    n: int = Field(ge=0, description="Index of the sample in `v`.")
+    value: PublishedValue | None = Field(
+        default=None,
+        description="The exact value, when `v` cannot carry it as its entry's type says "
+        "(a value of a float32 entry that is not a float32); `v` holds null then.",
+    )
+
+
+class LeanPayload(_Wire):
+    """Layout lean (default): one message per device per poll; names and units once, a
+    sample's other fields only where they differ from the defaults."""
+
+    schema_: str = Field(alias="schema", description=f"Always '{LEAN_SCHEMA}'.")
+    agent: str = Field(description="agent.id from the config.")
+    site: str | None = Field(default=None, description="agent.site (absent when not set).")
+    area: str | None = Field(default=None, description="agent.area (absent when not set).")
+    line: str | None = Field(default=None, description="agent.line (absent when not set).")
+    epoch: str = _EPOCH
+    device: str
+    ts: datetime | None = _TS
+    ts_changes: list[tuple[int, datetime | None]] | None = _TS_CHANGES
+    seq: list[int] = _SEQ
+    seqs: list[int] | None = _SEQS
+    tags: list[str] = Field(description="Tag of each sample, in seq order.")
+    values: list[PublishedValue | None] = Field(
+        description="Value of each sample (null: no value; the sample is not good)."
+    )
+    units: dict[str, str] | None = Field(default=None, description="Unit of each tag that has one.")
+    extra: list[LeanExtra] | None = Field(
+        default=None, description="Per-sample fields that differ from the defaults."
+    )
+    historical: bool = _HISTORICAL
+    gaps: list[GapNotice] | None = _GAPS
+
+
+class CompactPayload(_Wire):
+    """Layout compact: values by index into the device's metadata (MetaPayload)."""
+
+    schema_: str = Field(alias="schema", description=f"Always '{COMPACT_SCHEMA}'.")
+    agent: str = Field(description="agent.id from the config.")
+    epoch: str = _EPOCH
+    device: str
+    meta: str = Field(description="Id of the metadata (index → tag, type, unit) to apply.")
+    ts: datetime | None = _TS
+    ts_changes: list[tuple[int, datetime | None]] | None = _TS_CHANGES
+    seq: list[int] = _SEQ
+    seqs: list[int] | None = _SEQS
+    i: int | list[int] | None = Field(
+        default=None,
+        description="Metadata index of sample 0 (the others follow on), or of every "
+        "sample; absent: 0.",
+    )
+    v: list[PublishedValue | None] = Field(
+        description="Value of each sample; a float32 entry's value with the fewest digits "
+        "that round to the same float32."
+    )
+    extra: list[CompactExtra] | None = Field(
+        default=None, description="Per-sample fields that differ from the defaults."
+    )
+    historical: bool = _HISTORICAL
+    gaps: list[GapNotice] | None = _GAPS
+
+
+class MetaEntry(_Wire):
+    tag: str
+    type: Literal["bool", "int", "float32", "float64", "string", "json"] | None = Field(
+        default=None, description="Type of the tag's values (absent: not known yet)."
+    )
+    unit: str | None = Field(default=None, description="Unit (absent: none).")
+
+
+class MetaPayload(_Wire):
+    """Layout compact's metadata of one device (retained on mqtt.topic_meta)."""
+
+    schema_: str = Field(alias="schema", description=f"Always '{META_SCHEMA}'.")
+    agent: str
+    site: str | None = None
+    area: str | None = None
+    line: str | None = None
+    device: str
+    meta: str = Field(description="Id of this mapping (a hash of its entries).")
+    tags: list[MetaEntry] = Field(description="Entries by index (from `first` in a part).")
+    part: int | None = Field(default=None, description="Part number, from 0 (when in parts).")
+    parts: int | None = Field(default=None, description="Number of parts (when in parts).")
+    first: int | None = Field(default=None, description="Index of this part's first entry.")
 
 
 class WireSample(TypedDict):

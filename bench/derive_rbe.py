@@ -142,6 +142,7 @@ def publish(
     if not samples:
         return
     batch = encode_batch(samples, samples[0]["seq"] - 1)
+    # `full`: dictionary + body, a record as the buffer's take() hands it out.
     record = Record(0, "line", batch.first_seq, batch.last_seq, batch.count, 0.0, batch.full)
     device, tag = encoders
     w.samples += len(samples)

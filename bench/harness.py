@@ -28,6 +28,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.layouts.decode import DecodeError, Decoder
+
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CLOCK_TAG = "clock"
@@ -184,6 +186,8 @@ class Meter:
         self.host, self.port, self.topic = host, port, topic
         self.stats = MeterStats()
         self._seen = bytearray(1 << 20)
+        # Every layout through the reference decoder (compact: subscribe to its metadata).
+        self._decoder = Decoder()
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._session = session
@@ -207,10 +211,10 @@ class Meter:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         t = time.time()
         try:
-            body = orjson.loads(msg.payload)
-        except orjson.JSONDecodeError:
-            return
-        samples = body.get("samples") if isinstance(body, dict) else None
+            decoded = self._decoder.decode(bytes(msg.payload))
+        except DecodeError:
+            return  # not a data message of the agent (or compact data before its metadata)
+        samples = decoded.samples
         if not samples:
             return
         seen = self._seen
@@ -235,7 +239,7 @@ class Meter:
         first = samples[0]
         if e2e is None and first.get("ts_source"):
             e2e = t - _epoch(first["ts_source"])
-        arrival = Arrival(t, str(body.get("device")), len(samples), _epoch(first["ts_agent"]), e2e)
+        arrival = Arrival(t, str(decoded.device), len(samples), _epoch(first["ts_agent"]), e2e)
         with self._lock:
             st = self.stats
             st.arrivals.append(arrival)

@@ -56,6 +56,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from agent.layouts.decode import DecodeError, Decoder  # noqa: E402
 from tests.support.broker import MosquittoBroker, free_port  # noqa: E402
 from tests.support.subscriber import Received, Subscriber  # noqa: E402
 
@@ -505,15 +506,19 @@ def figures(
     wire_gaps: dict[str, set[int]] = {}  # reason -> seqs announced as gaps on the wire
     largest_message = 0
     nan_samples = nan_bad = nan_good_null = 0
+    decoder = Decoder()
     for index, message in enumerate(messages):
-        body = orjson.loads(message.payload)
-        if not isinstance(body, dict) or "samples" not in body:
+        try:
+            decoded = decoder.decode(message.payload)
+        except DecodeError:
+            continue  # status messages and the like (compact data needs its metadata first)
+        if decoded.kind != "data":
             continue
         largest_message = max(largest_message, len(message.payload))
-        for g in body.get("gaps") or ():
+        for g in decoded.gaps:
             seqs = wire_gaps.setdefault(str(g["reason"]), set())
             seqs.update(range(int(g["first_seq"]), int(g["last_seq"]) + 1))
-        for s in body["samples"]:
+        for s in decoded.samples:
             received += 1
             seq = int(s["seq"])
             ident = (str(s["device"]), str(s["tag"]), str(s["ts_agent"]))

@@ -6,7 +6,11 @@ Layouts understood (docs/mqtt.md):
 
 - `edge-agent/batch/1` (layout `device`): ``{"schema", "agent", "epoch", "device",
   "samples": [...]}``;
-- `edge-agent/sample/1` (layout `tag`): one sample with ``"schema", "agent", "epoch"``.
+- `edge-agent/sample/1` (layout `tag`): one sample with ``"schema", "agent", "epoch"``;
+- `edge-agent/batch/2` (layout `lean`, the default) and `edge-agent/compact/1` with its
+  metadata `edge-agent/meta/1` (layout `compact`): through the reference decoder
+  `agent.layouts.decode` (docs/layouts.md). Compact metadata is remembered for the rest
+  of the process; a metadata message itself carries no samples.
 
 Every sample comes back as a plain dict with at least ``agent, epoch, device, tag, value,
 quality, seq, ts_agent`` (timestamps stay ISO 8601 text, as on the wire) and the other
@@ -21,10 +25,17 @@ from typing import Any
 
 import orjson
 
+from agent.layouts.decode import DecodeError as LayoutDecodeError
+from agent.layouts.decode import Decoder, MetaMissing
+
 __all__ = ["DecodeError", "MalformedMessage", "UnknownLayout", "decode"]
 
 BATCH = "edge-agent/batch/1"
 SAMPLE = "edge-agent/sample/1"
+#: Layouts read by the reference decoder (lean, compact and compact's metadata).
+_REFERENCE = frozenset({"edge-agent/batch/2", "edge-agent/compact/1", "edge-agent/meta/1"})
+#: One per process: compact metadata seen is kept for the data that needs it.
+_DECODER = Decoder()
 
 #: What every decoded sample has, with the type the dataset tools rely on.
 _REQUIRED: tuple[tuple[str, type, str], ...] = (
@@ -75,6 +86,25 @@ def decode(topic: str, payload: bytes) -> list[dict[str, Any]]:
             sample = {**s, **head}
             sample.setdefault("device", device)
             if data.get("historical") is True:
+                sample["historical"] = True
+            out.append(_checked(sample, f"samples[{i}]"))
+        return out
+    if schema in _REFERENCE:
+        try:
+            d = _DECODER.decode(data)
+        except MetaMissing as exc:
+            raise MalformedMessage(
+                f"{exc}: subscribe to the metadata topic (mqtt.topic_meta) as well"
+            ) from None
+        except LayoutDecodeError as exc:
+            raise MalformedMessage(str(exc)) from None
+        if d.kind == "meta":
+            return []  # remembered by the decoder; no samples of its own
+        head = _identity({"agent": d.agent, "epoch": d.epoch})
+        out = []
+        for i, s in enumerate(d.samples):
+            sample = {**s, **head}
+            if d.historical:
                 sample["historical"] = True
             out.append(_checked(sample, f"samples[{i}]"))
         return out

@@ -130,6 +130,10 @@ def azure_topics(device_id: str, layout: str) -> dict[str, str]:
         "topic_tag": (
             f"{base}&agent={{agent}}&device={{device}}&tag={{tag}}&layout=tag&msg-type=data"
         ),
+        # Layout compact's metadata: not retained there, an ordinary message in the stream.
+        "topic_meta": (
+            f"{base}&agent={{agent}}&device={{device}}&meta={{meta}}&layout=compact&msg-type=meta"
+        ),
         "status_topic": f"{base}&agent={{agent}}&msg-type=status",
         "device_status_topic": f"{base}&agent={{agent}}&device={{device}}&msg-type=device-status",
     }

@@ -21,20 +21,38 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import MqttConfig
+from agent.layouts.decode import DecodeError, Decoder, MetaMissing
 from agent.publish.tls import TlsSetupError, describe, describe_text, ssl_context
 
 
-def format_message(topic: str, payload: bytes) -> list[str]:
-    """Human-readable lines for one published message."""
+def format_message(topic: str, payload: bytes, decoder: Decoder | None = None) -> list[str]:
+    """Human-readable lines for one published message. Every layout is read through the
+    reference decoder (`agent.layouts.decode`); pass the same `decoder` for every message
+    so that layout compact's metadata is remembered."""
     try:
         data: Any = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return [f"{topic}  <{len(payload)} bytes, not JSON>"]
     if not isinstance(data, dict):
         return [f"{topic}  {payload[:200]!r}"]
-    samples = data.get("samples", [data] if "tag" in data else [])
+    samples: list[dict[str, Any]]
+    try:
+        msg = (decoder or Decoder()).decode(data)
+    except MetaMissing as exc:
+        return [f"{topic}  compact data of {exc.device}: waiting for its metadata {exc.meta}"]
+    except DecodeError:
+        # Not one of the agent's layouts (or a damaged one): show what it has.
+        samples = data.get("samples", [data] if "tag" in data else [])
+        if not isinstance(samples, list):
+            samples = []
+    else:
+        if msg.kind == "meta":
+            return [f"{topic}  metadata {msg.meta} of {msg.device}: {len(data['tags'])} tags"]
+        samples = msg.samples
     lines = []
     for s in samples:
+        if not isinstance(s, dict):
+            continue
         value = s.get("value")
         shown = f"{value:.4g}" if isinstance(value, float) else repr(value)
         unit = f" {s['unit']}" if s.get("unit") else ""
@@ -48,9 +66,17 @@ def format_message(topic: str, payload: bytes) -> list[str]:
 
 
 def watch(
-    config: MqttConfig, topic: str, *, count: int = 0, seconds: float = 0, raw: bool = False
+    config: MqttConfig,
+    topic: str,
+    *,
+    count: int = 0,
+    seconds: float = 0,
+    raw: bool = False,
+    also: tuple[str, ...] = (),
 ) -> int:
-    """Subscribe and print until count messages / seconds have passed / Ctrl-C."""
+    """Subscribe and print until count messages / seconds have passed / Ctrl-C.
+    `also`: further topic filters (layout compact's metadata)."""
+    decoder = Decoder()
     inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
     version = mqtt.MQTTv5 if config.protocol == "5" else mqtt.MQTTv311
     client = mqtt.Client(
@@ -81,6 +107,8 @@ def watch(
     def on_connect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
         if not reason.is_failure:
             c.subscribe(topic, qos=1)
+            for other in also:
+                c.subscribe(other, qos=1)
             print(f"watching {topic} on {where}", file=sys.stderr, flush=True)
         else:
             ended.append(f"broker refused: {reason}")
@@ -133,7 +161,7 @@ def watch(
             if raw:
                 print(f"{t} {payload.decode('utf-8', 'replace')}", flush=True)
             else:
-                for line in format_message(t, payload):
+                for line in format_message(t, payload, decoder):
                     print(line, flush=True)
     finally:
         client.loop_stop()

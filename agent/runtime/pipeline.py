@@ -318,7 +318,17 @@ class Agent:
             devices=len(config.devices),
             buffered_records=backlog,
             last_seq=seq.last,
+            layout=config.mqtt.layout,
         )
+        if "layout" not in config.mqtt.model_fields_set:
+            # The default changed from `device`: say so once, where an operator looks
+            # after an upgrade (docs/layouts.md, upgrade notes).
+            log.info(
+                "mqtt.layout.default",
+                layout=config.mqtt.layout,
+                note="mqtt.layout is not set: publishing layout lean (edge-agent/batch/2); "
+                "set mqtt.layout: device for the former payloads (edge-agent/batch/1)",
+            )
         try:
             # Everything that can refuse the config is built before anything runs.
             built = self._build_devices([d for d in config.devices if d.enabled])
@@ -357,10 +367,13 @@ class Agent:
             ),
             dead_letters=open_store(config),
             max_refusals=config.mqtt.max_refusals,
-            # mqtt.profile's limit (agent.publish.cloud.message_limit) unless set.
-            max_message_bytes=config.mqtt.max_message_bytes or message_limit(config.mqtt.profile),
-            # Paced publishes (AWS IoT Core): fewer, larger messages instead of a queue.
-            merge_records=config.mqtt.layout == "device"
+            max_message_bytes=config.mqtt.max_message_bytes,
+            # mqtt.profile's limit (agent.publish.cloud.message_limit) when none is set:
+            # agent.publish.limits.effective_max_message_bytes combines them.
+            platform_message_bytes=message_limit(config.mqtt.profile),
+            # Paced publishes (AWS IoT Core): fewer, larger messages instead of a queue
+            # (the batch layouts; lean and compact say each poll's timestamp once).
+            merge_records=config.mqtt.layout in ("lean", "compact", "device")
             and publish_rate(config.mqtt.profile, config.mqtt.max_publishes_per_s) is not None,
         )
         sup = self.supervisor

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from agent.config import config_model
-from agent.schema import BatchPayload, SamplePayload
+from agent.schema import BatchPayload, CompactPayload, LeanPayload, MetaPayload, SamplePayload
 
 
 def schemas() -> dict[str, dict[str, Any]]:
@@ -23,6 +23,9 @@ def schemas() -> dict[str, dict[str, Any]]:
         "config.schema.json": config_model().model_json_schema(),
         "batch.schema.json": BatchPayload.model_json_schema(by_alias=True),
         "sample.schema.json": SamplePayload.model_json_schema(by_alias=True),
+        "lean.schema.json": LeanPayload.model_json_schema(by_alias=True),
+        "compact.schema.json": CompactPayload.model_json_schema(by_alias=True),
+        "meta.schema.json": MetaPayload.model_json_schema(by_alias=True),
     }
 
 

@@ -6,30 +6,30 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from agent.config import Config, parse_config
 from agent.runtime import Agent
-from agent.schema import BatchPayload
 from agent.simulate import simulators
 from drivers.modbus.config import ModbusDevice
 from drivers.modbus.simulator import ModbusSimulator
 from tests.support.agent_proc import cli, samples_of
 from tests.support.broker import MosquittoBroker
+from tests.support.payloads import batches, decoded
 from tests.support.subscriber import Subscriber
 
 pytestmark = pytest.mark.integration
 
 
-def wide_config(tmp: Path, port: int, registers: int = 200) -> Config:
+def wide_config(tmp: Path, port: int, registers: int = 200, layout: str | None = None) -> Config:
     tags = "\n".join(
         f"      - {{name: r{i:03d}, address: {i}, type: uint16}}" for i in range(registers)
     )
     return parse_config(
         f"""\
 agent: {{id: gw}}
-mqtt: {{port: {port}}}
+mqtt: {{port: {port}{f", layout: {layout}" if layout else ""}}}
 buffer: {{path: {tmp / "buffer.db"}}}
 devices:
   - name: wide
@@ -88,9 +88,36 @@ async def test_published_samples_validate_and_agent_stops_cleanly(
             agent.stop()
             await task
         stats = agent.buffer.stats()
-    for m in sub.messages():
-        BatchPayload.model_validate(orjson.loads(m.payload))
+    batches(m.payload for m in sub.messages())  # every message is a valid batch
     assert stats.records == 0  # everything produced was delivered within the grace period
     # At least once: a publish cut by the stop is sent again by the drain (same seq).
     received = {int(s["seq"]) for s in samples_of(sub.messages())}  # type: ignore[call-overload]
     assert received == set(range(1, agent.status.samples_produced + 1))
+
+
+@pytest.mark.parametrize("layout", [None, "lean", "compact", "device"])
+async def test_every_layout_end_to_end_decodes_to_every_sample_produced(
+    tmp_path: Path, broker: MosquittoBroker, layout: str | None
+) -> None:
+    """The real agent, broker and simulator in each JSON layout: the reference decoder
+    reads every sample produced (compact: with the retained metadata, subscribed to as a
+    consumer would). A config that does not set the layout says so once in the log."""
+    config = wide_config(tmp_path, broker.port, registers=10, layout=layout)
+    with Subscriber("127.0.0.1", broker.port, "#") as sub, capture_logs() as logs:
+        async with simulators(config) as simulated:
+            agent = Agent(simulated, grace_s=5)
+            task = asyncio.create_task(agent.run())
+            await asyncio.to_thread(sub.wait_count, 8, 30.0)
+            agent.stop()
+            await task
+    got = decoded(m.payload for m in sub.messages())
+    assert {d.schema for d in got} == {
+        {None: "edge-agent/batch/2", "lean": "edge-agent/batch/2"}.get(
+            layout, f"edge-agent/{'compact/1' if layout == 'compact' else 'batch/1'}"
+        )
+    }
+    received = {int(s["seq"]) for d in got for s in d.samples}
+    assert received == set(range(1, agent.status.samples_produced + 1))
+    assert all(len(s) >= 10 and s["device"] == "wide" for d in got for s in d.samples)
+    defaults = [e for e in logs if e["event"] == "mqtt.layout.default"]
+    assert len(defaults) == (1 if layout is None else 0)

@@ -28,6 +28,7 @@ import orjson
 import pytest
 
 from agent.config import Config, MqttConfig, parse_config
+from agent.layouts.decode import decode
 from agent.publish import Message, PublishResult, cloud, packet_size
 from agent.publish.mqtt import MqttPublisher
 from agent.runtime import Agent
@@ -35,6 +36,7 @@ from agent.simulate import simulators
 from tests.support.agent_proc import seqs
 from tests.support.broker import MosquittoBroker, TlsListener, require_mosquitto
 from tests.support.certs import TestPki
+from tests.support.payloads import decoded
 from tests.support.proxy import FaultProxy
 from tests.support.subscriber import Received, Subscriber
 
@@ -144,14 +146,15 @@ async def test_aws_profile_delivers_through_the_stand_in(
     with Subscriber(broker.host, broker.port, "#", username=READER[0], password=READER[1]) as sub:
         agent, _ = await _run_agent(config, sub, 12)
     topics = [m.topic for m in sub.messages()]
-    data = [orjson.loads(m.payload) for m in sub.messages() if m.topic == "edge/gateway-1/press-1"]
+    data = decoded(m.payload for m in sub.messages() if m.topic == "edge/gateway-1/press-1")
     assert len(data) >= 10
-    assert all(d["device"] == "press-1" for d in data)
+    assert all(d.device == "press-1" for d in data)
     assert "edge-status/gateway-1" in topics  # the birth (retained on AWS)
     assert "edge-status/gateway-1/press-1" in topics
     assert agent.forwarder is not None
     assert agent.forwarder.merge_records  # paced publishes: records merged per device
-    assert agent.forwarder.max_message_bytes == 128_000  # the profile's default limit
+    assert agent.forwarder.platform_message_bytes == 128_000  # the profile's default limit
+    assert agent.forwarder.max_message_bytes is None  # none configured
     stats = agent.forwarder.stats
     assert stats.dead_lettered_records == 0
     assert stats.refusals == 0
@@ -302,14 +305,14 @@ async def test_azure_profile_delivers_with_a_sas_token(
         "$.ce": "utf-8",
         "agent": "gw1",
         "device": "press-1",
-        "layout": "device",
+        "layout": "lean",  # the default layout
         "msg-type": "data",
     }
-    assert orjson.loads(data[0].payload)["device"] == "press-1"
+    assert decode(data[0].payload).device == "press-1"
     assert agent.forwarder is not None
     assert agent.forwarder.stats.dead_lettered_records == 0
     assert not agent.forwarder.merge_records
-    assert agent.forwarder.max_message_bytes == 256_000
+    assert agent.forwarder.platform_message_bytes == 256_000
     log = broker.log_text()
     # MQTT 3.1.1 (mosquitto logs it as p2), the hub's user name, never a retained message (the
     # broker would have disconnected us) and no will.
@@ -333,7 +336,8 @@ async def test_azure_record_above_the_hub_limit_is_split_to_fit(
     monkeypatch.setattr(cloud, "clock", lambda: now)
     token = cloud.sas_token(f"{HUB}/devices/gw1", KEY, int(now) + 3600)
     broker = _azure_broker(pki, brokers, token)
-    mqtt = _azure_mqtt(pki, broker)
+    # Layout device (every sample in full, ≈ 300 KB a poll): lean would fit one message.
+    mqtt = {**_azure_mqtt(pki, broker), "layout": "device"}
     tags = "\n".join(
         f"      - {{name: register_{i:04d}, address: {i}, type: uint16}}" for i in range(2000)
     )

@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.agent_proc import AgentProcess, assert_continuous, seqs, wait_until
 from tests.support.broker import MosquittoBroker
+from tests.support.payloads import decoded
 from tests.support.subscriber import Received, Subscriber
 
 pytestmark = pytest.mark.integration
@@ -78,12 +79,9 @@ def unique_samples(messages: list[Received]) -> list[dict[str, Any]]:
     """Samples deduplicated on (epoch, seq) — a QoS 1 re-send is the same sample."""
     seen: set[tuple[str, int]] = set()
     out: list[dict[str, Any]] = []
-    for m in messages:
-        body = orjson.loads(m.payload)
-        if not isinstance(body, dict) or "samples" not in body:
-            continue
-        for s in body["samples"]:
-            key = (body["epoch"], s["seq"])
+    for d in decoded(m.payload for m in messages):
+        for s in d.samples:
+            key = (str(d.epoch), s["seq"])
             if key not in seen:
                 seen.add(key)
                 out.append(s)

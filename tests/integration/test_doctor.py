@@ -339,6 +339,15 @@ def test_probe_topics_are_the_agent_topics() -> None:
         "edge-status/gw-doc/press-1",
     ]
     assert all(m.qos == 1 and not m.retain for m in probe_messages(config))
+    compact = config.model_copy(
+        update={"mqtt": config.mqtt.model_copy(update={"layout": "compact"})}
+    )
+    assert [m.topic for m in probe_messages(compact)] == [
+        "edge/gw-doc/press-1",
+        "edge-meta/gw-doc/press-1/doctor-probe",  # the retained metadata's topics
+        "edge-status/gw-doc",
+        "edge-status/gw-doc/press-1",
+    ]
 
 
 # ------------------------------------------------------------------ OPC UA through the driver

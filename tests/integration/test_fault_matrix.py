@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from agent.buffer.sqlite import SqliteBuffer
@@ -40,6 +39,7 @@ from agent.simulate import simulators
 from drivers import registry
 from drivers.fake import FakeBench
 from tests.support.faults import Fault, FaultPlan, Faulty, Garbage, Hang, Raise
+from tests.support.payloads import decoded, samples
 
 pytestmark = pytest.mark.integration
 
@@ -226,10 +226,10 @@ def published(pub: FakePublisher) -> tuple[dict[int, str], set[int]]:
     for m in pub.published:
         if not m.topic.startswith("edge/"):
             continue
-        body = orjson.loads(m.payload)
-        for s in body.get("samples", ()):
+        [d] = decoded([m])
+        for s in d.samples:
             seqs[int(s["seq"])] = str(s["device"])
-        for g in body.get("gaps") or ():
+        for g in d.gaps:
             if g["reason"] == "dead_letter":
                 dead.update(range(int(g["first_seq"]), int(g["last_seq"]) + 1))
     return seqs, dead
@@ -322,7 +322,7 @@ def published_after(pub: FakePublisher, mark: int) -> set[str]:
     devices: set[str] = set()
     for m in pub.published[mark:]:
         if m.topic.startswith("edge/"):
-            devices.update(str(s["device"]) for s in orjson.loads(m.payload).get("samples", ()))
+            devices.update(str(s["device"]) for s in samples([m]))
     return devices
 
 

@@ -27,11 +27,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
 import pytest
 
 from tests.support.agent_proc import ROOT, AgentProcess, assert_continuous, counter_device
 from tests.support.broker import MosquittoBroker, free_port, require_mosquitto
+from tests.support.payloads import samples
 
 # Building two packages (pip download, wheels) runs inside the first test's time.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -194,8 +194,7 @@ class MosquittoSub:
             except queue.Empty:
                 continue
             if line.startswith("{"):
-                body = orjson.loads(line)
-                self.seqs += [int(x["seq"]) for x in body.get("samples", [])]
+                self.seqs += [int(x["seq"]) for x in samples([line.encode()])]
             if done(line):
                 return
         raise AssertionError(f"mosquitto_sub: timed out; seqs so far {sorted(set(self.seqs))}")

@@ -14,8 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import orjson
-
+from agent.layouts.decode import DecodeError, Decoder, MetaMissing
 from tests.support.subscriber import Received
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,12 +110,18 @@ class AgentProcess:
 
 
 def samples_of(messages: list[Received]) -> list[dict[str, object]]:
-    """Every sample in the received batch messages, in arrival order."""
+    """Every sample in the received data messages of any JSON layout (reference
+    decoder), in arrival order; status messages and the like are left out."""
     out: list[dict[str, object]] = []
+    decoder = Decoder()
     for m in messages:
-        body = orjson.loads(m.payload)
-        if isinstance(body, dict) and "samples" in body:
-            out.extend(body["samples"])
+        try:
+            d = decoder.decode(m.payload)
+        except MetaMissing:
+            raise
+        except DecodeError:
+            continue  # not a data message of the agent (status, a test's own)
+        out.extend(d.samples)
     return out
 
 

@@ -10,7 +10,6 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from structlog.testing import capture_logs
 
@@ -20,6 +19,7 @@ from agent.config import AgentSection, BufferConfig, MqttConfig
 from agent.forwarder import Forwarder
 from agent.payload import PayloadEncoder
 from agent.publish.fake import FakePublisher
+from tests.support.payloads import decoded
 from tests.support.samples import make_samples, names
 
 RECORDS = 300
@@ -254,10 +254,9 @@ async def test_forwarder_delivers_through_the_damage_and_announces_the_loss(
         delivered: set[int] = set()
         announced: set[int] = set()
         reasons: set[str] = set()
-        for m in pub.published:
-            body = orjson.loads(m.payload)
-            delivered |= {int(s["seq"]) for s in body["samples"]}
-            for g in body.get("gaps", ()):
+        for d in decoded(pub.published):
+            delivered |= {int(s["seq"]) for s in d.samples}
+            for g in d.gaps:
                 announced |= set(range(g["first_seq"], g["last_seq"] + 1))
                 reasons.add(g["reason"])
         assert reasons == {"corrupt"}

@@ -169,9 +169,17 @@ def test_azure_accepts_sas_and_fills_in_what_the_hub_fixes() -> None:
     assert m.resolved_client_id("gw1") == "gw1"
     base = "devices/gw1/messages/events/$.ct=application%2Fjson&$.ce=utf-8"
     assert m.topic.format(agent="gw1", device="press-1") == (
-        f"{base}&agent=gw1&device=press-1&layout=device&msg-type=data"
+        f"{base}&agent=gw1&device=press-1&layout=lean&msg-type=data"  # the default layout
     )
     assert m.status_topic.format(agent="gw1") == f"{base}&agent=gw1&msg-type=status"
+    # Layout compact: its metadata goes to the events topic too, named in the properties.
+    compact = ok(azure(AZURE_OK + "  layout: compact\n")).mqtt
+    assert compact.topic_meta.format(agent="gw1", device="press-1", meta="ab12") == (
+        f"{base}&agent=gw1&device=press-1&meta=ab12&layout=compact&msg-type=meta"
+    )
+    assert compact.topic.format(agent="gw1", device="press-1") == (
+        f"{base}&agent=gw1&device=press-1&layout=compact&msg-type=data"
+    )
 
 
 def test_azure_accepts_x509_without_key() -> None:
@@ -214,7 +222,7 @@ def test_azure_refusals_each_at_its_key() -> None:
         "set it to '3.1.1'",
         "c.yaml:6 mqtt.layout: azure-iot-hub has fixed topics "
         "(devices/{device_id}/messages/events/): layout sparkplug cannot be used there; use "
-        "device or tag",
+        "lean, compact, device or tag",
         "c.yaml:8 mqtt.topic: azure-iot-hub publishes to devices/gw1/messages/events/ with "
         "the names in the message properties: remove topic",
         "c.yaml:9 mqtt.client_id: azure-iot-hub: the client id is azure.device_id; remove "

@@ -40,15 +40,17 @@ def wire(seq: int, tag: str, value: Any, **extra: Any) -> WireSample:
 
 def record(*samples: WireSample) -> Record:
     enc = encode_batch(samples, 0)
-    return Record(1, "imm-1", enc.first_seq, enc.last_seq, enc.count, 0.0, enc.data, "ep1")
+    return Record(1, "imm-1", enc.first_seq, enc.last_seq, enc.count, 0.0, enc.full, "ep1")
 
 
-@pytest.mark.parametrize("layout", ["device", "tag"])
+@pytest.mark.parametrize("layout", ["device", "tag", "lean", "compact"])
 def test_the_agents_messages_decode_to_their_samples(layout: str) -> None:
     mqtt = MqttConfig(layout=layout)  # type: ignore[arg-type]
     encoder = PayloadEncoder(AgentSection(id="gw"), mqtt, epoch="ep0")
     rec = record(wire(1, "pressure", 1450.5), wire(2, "shot", 7, cycle=7))
-    messages = encoder.encode(rec, historical=True, gaps=[Gap(10, 12, 3, "drop_oldest")])
+    messages = encoder.preamble(rec) + encoder.encode(
+        rec, historical=True, gaps=[Gap(10, 12, 3, "drop_oldest")]
+    )
     samples = [s for m in messages for s in decode(m.topic, m.payload)]
     assert [(s["tag"], s["value"], s["seq"]) for s in samples] == [
         ("pressure", 1450.5, 1),
@@ -104,6 +106,13 @@ def test_malformed_messages_say_what_is_wrong(payload: bytes, message: str) -> N
     with pytest.raises(MalformedMessage) as err:
         decode("edge/gw/d", payload)
     assert message in str(err.value)
+
+
+def test_compact_data_before_its_metadata_says_what_to_subscribe_to() -> None:
+    encoder = PayloadEncoder(AgentSection(id="gw2"), MqttConfig(layout="compact"), epoch="e")
+    [_meta, data] = encoder.encode(record(wire(1, "pressure", 1450.5)))
+    with pytest.raises(MalformedMessage, match=r"subscribe to the metadata topic"):
+        decode("edge/gw2/imm-1", data.payload)
 
 
 @pytest.mark.parametrize(

@@ -50,8 +50,23 @@ def encoder(**mqtt: Any) -> PayloadEncoder:
     return PayloadEncoder(AgentSection(id="gw", site="s1"), MqttConfig.model_validate(mqtt))
 
 
+def test_lean_and_compact_carry_the_members_in_extra_and_decode_them_exactly() -> None:
+    from agent.buffer.common import record_samples
+    from tests.support.payloads import samples
+
+    rec = record()
+    for layout in ("lean", "compact"):
+        enc = encoder(layout=layout)
+        messages = enc.preamble(rec) + enc.encode(rec)
+        schema = "lean" if layout == "lean" else "compact"
+        body = orjson.loads(messages[-1].payload)
+        jsonschema.validate(body, json.loads((SCHEMAS / f"{schema}.schema.json").read_text()))
+        assert samples(messages) == record_samples(rec.data)
+        assert {"i" if layout == "lean" else "n": 3, "repeat": True} in body["extra"]
+
+
 def test_the_device_layout_carries_the_members_and_validates() -> None:
-    (message,) = encoder().encode(record())
+    (message,) = encoder(layout="device").encode(record())
     body = orjson.loads(message.payload)
     BatchPayload.model_validate_json(message.payload)
     jsonschema.validate(body, json.loads((SCHEMAS / "batch.schema.json").read_text()))

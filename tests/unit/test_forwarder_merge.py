@@ -12,6 +12,7 @@ from agent.forwarder import Forwarder
 from agent.payload import PayloadEncoder
 from agent.publish import packet_size
 from agent.publish.fake import FakePublisher
+from tests.support.payloads import decoded
 from tests.support.samples import make_samples, wire_sample
 
 
@@ -26,10 +27,9 @@ async def _setup(**kwargs: object) -> tuple[MemoryBuffer, FakePublisher, Forward
 
 def _seqs(pub: FakePublisher, device: str) -> list[int]:
     out: list[int] = []
-    for m in pub.published:
-        body = orjson.loads(m.payload)
-        if body["device"] == device:
-            out += [int(s["seq"]) for s in body["samples"]]
+    for d in decoded(pub.published):
+        if d.device == device:
+            out += [int(s["seq"]) for s in d.samples]
     return out
 
 

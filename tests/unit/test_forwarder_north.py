@@ -11,7 +11,8 @@ from agent.config import AgentSection, BufferConfig, MqttConfig
 from agent.forwarder import Forwarder
 from agent.payload import PayloadEncoder
 from agent.publish.fake import FakePublisher
-from agent.schema import BatchPayload, SamplePayload
+from agent.schema import SamplePayload
+from tests.support.payloads import batches
 from tests.support.samples import wire_sample
 
 
@@ -39,7 +40,7 @@ async def test_backlog_is_historical_and_live_is_not() -> None:
     await fwd.forward_once()
     await buf.append("d", [wire_sample("d", 2)])  # appended while connected: live
     await fwd.forward_once()
-    bodies = [BatchPayload.model_validate_json(m.payload) for m in pub.published]
+    bodies = batches(pub.published)
     assert [(b.samples[0].seq, b.historical) for b in bodies] == [(1, True), (2, False)]
     assert b'"historical"' not in pub.published[1].payload  # absent when live
 
@@ -51,7 +52,7 @@ async def test_retry_after_failed_attempt_is_historical() -> None:
     pub.fail_next(1, "disconnected before ack")
     await fwd.forward_once()
     await fwd.forward_once()
-    [body] = [BatchPayload.model_validate_json(m.payload) for m in pub.published]
+    [body] = batches(pub.published)
     assert body.historical
     assert fwd.stats.refusals == 0  # a lost ack is not a refusal
 
@@ -67,7 +68,7 @@ async def test_gap_notice_rides_on_next_message_until_acked() -> None:
     await fwd.forward_once()  # refused: the notice stays
     assert await buf.take_gaps()
     await fwd.forward_once()
-    body = BatchPayload.model_validate_json(pub.published[0].payload)
+    body = batches(pub.published[:1])[0]
     assert body.gaps is not None
     assert [(g.first_seq, g.last_seq, g.count, g.reason) for g in body.gaps] == [
         (1, 1, 1, "drop_oldest")
@@ -75,7 +76,7 @@ async def test_gap_notice_rides_on_next_message_until_acked() -> None:
     assert await buf.take_gaps() == []
     await buf.append("d", [wire_sample("d", 3)])
     await fwd.forward_once()
-    assert BatchPayload.model_validate_json(pub.published[1].payload).gaps is None
+    assert batches(pub.published[1:2])[0].gaps is None
 
 
 async def test_transiently_refused_record_is_dead_lettered_after_max_refusals() -> None:

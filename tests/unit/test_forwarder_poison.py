@@ -5,6 +5,7 @@ dead-letter store's byte bound."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,13 @@ from agent.buffer import Record
 from agent.buffer.common import record_samples
 from agent.buffer.memory import MemoryBuffer
 from agent.config import AgentSection, BufferConfig, MqttConfig
-from agent.forwarder import Forwarder, _halves
+from agent.forwarder import Forwarder, _pieces
 from agent.payload import PayloadEncoder
 from agent.publish import Message, packet_size
 from agent.publish.deadletter import DeadLetters
 from agent.publish.fake import FakePublisher
 from agent.schema import BatchPayload
+from tests.support.payloads import batches
 from tests.support.samples import pad_text, wire_sample
 
 
@@ -52,7 +54,7 @@ async def _setup(
 
 
 def _bodies(pub: FakePublisher) -> list[BatchPayload]:
-    return [BatchPayload.model_validate_json(m.payload) for m in pub.published]
+    return batches(pub.published)
 
 
 async def _append(buf: MemoryBuffer, device: str, first_seq: int, n: int = 1) -> None:
@@ -245,20 +247,24 @@ async def test_broker_refusing_as_too_large_makes_the_next_attempt_split() -> No
     assert buf.stats().records == 0
 
 
-@pytest.mark.parametrize("count", [2, 3, 7, 64, 101])
-def test_halves_cover_the_record_exactly(count: int) -> None:
+@pytest.mark.parametrize(("count", "n"), [(2, 2), (3, 2), (7, 3), (64, 5), (101, 4), (3, 9)])
+def test_pieces_cover_the_record_exactly(count: int, n: int) -> None:
     samples = [wire_sample("d", s) for s in range(10, 10 + count)]
     data = orjson.dumps([dict(s) for s in samples])
     record = Record(1, "d", 10, 9 + count, count, 0.0, data)
-    left, right = _halves(record)
-    assert (left.first_seq, left.last_seq + 1, right.first_seq, right.last_seq) == (
-        10,
-        right.first_seq,
-        10 + count // 2,
-        9 + count,
-    )
-    assert left.count + right.count == count
-    assert record_samples(left.data) + record_samples(right.data) == orjson.loads(data)
+    pieces = _pieces(record, n)
+    assert len(pieces) == min(n, count)
+    assert pieces[0].first_seq == 10
+    assert pieces[-1].last_seq == 9 + count
+    for a, b in itertools.pairwise(pieces):
+        assert b.first_seq == a.last_seq + 1
+    assert max(p.count for p in pieces) - min(p.count for p in pieces) <= 1
+    assert sum(p.count for p in pieces) == count
+    assert [s for p in pieces for s in record_samples(p.data)] == orjson.loads(data)
+    for p in pieces:
+        assert [s["seq"] for s in record_samples(p.data)] == list(
+            range(p.first_seq, p.last_seq + 1)
+        )
 
 
 async def test_replay_publishes_dead_letters_with_their_seqs(tmp_path: Path) -> None:
@@ -532,7 +538,7 @@ async def test_a_probe_refused_again_lets_no_later_record_of_its_device_through(
     fwd.stats.backing_off["busy"].retry_at = 0
     await fwd.forward_once()  # the probe (seq 1) is refused again
     refused = [a.message for a in pub.attempts if not a.result.ok]
-    assert [orjson.loads(m.payload)["samples"][0]["seq"] for m in refused] == [1, 1]
+    assert [b.samples[0].seq for b in batches(refused)] == [1, 1]
     assert pub.published == []
     assert fwd.stats.backing_off["busy"].refusals == 2
 

@@ -76,7 +76,7 @@ def _record(samples: list[dict[str, object]]) -> Record:
 
 def test_device_layout_payload_validates_against_schema() -> None:
     agent = AgentSection(id="gw-1", site="s1", area="a1", line="l1")
-    mqtt = MqttConfig(topic="{site}/{area}/{line}/{device}")
+    mqtt = MqttConfig(layout="device", topic="{site}/{area}/{line}/{device}")
     samples = Normalizer("oven", tags()).samples(
         [RawReading("temp", 215), RawReading("count", 3)], TS, SeqCounter(0)
     )

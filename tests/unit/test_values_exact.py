@@ -16,6 +16,7 @@ from agent.normalize import Columns, Normalizer, SeqCounter
 from agent.payload import PayloadEncoder, PayloadError
 from agent.schema import BatchPayload, SamplePayload, WireSample
 from drivers.base import RawReading, TagCommon
+from tests.support.payloads import batches
 
 TS = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 
@@ -163,7 +164,7 @@ def test_every_json_payload_carries_the_epoch_and_value_text() -> None:
     samples = [one(math.nan), one(2.5)]
     samples[1]["seq"] = 2
     record = _record(samples)
-    [device] = PayloadEncoder(agent, MqttConfig(), epoch="e-1").encode(record)
+    [device] = PayloadEncoder(agent, MqttConfig(layout="device"), epoch="e-1").encode(record)
     body = BatchPayload.model_validate_json(device.payload)
     assert body.epoch == "e-1"
     assert body.samples[0].value_text == "NaN"
@@ -172,6 +173,13 @@ def test_every_json_payload_carries_the_epoch_and_value_text() -> None:
     assert device.payload.count(b'"value_text"') == 1  # only where set
     for m in PayloadEncoder(agent, MqttConfig(layout="tag"), epoch="e-1").encode(record):
         assert SamplePayload.model_validate_json(m.payload).epoch == "e-1"
+    for layout in ("lean", "compact"):
+        enc = PayloadEncoder(agent, MqttConfig(layout=layout), epoch="e-1")
+        [lean] = batches(enc.preamble(record) + enc.encode(record))
+        assert lean.epoch == "e-1"
+        assert (lean.samples[0].value, lean.samples[0].value_text) == (None, "NaN")
+        assert lean.samples[0].quality == "bad"
+        assert (lean.samples[1].value, lean.samples[1].value_text) == (2.5, None)
 
 
 def test_an_encoder_without_an_epoch_makes_its_own() -> None:
