@@ -389,9 +389,13 @@ def run(s: Scenario, opt: Options) -> dict[str, Any]:
         )
         write_config(cfg, devices, tmp / "buffer.db", broker.port)
         meter = Meter(broker.host, broker.port, "bench/#", session=outage_s > 0).start()
-        experiments = [*(["--uvloop"] if opt.uvloop else []), *opt.agent_args]
+        experiments = opt.agent_args
         launcher = ["-m", "bench.agent_main", *experiments] if experiments else ["-m", "agent.cli"]
-        agent = Child("agent", [sys.executable, *launcher, "run", str(cfg)], tmp / "agent.log")
+        # Explicit either way: `run` takes uvloop by itself when it is installed.
+        loop = ["--event-loop", "uvloop" if opt.uvloop else "asyncio"]
+        agent = Child(
+            "agent", [sys.executable, *launcher, "run", str(cfg), *loop], tmp / "agent.log"
+        )
         agent.start()
         children.append(agent)
         if not meter.wait_values(1, 90):
