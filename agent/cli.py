@@ -402,9 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--event-loop",
         choices=["auto", "asyncio", "uvloop"],
-        default="auto",
-        help="auto (default): uvloop when installed (pip install 'edge-agent[uvloop]'), "
-        "else asyncio's; asyncio; uvloop (refused when not installed)",
+        default="asyncio",
+        help="asyncio (default); uvloop (pip install 'edge-agent[uvloop]'; refused when not "
+        "installed); auto: uvloop when installed, else asyncio",
     )
     p.set_defaults(func=cmd_run)
 

@@ -1,14 +1,15 @@
-"""Which event loop `edge-agent run` uses: asyncio's own, or uvloop when installed.
+"""Which event loop `edge-agent run` uses: asyncio's own (the default), or uvloop.
 
 uvloop is an optional dependency (`pip install 'edge-agent[uvloop]'`): at 100,000 values/s
-(bench/README.md, "CPU per million values (issue 11.5)") the agent spends a large share
-of its CPU in the event loop itself — one socket write and one wake-up per Modbus
-request, 1,300 requests/s — and uvloop's loop does that work in C. Nothing in the agent
-depends on which loop runs it.
+the agent spends a large share of its CPU in the event loop itself (one socket write and
+one wake-up per Modbus request, 1,300 requests/s), which uvloop does in C. It is not the
+default because the bench has not shown a gain beyond the shared machine's noise, and
+it adds ≈ 5 MB of RSS (bench/README.md, "CPU per million values (issue 11.5)"). Nothing
+in the agent depends on which loop runs it.
 
-`--event-loop auto` (the default) takes uvloop when it can be imported, else asyncio's;
-`asyncio` never imports uvloop; `uvloop` refuses to start without it (exit 2, nothing
-started).
+`--event-loop asyncio` (the default) never imports uvloop; `uvloop` refuses to start
+without it (exit 2, nothing started); `auto` takes uvloop when it can be imported, else
+asyncio's.
 """
 
 from __future__ import annotations

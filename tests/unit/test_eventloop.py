@@ -77,3 +77,8 @@ def test_run_refuses_a_missing_uvloop_before_starting_anything(
     assert cli.main(["run", str(config), "--event-loop", "uvloop"]) == cli.EXIT_CONFIG
     assert not started
     assert "uvloop is not installed" in capsys.readouterr().err
+
+
+def test_run_defaults_to_asyncio() -> None:
+    args = cli.build_parser().parse_args(["run", "x.yaml"])
+    assert args.event_loop == "asyncio"
