@@ -74,7 +74,9 @@ def test_run_refuses_a_missing_uvloop_before_starting_anything(
 
     monkeypatch.setattr(cli, "_run_async", run_async)
     config = Path(__file__).parents[2] / "configs" / "demo-plant.yaml"
-    assert cli.main(["run", str(config), "--event-loop", "uvloop"]) == cli.EXIT_CONFIG
+    # Not cli.main: it sets up logging on this test's captured stderr for later tests.
+    args = cli.build_parser().parse_args(["run", str(config), "--event-loop", "uvloop"])
+    assert cli.cmd_run(args) == cli.EXIT_CONFIG
     assert not started
     assert "uvloop is not installed" in capsys.readouterr().err
 
