@@ -51,11 +51,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.runtime.eventloop import EventLoopUnavailable, loop_factory
+
     config = _load(args.config, simulate=args.simulate)
     if config is None:
         return EXIT_CONFIG
+    try:
+        factory, loop_name = loop_factory(args.event_loop)
+    except EventLoopUnavailable as exc:
+        print(f"edge-agent run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging(config.logging.level, config.logging.format)
-    return _run_async(_run(config, args.config, simulate=args.simulate, grace_s=args.grace_s))
+    log.info("agent.event_loop", loop=loop_name, choice=args.event_loop)
+    return _run_async(
+        _run(config, args.config, simulate=args.simulate, grace_s=args.grace_s),
+        loop_factory=factory,
+    )
 
 
 async def _run(config: Config, path: str, *, simulate: bool, grace_s: float) -> None:
@@ -135,10 +146,13 @@ async def _simulate(config: Config) -> None:
         await wait_for_signal()
 
 
-def _run_async(coro: Any) -> int:
+def _run_async(
+    coro: Any, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+) -> int:
     code = EXIT_OK
     try:
-        asyncio.run(coro)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(coro)
     except (KeyboardInterrupt, asyncio.CancelledError):
         code = EXIT_OK
     except Exception as exc:  # the last line of defence: one clear line, exit 1
@@ -406,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="on stop, seconds to keep publishing what is buffered (default 10)",
+    )
+    p.add_argument(
+        "--event-loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="asyncio",
+        help="asyncio (default); uvloop (pip install 'edge-agent[uvloop]'; refused when not "
+        "installed); auto: uvloop when installed, else asyncio",
     )
     p.set_defaults(func=cmd_run)
 

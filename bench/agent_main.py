@@ -1,10 +1,10 @@
 """The agent's own CLI with bench-only experiments:
 
-    python -m bench.agent_main [--uvloop] [--forwarder-max-records N] run CONFIG
+    python -m bench.agent_main [--forwarder-max-records N] run CONFIG
 
-The agent has no switch for these, so this launcher installs uvloop's event loop policy
-before `agent.cli.main` calls `asyncio.run`, or builds the forwarder with another
-`max_records`, to measure the difference.
+The agent has no switch for this, so this launcher builds the forwarder with another
+`max_records`, to measure the difference. (The event loop has its own switch now:
+`edge-agent run --event-loop asyncio|uvloop`.)
 """
 
 from __future__ import annotations
@@ -16,12 +16,7 @@ from agent.cli import main
 
 def run(argv: list[str]) -> int:
     while argv and argv[0].startswith("--"):
-        if argv[0] == "--uvloop":
-            import uvloop
-
-            uvloop.install()
-            argv = argv[1:]
-        elif argv[0] == "--forwarder-max-records":
+        if argv[0] == "--forwarder-max-records":
             # Experiment only: how much of the agent's RSS is the forwarder's round.
             import functools
 

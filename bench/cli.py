@@ -95,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="experiment: the agent's forwarder takes at most N records per round",
     )
+    p.add_argument(
+        "--measure-s",
+        type=float,
+        metavar="S",
+        help="length of the measuring window (default: the scenario's, 60 s; quick: 8 s)",
+    )
     p.add_argument("--out", default="bench/out", help="profiles and results.jsonl")
     sub.add_parser("list", help="list the scenarios")
     args = parser.parse_args(argv)
@@ -118,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         uvloop=args.uvloop,
         agent_args=agent_args,
         out_dir=out,
+        measure_s=args.measure_s,
     )
     results = []
     print(f"# {machine()}", file=sys.stderr)

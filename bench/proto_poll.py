@@ -35,7 +35,7 @@ async def poll_device(driver: ModbusDriver, until: float, durations: list[float]
         if delay > 0:
             await asyncio.sleep(delay)
         t0 = loop.time()
-        values += len(await driver.read("default"))
+        values += len((await driver.read_columns("default"))[1])
         durations.append(loop.time() - t0)
         due += 0.1
         if due < loop.time():

@@ -145,6 +145,7 @@ class Options:
     uvloop: bool = False
     agent_args: list[str] = field(default_factory=list)
     out_dir: Path = field(default_factory=lambda: Path("bench/out"))
+    measure_s: float | None = None  # overrides the scenario's window
     log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
 
 
@@ -326,6 +327,8 @@ def _where(frame: str) -> str:
 
 def run(s: Scenario, opt: Options) -> dict[str, Any]:
     measure_s = s.quick_measure_s if opt.quick else s.measure_s
+    if opt.measure_s is not None:
+        measure_s = opt.measure_s
     warmup_s = min(s.warmup_s, 3.0) if opt.quick else s.warmup_s
     outage_s = s.quick_outage_s if opt.quick else s.outage_s
     opt.out_dir.mkdir(parents=True, exist_ok=True)
@@ -386,9 +389,13 @@ def run(s: Scenario, opt: Options) -> dict[str, Any]:
         )
         write_config(cfg, devices, tmp / "buffer.db", broker.port)
         meter = Meter(broker.host, broker.port, "bench/#", session=outage_s > 0).start()
-        experiments = [*(["--uvloop"] if opt.uvloop else []), *opt.agent_args]
+        experiments = opt.agent_args
         launcher = ["-m", "bench.agent_main", *experiments] if experiments else ["-m", "agent.cli"]
-        agent = Child("agent", [sys.executable, *launcher, "run", str(cfg)], tmp / "agent.log")
+        # Explicit either way: `run` takes uvloop by itself when it is installed.
+        loop = ["--event-loop", "uvloop" if opt.uvloop else "asyncio"]
+        agent = Child(
+            "agent", [sys.executable, *launcher, "run", str(cfg), *loop], tmp / "agent.log"
+        )
         agent.start()
         children.append(agent)
         if not meter.wait_values(1, 90):

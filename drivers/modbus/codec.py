@@ -28,8 +28,10 @@ any value needs it, into byte-swapped bytes (`le`). Every value is then a single
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Final
 
 from drivers.base import Scalar
@@ -223,6 +225,12 @@ class BlockDecoder:
     _needs_be: bool = field(init=False, repr=False)
     _needs_le: bool = field(init=False, repr=False)
     _min_len: int = field(init=False, repr=False)
+    # Blocks of numbers only (no strings or bits) with no two values sharing a register:
+    # one Struct (with pad bytes) per (buffer, endianness), and the order of the values.
+    _groups: list[tuple[bool, struct.Struct]] | None = field(init=False, repr=False)
+    _reorder: Callable[[tuple[Scalar, ...]], tuple[Scalar, ...]] | None = field(
+        init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         slots: list[tuple[int, int, bool, struct.Struct | None, int]] = []
@@ -252,6 +260,12 @@ class BlockDecoder:
         self._needs_be = needs_be
         self._needs_le = needs_le
         self._min_len = min_len
+        self._groups, self._reorder = _compile_groups(self.items, slots)
+
+    @property
+    def numbers_only(self) -> bool:
+        """True when `decode_bytes` never returns a DecodeFailure (numbers only)."""
+        return self._groups is not None
 
     def decode(self, words: Sequence[int] | Sequence[bool]) -> list[Scalar | DecodeFailure]:
         """Decode the block `words` (registers, or bits for bool values)."""
@@ -260,6 +274,33 @@ class BlockDecoder:
         regs: Sequence[int] = words
         be = _regs_to_bytes(regs, False) if self._needs_be else b""
         le = _regs_to_bytes(regs, True) if self._needs_le else b""
+        return self._decode(words, be, le)
+
+    def decode_bytes(self, be: bytes) -> Sequence[Scalar | DecodeFailure]:
+        """Decode a register block given as its bytes as they travel (big-endian
+        registers, e.g. a read answer's data): the same values as `decode` of those
+        registers, without a list of ints in between."""
+        if len(be) < 2 * self._min_len or len(be) % 2:
+            raise CodecError(f"block has {len(be) / 2:g} registers, the plan needs {self._min_len}")
+        le = b""
+        if self._needs_le:
+            swapped = array("H", be)
+            swapped.byteswap()
+            le = swapped.tobytes()
+        groups, reorder = self._groups, self._reorder
+        if groups is not None and reorder is not None:
+            values: tuple[Scalar, ...] = ()
+            for use_le, fmt in groups:
+                values += fmt.unpack_from(le if use_le else be)
+            return reorder(values)
+        words: Sequence[int] = ()
+        if any(kind == _K_BIT for kind, *_ in self._slots):
+            words = struct.unpack(f">{len(be) // 2}H", be)
+        return self._decode(words, be, le)
+
+    def _decode(
+        self, words: Sequence[int] | Sequence[bool], be: bytes, le: bytes
+    ) -> list[Scalar | DecodeFailure]:
         out: list[Scalar | DecodeFailure] = []
         append = out.append
         for kind, pos, swapped, fmt, extra in self._slots:
@@ -273,6 +314,48 @@ class BlockDecoder:
             else:
                 append(_decode_string((le if swapped else be)[pos : pos + extra]))
         return out
+
+
+def _compile_groups(
+    items: Sequence[tuple[int, ValueSpec]],
+    slots: Sequence[tuple[int, int, bool, struct.Struct | None, int]],
+) -> tuple[
+    list[tuple[bool, struct.Struct]] | None,
+    Callable[[tuple[Scalar, ...]], tuple[Scalar, ...]] | None,
+]:
+    """The fast form of a block of numbers: per (buffer, endianness) one Struct reading
+    its values in address order with pad bytes between them, and a getter that puts the
+    concatenated results back into item order. (None, None) when the block has strings,
+    bits or bools, or values that share a register (then every value is unpacked alone)."""
+    if not slots or any(kind != _K_STRUCT for kind, *_ in slots):
+        return None, None
+    spans = sorted((2 * offset, 2 * offset + 2 * spec.register_count) for offset, spec in items)
+    if any(spans[i][1] > spans[i + 1][0] for i in range(len(spans) - 1)):
+        return None, None
+    keyed: dict[tuple[bool, str], list[tuple[int, int, str]]] = {}
+    for number, (_k, pos, swapped, fmt, _x) in enumerate(slots):
+        assert fmt is not None
+        keyed.setdefault((swapped, fmt.format[0]), []).append((pos, number, fmt.format[1:]))
+    groups: list[tuple[bool, struct.Struct]] = []
+    order: list[int] = []
+    for (swapped, endian), members in keyed.items():
+        members.sort()
+        text, at = endian, 0
+        for pos, number, char in members:
+            if pos > at:
+                text += f"{pos - at}x"
+            text += char
+            at = pos + struct.calcsize(endian + char)
+            order.append(number)
+        groups.append((swapped, struct.Struct(text)))
+    # order[j] = the item the j-th unpacked value belongs to; invert it.
+    where = [0] * len(order)
+    for j, number in enumerate(order):
+        where[number] = j
+    if len(where) == 1:
+        only = where[0]
+        return groups, lambda values: (values[only],)
+    return groups, itemgetter(*where)
 
 
 def decode_block(

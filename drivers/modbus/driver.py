@@ -1,7 +1,8 @@
 """Modbus driver: block reads planned once, decoded with our codec; writes of one tag
 (functions 5/6/15/16/22, planned in `drivers.modbus.write`, encoded with the same codec).
 
-A device with `host` has its own Modbus/TCP connection (pymodbus' client, below). A
+A device with `host` has its own Modbus/TCP connection (`drivers.modbus.tcp`: MBAP
+framing on an asyncio Protocol, every frame checked by `check_frame`). A
 device with `link` is one unit on a shared `drivers.links.Link` (a serial line, a
 serial device server carrying RTU over TCP, or a Modbus/TCP gateway): its requests are
 framed here (RTU: `drivers.modbus.rtu`; TCP gateway: MBAP, checked by `check_frame`)
@@ -11,18 +12,15 @@ block, with the reason, after the link resynchronised and retried `retries` time
 unit that does not answer raises DriverUnavailable("timeout") and is suspended by the
 link, so it costs the other units on the line at most its timeout.
 
-pymodbus is imported here and in `simulator.py` only; its exceptions never leave this
-module. Ownership of reconnection: the agent's poller. pymodbus 3.16 starts its own
-reconnect task on a lost connection only when `reconnect_delay` is truthy
-(`ModbusProtocol.connection_lost`), so the client is built with `reconnect_delay=0`,
-which disables it (checked in pymodbus/transport/transport.py, no busy loop: the task is
-never created). pymodbus' `execute()` also silently reconnects when called without a
-transport, so `read()` checks the connection first and raises DriverUnavailable instead.
+No protocol library is used for reading: pymodbus' client spent most of the agent's
+Modbus CPU (bench/README.md, "CPU per million values"), and its TCP client never
+reconnected on its own here anyway (`reconnect_delay=0`). Ownership of reconnection:
+the agent's poller; a connection is never reopened behind its back.
 
 Fault behaviour (the table is in README.md):
 
-- Every received frame is checked against the request it answers before pymodbus
-  decodes it (`check_frame`, hooked in as pymodbus' `trace_packet`). pymodbus skips a
+- Every received frame is checked against the request it answers before it is
+  decoded (`check_frame`, in `MbapConnection.data_received`). pymodbus skipped a
   frame with a wrong transaction or unit id and waits for its timeout, and decodes a
   frame with the wrong function code or a byte count that does not match the request
   into a response object: neither may become a value. A frame that does not fit fails
@@ -43,11 +41,9 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
 from drivers.base import DriverError, DriverUnavailable, RawReading, Scalar, Value, WriteRefused
 from drivers.links import Link, LinkError
@@ -63,6 +59,7 @@ from drivers.modbus.plan import (
     plan_device,
     sub_request,
 )
+from drivers.modbus.tcp import MbapConnection, MbapError
 from drivers.modbus.write import WRITE_FUNCTIONS, WriteOp, echo_size, merge_bit, plan_write
 
 __all__ = [
@@ -165,47 +162,6 @@ def check_frame(data: bytes, request: bytes) -> str:
     return FRAME_OK
 
 
-class _FrameGuard:
-    """pymodbus' `trace_packet` hook: remembers the last request sent and checks what
-    comes back before pymodbus decodes it (see `check_frame`)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.error: asyncio.Future[str] = loop.create_future()
-        self.request = b""
-        self.answered = True
-        self.partial = False
-
-    def __call__(self, sending: bool, data: bytes) -> bytes:
-        if sending:
-            self.request = bytes(data)
-            self.answered = False
-            return data
-        if self.error.done():
-            return b""
-        if self.answered:
-            # A duplicate answer to a request pymodbus retried is harmless: pymodbus
-            # ignores a PDU without a pending request. Anything else is not.
-            verdict = check_frame(data, self.request) if self.request else "unexpected"
-            if verdict in (FRAME_OK, FRAME_INCOMPLETE):
-                return data
-            self._fail("protocol error: unexpected data")
-            return b""
-        verdict = check_frame(data, self.request)
-        if verdict == FRAME_OK:
-            self.answered = True
-            self.partial = False
-            return data
-        if verdict == FRAME_INCOMPLETE:
-            self.partial = True
-            return data
-        self._fail(verdict)
-        return b""  # never let pymodbus decode it
-
-    def _fail(self, reason: str) -> None:
-        if not self.error.done():
-            self.error.set_result(reason)
-
-
 @dataclass(slots=True)
 class _Isolation:
     """A static request that the device refused whole, split into what works."""
@@ -273,9 +229,8 @@ class ModbusDriver:
         self.isolation_retry_s = (
             device.isolation_retry_s if isolation_retry_s is None else isolation_retry_s
         )
-        self._client: AsyncModbusTcpClient | None = None
-        self._lost: asyncio.Future[None] | None = None
-        self._guard: _FrameGuard | None = None
+        self._conn: MbapConnection | None = None
+        self._tid = 0
         # Kept across reconnects: a refused address stays refused until the retry.
         self._isolated: dict[tuple[str, int], _Isolation] = {}
         # id(request) → (request, tag index per slot); the request keeps its id unique.
@@ -324,43 +279,16 @@ class ModbusDriver:
                 raise DriverUnavailable(exc.reason, f"{self.endpoint}: {exc.detail}") from None
             self._acquired = True
             return
-        loop = asyncio.get_running_loop()
-        lost: asyncio.Future[None] = loop.create_future()
-        guard = _FrameGuard(loop)
-
-        def on_connect(connected: bool) -> None:
-            if not connected and not lost.done():
-                lost.set_result(None)
-
-        client = AsyncModbusTcpClient(
-            self.host,
-            port=self.port,
-            name=f"modbus:{self.device.name}",
-            timeout=self.device.timeout_s,
-            retries=self.device.retries,
-            reconnect_delay=0,
-            reconnect_delay_max=0,
-            trace_connect=on_connect,
-            trace_packet=guard,
-        )
-        started = loop.time()
         try:
-            ok = await client.connect()
-        except (ModbusException, OSError) as exc:
-            client.close()
+            self._conn = await MbapConnection.open(
+                self.host, self.port, self.device.timeout_s, check_frame
+            )
+        except TimeoutError:
+            raise DriverUnavailable(
+                "timeout", f"{self.endpoint}: no answer within {self.device.timeout_s} s"
+            ) from None
+        except OSError as exc:
             raise DriverUnavailable("connection refused", f"{self.endpoint}: {exc}") from None
-        if not ok:
-            client.close()
-            # pymodbus swallows the cause (OSError vs timeout); the elapsed time tells them
-            # apart: a refusal is immediate, a timeout takes timeout_s.
-            if loop.time() - started >= self.device.timeout_s * 0.9:
-                raise DriverUnavailable(
-                    "timeout", f"{self.endpoint}: no answer within {self.device.timeout_s} s"
-                )
-            raise DriverUnavailable("connection refused", self.endpoint)
-        self._client = client
-        self._lost = lost
-        self._guard = guard
 
     async def read(self, group: str) -> list[RawReading]:
         """One poll of `group`: one RawReading per tag of the group, in config order.
@@ -402,13 +330,9 @@ class ModbusDriver:
             self._acquired = False
             with contextlib.suppress(Exception):
                 await self.link.release()
-        client, self._client = self._client, None
-        self._lost = None
-        self._guard = None
-        if client is not None:
-            # close() must never raise, whatever state pymodbus is in.
-            with contextlib.suppress(Exception):
-                client.close()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     # ------------------------------------------------------------------ isolation
 
@@ -530,69 +454,47 @@ class ModbusDriver:
     async def _execute(self, request: Request) -> Any:
         if self.link is not None:
             return await self._execute_on_link(self.link, request)
-        unit = self.device.unit_id
-        start, count = request.start, request.count
+        self._tid = tid = (self._tid + 1) & 0xFFFF
+        frame = mbap_read_request(
+            tid, self.device.unit_id, request.function_code, request.start, request.count
+        )
+        answer = await self._transact_tcp(frame, request.describe())
+        if answer[7] & 0x80:
+            return _Answer(request.function_code, [], exception_code=answer[8])
+        return _Answer(request.function_code, [], payload=answer[9:])
 
-        def call(client: AsyncModbusTcpClient) -> Any:
-            if request.table == "holding":
-                return client.read_holding_registers(start, count=count, device_id=unit)
-            if request.table == "input":
-                return client.read_input_registers(start, count=count, device_id=unit)
-            if request.table == "coil":
-                return client.read_coils(start, count=count, device_id=unit)
-            return client.read_discrete_inputs(start, count=count, device_id=unit)
-
-        return await self._run_tcp(call, request.describe())
-
-    async def _run_tcp(self, call: Callable[[AsyncModbusTcpClient], Any], what: str) -> Any:
-        """One request over the device's own connection: `call(client)` makes it, `what`
-        names it in errors. One request at a time (a poll and a write may run at once;
-        the frame guard checks each answer against the one request in flight)."""
+    async def _transact_tcp(self, frame: bytes, what: str) -> bytes:
+        """One request over the device's own connection (`what` names it in errors): the
+        checked answer frame. One request at a time (a poll and a write may run at once;
+        MbapConnection checks each answer against the one request in flight)."""
         async with self._io_lock:
-            return await self._run_tcp_locked(call, what)
+            conn = self._conn
+            if conn is None:
+                raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
+            try:
+                return await conn.transact(frame, self.device.timeout_s, self.device.retries)
+            except MbapError as exc:
+                raise self._unavailable(exc, what) from None
 
-    async def _run_tcp_locked(self, call: Callable[[AsyncModbusTcpClient], Any], what: str) -> Any:
-        client, lost, guard = self._client, self._lost, self._guard
-        if client is None or lost is None or guard is None or lost.done() or not client.connected:
-            raise DriverUnavailable("connection lost", f"{self.endpoint}: not connected")
-        if guard.error.done():
-            raise DriverUnavailable(guard.error.result(), f"{self.endpoint}: stray data")
-        guard.partial = False
-        task: asyncio.Future[Any] = asyncio.ensure_future(call(client))
-        try:
-            # pymodbus leaves a request pending until its timeout when the connection
-            # drops or a frame is malformed; racing the request against both reports
-            # them at once.
-            await asyncio.wait((task, lost, guard.error), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.wait((task,))
-        if guard.error.done():  # checked first: a malformed frame never becomes a value
-            raise DriverUnavailable(guard.error.result(), f"{self.endpoint}: answer to {what}")
-        if task.cancelled() or (lost.done() and not task.done()):
-            raise DriverUnavailable("connection lost", f"{self.endpoint}: connection closed")
-        exc = task.exception()
-        if exc is None:
-            return task.result()
-        if lost.done() or not client.connected:
-            raise DriverUnavailable("connection lost", f"{self.endpoint}: {exc}") from None
-        if isinstance(exc, ModbusIOException | asyncio.TimeoutError | TimeoutError):
-            if guard.partial:
-                raise DriverUnavailable(
-                    "protocol error: incomplete frame",
-                    f"{self.endpoint}: answer to {what} stopped short",
-                ) from None
-            raise DriverUnavailable(
+    def _unavailable(self, exc: MbapError, what: str) -> DriverUnavailable:
+        if exc.kind == "frame":
+            return DriverUnavailable(exc.reason, f"{self.endpoint}: answer to {what}")
+        if exc.kind == "stray":
+            return DriverUnavailable(exc.reason, f"{self.endpoint}: stray data")
+        if exc.kind == "incomplete":
+            return DriverUnavailable(
+                "protocol error: incomplete frame",
+                f"{self.endpoint}: answer to {what} stopped short",
+            )
+        if exc.kind == "timeout":
+            return DriverUnavailable(
                 "timeout",
                 f"{self.endpoint}: no answer to {what} within "
                 f"{self.device.timeout_s} s x {self.device.retries + 1}",
-            ) from None
-        if isinstance(exc, ConnectionException | OSError):
-            raise DriverUnavailable("connection lost", f"{self.endpoint}: {exc}") from None
-        if isinstance(exc, ModbusException):
-            raise DriverUnavailable("protocol error", f"{self.endpoint}: {exc}") from None
-        raise exc
+            )
+        return DriverUnavailable(
+            "connection lost", f"{self.endpoint}: {exc.reason or 'connection closed'}"
+        )
 
     # ------------------------------------------------------------------ writes
 
@@ -639,12 +541,9 @@ class ModbusDriver:
         the lost connection and the poller reconnects). A shared link resynchronises by
         itself (silence on a serial line, transaction ids on a gateway)."""
         self._log.warning("modbus.write.unknown_outcome", tag=tag, reason=exc.reason)
-        client, lost = self._client, self._lost
-        if lost is not None and not lost.done():
-            lost.set_result(None)
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
+        conn = self._conn
+        if conn is not None:
+            conn.close()
 
     async def _read_register(self, address: int) -> int:
         """One holding register (function 3), for a read-modify-write."""
@@ -654,11 +553,9 @@ class ModbusDriver:
             answer = await self._transact_on_link(self.link, 3, address, 1, None, what)
             code, words = answer
         else:
-            response = await self._run_tcp(
-                lambda c: c.read_holding_registers(address, count=1, device_id=unit), what
-            )
-            code = _code(response)
-            words = [] if code is not None else list(response.registers)
+            self._tid = tid = (self._tid + 1) & 0xFFFF
+            frame = mbap_read_request(tid, unit, 3, address, 1)
+            code, words = parse_mbap_answer(await self._transact_tcp(frame, what), frame)
         if code is not None:
             raise DriverError(exception_reason(code), f"{self.endpoint}: {what}", code)
         if len(words) != 1:
@@ -673,23 +570,9 @@ class ModbusDriver:
         if self.link is not None:
             code, _ = await self._transact_on_link(self.link, op.function_code, 0, 0, op, what)
         else:
-            address, words = op.address, op.words
-            fc = op.function_code
-
-            def call(client: AsyncModbusTcpClient) -> Any:
-                if fc == 5:
-                    return client.write_coil(address, bool(words[0]), device_id=unit)
-                if fc == 15:
-                    return client.write_coils(address, [bool(w) for w in words], device_id=unit)
-                if fc == 6:
-                    return client.write_register(address, words[0], device_id=unit)
-                if fc == 16:
-                    return client.write_registers(address, list(words), device_id=unit)
-                return client.mask_write_register(
-                    address=address, and_mask=words[0], or_mask=words[1], device_id=unit
-                )
-
-            code = _code(await self._run_tcp(call, what))
+            self._tid = tid = (self._tid + 1) & 0xFFFF
+            frame = mbap_request(tid, unit, op.pdu())
+            code, _ = parse_mbap_answer(await self._transact_tcp(frame, what), frame)
         if code is not None:
             self._log.warning("modbus.write.refused", op=what, reason=exception_reason(code))
             raise DriverError(exception_reason(code), f"{self.endpoint}: {what}", code)
@@ -770,6 +653,12 @@ class ModbusDriver:
             raise DriverUnavailable(
                 "protocol error: wrong function code", f"{self.endpoint}: {request.describe()}"
             )
+        payload = getattr(response, "payload", None)
+        if payload is not None and not request.is_bits:
+            # A register answer checked by check_frame (byte count = 2 × count): decoded
+            # from its bytes as received.
+            self._fill_bytes(request, payload, out)
+            return
         words = response.bits if request.is_bits else response.registers
         size = len(words)
         if (request.is_bits and not request.count <= size < request.count + 8) or (
@@ -788,6 +677,35 @@ class ModbusDriver:
             return
         into, bad = out.values, out.bad
         for slot, index, value in zip(request.slots, self._indices(request), values, strict=True):
+            if isinstance(value, DecodeFailure):
+                bad[index] = RawReading(slot.tag, None, "bad", value.reason)
+            else:
+                into[index] = value
+
+    def _fill_bytes(self, request: Request, payload: bytes, out: _Columns) -> None:
+        decoder = request.decoder
+        try:
+            values = decoder.decode_bytes(payload)
+        except CodecError as exc:
+            reason = f"short response: {exc}"
+            for slot in request.slots:
+                out.bad[slot.index] = RawReading(slot.tag, None, "bad", reason)
+            return
+        indices = self._indices(request)
+        into = out.values
+        if decoder.numbers_only:  # no DecodeFailure possible
+            numbers = cast(Sequence[Scalar], values)
+            first = indices[0]
+            if indices[-1] - first == len(indices) - 1 and indices == list(
+                range(first, first + len(indices))
+            ):
+                into[first : first + len(indices)] = numbers
+                return
+            for index, number in zip(indices, numbers, strict=True):
+                into[index] = number
+            return
+        bad = out.bad
+        for slot, index, value in zip(request.slots, indices, values, strict=True):
             if isinstance(value, DecodeFailure):
                 bad[index] = RawReading(slot.tag, None, "bad", value.reason)
             else:
@@ -815,16 +733,25 @@ class _Answer:
     words: list[int]
     exception_code: int | None = None
     frame_error: str = ""
+    #: The data bytes of a read answer on the device's own connection (after the byte
+    #: count), as received; `words` is then empty and made from it on demand.
+    payload: bytes | None = None
 
     def isError(self) -> bool:
         return self.exception_code is not None
 
     @property
     def registers(self) -> list[int]:
+        if self.payload is not None:
+            data = self.payload
+            return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data) - 1, 2)]
         return self.words
 
     @property
     def bits(self) -> list[int]:
+        if self.payload is not None:
+            data = self.payload
+            return [(data[i // 8] >> (i % 8)) & 1 for i in range(8 * len(data))]
         return self.words
 
 

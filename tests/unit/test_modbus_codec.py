@@ -6,6 +6,8 @@ import math
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.base import Scalar
 from drivers.modbus.codec import (
@@ -246,3 +248,73 @@ def test_from_tag_uses_device_order_unless_overridden() -> None:
         ValueSpec.from_tag(ModbusTag(name="s", address=0, type="string", length=4)).register_count
         == 4
     )
+
+
+# ------------------------------------------------------------ decode_bytes (the driver's path)
+
+_NUMBER_TYPES: list[DataType] = [
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float32",
+    "float64",
+]
+_ORDERS: list[ByteOrder] = ["ABCD", "BADC", "CDAB", "DCBA"]
+
+
+@st.composite
+def _blocks(draw: st.DrawFn) -> tuple[list[tuple[int, ValueSpec]], list[int]]:
+    """A block of values at increasing offsets (gaps allowed), in any item order,
+    sometimes with a string, a bit or two values sharing registers (the slow path)."""
+    items: list[tuple[int, ValueSpec]] = []
+    offset = draw(st.integers(0, 3))
+    for _ in range(draw(st.integers(1, 30))):
+        kind = draw(st.sampled_from([*_NUMBER_TYPES, "string", "bit"]))
+        order = draw(st.sampled_from(_ORDERS))
+        if kind == "string":
+            spec = ValueSpec("string", order, length=draw(st.integers(1, 3)))
+        elif kind == "bit":
+            spec = ValueSpec("bit", bit=draw(st.integers(0, 15)))
+        else:
+            spec = ValueSpec(kind, order)
+        items.append((offset, spec))
+        offset += spec.register_count + draw(st.sampled_from([0, 0, 1, -1]))
+        offset = max(offset, 0)
+    order_of = draw(st.permutations(range(len(items))))
+    shuffled = [items[i] for i in order_of]
+    end = max(o + s.register_count for o, s in items)
+    registers = draw(st.lists(st.integers(0, 0xFFFF), min_size=end, max_size=end + 2))
+    return shuffled, registers
+
+
+@given(_blocks())
+@settings(max_examples=300, deadline=None)
+def test_decode_bytes_equals_decode_of_the_registers(
+    block: tuple[list[tuple[int, ValueSpec]], list[int]],
+) -> None:
+    items, registers = block
+    decoder = BlockDecoder(items)
+    expected = decoder.decode(registers)
+    got = list(decoder.decode_bytes(struct.pack(f">{len(registers)}H", *registers)))
+    # repr: NaN == NaN, and -0.0 apart from 0.0
+    assert [repr(v) for v in got] == [repr(v) for v in expected]
+
+
+def test_decode_bytes_fast_path_only_for_numbers_that_do_not_overlap() -> None:
+    fast = BlockDecoder([(2, ValueSpec("float32", "CDAB")), (0, ValueSpec("int16"))])
+    assert fast.numbers_only
+    assert list(fast.decode_bytes(bytes.fromhex("fffe 0000 0000 3f80"))) == [1.0, -2]
+    shared = BlockDecoder([(0, ValueSpec("uint32")), (1, ValueSpec("uint16"))])
+    assert not shared.numbers_only
+    text = BlockDecoder([(0, ValueSpec("string", length=1))])
+    assert not text.numbers_only
+    assert list(text.decode_bytes(b"\xff\x00")) == [DecodeFailure("string is not ASCII: b'\\xff'")]
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00\x01\x02"])
+def test_decode_bytes_refuses_a_short_or_odd_block(data: bytes) -> None:
+    with pytest.raises(CodecError, match="the plan needs 2"):
+        BlockDecoder([(0, ValueSpec("uint32"))]).decode_bytes(data)
