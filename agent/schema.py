@@ -327,3 +327,18 @@ class WireSample(TypedDict):
     cycle: NotRequired[int]
     missed: NotRequired[dict[str, int]]
     window_start: NotRequired[datetime]
+
+
+#: The fields every WireSample has, in order (the optional members come after them).
+SAMPLE_FIELDS: tuple[str, ...] = (
+    "device",
+    "tag",
+    "value",
+    "quality",
+    "reason",
+    "code",
+    "ts_source",
+    "ts_agent",
+    "unit",
+    "seq",
+)

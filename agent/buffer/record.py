@@ -88,7 +88,7 @@ from typing import Any, Literal, cast
 
 import orjson
 
-from agent.schema import WireSample
+from agent.schema import SAMPLE_FIELDS, WireSample
 
 Compression = Literal["none", "zlib"]
 
@@ -117,18 +117,7 @@ _NONE, _BOOL, _INT, _FLOAT, _STR, _OTHER = range(6)
 _KIND_OF: dict[type, int] = {type(None): _NONE, bool: _BOOL, int: _INT, float: _FLOAT, str: _STR}
 
 _ORJSON_OPTS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
-_FIELDS = (
-    "device",
-    "tag",
-    "value",
-    "quality",
-    "reason",
-    "code",
-    "ts_source",
-    "ts_agent",
-    "unit",
-    "seq",
-)
+_FIELDS = SAMPLE_FIELDS
 _ROW = itemgetter(*_FIELDS)
 _NFIELDS = len(_FIELDS)
 _BIG = sys.byteorder == "big"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.dataset.store import SeenSeqs
+from agent.derive.config import FEATURES, GOOD_SHARE
 
 Shape = Literal["time", "cycle", "window"]
 SHAPES: tuple[Shape, ...] = ("time", "cycle", "window")
@@ -32,21 +33,7 @@ SHAPES: tuple[Shape, ...] = ("time", "cycle", "window")
 QUALITY_SUFFIX = "__quality"
 
 #: Suffixes of window-feature tags (agent.derive's features and the good share).
-WINDOW_FEATURES = frozenset(
-    {
-        "count",
-        "mean",
-        "min",
-        "max",
-        "std",
-        "rms",
-        "peak_to_peak",
-        "crest_factor",
-        "skewness",
-        "kurtosis",
-        "good_share",
-    }
-)
+WINDOW_FEATURES = frozenset(FEATURES) | {GOOD_SHARE}
 
 
 class ShapeError(ValueError):

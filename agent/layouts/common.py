@@ -14,21 +14,7 @@ from typing import Any
 
 from agent.buffer import Gap, Record
 from agent.buffer.common import record_samples
-
-#: The fields every sample dict has (agent.schema.WireSample); `value_text` is present
-#: only in samples whose value JSON cannot carry.
-SAMPLE_FIELDS = (
-    "device",
-    "tag",
-    "value",
-    "quality",
-    "reason",
-    "code",
-    "ts_source",
-    "ts_agent",
-    "unit",
-    "seq",
-)
+from agent.schema import SAMPLE_FIELDS as SAMPLE_FIELDS  # re-exported for the layouts
 
 
 class PayloadError(ValueError):
