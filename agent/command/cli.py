@@ -24,7 +24,13 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from agent.command.access import DirectAccess
-from agent.command.audit import AuditLocked, AuditLog, AuditUnavailable
+from agent.command.audit import (
+    AuditLocked,
+    AuditLog,
+    AuditRecord,
+    AuditUnavailable,
+    encode_record,
+)
 from agent.command.handler import CommandHandler, WriteResult
 from agent.command.request import Origin, WriteRequest
 
@@ -60,12 +66,42 @@ def describe(result: WriteResult) -> str:
     return f"{result.result} ({result.reason}): {target}: {result.detail}"
 
 
+#: How long `edge-agent write` waits for the broker to take its audit records.
+AUDIT_PUBLISH_TIMEOUT_S = 5.0
+
+
+async def publish_audit(config: Any, records: list[AuditRecord]) -> str:
+    """Publish the write's audit records on the audit topic, as the agent does for a
+    command; the local audit log has them whatever happens here. Returns the line that
+    tells the user which."""
+    from agent.publish import Message
+    from agent.publish.probe import probe
+
+    if not records:
+        return ""
+    topic = config.commands.expand(config.commands.audit_topic, config.agent.id)
+    messages = [
+        Message(topic, encode_record(r).rstrip(b"\n"), qos=1, content_type="application/json")
+        for r in records
+    ]
+    client_id = f"{config.mqtt.resolved_client_id(config.agent.id)}-write"
+    result = await probe(config.mqtt, client_id, messages, timeout_s=AUDIT_PUBLISH_TIMEOUT_S)
+    if result.connect_error is not None:
+        return f"audit: in the local log only (broker: {result.connect_error})"
+    refused = [r.reason for _, r in result.results if not r.ok]
+    if refused:
+        return f"audit: in the local log only (the broker refused {topic}: {refused[0]})"
+    return f"audit: published on {topic}"
+
+
 async def _write(config: Any, args: argparse.Namespace) -> tuple[int, WriteResult | None]:
     from agent.runtime.pipeline import make_driver
     from agent.simulate import simulators
     from drivers.base import DriverContext
 
     audit = AuditLog(config.commands.audit)
+    records: list[AuditRecord] = []
+    audit.on_record = records.append
     try:
         audit.open()
     except AuditLocked as exc:
@@ -108,6 +144,15 @@ async def _write(config: Any, args: argparse.Namespace) -> tuple[int, WriteResul
     finally:
         audit.close()
     code = {"done": EXIT_DONE, "failed": EXIT_FAILED, "refused": EXIT_REFUSED}[result.result]
+    # Printed first: the result is the output; the audit line follows it.
+    if args.json:
+        print(json.dumps(result.as_dict(), default=repr))
+    else:
+        print(describe(result), file=sys.stdout if code == EXIT_DONE else sys.stderr)
+    if not args.no_audit_topic:
+        line = await publish_audit(config, records)
+        if line:
+            print(line, file=sys.stderr)
     return code, result
 
 
@@ -125,12 +170,7 @@ def cmd_write(args: argparse.Namespace, load: Callable[..., Any]) -> int:
     if config is None:
         return EXIT_CONFIG
     setup_logging("warning")  # the result line is the output
-    code, result = asyncio.run(_write(config, args))
-    if result is not None:
-        if args.json:
-            print(json.dumps(result.as_dict(), default=repr))
-        else:
-            print(describe(result), file=sys.stdout if code == EXIT_DONE else sys.stderr)
+    code, _ = asyncio.run(_write(config, args))
     return code
 
 
@@ -153,4 +193,11 @@ def add_write_command(sub: Any, load: Callable[..., Any]) -> None:
     )
     p.add_argument("--user", help="who is writing, for the audit log (default: the OS user)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--no-audit-topic",
+        action="store_true",
+        help="keep the audit records in the local audit log only (default: also publish "
+        f"them on commands.audit_topic, waiting at most {AUDIT_PUBLISH_TIMEOUT_S:g} s "
+        "for the broker)",
+    )
     p.set_defaults(func=lambda args: cmd_write(args, load))

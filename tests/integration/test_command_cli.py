@@ -13,6 +13,7 @@ import pytest
 from tests.integration.test_commands_mqtt import config_text
 from tests.support.agent_proc import ROOT, AgentProcess, cli, wait_until
 from tests.support.broker import MosquittoBroker, free_port
+from tests.support.subscriber import Subscriber
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +32,34 @@ def test_write_against_the_simulator(tmp_path: Path) -> None:
     assert out.stdout.endswith("holds -1234.5, verified)\n")
     out = cli("write", str(path), "press", "temp_sp", "301", "--simulate")
     assert out.returncode == 3
-    assert out.stderr.endswith("refused (above_max): press.temp_sp: 301 is above max 300\n")
+    assert "refused (above_max): press.temp_sp: 301 is above max 300\n" in out.stderr
+    # No broker at the configured port: the audit stays in the local log, and says so.
+    assert out.stderr.endswith("audit: in the local log only (broker: connection refused)\n")
     out = cli("write", str(path), "press", "recipe", '"R-1234567"', "--simulate")
     assert out.returncode == 3  # 9 characters do not fit 4 registers: the driver refuses
     assert "refused (driver_refused): press.recipe:" in out.stderr
     records = (tmp_path / "audit.jsonl").read_text().splitlines()
     assert len(records) == 5  # accepted + done, refused, accepted + driver_refused
     assert '"channel":"cli"' in records[0]
+
+
+def test_the_audit_records_are_published_on_the_audit_topic(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """Like a command's, the write's audit records also go to commands.audit_topic."""
+    path = tmp_path / "line4.yaml"
+    path.write_text(config_text(tmp_path, broker.port))
+    with Subscriber(broker.host, broker.port, "#") as sub:
+        out = cli("write", str(path), "press", "temp_sp", "25", "--simulate")
+        assert out.returncode == 0, out.stderr
+        got = sub.wait_for(lambda m: len([x for x in m if "audit" in x.topic]) >= 2)
+    published = [json.loads(m.payload) for m in got if "audit" in m.topic]
+    local = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert published == local  # accepted, then done: the same records
+    assert [r["event"] for r in published] == ["accepted", "result"]
+    assert published[-1]["result"] == "done"
+    topic = next(m.topic for m in got if "audit" in m.topic)
+    assert out.stderr.endswith(f"audit: published on {topic}\n")
 
 
 def test_write_is_refused_while_the_agent_runs(tmp_path: Path) -> None:

@@ -73,7 +73,17 @@ def test_parse_value() -> None:
 
 
 def test_write_done(bench: FakeBench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["write", str(write_config(tmp_path)), "oven", "sp", "55.5", "--simulate"])
+    code = main(
+        [
+            "write",
+            "--no-audit-topic",
+            str(write_config(tmp_path)),
+            "oven",
+            "sp",
+            "55.5",
+            "--simulate",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.startswith("done: oven.sp = 55.5 (raw 555.0; was ")
@@ -103,7 +113,9 @@ def test_write_refused(
     value: str,
     line: str,
 ) -> None:
-    code = main(["write", str(write_config(tmp_path)), "oven", tag, value, "--simulate"])
+    code = main(
+        ["write", "--no-audit-topic", str(write_config(tmp_path)), "oven", tag, value, "--simulate"]
+    )
     assert code == 3
     assert capsys.readouterr().err.endswith(line)
     assert records(tmp_path)[-1]["result"] == "refused"
@@ -113,7 +125,15 @@ def test_write_disabled(
     bench: FakeBench, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(
-        ["write", str(write_config(tmp_path, enabled=False)), "oven", "sp", "1", "--simulate"]
+        [
+            "write",
+            "--no-audit-topic",
+            str(write_config(tmp_path, enabled=False)),
+            "oven",
+            "sp",
+            "1",
+            "--simulate",
+        ]
     )
     assert code == 3
     assert "refused (disabled): oven.sp: writes are disabled (commands.enabled is false)" in (
@@ -125,7 +145,7 @@ def test_write_failed_device_unreachable(
     bench: FakeBench, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Without --simulate nothing serves fake://local: refused, nothing was sent.
-    code = main(["write", str(write_config(tmp_path)), "oven", "sp", "1"])
+    code = main(["write", "--no-audit-topic", str(write_config(tmp_path)), "oven", "sp", "1"])
     assert code == 3
     assert "refused (device_unavailable): oven.sp: device 'oven': unreachable: no fake server" in (
         capsys.readouterr().err
@@ -133,7 +153,18 @@ def test_write_failed_device_unreachable(
 
 
 def test_json_output(bench: FakeBench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["write", str(write_config(tmp_path)), "oven", "sp", "12", "--simulate", "--json"])
+    code = main(
+        [
+            "write",
+            "--no-audit-topic",
+            str(write_config(tmp_path)),
+            "oven",
+            "sp",
+            "12",
+            "--simulate",
+            "--json",
+        ]
+    )
     assert code == 0
     body = json.loads(capsys.readouterr().out)
     assert (body["result"], body["raw"], body["holds"]) == ("done", 120.0, 12.0)
@@ -146,7 +177,7 @@ def test_refused_while_the_agent_holds_the_audit_log(
     held = AuditLog(AuditConfig(path=str(tmp_path / "audit.jsonl")))
     held.open()
     try:
-        code = main(["write", str(path), "oven", "sp", "1", "--simulate"])
+        code = main(["write", "--no-audit-topic", str(path), "oven", "sp", "1", "--simulate"])
     finally:
         held.close()
     assert code == 3
@@ -159,4 +190,4 @@ def test_refused_while_the_agent_holds_the_audit_log(
 def test_config_error(bench: FakeBench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("agent: {id: a1}\ndevices: []\n")
-    assert main(["write", str(path), "oven", "sp", "1"]) == 2
+    assert main(["write", "--no-audit-topic", str(path), "oven", "sp", "1"]) == 2
