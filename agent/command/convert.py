@@ -185,14 +185,31 @@ def engineering_range(t: RawType, scale: float, offset: float) -> tuple[float, f
 
 
 def values_match(
-    raw_written: object, raw_held: object, value: object, held: object, tolerance: float
+    raw_written: object,
+    raw_held: object,
+    value: object,
+    held: object,
+    tolerance: float,
+    *,
+    device_type: bool = False,
 ) -> bool:
     """Whether a read-back matches a write. Tolerance 0: the raw value read back is the raw
     value written (float32 rounding is already in the raw value). Otherwise the value read
-    back (engineering units, `held`) is within `tolerance` of the value asked for."""
+    back (engineering units, `held`) is within `tolerance` of the value asked for.
+    device_type: the write went out as the device's own type (type_name None), so a
+    float32 node holding the float rounded to float32 holds what was asked for."""
     if isinstance(raw_written, bool) or isinstance(raw_held, bool):
         return type(raw_written) is type(raw_held) and raw_written == raw_held
     if not tolerance:
+        rounded = (
+            device_type
+            and type(raw_written) is float
+            and type(raw_held) is float
+            and raw_written != raw_held
+            and abs(raw_written) <= FLOAT32_MAX
+        )
+        if rounded:
+            return bool(struct.unpack("<f", struct.pack("<f", raw_written))[0] == raw_held)
         return type(raw_held) in (int, float, str) and raw_written == raw_held
     a, b = _number(value), _number(held)
     if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):

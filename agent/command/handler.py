@@ -39,7 +39,7 @@ import structlog
 from agent.command.access import DeviceAccess, read_tag
 from agent.command.audit import AuditLog, AuditUnavailable
 from agent.command.config import CommandsConfig
-from agent.command.convert import ConversionError, raw_type, to_raw, values_match
+from agent.command.convert import ANY, ConversionError, raw_type, to_raw, values_match
 from agent.command.guards import (
     RateLimiter,
     Refusal,
@@ -484,7 +484,9 @@ class CommandHandler:
             raise _fail("verify_unreadable", f"written, but the read-back failed: {why}")
         result.holds = _engineering(held, tag)
         tolerance = spec.tolerance if spec is not None else 0.0
-        result.verified = values_match(raw, held, value, result.holds, tolerance)
+        result.verified = values_match(
+            raw, held, value, result.holds, tolerance, device_type=raw_type(tag) is ANY
+        )
         if not result.verified:
             raise _fail(
                 "not_verified",

@@ -251,11 +251,13 @@ class OpcUaTag(TagCommon):
         return self
 
     @property
-    def write_type(self) -> None:
-        """Writes take the node's own DataType (the driver reads it from the server):
-        `type` is only what the simulator serves, so the command layer must not convert
-        to it (agent.command.convert: None = the device's type)."""
-        return None
+    def write_type(self) -> str | None:
+        """The type the command layer converts a write to: the tag's `type` when the config
+        names one (the node is declared of that type: a Float is rounded to float32 before
+        it is written, so the read-back matches exactly); otherwise None, the node's own
+        DataType, which the driver reads from the server (`type` then is only the
+        simulator's default, Double). agent.command.convert: None = the device's type."""
+        return self.type if "type" in self.model_fields_set else None
 
     @property
     def address(self) -> str:

@@ -185,3 +185,21 @@ def test_an_opcua_tag_is_written_with_the_nodes_own_type() -> None:
     assert tag.type == "Double"
     assert raw_type(tag) is ANY
     assert type(to_raw(5.0, raw_type(tag) or ANY)) is int
+
+
+def test_an_opcua_tag_that_names_its_type_is_converted_to_it() -> None:
+    from agent.command.convert import raw_type
+    from drivers.opcua.config import OpcUaTag
+
+    tag = OpcUaTag(name="sp", node_id="ns=2;s=Sp", type="Float")
+    assert raw_type(tag) is TYPES["Float"]
+    assert to_raw(182.7, TYPES["Float"]) == struct.unpack("<f", struct.pack("<f", 182.7))[0]
+
+
+def test_a_float32_node_written_in_its_own_type_verifies() -> None:
+    held = struct.unpack("<f", struct.pack("<f", 182.7))[0]
+    # Written as the device's own type: the node rounded it to float32, as asked.
+    assert values_match(182.7, held, 182.7, held, 0.0, device_type=True)
+    # Converted to a declared float64 type: a float32-rounded read-back is not the value.
+    assert not values_match(182.7, held, 182.7, held, 0.0)
+    assert not values_match(182.7, 182.6, 182.7, 182.6, 0.0, device_type=True)
