@@ -287,8 +287,12 @@ class ModbusDriver:
             raise DriverUnavailable(
                 "timeout", f"{self.endpoint}: no answer within {self.device.timeout_s} s"
             ) from None
+        except ConnectionRefusedError:
+            raise DriverUnavailable("connection refused", self.endpoint) from None
         except OSError as exc:
-            raise DriverUnavailable("connection refused", f"{self.endpoint}: {exc}") from None
+            raise DriverUnavailable(
+                "connection refused", f"{self.endpoint}: {exc.strerror or exc}"
+            ) from None
 
     async def read(self, group: str) -> list[RawReading]:
         """One poll of `group`: one RawReading per tag of the group, in config order.
