@@ -39,26 +39,37 @@ import pytest
 _FALLBACK_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
-def mosquitto_path() -> str | None:
-    """Path of the mosquitto binary, or None when it is not installed."""
-    found = shutil.which("mosquitto")
+def find_binary(name: str, fallbacks: Sequence[str]) -> str | None:
+    """Path of program `name` (PATH first, then `fallbacks`), or None."""
+    found = shutil.which(name)
     if found:
         return found
-    for candidate in _FALLBACK_PATHS:
+    for candidate in fallbacks:
         if os.access(candidate, os.X_OK):
             return candidate
     return None
 
 
-def require_mosquitto() -> str:
-    """The mosquitto binary; skips the test when missing (fails instead when CI=true)."""
-    path = mosquitto_path()
+def require_binary(name: str, fallbacks: Sequence[str]) -> str:
+    """The binary of Debian package `name`; skips the test when it is missing (fails
+    instead when CI=true: CI must install it)."""
+    path = find_binary(name, fallbacks)
     if path is None:
-        reason = "mosquitto is not installed (apt-get install mosquitto)"
+        reason = f"{name} is not installed (apt-get install {name})"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{reason}; CI must install it", pytrace=False)
         pytest.skip(reason)
     return path
+
+
+def mosquitto_path() -> str | None:
+    """Path of the mosquitto binary, or None when it is not installed."""
+    return find_binary("mosquitto", _FALLBACK_PATHS)
+
+
+def require_mosquitto() -> str:
+    """The mosquitto binary; skips the test when missing (fails instead when CI=true)."""
+    return require_binary("mosquitto", _FALLBACK_PATHS)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

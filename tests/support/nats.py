@@ -15,7 +15,6 @@ else differs from mosquitto.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -24,32 +23,18 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-import pytest
-
-from tests.support.broker import BrokerError, free_port
+from tests.support.broker import BrokerError, find_binary, free_port, require_binary
 
 _FALLBACK_PATHS = ("/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server")
 
 
 def nats_path() -> str | None:
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    for candidate in _FALLBACK_PATHS:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    return find_binary("nats-server", _FALLBACK_PATHS)
 
 
 def require_nats() -> str:
     """The nats-server binary; skips the test when missing (fails instead when CI=true)."""
-    path = nats_path()
-    if path is None:
-        reason = "nats-server is not installed (apt-get install nats-server)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI must install it", pytrace=False)
-        pytest.skip(reason)
-    return path
+    return require_binary("nats-server", _FALLBACK_PATHS)
 
 
 class NatsBroker:
