@@ -386,8 +386,8 @@ async def test_snap7_server_bit_writes_overwrite_the_byte(
     snap7_server: tuple[int, dict[str, bytearray]],
 ) -> None:
     """Our bit write is the protocol's bit access (transport size BIT). python-snap7's
-    server stores it over the whole byte (FIELD-NOTES: a CPU changes only that bit, as our
-    simulator does in test_a_bit_write_changes_that_bit_only)."""
+    server stores it over the whole byte (docs/library-notes.md: a CPU changes only that bit,
+    as our simulator does in test_a_bit_write_changes_that_bit_only)."""
     port, areas = snap7_server
     driver = S7Driver(make(port=port))
     await driver.connect()
