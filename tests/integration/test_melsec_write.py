@@ -17,6 +17,7 @@ from drivers.base import DriverError, DriverUnavailable, WriteRefused
 from drivers.melsec.config import MelsecDevice
 from drivers.melsec.driver import MelsecDriver
 from drivers.melsec.simulator import MelsecSimulator
+from tests.support.readback import values
 
 pytestmark = pytest.mark.integration
 
@@ -75,12 +76,6 @@ def make(
             **keys,
         }
     )
-
-
-async def values(driver: MelsecDriver) -> dict[str, Any]:
-    readings = await driver.read("default")
-    assert [r for r in readings if r.quality != "good"] == []
-    return {r.tag: r.value for r in readings}
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from drivers.opcua.driver import OpcUaDriver
 from drivers.opcua.simulator import OpcUaSimulator
 from tests.support.faults import FaultPlan, Faulty, Garbage, Hang, Raise
 from tests.support.proxy import FaultProxy
+from tests.support.readback import values
 
 pytestmark = pytest.mark.integration
 
@@ -88,12 +89,6 @@ def status(code: int) -> ua.StatusCode:
 
 def sid(name: str, ns: int) -> ua.NodeId:
     return ua.NodeId.from_string(f"ns={ns};s={name}")
-
-
-async def values(driver: OpcUaDriver) -> dict[str, Any]:
-    readings = await driver.read("default")
-    assert [r for r in readings if r.quality != "good"] == []
-    return {r.tag: r.value for r in readings}
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from drivers.base import DriverError, DriverUnavailable, WriteRefused
 from drivers.s7.config import S7Device
 from drivers.s7.driver import S7Driver
 from drivers.s7.simulator import S7Simulator
+from tests.support.readback import values
 
 pytestmark = pytest.mark.integration
 
@@ -73,12 +74,6 @@ def make(tags: list[dict[str, Any]] | None = None, **extra: Any) -> S7Device:
             **extra,
         }
     )
-
-
-async def values(driver: S7Driver) -> dict[str, Any]:
-    readings = await driver.read("default")
-    assert [r for r in readings if r.quality != "good"] == []
-    return {r.tag: r.value for r in readings}
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from drivers.base import DriverError, DriverUnavailable, WriteRefused
 from drivers.xgt.config import XgtDevice
 from drivers.xgt.driver import XgtDriver
 from drivers.xgt.simulator import XgtSimulator
+from tests.support.readback import values
 
 pytestmark = pytest.mark.integration
 
@@ -68,12 +69,6 @@ def make(cpu: str = "XGK", tags: list[dict[str, Any]] | None = None, **keys: Any
             **keys,
         }
     )
-
-
-async def values(driver: XgtDriver) -> dict[str, Any]:
-    readings = await driver.read("default")
-    assert [r for r in readings if r.quality != "good"] == []
-    return {r.tag: r.value for r in readings}
 
 
 @pytest.fixture
