@@ -512,6 +512,9 @@ class OpcUaSimulator:
                 struct_types[tag.name] = dtype.nodeid
         if struct_types:
             await server.load_data_type_definitions()
+        by_id = sum(1 for tag in s.device.tags if tag.node_id is not None)
+        parts: dict[int, Node] = {}
+        n_id = 0
         for i, tag in enumerate(s.device.tags):
             if tag.node_id is not None:
                 parsed = parse_node_id(tag.node_id)
@@ -522,6 +525,18 @@ class OpcUaSimulator:
                         ua.QualifiedName(s.device.name, sim_ns),
                     )
                 parent = device_folder
+                if by_id > FOLDER_CHILDREN:
+                    # asyncua checks every new node against all its siblings' references,
+                    # so one folder of 10,000 variables takes minutes to build; folders of
+                    # FOLDER_CHILDREN keep it linear (node ids are what clients use).
+                    part = n_id // FOLDER_CHILDREN
+                    if part not in parts:
+                        parts[part] = await device_folder.add_folder(
+                            _sid(f"Sim.{s.device.name}.part{part:03d}", sim_ns),
+                            ua.QualifiedName(f"part{part:03d}", sim_ns),
+                        )
+                    parent = parts[part]
+                n_id += 1
                 nodeid = ua.NodeId.from_string(parsed.with_index(idx))
                 bname = ua.QualifiedName(tag.name, idx)
             else:
@@ -589,6 +604,10 @@ class OpcUaSimulator:
             return [_to_ua(t_name, _shift(v, k, t_name)) for k in range(length)], vtype
 
         return make
+
+
+FOLDER_CHILDREN = 100
+"""Node-id tags per simulator folder, when a device has more than this many."""
 
 
 def _sid(name: str, ns: int) -> ua.NodeId:

@@ -447,3 +447,32 @@ async def test_browse_output_round_trips_into_tag_configs(tmp_path: Path) -> Non
     names = {t.node_id for t in tags}
     assert {"ns=2;s=Oven.Temperature", "ns=2;s=Oven.Count", "ns=2;s=Zones"} <= names
     assert len({t.name for t in tags}) == len(tags)
+
+
+async def test_large_device_is_served_in_folders_and_every_node_reads(tmp_path: Path) -> None:
+    # asyncua's address space checks each new node against all its siblings, so the
+    # simulator splits a large device into folders; clients see every node id unchanged.
+    n = 350
+    dev = device(
+        tmp_path, [{"name": f"v{i:03d}", "node_id": f"ns=2;s=Big.V{i:03d}"} for i in range(n)]
+    )
+    from asyncua import Client
+
+    from drivers.opcua.simulator import FOLDER_CHILDREN
+
+    async with OpcUaSimulator([dev], cert_dir=tmp_path / "sim") as sim:
+        found = await browse(sim.endpoints["oven"], root="i=85", depth=5)
+        async with Client(sim.endpoints["oven"]) as client:
+            values = await client.read_values(
+                [client.get_node(f"ns=2;s=Big.V{i:03d}") for i in range(n)]
+            )
+    ids = {v.node_id for v in found if v.node_id.startswith("ns=2;s=Big.")}
+    assert ids == {f"ns=2;s=Big.V{i:03d}" for i in range(n)}
+    folders: dict[str, int] = {}
+    for v in found:
+        if v.node_id.startswith("ns=2;s=Big."):
+            parent = v.browse_path.rsplit("/", 1)[0]
+            folders[parent] = folders.get(parent, 0) + 1
+    assert len(folders) == -(-n // FOLDER_CHILDREN)
+    assert max(folders.values()) <= FOLDER_CHILDREN
+    assert all(isinstance(x, float) for x in values)
