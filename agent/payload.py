@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent.buffer import Gap, Record
+from agent.buffer.record import DICT_MAGIC, RecordColumns, record_columns
 from agent.config import AgentSection, MqttConfig
 from agent.layouts import compact, lean, verbose
 from agent.layouts.common import Origin, PayloadError, samples_of
@@ -128,6 +129,22 @@ class PayloadEncoder:
         self._cached = (record, samples)
         return samples
 
+    def _columns(self, record: Record) -> RecordColumns | None:
+        """A format-3 columnar record by columns (the lean layout's fast path), or None
+        for the others (JSON bodies, format 2), which go by `_samples`."""
+        data = record.data
+        if data[:2] != DICT_MAGIC:
+            return None
+        try:
+            cols = record_columns(data)
+        except ValueError as exc:
+            raise PayloadError(f"record {record.id} ({record.device}): {exc}") from None
+        if not cols.values:
+            raise PayloadError(f"record {record.id} ({record.device}): no samples")
+        if not set(map(type, cols.tags)) <= {str}:
+            raise PayloadError(f"record {record.id} ({record.device}): not a list of samples")
+        return cols
+
     def preamble(self, record: Record, *, limit: int | None = None) -> list[Message]:
         """Messages that must be delivered before `record`'s data can be read: layout
         compact's metadata of the record's device, when it changed or was not published
@@ -172,12 +189,25 @@ class PayloadEncoder:
             # Sparkplug has no place for gap notices; docs/sparkplug.md says so.
             return self.sparkplug.encode(record, historical=historical)
         epoch = record.epoch or self.epoch
-        samples = self._samples(record)
         if layout == "lean":
-            payload = lean.encode(
-                self._head_lean, record.device, epoch, samples, historical=historical, gaps=gaps
-            )
+            cols = self._columns(record)
+            payload = None
+            if cols is not None:
+                payload = lean.encode_columns(
+                    self._head_lean, record.device, epoch, cols, historical=historical, gaps=gaps
+                )
+            if payload is None:
+                samples = self._samples(record)
+                payload = lean.encode(
+                    self._head_lean,
+                    record.device,
+                    epoch,
+                    samples,
+                    historical=historical,
+                    gaps=gaps,
+                )
             return [Message(topic=self.topic(record.device), payload=payload)]
+        samples = self._samples(record)
         if layout == "compact":
             mapping = self.mappings.get(record.device)
             # A part of a record whose preamble was taken (the forwarder's split) must

@@ -74,11 +74,15 @@ def samples_of(record: Record) -> list[dict[str, Any]]:
 def seq_members(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """`seq: [first, last]`, plus `seqs` (every sample's seq, in order) when the seqs are
     not consecutive: a consumer always knows each sample's exact seq."""
-    seqs = [s["seq"] for s in samples]
+    return seq_members_of([s["seq"] for s in samples])
+
+
+def seq_members_of(seqs: Sequence[int]) -> dict[str, Any]:
+    """`seq_members` of the samples' seqs (a range when they are consecutive)."""
     first = seqs[0]
     out: dict[str, Any] = {"seq": [first, seqs[-1]]}
-    if seqs != list(range(first, first + len(seqs))):
-        out["seqs"] = seqs
+    if type(seqs) is not range and list(seqs) != list(range(first, first + len(seqs))):
+        out["seqs"] = list(seqs)
     return out
 
 
@@ -87,7 +91,11 @@ def ts_members(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ts_agent is ts (only when it changes within the message: records merged from several
     polls, subscription deliveries). Every sample's ts_agent is then said exactly, and
     once per poll, not once per sample."""
-    stamps = [s.get("ts_agent") for s in samples]
+    return ts_members_of([s.get("ts_agent") for s in samples])
+
+
+def ts_members_of(stamps: Sequence[Any]) -> dict[str, Any]:
+    """`ts_members` of the samples' ts_agent values."""
     out: dict[str, Any] = {}
     if stamps[0] is not None:
         out["ts"] = stamps[0]
@@ -98,7 +106,7 @@ def ts_members(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def ts_of(samples: Sequence[dict[str, Any]], members: dict[str, Any]) -> list[Any]:
+def ts_of(samples: Sequence[Any], members: dict[str, Any]) -> list[Any]:
     """Each sample's ts_agent as `ts_members` says it (what a decoder reads)."""
     out = []
     current = members.get("ts")

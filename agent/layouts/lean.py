@@ -23,12 +23,15 @@ from typing import Any
 import orjson
 
 from agent.buffer import Gap
+from agent.buffer.record import RecordColumns
 from agent.layouts.common import (
     SAMPLE_FIELDS,
     extra_of,
     gap_list,
     seq_members,
+    seq_members_of,
     ts_members,
+    ts_members_of,
     ts_of,
 )
 
@@ -80,6 +83,64 @@ def encode(
     extra = []
     for i in sorted(odd):
         s = samples[i]
+        defaults = {
+            "device": device,
+            "quality": "good",
+            "reason": None,
+            "code": None,
+            "ts_source": None,
+            "ts_agent": ts if ts_list is None else ts_list[i],
+            "unit": units.get(s["tag"]),
+        }
+        x = extra_of(s, defaults)
+        if x:
+            extra.append({"i": i, **x})
+    if extra:
+        body["extra"] = extra
+    if historical:
+        body["historical"] = True
+    if gaps:
+        body["gaps"] = gap_list(gaps, epoch)
+    return orjson.dumps(body)
+
+
+def encode_columns(
+    head: dict[str, Any],
+    device: str,
+    epoch: str,
+    cols: RecordColumns,
+    *,
+    historical: bool,
+    gaps: Sequence[Gap],
+) -> bytes | None:
+    """`encode` of a record read by columns (`agent.buffer.record.record_columns`): the
+    same bytes as `encode` of its sample dicts, without making them. None when the record
+    is one the columns cannot say as cheaply (a tag twice, another device's samples):
+    then `encode` of the dicts is the answer."""
+    tags = list(cols.tags)
+    if cols.device != device or len(set(tags)) != len(tags):
+        return None
+    if cols.ts_agent_single is not None:
+        stamps: dict[str, Any] = {"ts": cols.ts_agent_single}
+        ts_list = None
+    else:
+        stamps = ts_members_of(cols.ts_agent)
+        ts_list = ts_of(cols.ts_agent, stamps) if "ts_changes" in stamps else None
+    ts = stamps.get("ts")
+    units = {t: u for t, u in zip(tags, cols.units, strict=True) if u is not None}
+    odd = set(cols.not_good) | set(cols.value_text)
+    if cols.ts_source is not None:
+        odd.update(i for i, src in enumerate(cols.ts_source) if src is not None)
+    body: dict[str, Any] = {**head, "epoch": epoch, "device": device}
+    body.update(stamps)
+    body.update(seq_members_of(cols.seqs))
+    body["tags"] = tags
+    body["values"] = list(cols.values)
+    if units:
+        body["units"] = units
+    extra = []
+    for i in sorted(odd):
+        s = cols.sample(i)
         defaults = {
             "device": device,
             "quality": "good",

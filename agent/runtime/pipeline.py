@@ -45,6 +45,7 @@ from agent.publish import Publisher
 from agent.publish.cloud import message_limit, publish_rate
 from agent.publish.sparkplug import SparkplugNode, sparkplug_node
 from agent.publish.status import DeviceStatusSync, StatusMessages
+from agent.runtime.latest import LatestSamples
 from agent.runtime.reload import ReloadResult, plan_reload, read_config
 from agent.runtime.snapshot import AgentSnapshot, take_snapshot
 from agent.runtime.supervisor import (
@@ -56,7 +57,6 @@ from agent.runtime.supervisor import (
     TaskStalled,
 )
 from agent.runtime.writer import BufferWriter
-from agent.schema import WireSample
 from drivers.base import DeviceCommon, Driver, DriverContext, TagCommon
 
 log = structlog.get_logger()
@@ -121,7 +121,7 @@ class _Built:
 
     device: DeviceCommon
     poller: DevicePoller
-    latest: dict[str, WireSample]
+    latest: LatestSamples
     derive: DeviceDerive | None = None
 
 
@@ -174,8 +174,8 @@ class Agent:
         self.health_interval_s = health_interval_s
         self.status = AgentStatus()
         self.devices: dict[str, DeviceRun] = {}
-        # device → tag → the newest sample (the wire dict itself: one dict write per sample)
-        self.latest: dict[str, dict[str, WireSample]] = {}
+        # device → tag → the newest sample (agent.runtime.latest: one write per poll)
+        self.latest: dict[str, LatestSamples] = {}
         self.rates = RateHistory(rate_interval_s)
         self.forwarder: Forwarder | None = None
         self.http_address: tuple[str, int] | None = None

@@ -35,6 +35,8 @@ from agent.derive.stage import DeviceDerive
 from agent.derive.state import DeriveState
 from agent.normalize import Normalizer, Readings, SeqCounter
 from agent.poller import ReadingSink
+from agent.runtime.latest import LatestSamples
+from agent.samples import PollSamples
 from agent.schema import WireSample
 
 log = structlog.get_logger()
@@ -52,7 +54,7 @@ class DeviceSink:
     device: str
     normalizer: Normalizer
     seq: SeqCounter
-    latest: dict[str, WireSample]
+    latest: LatestSamples
     derive: DeviceDerive | None = None
 
 
@@ -107,11 +109,11 @@ class BufferWriter:
         normalizer: Normalizer,
         seq: SeqCounter,
         derive: DeviceDerive | None = None,
-    ) -> tuple[ReadingSink, dict[str, WireSample]]:
+    ) -> tuple[ReadingSink, LatestSamples]:
         """The sink a device's poller hands its readings to, and the device's newest
         published sample per tag (filled by the writer). `derive`: the device's derive
         stage (agent.derive), between the normaliser and the buffer."""
-        target = DeviceSink(device, normalizer, seq, {}, derive)
+        target = DeviceSink(device, normalizer, seq, LatestSamples(), derive)
         queue = self.queue
         if derive is not None and derive.timed:
             self._timed[device] = target
@@ -155,22 +157,26 @@ class BufferWriter:
         stopping = False
         while not stopping:
             item = await writes.get()
-            batch: list[tuple[str, list[WireSample]]] = []
+            batch: list[tuple[str, Sequence[WireSample]]] = []
             derived: list[DeviceDerive] = []
             stored = False
             try:
                 while item is not None:
                     target, readings, ts_agent = item
                     if target.derive is None:
+                        samples: Sequence[WireSample]
                         try:
-                            samples = target.normalizer.samples(readings, ts_agent, target.seq)
+                            samples = target.normalizer.batch(readings, ts_agent, target.seq)
                         except Exception as exc:  # one device's bad data must not stop the rest
                             log.exception("normalize.failed", device=target.device)
                             self._on_stored(target.device, len(readings), exc)
                             samples = []
                         latest = target.latest
-                        for sample in samples:
-                            latest[sample["tag"]] = sample
+                        if type(samples) is PollSamples:
+                            latest.put_poll(samples)
+                        else:
+                            for sample in samples:
+                                latest.put(sample)
                         if samples:
                             batch.append((target.device, samples))
                     else:
@@ -244,7 +250,7 @@ class BufferWriter:
             first = seq.take(len(record))
             for i, sample in enumerate(record):
                 sample["seq"] = first + i
-                latest[sample["tag"]] = sample
+                latest.put(sample)
         return records
 
     async def _save_derive(self, derived: list[DeviceDerive]) -> None:

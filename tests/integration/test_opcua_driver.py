@@ -456,7 +456,7 @@ async def test_large_device_is_served_in_folders_and_every_node_reads(tmp_path: 
     dev = device(
         tmp_path, [{"name": f"v{i:03d}", "node_id": f"ns=2;s=Big.V{i:03d}"} for i in range(n)]
     )
-    from asyncua import Client
+    from asyncua.client.client import Client
 
     from drivers.opcua.simulator import FOLDER_CHILDREN
 

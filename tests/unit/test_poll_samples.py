@@ -1,0 +1,245 @@
+"""A poll by columns (agent.samples.PollSamples) is the same samples and the same stored
+bytes as the dicts the normaliser makes, whatever the values; LatestSamples keeps the
+newest sample of every tag."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.buffer import Gap
+from agent.buffer.common import record_samples
+from agent.buffer.record import RecordEncoder, record_columns
+from agent.layouts import lean
+from agent.layouts.common import PayloadError
+from agent.normalize import Columns, Normalizer, SeqCounter
+from agent.runtime.latest import LatestSamples
+from agent.samples import PollSamples
+from drivers.base import RawReading, TagCommon
+from tests.unit.test_buffer_record import batches
+
+TS = datetime(2026, 12, 1, 14, 0, 0, 250000, tzinfo=UTC)
+
+numbers_st = (
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(1 << 66), max_value=1 << 66),
+    st.booleans(),
+    st.none(),
+)
+values_st = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.integers(min_value=-(1 << 70), max_value=1 << 70),
+    st.integers(min_value=0, max_value=65535),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=5),
+    st.lists(st.integers(min_value=-5, max_value=5), max_size=3),
+)
+
+
+@st.composite
+def polls(draw: Any) -> tuple[list[TagCommon], list[Any]]:
+    n = draw(st.integers(min_value=1, max_value=12))
+    tags = []
+    for i in range(n):
+        scaled = draw(st.booleans())
+        tags.append(
+            TagCommon(
+                name=f"t{i}",
+                unit=draw(st.sampled_from([None, "degC", "bar"])),
+                scale=draw(st.sampled_from([0.1, 2.0, -1.0])) if scaled else 1.0,
+                offset=draw(st.sampled_from([0.0, 5.0])) if scaled else 0.0,
+            )
+        )
+    kind = draw(st.sampled_from(["floats", "ints", "numbers", "any"]))
+    one = {
+        "floats": st.floats(width=32, allow_nan=True),
+        "ints": st.integers(min_value=-(1 << 66), max_value=1 << 66),
+        "numbers": st.one_of(numbers_st),
+        "any": values_st,
+    }[kind]
+    values = draw(st.lists(one, min_size=n, max_size=n))
+    return tags, values
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b and type(a) is type(b))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(polls(), st.integers(min_value=0, max_value=1 << 40), st.sampled_from(["zlib", "none"]))
+def test_batch_is_the_samples_and_stores_the_same_bytes(
+    poll: tuple[list[TagCommon], list[Any]], start: int, compression: Any
+) -> None:
+    tags, values = poll
+    names = [t.name for t in tags]
+    norm = Normalizer("press", tags)
+    seq_a, seq_b = SeqCounter(start), SeqCounter(start)
+    dicts = norm.samples(Columns(names, list(values)), TS, seq_a)
+    batch = norm.batch(Columns(names, list(values)), TS, seq_b)
+    assert isinstance(batch, PollSamples)
+    assert seq_a.last == seq_b.last == batch.last_seq
+    assert len(batch) == len(dicts)
+    for x, y in zip(batch, dicts, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert same(x[key], y[key]), (key, x[key], y[key])  # type: ignore[literal-required]
+    enc_a, enc_b = RecordEncoder(compression), RecordEncoder(compression)
+    a = enc_a.encode(dicts, start)
+    b = enc_b.encode(batch, start)
+    assert (a.first_seq, a.last_seq, a.count) == (b.first_seq, b.last_seq, b.count)
+    assert a.data == b.data
+    assert a.dictionary == b.dictionary
+    assert record_samples(b.full) == record_samples(a.full)
+
+
+def test_later_polls_use_the_kept_dictionary_like_the_dict_path() -> None:
+    tags = [TagCommon(name=f"r{i}", unit="bar" if i % 2 else None) for i in range(50)]
+    names = [t.name for t in tags]
+    norm = Normalizer("press", tags)
+    seq_a, seq_b = SeqCounter(0), SeqCounter(0)
+    enc_a, enc_b = RecordEncoder(), RecordEncoder()
+    last = 0
+    for k in range(5):
+        vals: list[Any] = [k * 1000 + i for i in range(50)]
+        if k == 3:
+            vals[7] = 2.5  # the kinds change: a section of its own
+        a = enc_a.encode(norm.samples(Columns(names, vals), TS, seq_a), last)
+        b = enc_b.encode(norm.batch(Columns(names, vals), TS, seq_b), last)
+        assert a.data == b.data
+        assert a.dictionary == b.dictionary
+        last = b.last_seq
+
+
+def test_a_poll_with_bad_readings_takes_the_dict_path() -> None:
+    norm = Normalizer("press", [TagCommon(name="a"), TagCommon(name="b")])
+    cols = Columns(["a", "b"], [1, None], {1: RawReading("b", None, "bad", "timeout")})
+    out = norm.batch(cols, TS, SeqCounter(0))
+    assert isinstance(out, list)
+    assert [s["quality"] for s in out] == ["good", "bad"]
+
+
+def test_a_poll_below_the_last_seq_is_refused_naming_the_sample() -> None:
+    norm = Normalizer("press", [TagCommon(name="a")])
+    batch = norm.batch(Columns(["a"], [1]), TS, SeqCounter(9))
+    with pytest.raises(ValueError, match="seq 10 of 'press'/'a' is not above 10"):
+        RecordEncoder().encode(batch, 10)
+
+
+def test_unknown_tag_raises_like_the_dict_path() -> None:
+    norm = Normalizer("press", [TagCommon(name="a")])
+    with pytest.raises(KeyError):
+        norm.batch(Columns(["zz"], [1]), TS, SeqCounter(0))
+
+
+def test_poll_samples_sequence_protocol() -> None:
+    p = PollSamples("d", ["a", "b", "c"], [None, "V", None], [1, None, 3.5], TS, 7,
+                    {1: ("bad", "not a number", None)}, {1: "NaN"})  # fmt: skip
+    assert len(p) == 3
+    assert p.last_seq == 9
+    assert p[-1]["tag"] == "c"
+    assert p[-1]["seq"] == 9
+    assert p[1]["quality"] == "bad"
+    assert p[1]["value_text"] == "NaN"
+    assert p[1]["unit"] == "V"
+    assert [s["seq"] for s in p[0:2]] == [7, 8]
+    assert p == list(p)
+    with pytest.raises(IndexError):
+        p[3]
+    p[0]["value"] = 99  # an item is a copy
+    assert p[0]["value"] == 1
+
+
+# ------------------------------------------------------------------ LatestSamples
+
+
+def poll(tags: list[str], values: list[Any], first: int) -> PollSamples:
+    return PollSamples("d", tags, [None] * len(tags), values, TS, first)
+
+
+def test_latest_takes_the_newest_of_polls_and_single_samples() -> None:
+    latest = LatestSamples()
+    fast = ["a", "b"]
+    slow = ["b", "c"]
+    latest.put_poll(poll(fast, [1, 2], 1))
+    latest.put_poll(poll(slow, [20, 30], 3))
+    assert latest["a"]["value"] == 1
+    assert latest["b"]["value"] == 20
+    latest.put_poll(poll(fast, [5, 6], 5))
+    assert latest["b"]["value"] == 6
+    assert latest["c"]["value"] == 30
+    single = poll(["b"], [None], 7)[0]
+    single["quality"] = "bad"
+    latest.put(single)
+    assert latest["b"]["quality"] == "bad"
+    assert set(latest) == {"a", "b", "c"}
+    assert len(latest) == 3
+    assert "c" in latest
+    assert "zz" not in latest
+    assert latest.get("zz") is None
+    del latest["c"]
+    assert "c" not in latest
+    assert len(latest) == 2
+    with pytest.raises(KeyError):
+        del latest["c"]
+
+
+def test_latest_replaces_an_equal_tag_list_and_stays_bounded() -> None:
+    latest = LatestSamples()
+    for k in range(200):
+        latest.put_poll(poll(["a", "b"], [k, k], 2 * k + 1))  # a new list every time
+    assert latest["a"]["value"] == 199
+    assert len(latest._polls) == 1
+    for k in range(100):
+        latest.put_poll(poll([f"x{k}"], [k], 1000 + k))  # 100 distinct groups
+    assert len(latest._polls) <= 32
+    assert latest["x99"]["value"] == 99
+
+
+# ------------------------------------------------------- lean layout from the columns
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches(), st.booleans(), st.booleans())
+def test_lean_from_columns_is_the_same_message_as_from_dicts(
+    samples: list[dict[str, Any]], historical: bool, with_gaps: bool
+) -> None:
+    data = RecordEncoder().encode(samples, 0).full  # type: ignore[arg-type]
+    gaps = [Gap(3, 9, 7, "drop_oldest", epoch="e0")] if with_gaps else []
+    head = {"schema": lean.SCHEMA, "agent": "edge-1"}
+    cols = record_columns(data)
+    fast = lean.encode_columns(head, "press1", "e1", cols, historical=historical, gaps=gaps)
+    slow = lean.encode(head, "press1", "e1", record_samples(data), historical=historical, gaps=gaps)
+    assert fast == slow
+    # Another device's record, or a tag twice: the dicts decide.
+    assert lean.encode_columns(head, "other", "e1", cols, historical=False, gaps=[]) is None
+
+
+def test_payload_encoder_takes_the_columns_path_and_the_dicts_for_json_bodies() -> None:
+    from agent.buffer import Record
+    from agent.config import AgentSection, MqttConfig
+    from agent.payload import PayloadEncoder
+
+    enc = PayloadEncoder(AgentSection(id="edge-1"), MqttConfig(), epoch="e1")
+    norm = Normalizer("press", [TagCommon(name="a", unit="bar"), TagCommon(name="b")])
+    poll = norm.batch(Columns(["a", "b"], [1.5, float("nan")]), TS, SeqCounter(0))
+    columnar = RecordEncoder().encode(poll, 0).full
+    as_json = RecordEncoder().encode([*poll, {**poll[0], "seq": 3, "device": "x"}], 0).full
+    for data in (columnar, as_json):
+        record = Record(1, "press", 1, 2, 2, 0.0, data)
+        (msg,) = enc.encode(record)
+        body = orjson.loads(msg.payload)
+        assert body["values"][:2] == [1.5, None]
+        assert body["extra"][0]["quality"] == "bad"
+    bad = Record(2, "press", 1, 2, 2, 0.0, columnar[:-3])
+    with pytest.raises(PayloadError, match="record 2"):
+        enc.encode(bad)
