@@ -91,6 +91,50 @@ def main() -> None:
         print(
             f"layouts: lean.encode (dicts -> payload): {cost:.3f} µs/value, {size / n:.1f} B/value"
         )
+    # The columnar path (agent.samples.PollSamples): what the writer and the lean layout
+    # do now, beside the dict path above, in the same run.
+    if hasattr(norm, "batch"):
+        seq2 = SeqCounter(0)
+
+        def batch() -> Any:
+            return norm.batch(Columns(names, list(values), {}), datetime.now(UTC), seq2)
+
+        poll = batch()
+        print(f"columns: Normalizer.batch (Columns -> PollSamples): {best(batch, n):.3f} µs/value")
+        enc2 = record.RecordEncoder()
+        last = poll.first_seq - 1
+        cost = best(lambda: enc2.encode(poll, last), n)
+        print(f"columns: RecordEncoder.encode (PollSamples -> record): {cost:.3f} µs/value")
+        full = enc2.encode(poll, last).full
+        head = {"schema": lean.SCHEMA, "agent": "bench"}
+
+        def lean_columns() -> bytes:
+            cols = record.record_columns(full)
+            out: bytes = lean.encode_columns(
+                head, device.name, "e" * 32, cols, historical=False, gaps=()
+            )
+            return out
+
+        cost = best(lean_columns, n)
+        print(
+            f"columns: record_columns + lean.encode_columns (stored -> payload): "
+            f"{cost:.3f} µs/value"
+        )
+        dicts_total = sum(
+            best(f, n)
+            for f in (
+                normalize,
+                lambda: encoder.encode(samples, first - 1),
+                lambda: lean.encode(
+                    head, device.name, "e" * 32, record_samples(data), historical=False, gaps=()
+                ),
+            )
+        )
+        cols_total = sum(best(f, n) for f in (batch, lambda: enc2.encode(poll, last), lean_columns))
+        print(
+            f"total normalize + store encode + decode + lean: dicts {dicts_total:.3f}, "
+            f"columns {cols_total:.3f} µs/value"
+        )
 
 
 if __name__ == "__main__":
