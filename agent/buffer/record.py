@@ -344,14 +344,9 @@ class RecordEncoder:
         else:
             sections |= _S_TS_AGENT_TABLE
             parts.append(_table([poll.ts_agent] * len(values)))
-        if poll.not_good:
-            sections |= _S_NOT_GOOD
-            bad = [[i, q, r, c] for i, (q, r, c) in sorted(poll.not_good.items())]
-            parts.append(_blob(orjson.dumps(bad, option=_ORJSON_OPTS)))
-        if poll.value_text:
-            sections |= _S_VALUE_TEXT
-            texts = [[i, t] for i, t in sorted(poll.value_text.items())]
-            parts.append(_blob(orjson.dumps(texts, option=_ORJSON_OPTS)))
+        bad = [[i, q, r, c] for i, (q, r, c) in sorted(poll.not_good.items())]
+        texts = [[i, t] for i, t in sorted(poll.value_text.items())]
+        sections |= _sparse(parts, bad, texts)
         parts.extend(columns)
         return b"".join(parts), sections, ddict, first, last
 
@@ -414,20 +409,30 @@ class RecordEncoder:
         if ts_source.count(None) != n:
             sections |= _S_TS_SOURCE
             parts.append(_table(ts_source))
+        bad: list[list[Any]] = []
         if not (quality.count("good") == n and reason.count(None) == n and code.count(None) == n):
-            sections |= _S_NOT_GOOD
             flagged = map(
                 or_,
                 map(or_, map(ne, quality, repeat("good")), map(is_not, reason, repeat(None))),
                 map(is_not, code, repeat(None)),
             )
             bad = [[i, quality[i], reason[i], code[i]] for i in compress(range(n), flagged)]
-            parts.append(_blob(orjson.dumps(bad, option=_ORJSON_OPTS)))
-        if value_text:
-            sections |= _S_VALUE_TEXT
-            parts.append(_blob(orjson.dumps(value_text, option=_ORJSON_OPTS)))
+        sections |= _sparse(parts, bad, value_text)
         parts.extend(columns)
         return b"".join(parts), sections, ddict, first, last
+
+
+def _sparse(parts: list[bytes], bad: list[list[Any]], texts: list[list[Any]]) -> int:
+    """Append the not-good and value_text sections (those that have entries) to `parts`;
+    their section bits."""
+    sections = 0
+    if bad:
+        sections |= _S_NOT_GOOD
+        parts.append(_blob(orjson.dumps(bad, option=_ORJSON_OPTS)))
+    if texts:
+        sections |= _S_VALUE_TEXT
+        parts.append(_blob(orjson.dumps(texts, option=_ORJSON_OPTS)))
+    return sections
 
 
 def _values(values: list[Any]) -> tuple[list[Any], bytes, list[bytes]]:
@@ -621,6 +626,21 @@ def check_dictionary(blob: bytes | memoryview) -> Dictionary:
 _dict_cache: dict[bytes, Dictionary] = {}
 
 
+def _dictionary_end(data: bytes) -> int:
+    """Where the dictionary at the start of a self-contained record ends (its lengths
+    only; `check_dictionary` checks it)."""
+    try:
+        _, jlen = _DICT_HEAD.unpack_from(data, 0)
+        p = _DICT_HEAD.size + jlen
+        (nk,) = _U32.unpack_from(data, p)
+    except struct.error:
+        raise CorruptRecord("dictionary: truncated") from None
+    end = int(p + 4 + nk + _CRC)
+    if end > len(data):
+        raise CorruptRecord("dictionary: truncated")
+    return end
+
+
 def _read_dictionary(data: bytes, off: int) -> tuple[Dictionary, int]:
     try:
         magic, jlen = _DICT_HEAD.unpack_from(data, off)
@@ -704,7 +724,8 @@ def record_columns(data: bytes) -> RecordColumns:
     """A format-3 record by columns (see `RecordColumns`), checked; CorruptRecord
     (a ValueError) when it is damaged."""
     if data[:2] == DICT_MAGIC:
-        d, end = _read_dictionary(data, 0)
+        end = _dictionary_end(data)
+        d = check_dictionary(data[:end])  # decoded once per dictionary, then from the cache
         return _columns_of(d, memoryview(data)[end:])
     head = check_body(data)
     if not head.json:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from agent.buffer import Gap, Record
 from agent.buffer.common import record_samples
 from agent.schema import SAMPLE_FIELDS as SAMPLE_FIELDS  # re-exported for the layouts
@@ -50,6 +52,25 @@ def gap_list(gaps: Sequence[Gap], epoch: str) -> list[dict[str, Any]]:
             item["epoch"] = g.epoch
         out.append(item)
     return out
+
+
+def finish(
+    body: dict[str, Any],
+    extra: list[dict[str, Any]],
+    *,
+    historical: bool,
+    gaps: Sequence[Gap],
+    epoch: str,
+) -> bytes:
+    """The end every JSON data message shares: `extra` when there is some, the historical
+    flag, the gap notices; then the payload bytes."""
+    if extra:
+        body["extra"] = extra
+    if historical:
+        body["historical"] = True
+    if gaps:
+        body["gaps"] = gap_list(gaps, epoch)
+    return orjson.dumps(body)
 
 
 def samples_of(record: Record) -> list[dict[str, Any]]:

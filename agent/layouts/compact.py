@@ -46,7 +46,7 @@ from agent.layouts.common import (
     SAMPLE_FIELDS,
     PayloadError,
     extra_of,
-    gap_list,
+    finish,
     seq_members,
     ts_members,
     ts_of,
@@ -270,10 +270,4 @@ def encode(
     elif start:
         body["i"] = start
     body["v"] = values
-    if extra:
-        body["extra"] = extra
-    if historical:
-        body["historical"] = True
-    if gaps:
-        body["gaps"] = gap_list(gaps, epoch)
-    return orjson.dumps(body)
+    return finish(body, extra, historical=historical, gaps=gaps, epoch=epoch)

@@ -16,18 +16,16 @@ a ts_agent of its own. No member is null: what is absent takes its default
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
-
-import orjson
 
 from agent.buffer import Gap
 from agent.buffer.record import RecordColumns
 from agent.layouts.common import (
     SAMPLE_FIELDS,
     extra_of,
-    gap_list,
+    finish,
     seq_members,
     seq_members_of,
     ts_members,
@@ -80,28 +78,8 @@ def encode(
     body["values"] = [s.get("value") for s in samples]
     if units:
         body["units"] = units
-    extra = []
-    for i in sorted(odd):
-        s = samples[i]
-        defaults = {
-            "device": device,
-            "quality": "good",
-            "reason": None,
-            "code": None,
-            "ts_source": None,
-            "ts_agent": ts if ts_list is None else ts_list[i],
-            "unit": units.get(s["tag"]),
-        }
-        x = extra_of(s, defaults)
-        if x:
-            extra.append({"i": i, **x})
-    if extra:
-        body["extra"] = extra
-    if historical:
-        body["historical"] = True
-    if gaps:
-        body["gaps"] = gap_list(gaps, epoch)
-    return orjson.dumps(body)
+    extra = _extra(odd, samples.__getitem__, device, ts, ts_list, units)
+    return finish(body, extra, historical=historical, gaps=gaps, epoch=epoch)
 
 
 def encode_columns(
@@ -138,9 +116,22 @@ def encode_columns(
     body["values"] = list(cols.values)
     if units:
         body["units"] = units
+    extra = _extra(odd, cols.sample, device, ts, ts_list, units)
+    return finish(body, extra, historical=historical, gaps=gaps, epoch=epoch)
+
+
+def _extra(
+    odd: set[int],
+    sample_at: Callable[[int], dict[str, Any]],
+    device: str,
+    ts: Any,
+    ts_list: list[Any] | None,
+    units: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """`extra`: what samples `odd` say beyond what the message implies."""
     extra = []
     for i in sorted(odd):
-        s = cols.sample(i)
+        s = sample_at(i)
         defaults = {
             "device": device,
             "quality": "good",
@@ -153,10 +144,4 @@ def encode_columns(
         x = extra_of(s, defaults)
         if x:
             extra.append({"i": i, **x})
-    if extra:
-        body["extra"] = extra
-    if historical:
-        body["historical"] = True
-    if gaps:
-        body["gaps"] = gap_list(gaps, epoch)
-    return orjson.dumps(body)
+    return extra
