@@ -90,6 +90,7 @@ class PayloadEncoder:
         # the metadata is an ordinary message in the stream, before the data it maps.
         self._meta_retain = allows_retain(mqtt.profile)
         self._cached: tuple[Record, list[dict[str, Any]]] | None = None
+        self._cached_cols: tuple[Record, RecordColumns] | None = None
 
     # ------------------------------------------------------------------ topics
 
@@ -132,6 +133,9 @@ class PayloadEncoder:
     def _columns(self, record: Record) -> RecordColumns | None:
         """A format-3 columnar record by columns (the lean layout's fast path), or None
         for the others (JSON bodies, format 2), which go by `_samples`."""
+        cached = self._cached_cols
+        if cached is not None and cached[0] is record:
+            return cached[1]
         data = record.data
         if data[:2] != DICT_MAGIC:
             return None
@@ -143,6 +147,7 @@ class PayloadEncoder:
             raise PayloadError(f"record {record.id} ({record.device}): no samples")
         if not set(map(type, cols.tags)) <= {str}:
             raise PayloadError(f"record {record.id} ({record.device}): not a list of samples")
+        self._cached_cols = (record, cols)
         return cols
 
     def preamble(self, record: Record, *, limit: int | None = None) -> list[Message]:
@@ -153,11 +158,14 @@ class PayloadEncoder:
         carries the metadata once."""
         if self.layout != "compact":
             return []
-        samples = self._samples(record)
         mapping = self.mappings.get(record.device)
         if mapping is None:
             mapping = self.mappings[record.device] = compact.Mapping()
-        mapping.update(samples)
+        cols = self._columns(record)
+        if cols is not None:
+            mapping.update_columns(cols.tags, cols.units, cols.values)
+        else:
+            mapping.update(self._samples(record))
         key = (record.device, mapping.id)
         if key in self._announced:
             return []
@@ -207,33 +215,55 @@ class PayloadEncoder:
                     gaps=gaps,
                 )
             return [Message(topic=self.topic(record.device), payload=payload)]
-        samples = self._samples(record)
         if layout == "compact":
-            mapping = self.mappings.get(record.device)
-            # A part of a record whose preamble was taken (the forwarder's split) must
-            # not change the mapping: its tags are covered, its units and types are
-            # carried per sample where they differ.
-            pre: list[Message] = []
-            if (
-                mapping is None
-                or not mapping.covers(samples)
-                or (record.device, mapping.id) not in self._announced
-            ):
-                pre = self.preamble(record)
-                mapping = self.mappings[record.device]
+            return self._compact(record, epoch, historical, gaps)
+        samples = self._samples(record)
+        if layout == "device":
+            return [self._device_message(record, epoch, samples, historical, gaps)]
+        return self._tag_messages(record, epoch, samples, historical, gaps)
+
+    def _compact(
+        self, record: Record, epoch: str, historical: bool, gaps: Sequence[Gap]
+    ) -> list[Message]:
+        mapping = self.mappings.get(record.device)
+        cols = self._columns(record)
+        # A part of a record whose preamble was taken (the forwarder's split) must not
+        # change the mapping: its tags are covered, its units and types are carried per
+        # sample where they differ.
+        pre: list[Message] = []
+        if (
+            mapping is None
+            or not (
+                mapping.covers_tags(cols.tags)
+                if cols is not None
+                else mapping.covers(self._samples(record))
+            )
+            or (record.device, mapping.id) not in self._announced
+        ):
+            pre = self.preamble(record)
+            mapping = self.mappings[record.device]
+        payload = None
+        if cols is not None:
+            payload = compact.encode_columns(
+                self._head_compact,
+                record.device,
+                epoch,
+                mapping,
+                cols,
+                historical=historical,
+                gaps=gaps,
+            )
+        if payload is None:
             payload = compact.encode(
                 self._head_compact,
                 record.device,
                 epoch,
                 mapping,
-                samples,
+                self._samples(record),
                 historical=historical,
                 gaps=gaps,
             )
-            return [*pre, Message(topic=self.topic(record.device), payload=payload)]
-        if layout == "device":
-            return [self._device_message(record, epoch, samples, historical, gaps)]
-        return self._tag_messages(record, epoch, samples, historical, gaps)
+        return [*pre, Message(topic=self.topic(record.device), payload=payload)]
 
     def _device_message(
         self,

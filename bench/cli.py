@@ -90,6 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="py-spy profile of the agent")
     p.add_argument("--uvloop", action="store_true", help="run the agent on uvloop")
     p.add_argument(
+        "--layout",
+        choices=["lean", "compact", "device", "tag"],
+        default="lean",
+        help="the agent's mqtt.layout (default lean, the agent's default)",
+    )
+    p.add_argument(
         "--forwarder-max-records",
         type=int,
         metavar="N",
@@ -122,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=args.quick,
         profile=args.profile,
         uvloop=args.uvloop,
+        layout=args.layout,
         agent_args=agent_args,
         out_dir=out,
         measure_s=args.measure_s,

@@ -91,6 +91,25 @@ def main() -> None:
         print(
             f"layouts: lean.encode (dicts -> payload): {cost:.3f} µs/value, {size / n:.1f} B/value"
         )
+    compact = optional("agent.layouts.compact")
+    if compact is not None:
+        decoded = record_samples(data)
+        mapping = compact.Mapping()
+        mapping.update(decoded)
+        chead = {"schema": compact.SCHEMA, "agent": "bench"}
+
+        def compact_encode() -> bytes:
+            payload: bytes = compact.encode(
+                chead, device.name, "e" * 32, mapping, decoded, historical=False, gaps=()
+            )
+            return payload
+
+        size = len(compact_encode())
+        cost = best(compact_encode, n)
+        print(
+            f"layouts: compact.encode (dicts -> payload): {cost:.3f} µs/value, "
+            f"{size / n:.1f} B/value (plus record_samples)"
+        )
     # The columnar path (agent.samples.PollSamples): what the writer and the lean layout
     # do now, beside the dict path above, in the same run.
     if hasattr(norm, "batch"):
@@ -115,6 +134,25 @@ def main() -> None:
             )
             return out
 
+        if compact is not None:
+            cmap = compact.Mapping()
+            cols0 = record.record_columns(full)
+            cmap.update_columns(cols0.tags, cols0.units, cols0.values)
+            chead2 = {"schema": compact.SCHEMA, "agent": "bench"}
+
+            def compact_columns() -> bytes:
+                cols = record.record_columns(full)
+                cmap.update_columns(cols.tags, cols.units, cols.values)
+                out: bytes = compact.encode_columns(
+                    chead2, device.name, "e" * 32, cmap, cols, historical=False, gaps=()
+                )
+                return out
+
+            cost = best(compact_columns, n)
+            print(
+                f"columns: record_columns + compact.encode_columns (stored -> payload): "
+                f"{cost:.3f} µs/value"
+            )
         cost = best(lean_columns, n)
         print(
             f"columns: record_columns + lean.encode_columns (stored -> payload): "

@@ -143,6 +143,7 @@ class Options:
     quick: bool = False
     profile: bool = False
     uvloop: bool = False
+    layout: str = "lean"  # the agent's mqtt.layout
     agent_args: list[str] = field(default_factory=list)
     out_dir: Path = field(default_factory=lambda: Path("bench/out"))
     measure_s: float | None = None  # overrides the scenario's window
@@ -212,7 +213,13 @@ def opcua_devices(s: Scenario, endpoints: dict[str, str] | None, pki: Path) -> l
     return out
 
 
-def write_config(path: Path, devices: list[dict[str, Any]], buffer: Path, mqtt_port: int) -> None:
+def write_config(
+    path: Path,
+    devices: list[dict[str, Any]],
+    buffer: Path,
+    mqtt_port: int,
+    layout: str = "lean",
+) -> None:
     config = {
         "agent": {"id": "bench"},
         "buffer": {"path": str(buffer), "max_bytes": 4 << 30},
@@ -220,6 +227,9 @@ def write_config(path: Path, devices: list[dict[str, Any]], buffer: Path, mqtt_p
             "host": "127.0.0.1",
             "port": mqtt_port,
             "topic": "bench/{device}",
+            # Under the meter's bench/# (layout compact's metadata, which it decodes).
+            "topic_meta": "bench/meta/{device}/{meta}",
+            "layout": layout,
             "max_inflight": 100,
         },
         "logging": {"level": "info", "format": "json"},
@@ -387,7 +397,7 @@ def run(s: Scenario, opt: Options) -> dict[str, Any]:
             if s.protocol == "modbus"
             else opcua_devices(s, endpoints, pki)
         )
-        write_config(cfg, devices, tmp / "buffer.db", broker.port)
+        write_config(cfg, devices, tmp / "buffer.db", broker.port, opt.layout)
         meter = Meter(broker.host, broker.port, "bench/#", session=outage_s > 0).start()
         experiments = opt.agent_args
         launcher = ["-m", "bench.agent_main", *experiments] if experiments else ["-m", "agent.cli"]
@@ -514,6 +524,7 @@ def figures(
         "scenario": s.name,
         "quick": opt.quick,
         "uvloop": opt.uvloop,
+        "layout": opt.layout,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "window_s": round(window, 1),
         "expected_per_s": s.expected_per_s,

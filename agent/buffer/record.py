@@ -332,12 +332,7 @@ class RecordEncoder:
         ddict, idx = self._dictionary(poll.device, tags, units, kinds)
         parts: list[bytes] = []
         sections = 0
-        if idx is not None:
-            sections |= _S_INDEX
-            parts.append(pack_ints(idx))
-        if idx is not None or kinds != ddict.kinds:
-            sections |= _S_KINDS
-            parts.append(kinds)
+        sections |= _placement(parts, idx, kinds, ddict)
         one = orjson.dumps(poll.ts_agent, option=_ORJSON_OPTS)
         if len(one) < 1 << 16:
             parts.append(_U16.pack(len(one)) + one)
@@ -388,12 +383,7 @@ class RecordEncoder:
         if not contiguous:
             sections |= _S_SEQ
             parts.append(pack_ints([s - first for s in seqs]))
-        if idx is not None:
-            sections |= _S_INDEX
-            parts.append(pack_ints(idx))
-        if idx is not None or kinds != ddict.kinds:
-            sections |= _S_KINDS
-            parts.append(kinds)
+        sections |= _placement(parts, idx, kinds, ddict)
         one = None
         if len(set(map(id, ts_agent))) == 1:  # one object: one value, one JSON text
             one = orjson.dumps(ts_agent[0], option=_ORJSON_OPTS)
@@ -420,6 +410,19 @@ class RecordEncoder:
         sections |= _sparse(parts, bad, value_text)
         parts.extend(columns)
         return b"".join(parts), sections, ddict, first, last
+
+
+def _placement(parts: list[bytes], idx: list[int] | None, kinds: bytes, ddict: _DeviceDict) -> int:
+    """Append the tag-index and value-kinds sections (when the record needs them) to
+    `parts`; their section bits."""
+    sections = 0
+    if idx is not None:
+        sections |= _S_INDEX
+        parts.append(pack_ints(idx))
+    if idx is not None or kinds != ddict.kinds:
+        sections |= _S_KINDS
+        parts.append(kinds)
+    return sections
 
 
 def _sparse(parts: list[bytes], bad: list[list[Any]], texts: list[list[Any]]) -> int:

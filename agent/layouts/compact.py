@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -42,13 +42,16 @@ from typing import Any
 import orjson
 
 from agent.buffer import Gap
+from agent.buffer.record import RecordColumns
 from agent.layouts.common import (
     SAMPLE_FIELDS,
     PayloadError,
     extra_of,
     finish,
     seq_members,
+    seq_members_of,
     ts_members,
+    ts_members_of,
     ts_of,
 )
 
@@ -117,27 +120,45 @@ class Mapping:
         """Take in the tags of `samples`; True when the mapping changed. A tag's unit is
         the one of its first sample here; a type not known yet is taken from the first
         sample with a value."""
-        seen_now = ([s["tag"] for s in samples], [s.get("unit") for s in samples])
-        if seen_now == self.last and not self.undecided and self.id:
+        tags = [s["tag"] for s in samples]
+        units = [s.get("unit") for s in samples]
+        if self._steady(tags, units):
             return False
+        return self._take(tags, units, [s.get("value") for s in samples])
+
+    def update_columns(
+        self, tags: Sequence[str], units: Sequence[Any], values: Sequence[Any]
+    ) -> bool:
+        """`update` of a record read by columns (`agent.buffer.record.RecordColumns`)."""
+        tag_list, unit_list = list(tags), list(units)
+        if self._steady(tag_list, unit_list):
+            return False
+        return self._take(tag_list, unit_list, values)
+
+    def _steady(self, tags: list[str], units: list[Any]) -> bool:
+        """True when a poll like the last one changes nothing (not looked at by sample)."""
+        seen_now = (tags, units)
+        if seen_now == self.last and not self.undecided and self.id:
+            return True
         self.last = seen_now
+        return False
+
+    def _take(self, tags: list[str], units: list[Any], values: Sequence[Any]) -> bool:
         changed = False
         seen: set[str] = set()
-        for s in samples:
-            tag = s["tag"]
-            value = s.get("value")
+        for tag, unit, value in zip(tags, units, values, strict=True):
             n = self.index.get(tag)
             if n is None:
                 self.index[tag] = len(self.entries)
-                self.entries.append([tag, value_type(value), s.get("unit")])
+                self.entries.append([tag, value_type(value), unit])
                 seen.add(tag)
                 changed = True
                 continue
             entry = self.entries[n]
             if tag not in seen:
                 seen.add(tag)
-                if entry[2] != s.get("unit"):
-                    entry[2] = s.get("unit")
+                if entry[2] != unit:
+                    entry[2] = unit
                     changed = True
             if entry[1] is None and value is not None:
                 decided = value_type(value)
@@ -148,6 +169,10 @@ class Mapping:
         if changed or not self.id:
             self.id = hashlib.sha256(orjson.dumps(self.entries)).hexdigest()[:16]
         return changed
+
+    def covers_tags(self, tags: Sequence[str]) -> bool:
+        """`covers` of the tags of a record read by columns."""
+        return all(map(self.index.__contains__, tags))
 
     def covers(self, samples: Sequence[dict[str, Any]]) -> bool:
         """Every tag of `samples` has an entry (what encoding needs; units and types
@@ -214,12 +239,92 @@ def encode(
     """The payload of one data message carrying `samples`; every tag must be in
     `mapping` (Mapping.update them first)."""
     stamps = ts_members(samples)
-    ts_list = ts_of(samples, stamps) if "ts_changes" in stamps else None
-    ts = stamps.get("ts")
-    entries = mapping.entries
     index = mapping.index
     positions = [index[s["tag"]] for s in samples]
     values: list[Any] = [s.get("value") for s in samples]
+    common = ("good", None, None, None, device)
+    odd = {n for n, s in enumerate(samples) if s.keys() != _PLAIN or _COMMON(s) != common}
+    units = [s.get("unit") for s in samples]
+    return _message(
+        head,
+        device,
+        epoch,
+        mapping,
+        stamps,
+        seq_members(samples),
+        positions,
+        values,
+        units,
+        odd,
+        samples.__getitem__,
+        historical=historical,
+        gaps=gaps,
+    )
+
+
+def encode_columns(
+    head: dict[str, Any],
+    device: str,
+    epoch: str,
+    mapping: Mapping,
+    cols: RecordColumns,
+    *,
+    historical: bool,
+    gaps: Sequence[Gap],
+) -> bytes | None:
+    """`encode` of a record read by columns (`agent.buffer.record.record_columns`): the
+    same bytes, without a dict per sample; every tag must be in `mapping`
+    (`Mapping.update_columns` them first). None for a record of another device than
+    `device` (then `encode` of its dicts is the answer)."""
+    if cols.device != device:
+        return None
+    if cols.ts_agent_single is not None:
+        stamps: dict[str, Any] = {"ts": cols.ts_agent_single}
+    else:
+        stamps = ts_members_of(cols.ts_agent)
+    positions = list(map(mapping.index.__getitem__, cols.tags))
+    odd = set(cols.not_good) | set(cols.value_text)
+    if cols.ts_source is not None:
+        odd.update(i for i, src in enumerate(cols.ts_source) if src is not None)
+    return _message(
+        head,
+        device,
+        epoch,
+        mapping,
+        stamps,
+        seq_members_of(cols.seqs),
+        positions,
+        list(cols.values),
+        list(cols.units),
+        odd,
+        cols.sample,
+        historical=historical,
+        gaps=gaps,
+    )
+
+
+def _message(
+    head: dict[str, Any],
+    device: str,
+    epoch: str,
+    mapping: Mapping,
+    stamps: dict[str, Any],
+    seqs: dict[str, Any],
+    positions: list[int],
+    values: list[Any],
+    units: list[Any],
+    odd: set[int],
+    sample_at: Callable[[int], dict[str, Any]],
+    *,
+    historical: bool,
+    gaps: Sequence[Gap],
+) -> bytes:
+    """A data message: `values` (changed here: float32 entries shortened, the values that
+    are no float32 moved to extra), `odd` the samples that say more than the message
+    implies (`sample_at(n)` gives sample n as a dict)."""
+    ts_list = ts_of(positions, stamps) if "ts_changes" in stamps else None
+    ts = stamps.get("ts")
+    entries = mapping.entries
     # float32 entries: the fewest digits; a value that is no float32 goes to extra.
     moved: set[int] = set()
     for n, at in enumerate(positions):
@@ -232,16 +337,13 @@ def encode(
             else:
                 moved.add(n)
                 values[n] = None
-    common = ("good", None, None, None, device)
-    odd = {n for n, s in enumerate(samples) if s.keys() != _PLAIN or _COMMON(s) != common}
     odd |= moved
-    units = [s.get("unit") for s in samples]
     expected = [entries[at][2] for at in positions]
     if units != expected:
         odd |= {n for n, (a, b) in enumerate(zip(units, expected, strict=True)) if a != b}
     extra = []
     for n in sorted(odd):
-        s = samples[n]
+        s = sample_at(n)
         defaults = {
             "device": device,
             "quality": "good",
@@ -263,7 +365,7 @@ def encode(
         "meta": mapping.id,
     }
     body.update(stamps)
-    body.update(seq_members(samples))
+    body.update(seqs)
     start = positions[0]
     if positions != list(range(start, start + len(positions))):
         body["i"] = positions

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent.buffer import Gap
 from agent.buffer.common import record_samples
 from agent.buffer.record import RecordEncoder, record_columns
-from agent.layouts import lean
+from agent.layouts import compact, lean
 from agent.layouts.common import PayloadError
 from agent.normalize import Columns, Normalizer, SeqCounter
 from agent.runtime.latest import LatestSamples
@@ -243,3 +243,26 @@ def test_payload_encoder_takes_the_columns_path_and_the_dicts_for_json_bodies() 
     bad = Record(2, "press", 1, 2, 2, 0.0, columnar[:-3])
     with pytest.raises(PayloadError, match="record 2"):
         enc.encode(bad)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches(), batches(), st.booleans())
+def test_compact_from_columns_is_the_same_mapping_and_message_as_from_dicts(
+    first: list[dict[str, Any]], second: list[dict[str, Any]], historical: bool
+) -> None:
+    head = {"schema": compact.SCHEMA, "agent": "edge-1"}
+    by_dicts, by_cols = compact.Mapping(), compact.Mapping()
+    for samples in (first, second, first):
+        data = RecordEncoder().encode(samples, 0).full  # type: ignore[arg-type]
+        dicts, cols = record_samples(data), record_columns(data)
+        changed = by_dicts.update(dicts)
+        assert by_cols.update_columns(cols.tags, cols.units, cols.values) == changed
+        assert by_cols.entries == by_dicts.entries
+        assert by_cols.id == by_dicts.id
+        assert by_cols.covers_tags(cols.tags)
+        slow = compact.encode(head, "press1", "e1", by_dicts, dicts, historical=historical, gaps=[])
+        fast = compact.encode_columns(
+            head, "press1", "e1", by_cols, cols, historical=historical, gaps=[]
+        )
+        assert fast == slow
+    assert compact.encode_columns(head, "x", "e1", by_cols, cols, historical=False, gaps=[]) is None
