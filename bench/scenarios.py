@@ -348,6 +348,7 @@ def run(s: Scenario, opt: Options) -> dict[str, Any]:
         extra_config=["max_inflight_messages 100", "max_queued_messages 0"],
         log_types=("error", "warning"),
         persistent=outage_s > 0,
+        die_with_parent=True,
     )
     meter: Meter | None = None
     try:

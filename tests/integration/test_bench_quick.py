@@ -7,8 +7,12 @@ the agent process.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +74,60 @@ def test_scenario_runs_and_prints_figures(name: str, tmp_path: Path) -> None:
     # The readable table follows the JSON line.
     assert "delivered/s" in proc.stdout
     assert (tmp_path / "results.jsonl").read_text().count("\n") == 1
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    except OSError:
+        return "?"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_bench_leaves_no_simulator_or_agent_running(tmp_path: Path) -> None:
+    # A test's timeout SIGKILLs the bench: its simulators and agent must not outlive it
+    # and load the machine for the tests after it.
+    require_mosquitto()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "run", "idle", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "measuring" in line:
+                break
+        kids = _children(proc.pid)
+        assert len(kids) >= 3  # broker, simulator, agent, meter...
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(k) for k in kids):
+        time.sleep(0.2)
+    left = [k for k in kids if _alive(k)]
+    names = {k: _cmdline(k) for k in left}
+    for k in left:
+        with contextlib.suppress(OSError):
+            os.kill(k, signal.SIGKILL)
+    assert not left, f"children outlived the bench: {names}"

@@ -36,6 +36,8 @@ from types import TracebackType
 
 import pytest
 
+from tests.support.children import die_with_parent
+
 _FALLBACK_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
@@ -149,8 +151,13 @@ class MosquittoBroker:
         start_timeout_s: float = 10.0,
         persistent: bool = False,
         tls: TlsListener | None = None,
+        die_with_parent: bool = False,
     ) -> None:
+        """die_with_parent: the broker gets SIGTERM when this process dies (for the
+        benchmarks, whose runner a test's timeout may SIGKILL; start and restart it
+        from the main thread then)."""
         self.host = "127.0.0.1"
+        self._die_with_parent = die_with_parent
         self._tls = tls
         self._tls_port: int | None = None
         self._persistent = persistent
@@ -367,6 +374,7 @@ class MosquittoBroker:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,
+                preexec_fn=die_with_parent if self._die_with_parent else None,
             )
         self._paused = False
         deadline = time.monotonic() + self._start_timeout_s
