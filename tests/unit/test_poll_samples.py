@@ -266,3 +266,31 @@ def test_compact_from_columns_is_the_same_mapping_and_message_as_from_dicts(
         )
         assert fast == slow
     assert compact.encode_columns(head, "x", "e1", by_cols, cols, historical=False, gaps=[]) is None
+
+
+def test_a_tag_read_twice_in_one_poll_is_stored_as_json_like_the_dict_path() -> None:
+    # A driver that hands the same tag twice: no dictionary index can tell them apart,
+    # so the batch falls back to a JSON body, exactly as the dicts do.
+    norm = Normalizer("press", [TagCommon(name="a"), TagCommon(name="b")])
+    names = ["a", "b", "a"]
+    dicts = norm.samples(Columns(names, [1, 2, 3]), TS, SeqCounter(0))
+    batch = norm.batch(Columns(names, [1, 2, 3]), TS, SeqCounter(0))
+    a, b = RecordEncoder().encode(dicts, 0), RecordEncoder().encode(batch, 0)
+    assert a.data == b.data
+    assert b.dictionary == b""  # a JSON body
+    latest = LatestSamples()
+    assert isinstance(batch, PollSamples)
+    latest.put_poll(batch)
+    assert latest["a"]["value"] == 3
+
+
+def test_values_of_types_no_layout_carries_are_made_bad_like_the_dict_path() -> None:
+    from decimal import Decimal
+
+    norm = Normalizer("press", [TagCommon(name=t) for t in "abcd"])
+    vals: list[Any] = [b"\x00\x01", Decimal("1.5"), object(), "caf\udce9"]
+    dicts = norm.samples(Columns(list("abcd"), list(vals)), TS, SeqCounter(0))
+    batch = norm.batch(Columns(list("abcd"), list(vals)), TS, SeqCounter(0))
+    assert list(batch) == dicts
+    assert all(s["quality"] == "bad" and s["value"] is None for s in batch)
+    assert RecordEncoder().encode(batch, 0).data == RecordEncoder().encode(dicts, 0).data
