@@ -1,9 +1,11 @@
 """What every JSON layout shares: the message head, gap notices, the samples of a record.
 
 A layout turns one buffered record (or a slice of one, when the forwarder splits a record
-to fit the broker's packet size) into MQTT messages. Layouts are pure: they read the
-record through `agent.buffer.common.record_samples` (the one decode entry point of the
-buffer's record format) and never do I/O.
+to fit the broker's packet size) into MQTT messages. Layouts are pure and never do I/O:
+they read the record through `agent.buffer.common.record_samples` (one dict per sample,
+the decode entry point of the buffer's record format), and `lean` and `compact` also
+through `agent.buffer.record.record_columns` (the same record by columns, no dict per
+value), giving the same bytes either way.
 """
 
 from __future__ import annotations
