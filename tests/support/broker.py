@@ -22,6 +22,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -75,10 +76,44 @@ def require_mosquitto() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (chosen by the OS)."""
+    """A TCP port that was free a moment ago, below the OS's ephemeral range.
+
+    Servers the tests stop and start again (a broker outage) keep their port while they
+    are down. A port from the ephemeral range (what binding port 0 gives) can meanwhile be
+    taken as the source port of an outgoing connection — by another test, or by the
+    agent itself retrying that very port, which then connects to itself (TCP
+    simultaneous open) — and the restart fails with "Address already in use". So a
+    random free port below the ephemeral range is taken; the OS's choice only when there
+    is none."""
+    low = _ephemeral_low()
+    if low > _PORT_FLOOR + 1000:
+        for _ in range(200):
+            port = _rng.randrange(_PORT_FLOOR, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+#: How long a start keeps trying while its port is still held by another socket.
+_BUSY_RETRY_S = 10.0
+#: The lowest port `free_port` picks (below: well-known and registered services).
+_PORT_FLOOR = 10_000
+_rng = random.Random()
+
+
+def _ephemeral_low() -> int:
+    """The first port of the OS's ephemeral range (Linux; 32768 when unknown)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii")
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def hash_password(password: str, *, iterations: int = 101) -> str:
@@ -361,11 +396,13 @@ class MosquittoBroker:
             ]
         (self._dir / "mosquitto.conf").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    def _spawn(self) -> None:
+    def _spawn(self, busy_until: float | None = None) -> None:
         assert self._dir is not None
         binary = self._binary or mosquitto_path()
         if binary is None:
             raise BrokerError("mosquitto is not installed")
+        if busy_until is None:
+            busy_until = time.monotonic() + _BUSY_RETRY_S
         stderr_path = self._dir / "stderr.log"
         with stderr_path.open("ab") as stderr:
             self._proc = subprocess.Popen(
@@ -382,6 +419,12 @@ class MosquittoBroker:
             if self._proc.poll() is not None:
                 err = stderr_path.read_text(encoding="utf-8", errors="replace")
                 self._proc = None
+                if "Address already in use" in self._log_tail(3) and time.monotonic() < busy_until:
+                    # Held for a moment by another socket (a connection still closing):
+                    # try again rather than fail a restart mid-test.
+                    time.sleep(0.25)
+                    self._spawn(busy_until)
+                    return
                 raise BrokerError(
                     f"mosquitto exited at start (port {self._port}): {err}\n{self._log_tail()}"
                 )
