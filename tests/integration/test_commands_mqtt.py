@@ -8,10 +8,11 @@ a tampered and a replayed request are refused or answered without a second write
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,33 +78,53 @@ class Running:
         return [json.loads(line) for line in text.splitlines()]
 
 
+def _up(agent: Agent) -> bool:
+    return bool(
+        agent.pollers
+        and agent.pollers[0].status.state == "up"
+        and agent.current_publisher is not None
+        and agent.current_publisher.connected
+    )
+
+
+@contextlib.asynccontextmanager
+async def agent_with_commander(
+    config: Config,
+    broker: MosquittoBroker,
+    *,
+    simulate: bool,
+    command_topic: str = "edge-cmd/gw4/write",
+    ready: Callable[[Agent], bool] = _up,
+) -> AsyncIterator[tuple[Agent, Commander]]:
+    """The agent running on `config` and a platform-side commander, once `ready`."""
+    agent = Agent(config, grace_s=2, simulate=simulate)
+    task = asyncio.create_task(agent.run())
+    commander = await asyncio.to_thread(
+        Commander,
+        broker.host,
+        broker.port,
+        command_topic=command_topic,
+        audit_topic="edge-audit/gw4",
+    )
+    try:
+        async with asyncio.timeout(30):
+            while not ready(agent):
+                await asyncio.sleep(0.05)
+        yield agent, commander
+    finally:
+        commander.close()
+        agent.stop()
+        await task
+
+
 async def _running(tmp: Path, broker: MosquittoBroker, signing: str = "") -> AsyncIterator[Running]:
     config = parse_config(config_text(tmp, broker.port, signing), simulate=True)
-    async with simulators(config) as simulated:
-        agent = Agent(simulated, grace_s=2, simulate=True)
-        task = asyncio.create_task(agent.run())
-        commander = await asyncio.to_thread(
-            Commander,
-            broker.host,
-            broker.port,
-            command_topic="edge-cmd/gw4/write",
-            audit_topic="edge-audit/gw4",
-        )
-        try:
-            async with asyncio.timeout(30):
-                while not (
-                    agent.pollers
-                    and agent.pollers[0].status.state == "up"
-                    and agent.current_publisher is not None
-                    and agent.current_publisher.connected
-                ):
-                    await asyncio.sleep(0.05)
-            port = simulated.devices[0].port  # type: ignore[attr-defined]
-            yield Running(agent, simulated, commander, port, tmp)
-        finally:
-            commander.close()
-            agent.stop()
-            await task
+    async with (
+        simulators(config) as simulated,
+        agent_with_commander(simulated, broker, simulate=True) as (agent, commander),
+    ):
+        port = simulated.devices[0].port  # type: ignore[attr-defined]
+        yield Running(agent, simulated, commander, port, tmp)
 
 
 @pytest.fixture
@@ -304,56 +325,46 @@ async def test_sparkplug_dcmd_writes_by_name_and_alias(
         "mqtt: {port", "mqtt: {layout: sparkplug, sparkplug: {group_id: plant}, port"
     )
     config = parse_config(text, simulate=True)
-    async with simulators(config) as simulated:
-        agent = Agent(simulated, grace_s=2, simulate=True)
-        task = asyncio.create_task(agent.run())
-        commander = await asyncio.to_thread(
-            Commander,
-            broker.host,
-            broker.port,
+    async with (
+        simulators(config) as simulated,
+        agent_with_commander(
+            simulated,
+            broker,
+            simulate=True,
             command_topic="unused",
-            audit_topic="edge-audit/gw4",
+            ready=lambda a: bool(a.sparkplug and a.sparkplug.stats.device_births),
+        ) as (agent, commander),
+    ):
+        assert agent.sparkplug is not None
+        alias = next(
+            m.alias for m in agent.sparkplug._devices["press"].metrics.values() if m.name == "count"
         )
-        try:
-            async with asyncio.timeout(30):
-                while not (agent.sparkplug and agent.sparkplug.stats.device_births):
-                    await asyncio.sleep(0.05)
-            assert agent.sparkplug is not None
-            alias = next(
-                m.alias
-                for m in agent.sparkplug._devices["press"].metrics.values()
-                if m.name == "count"
-            )
-            payload = pb.Payload()
-            payload.timestamp = int(time.time() * 1000)
-            m = payload.metrics.add()
-            m.name, m.datatype, m.float_value = "f32_cdab", 9, 12.25
-            m = payload.metrics.add()
-            m.alias, m.datatype, m.long_value = alias, 8, 77
-            import paho.mqtt.publish as publish
+        payload = pb.Payload()
+        payload.timestamp = int(time.time() * 1000)
+        m = payload.metrics.add()
+        m.name, m.datatype, m.float_value = "f32_cdab", 9, 12.25
+        m = payload.metrics.add()
+        m.alias, m.datatype, m.long_value = alias, 8, 77
+        import paho.mqtt.publish as publish
 
-            await asyncio.to_thread(
-                publish.single,
-                "spBv1.0/plant/DCMD/gw4/press",
-                payload.SerializeToString(),
-                qos=1,
-                hostname=broker.host,
-                port=broker.port,
-            )
-            audits = await asyncio.to_thread(commander.wait_audits, 4)
-            finals = [a for a in audits if a["event"] == "result"]
-            assert sorted((a["tag"], a["result"], a["holds"]) for a in finals) == [
-                ("count", "done", 77),
-                ("f32_cdab", "done", 12.25),
-            ]
-            assert all(a["who"]["channel"] == "sparkplug" for a in finals)
-            port = simulated.devices[0].port  # type: ignore[attr-defined]
-            lo, hi = await registers(port, 30, 2)
-            assert (hi << 16) | lo == 77
-        finally:
-            commander.close()
-            agent.stop()
-            await task
+        await asyncio.to_thread(
+            publish.single,
+            "spBv1.0/plant/DCMD/gw4/press",
+            payload.SerializeToString(),
+            qos=1,
+            hostname=broker.host,
+            port=broker.port,
+        )
+        audits = await asyncio.to_thread(commander.wait_audits, 4)
+        finals = [a for a in audits if a["event"] == "result"]
+        assert sorted((a["tag"], a["result"], a["holds"]) for a in finals) == [
+            ("count", "done", 77),
+            ("f32_cdab", "done", 12.25),
+        ]
+        assert all(a["who"]["channel"] == "sparkplug" for a in finals)
+        port = simulated.devices[0].port  # type: ignore[attr-defined]
+        lo, hi = await registers(port, 30, 2)
+        assert (hi << 16) | lo == 77
 
 
 async def test_commands_over_an_authenticated_tls_session(tmp_path: Path) -> None:
@@ -382,31 +393,13 @@ async def test_commands_over_an_authenticated_tls_session(tmp_path: Path) -> Non
                 .replace("port: 0", f"port: {port}")
             )
             config = parse_config(text, simulate=False)  # validate accepts it
-            agent = Agent(config, grace_s=2, simulate=False)
-            task = asyncio.create_task(agent.run())
-            commander = await asyncio.to_thread(
-                Commander,
-                broker.host,
-                broker.port,
-                command_topic="edge-cmd/gw4/write",
-                audit_topic="edge-audit/gw4",
-            )
-            try:
-                async with asyncio.timeout(30):
-                    while not (
-                        agent.pollers
-                        and agent.pollers[0].status.state == "up"
-                        and agent.current_publisher is not None
-                        and agent.current_publisher.connected
-                    ):
-                        await asyncio.sleep(0.05)
+            async with agent_with_commander(config, broker, simulate=False) as (
+                agent,
+                commander,
+            ):
                 r = Running(agent, config, commander, port, tmp_path)
                 result = await request(r, "f32_cdab", 3.5)
                 assert (result["result"], result["holds"]) == ("done", 3.5)
-            finally:
-                commander.close()
-                agent.stop()
-                await task
 
 
 async def test_status_and_metrics_count_the_results(running: Running) -> None:
