@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from asyncua.client.client import Client
-from pymodbus.client import AsyncModbusTcpClient
 
 from tests.support.agent_proc import AgentProcess, wait_until
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.commander import Commander
+from tests.support.readback import registers
 
 pytestmark = pytest.mark.integration
 
@@ -92,17 +92,6 @@ devices:
 """
     )
     return path
-
-
-async def modbus_registers(port: int, address: int, count: int) -> list[int]:
-    client = AsyncModbusTcpClient("127.0.0.1", port=port)
-    await client.connect()
-    try:
-        rr = await client.read_holding_registers(address, count=count, device_id=1)
-        assert not rr.isError(), rr
-        return list(rr.registers)
-    finally:
-        client.close()
 
 
 async def opcua_values(port: int, nodes: list[str]) -> list[Any]:
@@ -196,7 +185,7 @@ def test_setpoints_through_the_agent_process(tmp_path: Path, broker: MosquittoBr
             refused = commander.request({"device": "oven", "tag": "zone", "value": 40000})
             assert (refused["result"], refused["reason"]) == ("refused", "out_of_range")
             # Third-party read-back, decoded independently.
-            regs = asyncio.run(modbus_registers(modbus_port, 10, 3))
+            regs = asyncio.run(registers(modbus_port, 10, 3))
             cdab = struct.pack(">HH", regs[1], regs[0])
             assert struct.unpack(">f", cdab)[0] == f32(12.345)
             assert regs[2] == 961  # 480.5 / 0.5

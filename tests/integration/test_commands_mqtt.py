@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymodbus.client import AsyncModbusTcpClient
 
 from agent.config import Config, parse_config
 from agent.runtime import Agent
 from agent.simulate import simulators
 from tests.support.broker import MosquittoBroker
 from tests.support.commander import Commander
+from tests.support.readback import coil, registers
 
 pytestmark = pytest.mark.integration
 
@@ -138,28 +138,6 @@ async def request(r: Running, tag: str, value: object, **kw: Any) -> dict[str, A
     if "ts" in kw:
         body["ts"] = kw.pop("ts")
     return await asyncio.to_thread(r.commander.request, body, **kw)
-
-
-async def registers(port: int, address: int, count: int) -> list[int]:
-    client = AsyncModbusTcpClient("127.0.0.1", port=port)
-    await client.connect()
-    try:
-        rr = await client.read_holding_registers(address, count=count, device_id=1)
-        assert not rr.isError(), rr
-        return list(rr.registers)
-    finally:
-        client.close()
-
-
-async def coil(port: int, address: int) -> bool:
-    client = AsyncModbusTcpClient("127.0.0.1", port=port)
-    await client.connect()
-    try:
-        rr = await client.read_coils(address, count=1, device_id=1)
-        assert not rr.isError(), rr
-        return bool(rr.bits[0])
-    finally:
-        client.close()
 
 
 def f32(x: float) -> float:
