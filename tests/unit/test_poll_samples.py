@@ -4,8 +4,10 @@ newest sample of every tag."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -294,3 +296,50 @@ def test_values_of_types_no_layout_carries_are_made_bad_like_the_dict_path() -> 
     assert list(batch) == dicts
     assert all(s["quality"] == "bad" and s["value"] is None for s in batch)
     assert RecordEncoder().encode(batch, 0).data == RecordEncoder().encode(dicts, 0).data
+
+
+# ------------------------------------------------- the writer, with garbage from a driver
+
+
+@pytest.mark.parametrize(
+    ("tags", "values", "why"),
+    [
+        (["a", "b"], [1], "values for"),  # fewer values than tags
+        (["a", "zz"], [1, 2], "zz"),  # a tag the device does not have
+    ],
+)
+async def test_garbage_columns_are_counted_and_the_other_devices_go_on(
+    tmp_path: Path, tags: list[str], values: list[Any], why: str
+) -> None:
+    from structlog.testing import capture_logs
+
+    from agent.buffer.memory import MemoryBuffer
+    from agent.config import BufferConfig
+    from agent.runtime.writer import BufferWriter
+
+    buffer = MemoryBuffer(BufferConfig(path=str(tmp_path / "b.db"), kind="memory"))
+    await buffer.open()
+    stored: list[tuple[str, int, str | None]] = []
+    writer = BufferWriter(
+        buffer, lambda dev, n, err: stored.append((dev, n, None if err is None else str(err)))
+    )
+    bad_sink, _ = writer.sink("bad", Normalizer("bad", [TagCommon(name="a"), TagCommon(name="b")]),
+                              SeqCounter(0))  # fmt: skip
+    good_sink, good_latest = writer.sink("good", Normalizer("good", [TagCommon(name="x")]),
+                                         SeqCounter(0))  # fmt: skip
+    task = asyncio.create_task(writer.run())
+    with capture_logs() as logs:
+        await bad_sink(Columns(tags, values))
+        await good_sink(Columns(["x"], [7]))
+        await writer.stop()
+        await asyncio.wait_for(task, 5)
+    bad = [s for s in stored if s[0] == "bad"]
+    assert len(bad) == 1
+    assert bad[0][1] == len(tags)
+    assert bad[0][2] is not None
+    assert why in bad[0][2]
+    assert [e for e in logs if e["event"] == "normalize.failed" and e["device"] == "bad"]
+    assert ("good", 1, None) in stored
+    assert good_latest["x"]["value"] == 7
+    (record,) = await buffer.take(10)
+    assert record_samples(record.data)[0]["device"] == "good"
