@@ -145,8 +145,6 @@ class PayloadEncoder:
             raise PayloadError(f"record {record.id} ({record.device}): {exc}") from None
         if not cols.values:
             raise PayloadError(f"record {record.id} ({record.device}): no samples")
-        if not set(map(type, cols.tags)) <= {str}:
-            raise PayloadError(f"record {record.id} ({record.device}): not a list of samples")
         self._cached_cols = (record, cols)
         return cols
 

@@ -664,6 +664,16 @@ def _read_dictionary(data: bytes, off: int) -> tuple[Dictionary, int]:
     except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
         raise CorruptRecord(f"dictionary: {exc}") from None
     kinds = data[p + 4 : end]
+    # What the encoder writes (it stores anything else as JSON): checked here, once per
+    # dictionary (then cached), so readers by columns need not check every record.
+    if (
+        type(device) is not str
+        or type(tags) is not list
+        or type(units) is not list
+        or not set(map(type, tags)) <= {str}
+        or not set(map(type, units)) <= {str, type(None)}
+    ):
+        raise CorruptRecord("dictionary: names that are not text")
     if len(tags) != len(units) or len(kinds) != len(tags):
         raise CorruptRecord("dictionary: columns of different lengths")
     blob = data[off : end + _CRC] if off or end + _CRC != len(data) else data

@@ -343,3 +343,18 @@ async def test_garbage_columns_are_counted_and_the_other_devices_go_on(
     assert good_latest["x"]["value"] == 7
     (record,) = await buffer.take(10)
     assert record_samples(record.data)[0]["device"] == "good"
+
+
+@pytest.mark.parametrize(
+    ("device", "tags", "units"),
+    [("d", [1], [None]), (7, ["a"], [None]), ("d", ["a"], [3])],
+)
+def test_a_dictionary_with_names_that_are_not_text_is_corrupt(
+    device: Any, tags: Any, units: Any
+) -> None:
+    # Checked once per dictionary (the readers by columns rely on it), even when its
+    # checksum is right: the encoder never writes such a dictionary.
+    from agent.buffer.record import CorruptRecord, check_dictionary, dictionary_blob
+
+    with pytest.raises(CorruptRecord, match="not text"):
+        check_dictionary(dictionary_blob(device, tags, units, b"\x02"))
